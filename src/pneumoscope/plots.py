@@ -1,0 +1,90 @@
+"""Figures of an evaluation (matplotlib, headless). Each PNG is written atomically."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+
+from .data import atomic_write  # noqa: E402
+
+
+def save(fig, out: Path, dpi: int = 100) -> None:
+    with atomic_write(out) as handle:
+        fig.savefig(handle, format="png", dpi=dpi)
+    plt.close(fig)
+
+
+def confusion_matrix_png(matrix: np.ndarray, classes, out: Path) -> None:
+    rows = matrix.sum(1, keepdims=True).clip(min=1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, values, title, fmt in ((axes[0], matrix, "counts", "d"), (axes[1], matrix / rows, "row-normalised", ".2f")):
+        ax.imshow(values if fmt == ".2f" else matrix / rows, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, format(values[i, j], fmt), ha="center", va="center",
+                        color="white" if (matrix / rows)[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(classes)), classes)
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+    fig.tight_layout()
+    save(fig, out)
+
+
+def roc_png(y_true: np.ndarray, probs: np.ndarray, classes, out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for c, name in enumerate(classes):
+        positives = y_true == c
+        if positives.all() or not positives.any():
+            continue
+        fpr, tpr, _ = roc_curve(positives, probs[:, c])
+        ax.plot(fpr, tpr, label=f"{name} vs rest (AUC {roc_auc_score(positives, probs[:, c]):.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC, one-vs-rest")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    save(fig, out)
+
+
+def reliability_png(y_true: np.ndarray, probs: np.ndarray, out: Path, bins: int = 15, title: str = "") -> None:
+    confidence, correct = probs.max(1), probs.argmax(1) == y_true
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    accuracy = np.array([correct[which == b].mean() if (which == b).any() else np.nan for b in range(bins)])
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.bar(centers, np.nan_to_num(accuracy), width=1 / bins, edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or "reliability")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    save(fig, out)
+
+
+def prediction_grid_png(paths, y_true, probs, classes, out: Path, read, n: int = 16, seed: int = 0) -> None:
+    """16 images: predicted label (and probability) over each, the true one in brackets; wrong in red."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(paths), size=min(n, len(paths)), replace=False)
+    cols = 4
+    rows = int(np.ceil(len(chosen) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 2.8), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, chosen):
+        predicted = int(probs[i].argmax())
+        ax.imshow(read(paths[i]), cmap="gray")
+        wrong = predicted != y_true[i]
+        ax.set_title(f"{classes[predicted]} {probs[i, predicted]:.2f}\n[{classes[y_true[i]]}]", fontsize=9,
+                     color="red" if wrong else "black")
+    fig.tight_layout()
+    save(fig, out)

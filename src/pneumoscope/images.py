@@ -32,8 +32,16 @@ def read_xray(source: str | os.PathLike | bytes | np.ndarray, name: str | None =
 
     `name` labels the source in error messages (defaults to the path, or '<bytes>').
     """
+    return read_xray_with_info(source, name)[0]
+
+
+def read_xray_with_info(source: str | os.PathLike | bytes | np.ndarray, name: str | None = None
+                        ) -> tuple[np.ndarray, dict]:
+    """`read_xray`, plus what the conversion to gray throws away: info["colour"] is the mean spread
+    between the colour channels of the source (0 for gray sources; see `colour_spread`)."""
+    info = {"colour": 0.0}
     if isinstance(source, np.ndarray):
-        return to_uint8_gray(source, name or "<array>")
+        return to_uint8_gray(source, name or "<array>", info), info
     if isinstance(source, (bytes, bytearray, memoryview)):
         data, label = bytes(source), name or "<bytes>"
     else:
@@ -42,8 +50,8 @@ def read_xray(source: str | os.PathLike | bytes | np.ndarray, name: str | None =
     if not data:
         raise ImageReadError(label, "empty file")
     if _looks_like_dicom(data, label):
-        return _read_dicom(data, label)
-    return _read_pillow(data, label)
+        return _read_dicom(data, label, info), info
+    return _read_pillow(data, label, info), info
 
 
 def _read_file(path: Path, label: str) -> bytes:
@@ -66,7 +74,7 @@ def _looks_like_dicom(data: bytes, label: str) -> bool:
     return data[128:132] == b"DICM" or Path(label).suffix.lower() in DICOM_SUFFIXES
 
 
-def _read_pillow(data: bytes, label: str) -> np.ndarray:
+def _read_pillow(data: bytes, label: str, info: dict) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -86,13 +94,15 @@ def _read_pillow(data: bytes, label: str) -> np.ndarray:
         raise ImageReadError(label, f"truncated or corrupt image data ({err})") from None
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return to_uint8_gray(np.asarray(image), label)
-    return to_uint8_gray(np.asarray(_to_luminance(image)), label)
+    return to_uint8_gray(np.asarray(_to_luminance(image, info)), label)
 
 
-def _to_luminance(image: Image.Image) -> Image.Image:
+def _to_luminance(image: Image.Image, info: dict | None = None) -> Image.Image:
     """Colour, alpha and palette images become 8-bit luminance (alpha composited on black)."""
     if image.mode == "L":
         return image
+    if info is not None and (len(image.getbands()) >= 3 or image.mode in ("P", "PA")):
+        info["colour"] = colour_spread(image)
     if image.mode in ("LA", "RGBA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
@@ -100,7 +110,7 @@ def _to_luminance(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def _read_dicom(data: bytes, label: str) -> np.ndarray:
+def _read_dicom(data: bytes, label: str, info: dict) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -122,7 +132,7 @@ def _read_dicom(data: bytes, label: str) -> np.ndarray:
             pixels = apply_modality_lut(pixels, ds)
             pixels = apply_voi_lut(pixels, ds)
         elif pixels.ndim == 3:
-            pixels = np.asarray(Image.fromarray(_stretch(pixels.astype(np.float64))).convert("L"))
+            pixels = np.asarray(_to_luminance(Image.fromarray(_stretch(pixels.astype(np.float64))), info))
     except Exception as err:
         raise ImageReadError(label, f"cannot decode DICOM pixel data ({err})") from None
     gray = to_uint8_gray(np.asarray(pixels), label)
@@ -131,7 +141,7 @@ def _read_dicom(data: bytes, label: str) -> np.ndarray:
     return gray
 
 
-def to_uint8_gray(pixels: np.ndarray, label: str) -> np.ndarray:
+def to_uint8_gray(pixels: np.ndarray, label: str, info: dict | None = None) -> np.ndarray:
     """Any 2-D or HxWxC array -> HxW uint8. 8-bit data is kept as is; deeper data is stretched
     from its own minimum to its maximum (a 12-bit detector rarely fills 16 bits)."""
     pixels = np.asarray(pixels)
@@ -140,7 +150,7 @@ def to_uint8_gray(pixels: np.ndarray, label: str) -> np.ndarray:
             pixels = _stretch(pixels.astype(np.float64))
         mode = {1: "L", 3: "RGB", 4: "RGBA"}[pixels.shape[2]]
         image = Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
-        return np.asarray(_to_luminance(image))
+        return np.asarray(_to_luminance(image, info))
     if pixels.ndim != 2:
         raise ImageReadError(label, f"expected a 2-D image, got an array of shape {pixels.shape}")
     if pixels.size == 0:
@@ -150,6 +160,15 @@ def to_uint8_gray(pixels: np.ndarray, label: str) -> np.ndarray:
     if pixels.dtype == bool:
         return pixels.astype(np.uint8) * 255
     return _stretch(pixels.astype(np.float64))
+
+
+def colour_spread(image: Image.Image) -> float:
+    """Mean over pixels of (largest - smallest RGB channel) / 255: 0 for a gray picture stored as
+    RGB (also after JPEG compression), 0.15-0.45 for ordinary colour photos."""
+    rgb = image.convert("RGB")
+    rgb.thumbnail((256, 256))  # the statistic needs no more pixels than this
+    channels = np.asarray(rgb, dtype=np.int16)
+    return float((channels.max(2) - channels.min(2)).mean() / 255)
 
 
 def _stretch(values: np.ndarray) -> np.ndarray:

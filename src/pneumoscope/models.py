@@ -71,6 +71,19 @@ class XrayNet(nn.Sequential):
         self.backbone = backbone
 
 
+class MergeOutputs(nn.Module):
+    """Reads a model's classes as coarser ones: output j = log of the summed softmax probabilities
+    of the source classes in groups[j] (e.g. NORMAL | BACTERIA+VIRUS for the binary task)."""
+
+    def __init__(self, groups: list[list[int]]):
+        super().__init__()
+        self.groups = [list(g) for g in groups]
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.log_softmax(logits, dim=1)
+        return torch.stack([torch.logsumexp(log_probs[:, g], dim=1) for g in self.groups], dim=1)
+
+
 class PretrainedUnavailable(RuntimeError):
     pass
 
@@ -249,6 +262,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[XrayNet, dict]:
         raise FileNotFoundError(f"{path}: no such checkpoint")
     payload = torch.load(path, map_location="cpu", weights_only=True)
     meta = payload["meta"]
-    model = create_model(meta["arch"], num_classes=len(meta["classes"]), pretrained=False)
+    groups = meta.get("merge_outputs")  # a model read with coarser classes (see MergeOutputs)
+    n_outputs = sum(len(g) for g in groups) if groups else len(meta["classes"])
+    model = create_model(meta["arch"], num_classes=n_outputs, pretrained=False)
     model.load_state_dict(payload["state_dict"], strict=True)
+    if groups:
+        model.add_module("merge", MergeOutputs(groups))
     return model.eval(), meta

@@ -54,19 +54,21 @@ def roc_png(y_true: np.ndarray, probs: np.ndarray, classes, out: Path) -> None:
     save(fig, out)
 
 
-def reliability_png(y_true: np.ndarray, probs: np.ndarray, out: Path, bins: int = 15, title: str = "") -> None:
-    confidence, correct = probs.max(1), probs.argmax(1) == y_true
+def reliability_png(y_true: np.ndarray, curves: dict[str, np.ndarray], out: Path, bins: int = 15) -> None:
+    """Accuracy per confidence bin for each named set of probabilities (e.g. before/after scaling)."""
     edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
     centers = (edges[:-1] + edges[1:]) / 2
-    accuracy = np.array([correct[which == b].mean() if (which == b).any() else np.nan for b in range(bins)])
     fig, ax = plt.subplots(figsize=(5, 5))
-    ax.bar(centers, np.nan_to_num(accuracy), width=1 / bins, edgecolor="black", alpha=0.7, label="accuracy")
+    for (name, probs), marker in zip(curves.items(), "os^"):
+        confidence, correct = probs.max(1), probs.argmax(1) == y_true
+        which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+        filled = [b for b in range(bins) if (which == b).any()]
+        ax.plot(centers[filled], [correct[which == b].mean() for b in filled], "-" + marker, label=name)
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    ax.set_xlabel("confidence")
+    ax.set_xlabel(f"confidence ({bins} bins)")
     ax.set_ylabel("accuracy")
-    ax.set_title(title or "reliability")
-    ax.legend(loc="upper left")
+    ax.set_title("reliability")
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     save(fig, out)
 
@@ -86,5 +88,20 @@ def prediction_grid_png(paths, y_true, probs, classes, out: Path, read, n: int =
         wrong = predicted != y_true[i]
         ax.set_title(f"{classes[predicted]} {probs[i, predicted]:.2f}\n[{classes[y_true[i]]}]", fontsize=9,
                      color="red" if wrong else "black")
+    fig.tight_layout()
+    save(fig, out)
+
+
+def cam_grid_png(images, titles, wrong, out: Path) -> None:
+    """Grad-CAM overlays (RGB arrays) in a 4-column grid; titles of wrong predictions in red."""
+    cols = 4
+    rows = max(1, int(np.ceil(len(images) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 2.8), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title, is_wrong in zip(axes.flat, images, titles, wrong):
+        ax.imshow(image)
+        ax.set_title(title, fontsize=9, color="red" if is_wrong else "black")
+    fig.suptitle("Grad-CAM of the predicted class (wrong predictions first)", fontsize=10)
     fig.tight_layout()
     save(fig, out)

@@ -3,13 +3,18 @@
 Run directory layout (`TrainConfig.out`):
     config.yaml        the resolved configuration
     manifest.csv       the patient-grouped split actually used
-    status.json        running / finished / failed / interrupted, with timings
+    status.json        running / finished / failed / interrupted, with timings, pid and hostname
     metrics.csv        one row per epoch: losses, accuracies, learning rate, seconds
     curves.png         loss and accuracy vs epoch, train vs val
     checkpoints/       Lightning's last.ckpt (for --resume) and best.ckpt
     model.pt/.json     the best weights in pneumoscope's format, calibrated (temperature)
-    env.json           versions, seed, git commit, wall time, peak memory
+    env.json           versions, seed, git commit, wall time, peak memory, world size
     test/              evaluation of the internal test split (when it has one)
+    logs/              Lightning's CSVLogger (and TensorBoard's events when tensorboard is installed)
+    mlruns/            MLflow's file store, when mlflow is installed (MLFLOW_TRACKING_URI wins when set)
+
+Under torchrun or srun (several processes), only rank 0 writes these files; every rank computes
+the same seeded split, and validation metrics are gathered over all ranks.
 """
 from __future__ import annotations
 
@@ -19,9 +24,10 @@ import logging
 import os
 import platform
 import resource
+import socket
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -31,12 +37,15 @@ import torchmetrics
 import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader
 
 from . import __version__
 from .data import (XrayDataset, atomic_write, class_weights, discover, eval_transform, load_pixels,
-                   load_samples, manifest_hash, split_by_patient, train_transform, write_manifest)
+                   load_samples, manifest_hash, patient_folds, split_by_patient, train_transform,
+                   write_manifest)
 from .labels import classes_for
 from .models import DEFAULT_ARCH, XrayNet, count_parameters, create_model, model_spec, save_checkpoint
 
@@ -56,6 +65,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
+    class_weight_power: float = 1.0  # loss weights = inverse class frequency ** power (0: unweighted)
     aug: float = 1.0  # augmentation strength, 0 disables it
     freeze_blocks: int = 2  # efficientnet: keep the stem and this many first blocks at ImageNet values
     ema_decay: float = 0.995  # 0 disables the exponential moving average of weights
@@ -80,6 +90,9 @@ class LitClassifier(L.LightningModule):
         self.train_acc = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
         self.val_bacc = torchmetrics.classification.MulticlassAccuracy(n, average="macro")
+        # metric objects, not tensors: their states are summed over all ranks before compute()
+        self.val_loss = torchmetrics.MeanMetric()
+        self.val_n = torchmetrics.SumMetric()
         self.frozen = freeze_early_layers(model, config.freeze_blocks)
 
     def forward(self, x):
@@ -101,9 +114,12 @@ class LitClassifier(L.LightningModule):
         logits = self(x)
         self.val_acc(logits, y)
         self.val_bacc(logits, y)
-        self.log("val_loss", self.loss(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
+        self.val_loss(self.loss(logits, y), weight=len(y))
+        self.val_n(len(y))
+        self.log("val_loss", self.val_loss, on_epoch=True, prog_bar=True)
         self.log("val_acc", self.val_acc, on_epoch=True, prog_bar=True)
         self.log("val_bacc", self.val_bacc, on_epoch=True, prog_bar=True)
+        self.log("val_n", self.val_n, on_epoch=True)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -131,7 +147,7 @@ def freeze_early_layers(model: XrayNet, n_blocks: int) -> list[nn.Module]:
 class EpochTable(Callback):
     """Writes metrics.csv (one row per epoch) and curves.png after every epoch, atomically."""
 
-    COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_bacc", "lr", "seconds",
+    COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_bacc", "val_n", "lr", "seconds",
                "images_per_s")
 
     def __init__(self, run_dir: Path, n_train: int):
@@ -152,6 +168,7 @@ class EpochTable(Callback):
             "train_acc": metrics.get("train_acc"),
             "val_loss": metrics.get("val_loss"), "val_acc": metrics.get("val_acc"),
             "val_bacc": metrics.get("val_bacc"),
+            "val_n": int(metrics["val_n"]) if "val_n" in metrics else None,  # summed over ranks
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
             "seconds": round(seconds, 2),
             "images_per_s": round(self.n_train / max(seconds, 1e-9), 1),
@@ -223,21 +240,79 @@ def environment(config: TrainConfig, wall_seconds: float) -> dict:
         "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "seed": config.seed, "git_commit": git_commit(), "wall_seconds": round(wall_seconds, 1),
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "world_size": world_size(),  # peak memory and wall time above are rank 0's
     }
+
+
+# ---------------------------------------------------------------- one process or many
+def is_main_process() -> bool:
+    """Rank 0, or the only process. Lightning reads the rank from torchrun/SLURM's environment at
+    import, so this holds before the Trainer (and its process group) exists."""
+    return rank_zero_only.rank == 0
+
+
+def world_size() -> int:
+    """How many processes torchrun (WORLD_SIZE) or srun (SLURM_NTASKS) started for this run."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return int(os.environ["SLURM_NTASKS"]) if SLURMEnvironment.detect() else 1
+
+
+def trainer_devices() -> dict:
+    """Trainer arguments for the processes that were launched. Lightning takes ranks and addresses
+    from the torchrun/SLURM environment itself, but checks them against devices x num_nodes, and
+    on CPU devices="auto" means 1: so several processes need the per-node count spelled out.
+    DDP then uses gloo on CPU and NCCL on GPUs. One process trains on one device (a GPU when
+    there is one): Lightning's own re-launching for several GPUs would re-run the command without
+    the launcher's job id that names the run, so several devices always go through a launcher."""
+    world = world_size()
+    if world <= 1:
+        return {"accelerator": "auto", "devices": 1}
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or world // int(os.environ.get("SLURM_NNODES", 1)))
+    return {"accelerator": "auto", "devices": per_node, "num_nodes": world // per_node, "strategy": "ddp"}
+
+
+class SameSplitOnAllRanks(Callback):
+    """Stops every rank (not just the odd one, which would leave the others waiting) when the
+    ranks computed different splits: each rank splits on its own, from the same seed."""
+
+    def __init__(self, digest: str):
+        self.digest = digest
+
+    def setup(self, trainer, pl_module, stage):
+        same = trainer.strategy.broadcast(self.digest, src=0) == self.digest
+        if not trainer.strategy.reduce_boolean_decision(same, all=True):
+            raise RuntimeError("the ranks computed different train/val splits; is the data the same everywhere?")
 
 
 # ---------------------------------------------------------------- the run
 def prepare_split(config: TrainConfig, run_dir: Path):
     """The run's samples with train/val/test assigned: from a manifest as given, or split by patient."""
     data = Path(config.data)
+    fold = config.extra.get("cv_fold")  # cross-validation: set by experiments.cross_validate
     if data.suffix.lower() == ".csv":
         samples = load_samples(data)
-    else:
+    elif fold is None:
         samples = split_by_patient(discover(data)[0], config.val_fraction, config.test_fraction, config.seed)
+    else:
+        samples = discover(data)[0]
     if config.max_images:
         samples = subsample_by_patient(samples, config.max_images, config.seed)
-    write_manifest(samples, run_dir / "manifest.csv")
+    if fold is not None:
+        samples = cross_validation_split(samples, config.extra["cv_folds"], fold, config.seed)
+    if is_main_process():
+        write_manifest(samples, run_dir / "manifest.csv")
     return samples
+
+
+def cross_validation_split(samples, n_folds: int, fold: int, seed: int):
+    """Fold `fold` of a patient-grouped, class-stratified K-fold as val, the other folds as train.
+    A manifest's test rows stay out of it: cross-validation never sees the held-out test set."""
+    pool = [s for s in samples if s.split != "test"]
+    held = set(patient_folds(pool, n_folds, seed)[fold].tolist())
+    return [replace(s, split="val" if i in held else "train") for i, s in enumerate(pool)]
 
 
 def subsample_by_patient(samples, max_images: int, seed: int):
@@ -264,18 +339,24 @@ def train(config: TrainConfig) -> Path:
     L.seed_everything(config.seed, workers=True, verbose=False)
     classes = classes_for(config.task)
     model_spec(config.arch)  # fail fast on an unknown name
-    with atomic_write(run_dir / "config.yaml", "w") as handle:
-        yaml.safe_dump(asdict(config), handle, sort_keys=False)
-    if not config.resume:
-        (run_dir / "status.json").unlink(missing_ok=True)
-    write_status(run_dir, "running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
+    main = is_main_process()
+    if main:
+        with atomic_write(run_dir / "config.yaml", "w") as handle:
+            yaml.safe_dump(asdict(config), handle, sort_keys=False)
+        if not config.resume:
+            (run_dir / "status.json").unlink(missing_ok=True)
+        # pid and host let `pneumoscope runs` tell a live run from one whose process was killed
+        write_status(run_dir, "running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None,
+                     pid=os.getpid(), hostname=socket.gethostname(), world_size=world_size())
     try:
         checkpoint = _fit(config, run_dir, classes, started)
     except KeyboardInterrupt:
-        write_status(run_dir, "interrupted")
+        if main:
+            write_status(run_dir, "interrupted")
         raise
     except BaseException as err:
-        write_status(run_dir, "failed", error=f"{type(err).__name__}: {err}")
+        if main:
+            write_status(run_dir, "failed", error=f"{type(err).__name__}: {err}")
         raise
     return checkpoint
 
@@ -292,7 +373,8 @@ def _fit(config: TrainConfig, run_dir: Path, classes, started: float) -> Path:
         transform = train_transform(config.img_size, config.aug) if split == "train" else eval_transform()
         datasets[split] = XrayDataset(pixels, kept, classes, config.task, transform)
     train_set, val_set = datasets["train"], datasets["val"]
-    weights = class_weights(train_set.targets, len(classes))
+    weights = class_weights(train_set.targets, len(classes)) ** config.class_weight_power
+    weights = weights / weights.mean()
     model = create_model(config.arch, len(classes), config.pretrained).to(memory_format=torch.channels_last)
     module = LitClassifier(model, classes, config, weights)
 
@@ -304,25 +386,50 @@ def _fit(config: TrainConfig, run_dir: Path, classes, started: float) -> Path:
     last = ModelCheckpoint(checkpoints, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
                            enable_version_counter=False)
     callbacks = [best, last, EpochTable(run_dir, len(train_set)), TQDMProgressBar(refresh_rate=10),
-                 EarlyStopping("val_bacc", mode="max", patience=config.patience)]
+                 EarlyStopping("val_bacc", mode="max", patience=config.patience),
+                 SameSplitOnAllRanks(manifest_hash(samples))]
     if config.ema_decay > 0:
         callbacks.append(EMAWeightAveraging(decay=config.ema_decay))
-    trainer = L.Trainer(max_epochs=config.epochs, accelerator="auto", devices="auto", callbacks=callbacks,
+    trainer = L.Trainer(max_epochs=config.epochs, **trainer_devices(), callbacks=callbacks,
                         default_root_dir=run_dir, logger=_loggers(run_dir), deterministic=False,
                         log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)
-    loader = lambda ds, shuffle: DataLoader(ds, batch_size=config.batch_size, shuffle=shuffle,  # noqa: E731
-                                            num_workers=0, drop_last=shuffle and len(ds) > config.batch_size)
+    for logger in trainer.loggers:  # the configuration, so MLflow/TensorBoard can filter runs by it
+        logger.log_hyperparams(asdict(config))
     resume_from = checkpoints / "last.ckpt" if config.resume and (checkpoints / "last.ckpt").exists() else None
     if config.resume and resume_from is None:
         log.warning("--resume: no %s yet; starting from the beginning", checkpoints / "last.ckpt")
-    trainer.fit(module, loader(train_set, True), loader(val_set, False), ckpt_path=resume_from,
+    trainer.fit(module, datamodule=_Loaders(train_set, val_set, config.batch_size), ckpt_path=resume_from,
                 weights_only=True)
     if not trainer.is_global_zero:
         return run_dir / "model.pt"
     return _finish(config, run_dir, classes, samples, best, model, val_set, started)
 
 
+class _Loaders(L.LightningDataModule):
+    """The run's data loaders. Validation with several processes gets an unpadded distributed
+    sampler: Lightning's default DistributedSampler repeats samples to even out the ranks, which
+    would count some val images twice."""
+
+    def __init__(self, train_set: XrayDataset, val_set: XrayDataset, batch_size: int):
+        super().__init__()
+        self.train_set, self.val_set, self.batch_size = train_set, val_set, batch_size
+
+    def train_dataloader(self):
+        # drop a ragged last batch, unless that would leave a rank (its share of the set) no batch
+        drop_last = len(self.train_set) // self.trainer.world_size > self.batch_size
+        return DataLoader(self.train_set, self.batch_size, shuffle=True, num_workers=0, drop_last=drop_last)
+
+    def val_dataloader(self):
+        sampler = None
+        if self.trainer.world_size > 1:
+            sampler = UnrepeatedDistributedSampler(self.val_set, num_replicas=self.trainer.world_size,
+                                                   rank=self.trainer.global_rank, shuffle=False)
+        return DataLoader(self.val_set, self.batch_size, sampler=sampler, num_workers=0)
+
+
 def _loggers(run_dir: Path) -> list:
+    """Lightning's standard loggers: CSV always; TensorBoard and MLflow when they are installed
+    (optional: neither is a dependency). Loggers write on rank 0 only."""
     from lightning.pytorch.loggers import CSVLogger
 
     loggers = [CSVLogger(run_dir, name="logs", version="")]
@@ -331,6 +438,19 @@ def _loggers(run_dir: Path) -> list:
         from lightning.pytorch.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(run_dir, name="logs", version="tensorboard"))
+    except ImportError:
+        pass
+    try:
+        import mlflow  # noqa: F401
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:  # the run's own file store: self-contained, no server or database
+            uri = (run_dir / "mlruns").resolve().as_uri()
+            # MLflow 3 raises on file stores ("maintenance mode") unless this opts in
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        loggers.append(MLFlowLogger(experiment_name=run_dir.resolve().parent.name, run_name=run_dir.name,
+                                    tracking_uri=uri))
     except ImportError:
         pass
     return loggers

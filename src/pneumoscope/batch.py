@@ -1,0 +1,108 @@
+"""Batch prediction for the CLI: records written as they are produced, resumable after a crash.
+
+Memory stays bounded for any number of inputs: paths are streamed from the folder walk, records
+go out one at a time, and only the paths already in the output file (for --resume) are kept.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, TextIO
+
+from tqdm import tqdm
+
+from .predict import Classifier, Record, expand_inputs
+
+FORMATS = ("table", "csv", "json")
+
+
+def predict_paths(classifier: Classifier, paths: list[str], fmt: str = "json", output: str | None = None,
+                  resume: bool = False, cam_dir: str | None = None, batch_size: int = 32) -> bool:
+    """Classifies the files and folders in `paths`, writing one record per image to `output`
+    (flushed as produced, progress bar on stderr) or to stdout. `resume` skips the paths already
+    in `output`. With `cam_dir`, a Grad-CAM overlay per image goes there. Returns True if any input
+    failed (in this run or, when resuming, in the earlier one)."""
+    done, any_failed = read_done(output, fmt) if resume else (set(), False)
+
+    def todo():  # a fresh generator each time: the inputs are never listed in memory
+        return (p for p in expand_inputs(paths) if p not in done)
+
+    stream = open(output, "a" if resume else "w", newline="", encoding="utf-8") if output else sys.stdout
+    cams = None
+    if cam_dir:
+        from .explain import CamWriter
+
+        cams = CamWriter(classifier, cam_dir)
+    progress = tqdm(total=sum(1 for _ in todo()), unit="img", file=sys.stderr, disable=not output,
+                    desc=f"predict -> {output}", dynamic_ncols=True)
+    try:
+        write = record_writer(fmt, classifier.classes, stream, header=stream.tell() == 0 if output else True)
+        for record in classifier.predict_many(todo(), batch_size=batch_size):
+            any_failed |= record.status != "ok"
+            write(record)
+            stream.flush()  # a record on disk is a record --resume will not redo
+            if cams:
+                cams(record)
+            progress.update()
+    finally:
+        progress.close()
+        if output:
+            stream.close()
+    return any_failed
+
+
+def read_done(output: str | None, fmt: str) -> tuple[set[str], bool]:
+    """The paths already recorded in `output` and whether any of them failed. A trailing partial
+    line (the run was killed mid-write) is cut off first, so its input is classified again."""
+    if not output or not Path(output).is_file():
+        return set(), False
+    _drop_partial_line(Path(output))
+    done, any_failed = set(), False
+    with open(output, newline="", encoding="utf-8") as handle:
+        rows = (json.loads(line) for line in handle if line.strip()) if fmt == "json" else csv.DictReader(handle)
+        try:
+            for row in rows:
+                done.add(row["path"])
+                any_failed |= row["status"] != "ok"
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{output}: cannot resume, not a {fmt} file written by `pneumoscope predict` "
+                             f"({type(err).__name__}: {err})") from None
+    return done, any_failed
+
+
+def _drop_partial_line(path: Path) -> None:
+    complete = 0
+    with open(path, "rb") as handle:
+        for line in handle:
+            if not line.endswith(b"\n"):
+                break
+            complete += len(line)
+    if complete < path.stat().st_size:
+        os.truncate(path, complete)
+
+
+def record_writer(fmt: str, classes, stream: TextIO = sys.stdout, header: bool = True
+                  ) -> Callable[[Record], None]:
+    """A function writing one record in `fmt` (JSON lines, CSV or an aligned table) to `stream`."""
+    if fmt == "json":
+        return lambda record: stream.write(json.dumps(record.to_dict()) + "\n")
+    if fmt == "csv":
+        writer = csv.writer(stream)
+        if header:
+            writer.writerow(["path", "status", "label", *[f"p_{c}" for c in classes], "error", "reliable", "warnings"])
+        return lambda r: writer.writerow([
+            r.path, r.status, r.label or "", *[f"{r.probabilities[c]:.4f}" if r.probabilities else "" for c in classes],
+            r.error or "", "" if r.reliable is None else str(r.reliable).lower(), "; ".join(r.warnings)])
+    print(f"{'label':<10}" + "".join(f"{c:>11}" for c in classes) + "  path", file=stream)
+
+    def table(r):
+        if r.status != "ok":
+            print(f"{'ERROR':<10}{'':>{11 * len(classes)}}  {r.error}", file=stream)
+        else:
+            flag = "" if r.reliable else "  [not a chest X-ray?]"
+            print(f"{r.label:<10}" + "".join(f"{r.probabilities[c]:>11.4f}" for c in classes) + f"  {r.path}{flag}",
+                  file=stream)
+    return table

@@ -1,0 +1,138 @@
+"""Grad-CAM heat maps (the `grad-cam` package): where in the X-ray the evidence for a label lies.
+
+Grad-CAM always runs the PyTorch model (`Classifier.model`, loaded on first use when predictions
+run on ONNX Runtime) and needs gradients, so it never runs under inference mode.
+"""
+from __future__ import annotations
+
+import io
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from .data import atomic_write
+from .images import read_xray
+from .predict import Classifier, Record, to_batch
+
+OVERLAY_ALPHA = 0.4  # weight of the heat map over the X-ray
+MAX_OVERLAY_SIDE = 1024  # px; larger X-rays are shown smaller (the heat map has no finer detail)
+_target_layers: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def target_layer(model: torch.nn.Module, size: int) -> torch.nn.Module:
+    """The last module whose output is still a spatial map (B x C x H x W, H*W > 1): the input of
+    global pooling, where Grad-CAM is taken. Found with one traced forward pass, so it works for
+    every registered architecture (timm's conv_head/bn2, layer4, features; our `.features`)."""
+    if model in _target_layers:
+        return _target_layers[model]
+    shapes: list[tuple[torch.nn.Module, torch.Size]] = []
+    hooks = [m.register_forward_hook(lambda m, _, out: shapes.append((m, out.shape))
+                                     if isinstance(out, torch.Tensor) and out.ndim == 4 else None)
+             for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 1, size, size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    spatial = [m for m, shape in shapes if shape[2] * shape[3] > 1]
+    _target_layers[model] = (spatial or [m for m, _ in shapes])[-1]  # post-order: containers come last
+    return _target_layers[model]
+
+
+def cam_heatmap(classifier: Classifier, pixels: np.ndarray, target: int | None = None) -> np.ndarray:
+    """Grad-CAM of `target` (default: the predicted class) for img_size x img_size uint8 `pixels`
+    (from `classifier.preprocess`): float32 H x W in [0, 1]."""
+    batch = torch.from_numpy(to_batch(pixels[None]))
+    targets = None if target is None else [ClassifierOutputTarget(int(target))]
+    with classifier.torch_lock, torch.inference_mode(False), torch.enable_grad():
+        model = classifier.model
+        cam = GradCAM(model, [target_layer(model, classifier.img_size)])
+        try:
+            heat = cam(batch, targets=targets)[0]
+        finally:
+            cam.activations_and_grads.release()  # remove the hooks before anyone else runs the model
+            model.zero_grad(set_to_none=True)  # the backward pass filled every weight's .grad
+    return np.clip(heat, 0, 1).astype(np.float32)
+
+
+def overlay_rgb(gray: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
+    """The heat map (jet) blended at OVERLAY_ALPHA over the gray X-ray: H x W x 3 uint8 at the
+    X-ray's size (the heat map is stretched to it, undoing the squash to a square)."""
+    heat = Image.fromarray(np.asarray(heatmap, np.float32), "F").resize(gray.shape[::-1], Image.Resampling.BILINEAR)
+    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32) / 255
+    return show_cam_on_image(rgb, np.clip(np.asarray(heat), 0, 1), use_rgb=True, image_weight=1 - OVERLAY_ALPHA)
+
+
+def overlay_png(gray: np.ndarray, heatmap: np.ndarray, text: str) -> bytes:
+    """PNG bytes: `overlay_rgb` with `text` (label and probability) on a dark box, top left."""
+    image = Image.fromarray(gray)
+    image.thumbnail((MAX_OVERLAY_SIDE, MAX_OVERLAY_SIDE))
+    image = Image.fromarray(overlay_rgb(np.asarray(image), heatmap))
+    font = ImageFont.load_default(size=max(10, max(image.size) // 30))
+    draw, margin = ImageDraw.Draw(image), max(2, max(image.size) // 100)
+    left, top, right, bottom = draw.textbbox((2 * margin, 2 * margin), text, font=font)
+    draw.rectangle((left - margin, top - margin, right + margin, bottom + margin), fill=(0, 0, 0))
+    draw.text((2 * margin, 2 * margin), text, fill=(255, 255, 255), font=font)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def caption(record: Record) -> str:
+    text = f"{record.label} {record.probabilities[record.label]:.2f}"
+    return text + " (not a chest X-ray?)" if record.reliable is False else text
+
+
+def explain(classifier: Classifier, source, name: str | None = None) -> tuple[Record, bytes | None]:
+    """The prediction record for one path, bytes or array, plus a Grad-CAM overlay PNG of the
+    predicted class (None when the record is an error)."""
+    record = classifier.predict(source, name)
+    if record.status != "ok":
+        return record, None
+    gray = read_xray(source, name)  # decoded again: cheap next to Grad-CAM's backward pass
+    heat = cam_heatmap(classifier, classifier.preprocess(gray), classifier.classes.index(record.label))
+    return record, overlay_png(gray, heat, caption(record))
+
+
+class CamWriter:
+    """Writes `<stem>_cam.png` into a folder for each ok record (`<stem>_cam_2.png`, ... when two
+    inputs share a stem)."""
+
+    def __init__(self, classifier: Classifier, folder: str | Path):
+        self.classifier, self.folder, self.taken = classifier, Path(folder), set()
+
+    def __call__(self, record: Record) -> Path | None:
+        if record.status != "ok":
+            return None
+        stem, n = Path(record.path).stem, 1
+        name = f"{stem}_cam.png"
+        while name in self.taken:
+            n += 1
+            name = f"{stem}_cam_{n}.png"
+        self.taken.add(name)
+        gray = read_xray(record.path)
+        heat = cam_heatmap(self.classifier, self.classifier.preprocess(gray), self.classifier.classes.index(record.label))
+        with atomic_write(self.folder / name) as handle:
+            handle.write(overlay_png(gray, heat, caption(record)))
+        return self.folder / name
+
+
+def cam_cases(classifier: Classifier, paths: list[str], y_true: np.ndarray, probs: np.ndarray, n: int = 16
+              ) -> tuple[list[np.ndarray], list[str], list[bool]]:
+    """Overlays for an evaluation's CAM grid: the wrong predictions first (most confident first),
+    then the right ones; returns (RGB images, titles, wrong flags)."""
+    predicted, confidence = probs.argmax(1), probs.max(1)
+    order = sorted(range(len(paths)), key=lambda i: (predicted[i] == y_true[i], -confidence[i]))[:n]
+    images, titles = [], []
+    for i in order:
+        pixels = classifier.preprocess(paths[i])
+        images.append(overlay_rgb(pixels, cam_heatmap(classifier, pixels, int(predicted[i]))))
+        titles.append(f"{classifier.classes[predicted[i]]} {confidence[i]:.2f}\n[{classifier.classes[y_true[i]]}]")
+    return images, titles, [bool(predicted[i] != y_true[i]) for i in order]

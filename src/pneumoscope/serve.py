@@ -1,0 +1,177 @@
+"""The web service: a one-page UI at `/` and a small REST API, all from one loaded model.
+
+    POST /v1/predict[?cam=true]   multipart field `file` (JPEG, PNG, TIFF, DICOM, ...) -> label + probabilities
+    GET  /v1/model                model card facts
+    GET  /healthz                 liveness
+
+Uploads stay in memory: the body is read chunk by chunk with a hard byte limit (413 past it, whatever
+Content-Length claims) and parsed without spooling to disk. Unreadable images give 422 with the
+decoder's reason. The model runs in worker threads, so the event loop (and /healthz) stays
+responsive while predictions run.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import socket
+import threading
+import time
+from importlib import resources
+from pathlib import PurePath
+from typing import Iterator
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+
+from . import __version__
+from .images import ImageReadError
+from .predict import Classifier
+
+INTENDED_USE = ("Research, teaching and second-reader use only. pneumoscope is not a medical device and its "
+                "output is not a diagnosis: a qualified clinician must read every X-ray. Trained on pediatric "
+                "(age 1-5) anterior-posterior chest X-rays from one hospital; other populations, views and "
+                "devices are outside what it was tested on.")
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries and part headers on top of the file itself
+
+_UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary",
+                            "description": "a chest X-ray: JPEG, PNG, TIFF, BMP, WebP or DICOM"}}}}}}
+_ERRORS = {413: {"description": "upload over the size limit"},
+           415: {"description": "body is not multipart/form-data"},
+           422: {"description": "no `file` field, or the file is not a readable image"}}
+
+
+def create_app(classifier: Classifier | None = None, task: str = "three", max_upload_mb: float = 20) -> FastAPI:
+    """The ASGI app. Loads the shipped model for `task` once when no classifier is given."""
+    classifier = classifier or Classifier.load(task=task)
+    limit = int(max_upload_mb * 2**20)
+    page = resources.files("pneumoscope").joinpath("static/index.html").read_text(encoding="utf-8")
+    meta = classifier.meta
+    app = FastAPI(title="pneumoscope", version=__version__,
+                  description="Pediatric chest X-ray classifier. " + INTENDED_USE)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> str:
+        return page
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok", "model": classifier.name}
+
+    @app.get("/v1/model")
+    async def model_card() -> dict:
+        return {"name": meta.get("name"), "version": meta.get("version"), "task": meta.get("task"),
+                "arch": meta["arch"], "classes": list(classifier.classes), "img_size": classifier.img_size,
+                "temperature": classifier.temperature, "params": meta.get("params"),
+                "input": meta.get("input"), "metrics": meta.get("metrics", {}),
+                "intended_use": INTENDED_USE, "max_upload_mb": max_upload_mb}
+
+    @app.post("/v1/predict", openapi_extra={"requestBody": _UPLOAD_BODY}, responses=_ERRORS)
+    async def predict(request: Request, cam: bool = Query(False, description="add a Grad-CAM overlay PNG")
+                      ) -> dict:
+        name, data = await read_upload(request, limit)
+        record, png = await run_in_threadpool(_infer, classifier, data, name, cam)
+        if record.status != "ok":
+            raise HTTPException(422, record.error or f"{name}: not a readable image")
+        body = {"filename": name, "label": record.label, "probabilities": record.probabilities,
+                "warnings": record.warnings, "reliable": record.reliable,
+                "model": {"name": meta.get("name"), "version": meta.get("version"), "arch": meta["arch"]}}
+        if cam:
+            body["cam"] = "data:image/png;base64," + base64.b64encode(png).decode() if png else None
+        return body
+
+    return app
+
+
+def _infer(classifier: Classifier, data: bytes, name: str, cam: bool):
+    """Runs in a worker thread. The classifier serialises what must be serialised (its PyTorch model,
+    which Grad-CAM hooks into); decoding and ONNX Runtime predictions run in parallel."""
+    try:
+        if cam:
+            from .explain import explain
+
+            return explain(classifier, data, name=name)
+        return classifier.predict(data, name=name), None
+    except ImageReadError as err:
+        raise HTTPException(422, str(err)) from None
+
+
+async def read_upload(request: Request, limit: int) -> tuple[str, bytes]:
+    """The `file` part of a multipart/form-data request as (filename, bytes), read into memory
+    chunk by chunk; 413 as soon as the body passes `limit` (plus form overhead)."""
+    too_large = HTTPException(413, f"upload is over the {limit / 2**20:g} MiB limit")
+    content_type, params = parse_options_header(request.headers.get("content-type"))
+    if content_type != b"multipart/form-data" or not params.get(b"boundary"):
+        raise HTTPException(415, "send the image as multipart/form-data in a field named 'file'")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + FORM_OVERHEAD:
+        raise too_large
+
+    parts: list[tuple[dict[bytes, bytes], bytearray]] = []
+    field, value = bytearray(), bytearray()
+
+    def header_end():
+        parts[-1][0][bytes(field).lower()] = bytes(value)
+        field.clear(), value.clear()
+
+    parser = MultipartParser(params[b"boundary"], callbacks={
+        "on_part_begin": lambda: parts.append(({}, bytearray())),
+        "on_header_field": lambda data, start, end: field.extend(data[start:end]),
+        "on_header_value": lambda data, start, end: value.extend(data[start:end]),
+        "on_header_end": header_end,
+        "on_part_data": lambda data, start, end: parts[-1][1].extend(data[start:end]),
+    })
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit + FORM_OVERHEAD:
+                raise too_large
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as err:
+        raise HTTPException(422, f"malformed multipart body ({err})") from None
+
+    for headers, body in parts:
+        _, disposition = parse_options_header(headers.get(b"content-disposition"))
+        if disposition.get(b"name") == b"file":
+            if len(body) > limit:
+                raise too_large
+            filename = disposition.get(b"filename", b"").decode("utf-8", "replace")
+            return PurePath(filename.replace("\\", "/")).name[:200] or "upload", bytes(body)
+    raise HTTPException(422, "no form field named 'file' in the upload")
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Runs `app` on a real uvicorn server in a background thread (port 0: a free one) and yields
+    its base URL; for tests, the screenshot script and notebooks."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server thread stopped before it started")
+            time.sleep(0.02)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def run(host: str = "127.0.0.1", port: int = 8000, task: str = "three", checkpoint: str | None = None,
+        max_upload_mb: float = 20) -> None:
+    import uvicorn
+
+    app = create_app(Classifier.load(checkpoint, task=task), task=task, max_upload_mb=max_upload_mb)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,64 @@
+"""ONNX export and the ONNX Runtime backend: same probabilities as PyTorch, found or made as needed."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from pneumoscope.cli import main
+from pneumoscope.predict import Classifier
+
+
+@pytest.fixture()
+def checkpoint(tiny_run, tmp_path):
+    """A private copy, so exporting beside it does not change what other tests load."""
+    for suffix in (".pt", ".json"):
+        shutil.copy(tiny_run / f"model{suffix}", tmp_path / f"model{suffix}")
+    return tmp_path / "model.pt"
+
+
+def test_onnx_matches_pytorch_on_real_images(checkpoint, fixture_data):
+    from pneumoscope.images import resize_square, read_xray
+
+    paths = sorted((fixture_data / "val").rglob("*.jpeg"))
+    onnx, eager = Classifier.load(checkpoint, backend="onnx"), Classifier.load(checkpoint, backend="torch")
+    assert (onnx.backend, eager.backend) == ("onnx", "torch") and onnx.meta == eager.meta
+    pixels = np.stack([resize_square(read_xray(p), eager.img_size) for p in paths])
+    np.testing.assert_allclose(onnx.probabilities(pixels), eager.probabilities(pixels), atol=1e-4)
+    np.testing.assert_allclose(onnx.probabilities(pixels[:3]), eager.probabilities(pixels[:3]), atol=1e-4)  # any batch
+
+
+def test_export_cli_writes_the_file_auto_then_uses(checkpoint, fixture_data, capsys):
+    from pneumoscope.export import onnx_for_checkpoint
+
+    assert main(["export", "--checkpoint", str(checkpoint)]) == 0
+    beside = checkpoint.with_suffix(".onnx")
+    assert beside.stat().st_size > 0 and onnx_for_checkpoint(checkpoint) == beside
+    assert Classifier.load(checkpoint).backend == "onnx"
+    later = beside.stat().st_mtime_ns + 10**9  # a retrained checkpoint: the file beside it is stale
+    os.utime(checkpoint, ns=(later, later))
+    cached = onnx_for_checkpoint(checkpoint)
+    assert cached != beside and cached.is_file() and cached.is_relative_to(os.environ["PNEUMOSCOPE_CACHE"])
+
+
+def test_auto_falls_back_to_pytorch_and_onnx_does_not(checkpoint, monkeypatch):
+    import pneumoscope.export
+
+    def broken(_):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(pneumoscope.export, "onnx_for_checkpoint", broken)
+    assert Classifier.load(checkpoint, backend="auto").backend == "torch"
+    with pytest.raises(RuntimeError, match="exploded"):
+        Classifier.load(checkpoint, backend="onnx")
+    with pytest.raises(ValueError, match="backend"):
+        Classifier.load(checkpoint, backend="tensorrt")
+
+
+def test_predict_backend_flag(checkpoint, fixture_data, capsys):
+    path = str(next((fixture_data / "val" / "NORMAL").iterdir()))
+    outputs = []
+    for backend in ("torch", "onnx"):
+        assert main(["predict", path, "--checkpoint", str(checkpoint), "--backend", backend, "--format", "csv"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]  # 4-decimal probabilities agree

@@ -1,0 +1,223 @@
+"""The web service on the tiny real model: predictions, Grad-CAM, limits, bad files, DICOM,
+a real uvicorn server under a little concurrency, and a schemathesis fuzz of the OpenAPI schema."""
+import base64
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from conftest import EXAMPLES
+from test_images import make_dicom
+
+from pneumoscope.predict import Classifier
+from pneumoscope.serve import create_app, serve_in_thread
+
+EXAMPLE_FILES = sorted(EXAMPLES.rglob("*.jpeg"))
+LIMIT_MB = 0.25
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_run):
+    return Classifier.load(tiny_run / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def app(classifier):
+    return create_app(classifier, max_upload_mb=LIMIT_MB)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app) as client:
+        yield client
+
+
+def upload(client, name: str, data: bytes, cam: bool = False, mime: str = "application/octet-stream"):
+    return client.post("/v1/predict", params={"cam": "true"} if cam else None, files={"file": (name, data, mime)})
+
+
+def test_predict_real_example(client, classifier):
+    path = EXAMPLE_FILES[0]
+    response = upload(client, path.name, path.read_bytes(), mime="image/jpeg")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = classifier.predict(path)
+    assert body["label"] == expected.label and body["label"] in classifier.classes
+    assert list(body["probabilities"]) == list(classifier.classes)
+    assert body["probabilities"] == pytest.approx(expected.probabilities, abs=1e-6)
+    assert isinstance(body["warnings"], list) and isinstance(body["reliable"], bool)
+    assert body["model"]["name"] == classifier.meta["name"] and body["model"]["version"]
+    assert body["filename"] == path.name and "cam" not in body
+
+
+def test_cam_is_a_png_data_url(client):
+    path = EXAMPLE_FILES[-1]
+    response = upload(client, path.name, path.read_bytes(), cam=True)
+    assert response.status_code == 200, response.text
+    prefix = "data:image/png;base64,"
+    assert response.json()["cam"].startswith(prefix)
+    png = base64.b64decode(response.json()["cam"][len(prefix):], validate=True)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    image = Image.open(io.BytesIO(png))
+    image.load()
+    assert image.format == "PNG" and min(image.size) >= 32
+
+
+def test_colour_picture_is_flagged_unreliable(client):
+    """The model answers for any picture; the response says when the input is no chest X-ray."""
+    rgb = np.zeros((200, 200, 3), np.uint8)
+    rgb[..., 0] = np.linspace(0, 255, 200, dtype=np.uint8)
+    rgb[..., 2] = 255 - rgb[..., 0]
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "PNG")
+    body = upload(client, "sunset.png", buffer.getvalue()).json()
+    assert body["reliable"] is False and any("not a chest X-ray" in w for w in body["warnings"])
+
+
+def test_dicom_upload(client, classifier):
+    pixels = np.asarray(Image.open(EXAMPLE_FILES[0]).convert("L")).astype(np.uint16) * 16  # 12-bit
+    buffer = io.BytesIO()
+    make_dicom(pixels, buffer)
+    response = upload(client, "study.dcm", buffer.getvalue(), mime="application/dicom")
+    assert response.status_code == 200, response.text
+    assert response.json()["label"] in classifier.classes
+    assert sum(response.json()["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+
+
+@pytest.mark.parametrize("name, data, reason", [
+    ("notes.txt", b"this is not an X-ray\n", "not a recognised image format"),
+    ("empty.jpeg", b"", "empty file"),
+    ("cut.jpeg", EXAMPLE_FILES[0].read_bytes()[:2000], "truncated"),
+    ("broken.dcm", b"\0" * 128 + b"DICM" + b"\x01" * 50, "DICOM"),
+], ids=["text", "empty", "truncated-jpeg", "corrupt-dicom"])
+def test_unreadable_files_give_422_with_reason(client, name, data, reason):
+    response = upload(client, name, data)
+    assert response.status_code == 422
+    assert reason in response.json()["detail"] and name in response.json()["detail"]
+
+
+def test_upload_over_limit_is_413(client):
+    big = EXAMPLE_FILES[0].read_bytes() * (int(LIMIT_MB * 2**20) // EXAMPLE_FILES[0].stat().st_size + 2)
+    response = upload(client, "big.jpeg", big)
+    assert response.status_code == 413 and "limit" in response.json()["detail"]
+
+
+def chunked_upload(size: int, boundary: str = "xrayboundary") -> dict:
+    """Request arguments for a multipart body sent in chunks, with no Content-Length."""
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode()
+    chunks = [head] + [b"\0" * 65536] * (size // 65536 + 1) + [f"\r\n--{boundary}--\r\n".encode()]
+    return {"content": iter(chunks), "headers": {"content-type": f"multipart/form-data; boundary={boundary}"}}
+
+
+def test_limit_holds_without_content_length(client):
+    """A chunked body declares no size: the limit is enforced while reading the stream."""
+    response = client.post("/v1/predict", **chunked_upload(2 * int(LIMIT_MB * 2**20)))
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize("kwargs, status", [
+    ({"content": b"{}", "headers": {"content-type": "application/json"}}, 415),
+    ({"data": {"other": "field"}}, 415),  # urlencoded form, no file
+    ({"files": {"image": ("x.png", b"123")}}, 422),  # multipart, wrong field name
+    ({"content": b"garbage", "headers": {"content-type": "multipart/form-data; boundary=b"}}, 422),
+], ids=["json", "urlencoded", "wrong-field", "bad-multipart"])
+def test_malformed_requests_are_4xx(client, kwargs, status):
+    response = client.post("/v1/predict", **kwargs)
+    assert response.status_code == status and isinstance(response.json()["detail"], str)
+
+
+def test_model_card_health_openapi_and_page(client, classifier):
+    card = client.get("/v1/model").json()
+    assert card["classes"] == list(classifier.classes) and card["arch"] == classifier.meta["arch"]
+    assert card["img_size"] == classifier.img_size and card["temperature"] == pytest.approx(classifier.temperature)
+    assert "val" in card["metrics"] and "not a diagnosis" in card["intended_use"]
+    assert client.get("/healthz").json()["status"] == "ok"
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/predict", "/v1/model", "/healthz"} <= set(schema["paths"])
+    assert "multipart/form-data" in schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "Not a diagnosis" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN, no remote font
+
+
+class SlowClassifier(Classifier):
+    """The tiny model plus 0.4 s per prediction: makes a blocked event loop impossible to miss."""
+
+    def predict(self, source, name=None):
+        time.sleep(0.4)
+        return super().predict(source, name)
+
+
+def test_healthz_answers_while_predictions_run(classifier):
+    slow = SlowClassifier(classifier.model, classifier.meta, classifier.checkpoint)
+    data = EXAMPLE_FILES[0].read_bytes()
+    with serve_in_thread(create_app(slow)) as url, ThreadPoolExecutor(3) as pool:
+        post = lambda _: httpx.post(f"{url}/v1/predict", files={"file": ("x.jpeg", data)}, timeout=30)  # noqa: E731
+        futures = [pool.submit(post, i) for i in range(3)]  # 1.2 s of serialised model time
+        time.sleep(0.2)
+        started = time.perf_counter()
+        health = httpx.get(f"{url}/healthz", timeout=5)
+        waited = time.perf_counter() - started
+        assert health.status_code == 200 and waited < 0.3, f"/healthz took {waited:.2f} s"
+        assert not all(f.done() for f in futures)
+        assert [f.result().status_code for f in futures] == [200] * 3
+
+
+def test_concurrent_requests_on_a_real_server(app):
+    """30 predictions from 4 client threads against uvicorn on loopback; /healthz polled throughout."""
+    payloads = [(p.name, p.read_bytes()) for p in EXAMPLE_FILES]
+    statuses, health = [], []
+    done = threading.Event()
+    with serve_in_thread(app) as url:
+        def poll():
+            with httpx.Client(base_url=url, timeout=10) as http:
+                while not done.is_set():
+                    health.append(http.get("/healthz").status_code)
+                    time.sleep(0.05)
+
+        def worker(indices):
+            with httpx.Client(base_url=url, timeout=60) as http:
+                for i in indices:
+                    name, data = payloads[i % len(payloads)]
+                    statuses.append(http.post("/v1/predict", files={"file": (name, data)}).status_code)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(worker, [range(k, 30, 4) for k in range(4)]))
+        done.set()
+        poller.join()
+        oversize = httpx.post(f"{url}/v1/predict", **chunked_upload(40 * 2**20))  # stopped long before 40 MiB
+    assert statuses == [200] * 30
+    assert health and set(health) == {200}
+    assert oversize.status_code == 413
+
+
+# ------------------------------------------------------------------ schemathesis
+def test_schemathesis_no_server_errors(app):
+    """Schema-driven fuzzing, up to 30 examples per operation plus 30 schema-violating uploads (random
+    files, bodies, query values): never a 5xx, only the status codes and content types documented."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import content_type_conformance, not_a_server_error, status_code_conformance
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    operations = {result.ok().label: result.ok() for result in schema.get_all_operations()}
+    assert set(operations) == {"GET /healthz", "GET /v1/model", "POST /v1/predict"}
+    runs = [(op, schemathesis.GenerationMode.POSITIVE) for op in operations.values()]
+    runs.append((operations["POST /v1/predict"], schemathesis.GenerationMode.NEGATIVE))  # the only one with inputs
+    for operation, mode in runs:
+        @given(case=operation.as_strategy(mode))
+        @settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        def fuzz(case):
+            case.call_and_validate(checks=[not_a_server_error, status_code_conformance, content_type_conformance])
+
+        fuzz()

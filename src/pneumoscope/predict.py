@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -146,29 +145,20 @@ class Classifier:
 
     def predict_many(self, sources: Iterable, batch_size: int = 32, names: list[str] | None = None
                      ) -> Iterator[Record]:
-        """Streams records in input order, a batch at a time. The next batch is decoded on a second
-        thread while the model runs on this one (Pillow and numpy release the GIL), and at most two
-        batches are held, so memory stays bounded however many inputs there are."""
-        labelled = ((names[i] if names else _describe(source), source) for i, source in enumerate(sources))
-        with ThreadPoolExecutor(max_workers=1) as decoder:
-            decoding = None
-            for chunk in _chunks(labelled, batch_size):
-                upcoming = decoder.submit(self._decode_batch, chunk)
-                if decoding is not None:
-                    yield from self._run(decoding.result())
-                decoding = upcoming
-            if decoding is not None:
-                yield from self._run(decoding.result())
-
-    def _decode_batch(self, chunk: list[tuple[str, object]]) -> list[tuple]:
-        decoded = []
-        for label, source in chunk:
+        """Streams records in input order; decodes and runs the model a batch at a time."""
+        pending: list[tuple[str, np.ndarray | None, list[str], str | None]] = []
+        for index, source in enumerate(sources):
+            label = names[index] if names else _describe(source)
             try:
                 gray, info = read_xray_with_info(source, label)
-                decoded.append((label, resize_square(gray, self.img_size), image_warnings(gray, info), None))
+                pending.append((label, resize_square(gray, self.img_size), image_warnings(gray, info), None))
             except ImageReadError as err:
-                decoded.append((label, None, [], str(err)))
-        return decoded
+                pending.append((label, None, [], str(err)))
+            if len(pending) >= batch_size:
+                yield from self._run(pending)
+                pending = []
+        if pending:
+            yield from self._run(pending)
 
     def _run(self, pending) -> Iterator[Record]:
         good = [pixels for _, pixels, _, _ in pending if pixels is not None]
@@ -214,17 +204,6 @@ def model_warnings(probabilities: np.ndarray) -> list[str]:
         return [f"low confidence: normalized entropy {entropy:.2f} > {MAX_ENTROPY} "
                 f"(highest probability {float(probabilities.max()):.2f})"]
     return []
-
-
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _describe(source) -> str:

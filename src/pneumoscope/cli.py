@@ -5,7 +5,6 @@ Exit codes: 0 success, 1 some input failed (or the job failed), 2 usage error.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, f1_score,
-                             precision_recall_fscore_support, roc_auc_score, roc_curve)
+                             precision_recall_fscore_support, roc_auc_score)
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from .data import Sample, atomic_write

@@ -125,7 +125,7 @@ def _task_section(meta: dict, reports: Path, docs_dir: Path) -> str:
         f"{config.get('ema_decay')}, first {config.get('freeze_blocks')} blocks frozen, seed {meta.get('seed')}.",
         f"- Data: manifest hash `{meta['manifest_hash']}`, git commit `{meta.get('git_commit')}`; "
         f"temperature {meta['temperature']:.3f}."
-        + (f" Derived from the 3-class model by summing BACTERIA and VIRUS probabilities." if meta.get("merge_outputs") else ""),
+        + (" Derived from the 3-class model by summing BACTERIA and VIRUS probabilities." if meta.get("merge_outputs") else ""),
         "",
         "| split | n | accuracy (95% CI) | balanced acc. | macro F1 | macro AUC | ECE before -> after | "
         + " | ".join(f"recall {c}" for c in meta["classes"]) + " |",

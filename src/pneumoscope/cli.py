@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", dest="pretrained", action="store_true", default=None,
                    help="start from pretrained weights (default only for efficientnet_lite0)")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="train from scratch")
-    for name in ("epochs", "img_size", "batch_size", "seed", "freeze_blocks", "patience", "max_images"):
+    for name in ("epochs", "img_size", "batch_size", "seed", "freeze_blocks", "patience", "max_images",
+                 "ema_start_epoch"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
     for name in ("lr", "weight_decay", "label_smoothing", "aug", "ema_decay", "val_fraction", "test_fraction"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=defaults[name])

@@ -62,3 +62,36 @@ def test_predict_backend_flag(checkpoint, fixture_data, capsys):
         assert main(["predict", path, "--checkpoint", str(checkpoint), "--backend", backend, "--format", "csv"]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1]  # 4-decimal probabilities agree
+
+
+def test_int8_export_is_found_by_auto_and_agrees_with_fp32(checkpoint, fixture_data, capsys):
+    from pneumoscope.images import resize_square, read_xray
+
+    assert main(["export", "--checkpoint", str(checkpoint), "--int8"]) == 1  # no calibration data: refused
+    assert "--calibration" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(checkpoint), "--int8", "--calibration", str(fixture_data),
+                 "--calibration-n", "32"]) == 0
+    int8 = checkpoint.with_suffix(".int8.onnx")
+    assert int8.is_file() and int8.stat().st_size < checkpoint.stat().st_size
+    fast, exact = Classifier.load(checkpoint), Classifier.load(checkpoint, backend="onnx")
+    assert (fast.backend, exact.backend) == ("int8", "onnx")
+    assert fast.name.endswith("-int8@" + exact.meta["version"]) and fast.meta["quantization"]["calibration_images"] == 32
+    pixels = np.stack([resize_square(read_xray(p), fast.img_size) for p in sorted((fixture_data / "val").rglob("*.jpeg"))])
+    p_fast, p_exact = fast.probabilities(pixels), exact.probabilities(pixels)
+    assert not np.allclose(p_fast, p_exact, atol=1e-6)  # really another graph
+    assert np.abs(p_fast - p_exact).max() < 0.1
+    assert (p_fast.argmax(1) == p_exact.argmax(1)).mean() >= 0.9
+
+
+def test_int8_of_another_checkpoint_is_not_used(checkpoint, fixture_data, caplog):
+    assert main(["export", "--checkpoint", str(checkpoint), "--int8", "--calibration", str(fixture_data),
+                 "--calibration-n", "16"]) == 0
+    import torch
+
+    changed = torch.load(checkpoint, weights_only=True)  # a retrained model in place of the old one
+    next(iter(changed["state_dict"].values())).add_(0.01)
+    torch.save(changed, checkpoint)
+    assert Classifier.load(checkpoint).backend == "onnx"
+    assert "made from another version" in caplog.text
+    with pytest.raises(ValueError, match="another version"):
+        Classifier.load(checkpoint, backend="int8")

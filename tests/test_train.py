@@ -86,3 +86,20 @@ def test_train_from_manifest_uses_its_split(tmp_path):
     used = {(s.path, s.split) for s in read_manifest(run / "manifest.csv")}
     given = {(s.path, s.split) for s in read_manifest(manifest)}
     assert used == given
+
+
+def test_kept_epochs_hold_the_ema_average_from_its_start_epoch(tmp_path):
+    """--keep-epochs keeps one checkpoint per epoch, and what it keeps is the EMA average: frozen
+    at the initial weights until ema_start_epoch, then following training."""
+    import torch
+
+    from pneumoscope.train import train
+
+    run = tmp_path / "run"
+    train(tiny_config(FIXTURE_DATA, run, epochs=3, ema_decay=0.9, ema_start_epoch=2, keep_epochs=True,
+                      evaluate_test=False))
+    kept = [torch.load(run / "checkpoints" / f"epoch-{e}.ckpt", weights_only=True) for e in range(3)]
+    head = [k["state_dict"]["model.backbone.classifier.weight"] for k in kept]
+    assert torch.equal(head[0], head[1])  # no average before epoch 2: still the initial weights
+    assert not torch.allclose(head[1], head[2])
+    assert all("current_model_state" in k for k in kept)  # the live weights are kept beside the average

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs-dir", default="docs")
     p.add_argument("--binary-from-three", action="store_true",
                    help="also ship the 3-class model read as NORMAL vs PNEUMONIA")
+    p.add_argument("--int8", type=int, default=0, metavar="N",
+                   help="also write int8 ONNX graphs calibrated on N train images; the card is measured on them")
     p.set_defaults(handler=cmd_ship)
 
     p = sub.add_parser("card", help="regenerate docs/model-card.md from models/ and docs/model-card/")
@@ -80,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=float, default=defaults[name])
     p.add_argument("--out", default=None, help="run directory (default <root>/<project>/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--keep-epochs", action="store_true",
+                   help="also keep every epoch's weights (checkpoints/epoch-N.ckpt) for stability studies")
     p.add_argument("--no-test", dest="evaluate_test", action="store_false",
                    help="do not evaluate the internal test split at the end")
     p.add_argument("--class-weight-power", type=float, default=defaults["class_weight_power"],
@@ -134,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", metavar="FILE", default=None,
                    help="write records to FILE as they are produced (csv or json), with a progress bar")
     p.add_argument("--resume", action="store_true", help="with --output: skip the inputs already in FILE")
-    p.add_argument("--backend", choices=("auto", "onnx", "torch"), default="auto",
-                   help="auto: ONNX Runtime when it works, else PyTorch")
+    p.add_argument("--backend", choices=("auto", "int8", "onnx", "torch"), default="auto",
+                   help="auto: the int8 ONNX model beside the checkpoint if there is one, else ONNX Runtime "
+                        "when it works, else PyTorch")
     p.add_argument("--cam", metavar="DIR", default=None, help="write a Grad-CAM overlay <stem>_cam.png per image")
     p.set_defaults(handler=cmd_predict)
 
@@ -144,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("three", "binary"), default="three")
     p.add_argument("--out", default=None, help="default: beside the checkpoint (.onnx), where predict finds it")
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--int8", action="store_true",
+                   help="also quantize to int8 (static, calibrated on --calibration): <checkpoint>.int8.onnx")
+    p.add_argument("--calibration", default=None, metavar="DATA",
+                   help="with --int8: dataset folder or manifest CSV; its train split (or all of it) calibrates")
+    p.add_argument("--calibration-n", type=int, default=256, help="images used to calibrate (default 256)")
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("serve", help="web page and REST API (FastAPI + uvicorn)")
@@ -170,7 +180,7 @@ def cmd_models(args) -> int:
 def cmd_ship(args) -> int:
     from .release import ship_run, write_model_card
 
-    for path in ship_run(args.run, args.models_dir, args.docs_dir, args.binary_from_three):
+    for path in ship_run(args.run, args.models_dir, args.docs_dir, args.binary_from_three, args.int8):
         meta = json.loads(path.with_suffix(".json").read_text())
         for split, m in meta["metrics"].items():
             print(f"{path}: {split} accuracy {m['accuracy']:.4f} (n={m['n']})")
@@ -300,13 +310,23 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_checkpoint
+    from .export import calibration_pixels, export_checkpoint, export_int8
     from .predict import shipped_checkpoint
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_checkpoint(args.task)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint}: no such checkpoint")
-    out = export_checkpoint(checkpoint, args.out, args.opset)
+    if args.int8:
+        if not args.calibration:
+            raise ValueError("--int8 needs --calibration DATA (real X-rays to calibrate the int8 ranges)")
+        from .data import load_samples
+        from .models import load_checkpoint
+
+        size = int(load_checkpoint(checkpoint)[1]["img_size"])
+        pixels = calibration_pixels(load_samples(args.calibration), size, args.calibration_n)
+        out = export_int8(checkpoint, pixels, args.out, args.opset)
+    else:
+        out = export_checkpoint(checkpoint, args.out, args.opset)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {args.opset}, dynamic batch)")
     return EXIT_OK
 

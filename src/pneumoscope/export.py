@@ -84,3 +84,105 @@ def open_session(path: Path):
     if meta is None:
         raise ValueError(f"{path}: not exported by pneumoscope (no {META_KEY} metadata)")
     return session, json.loads(meta)
+
+
+# ---------------------------------------------------------------- int8 (static, QDQ)
+def int8_path(checkpoint: Path) -> Path:
+    """Where `Classifier` looks for a checkpoint's int8 graph: `model.pt` -> `model.int8.onnx`."""
+    return checkpoint.with_suffix(".int8.onnx")
+
+
+class _PixelBatches:
+    """onnxruntime.quantization's CalibrationDataReader over N x S x S uint8 pixels."""
+
+    def __init__(self, pixels, batch_size: int = 16):
+        import numpy as np
+
+        batches = [pixels[i:i + batch_size] for i in range(0, len(pixels), batch_size)]
+        self.feeds = iter([{"pixels": np.ascontiguousarray(b, dtype=np.float32)[:, None] / 255} for b in batches])
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
+def calibration_pixels(samples, size: int, n: int = 256, seed: int = 0):
+    """`n` images drawn (seeded) from the samples' train split, or from all of them when there is
+    none, decoded at the model's input size: N x size x size uint8."""
+    import numpy as np
+
+    from .images import read_xray, resize_square
+
+    pool = [s for s in samples if s.split == "train"] or list(samples)
+    chosen = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)
+    return np.stack([resize_square(read_xray(pool[i].path), size) for i in sorted(chosen)])
+
+
+def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, calibration_pixels,
+                  source_sha256: str | None = None) -> Path:
+    """Static int8 quantisation (ONNX Runtime, QDQ, per-channel weights, uint8 activations) of a
+    pneumoscope ONNX file, calibrated on real X-rays (N x S x S uint8, e.g. a few hundred training
+    images). On CPUs with VNNI (AVX512-VNNI / AVX-VNNI) ONNX Runtime runs it with integer kernels.
+    The meta travels along, with "quantization" added so records name the int8 model."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    meta = json.loads({p.key: p.value for p in onnx.load(str(fp32_onnx)).metadata_props}[META_KEY])
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+        quant_pre_process(str(fp32_onnx), str(prepared))  # folds BN, infers shapes: what quantize expects
+        quantize_static(str(prepared), str(quantized), _PixelBatches(calibration_pixels),
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        proto = onnx.load(str(quantized))
+    meta["quantization"] = {"type": "int8 static QDQ, per-channel weights, MinMax calibration",
+                            "calibration_images": int(len(calibration_pixels)), "source_sha256": source_sha256}
+    meta["name"] = f"{meta.get('name', meta['arch'])}-int8"
+    del proto.metadata_props[:]
+    proto.metadata_props.add(key=META_KEY, value=json.dumps(meta))
+    with atomic_write(out) as handle:
+        handle.write(proto.SerializeToString())
+    return Path(out)
+
+
+def export_int8(checkpoint: str | os.PathLike, calibration_pixels, out: str | os.PathLike | None = None,
+                opset: int = OPSET) -> Path:
+    """Checkpoint -> int8 ONNX (by default beside it, where `Classifier` with backend "auto" or
+    "int8" looks for it)."""
+    import tempfile
+
+    checkpoint = Path(checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_checkpoint(checkpoint, Path(tmp) / "fp32.onnx", opset)
+        return quantize_int8(fp32, out or int8_path(checkpoint), calibration_pixels, model_fingerprint(checkpoint))
+
+
+def model_fingerprint(checkpoint: Path) -> str:
+    """SHA-256 of what the int8 graph depends on: the weights and the meta that shapes predictions
+    (not the metrics or notes, which `ship` adds after quantising)."""
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(payload["state_dict"].items()):
+        digest.update(name.encode())
+        digest.update(tensor.numpy().tobytes())
+    shaping = {k: payload["meta"].get(k) for k in ("arch", "classes", "img_size", "temperature", "merge_outputs")}
+    digest.update(json.dumps(shaping, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def int8_for_checkpoint(checkpoint: Path) -> Path:
+    """The int8 graph made from exactly this checkpoint (matched by content hash, not by file times,
+    which a git checkout does not keep), or FileNotFoundError saying how to make one."""
+    path = int8_path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no int8 model; make one with `pneumoscope export --int8 "
+                                f"--checkpoint {checkpoint} --calibration DATA`")
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    made_from = json.loads(props.get(META_KEY, "{}")).get("quantization", {}).get("source_sha256")
+    if made_from != model_fingerprint(checkpoint):
+        raise ValueError(f"{path} was made from another version of {checkpoint.name}; export it again")
+    return path

@@ -23,7 +23,7 @@ from .models import load_checkpoint
 
 log = logging.getLogger(__name__)
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
-BACKENDS = ("auto", "onnx", "torch")
+BACKENDS = ("auto", "int8", "onnx", "torch")
 
 # The input guard (docs/inputs.md). Over all 5,232 images of the training data the smallest gray-level
 # standard deviation is 19.8 and the fewest distinct gray levels 113, so these limits leave real
@@ -78,7 +78,7 @@ class Classifier:
             raise ValueError("a Classifier needs a PyTorch model, or an ONNX session and its checkpoint")
         self._model = model.eval() if model is not None else None
         self.meta, self.checkpoint, self.session = meta, checkpoint, session
-        self.backend = "torch" if session is None else "onnx"
+        self.backend = "torch" if session is None else "int8" if "quantization" in meta else "onnx"
         # One PyTorch forward at a time: Grad-CAM hangs hooks on the model that must not see other calls.
         self.torch_lock = threading.RLock()
         self.classes: tuple[str, ...] = tuple(meta["classes"])
@@ -92,8 +92,10 @@ class Classifier:
         """Loads `checkpoint`, or the shipped model for `task` when none is given.
 
         backend "torch": PyTorch eager. "onnx": ONNX Runtime, using `<checkpoint>.onnx` if it is not
-        older than the checkpoint, else exporting into the cache first. "auto": like "onnx", but
-        falls back to PyTorch (with a logged warning) when onnxruntime or the export fails.
+        older than the checkpoint, else exporting into the cache first. "int8": ONNX Runtime on
+        `<checkpoint>.int8.onnx` (made by `pneumoscope export --int8` from this very checkpoint).
+        "auto": the int8 graph when there is one, else like "onnx", falling back to PyTorch (with a
+        logged warning) when onnxruntime or the export fails.
         """
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -101,7 +103,18 @@ class Classifier:
         if not path.is_file():
             hint = "" if checkpoint else " (no shipped model for this task yet: train one with `pneumoscope train`)"
             raise FileNotFoundError(f"{path}: no such checkpoint{hint}")
-        if backend != "torch":
+        if backend in ("auto", "int8"):
+            try:
+                from .export import int8_for_checkpoint, open_session
+
+                session, meta = open_session(int8_for_checkpoint(path))
+                return cls(None, meta, path, session)
+            except Exception as err:
+                if backend == "int8":
+                    raise
+                if not isinstance(err, FileNotFoundError):
+                    log.warning("int8 model not used (%s: %s)", type(err).__name__, err)
+        if backend in ("auto", "onnx"):
             try:
                 from .export import onnx_for_checkpoint, open_session
 

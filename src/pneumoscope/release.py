@@ -16,6 +16,7 @@ import torch
 
 from .data import atomic_write, read_manifest
 from .evaluate import evaluate_samples, fit_temperature
+from .export import calibration_pixels, export_int8, int8_path
 from .labels import THREE, task_label
 from .models import load_checkpoint, save_checkpoint
 from .predict import Classifier
@@ -40,25 +41,32 @@ def training_summary(run_dir: Path) -> dict:
 
 
 def ship_run(run_dir: str | Path, models_dir: str | Path = "models", docs_dir: str | Path = "docs",
-             binary_from_three: bool = False) -> list[Path]:
+             binary_from_three: bool = False, int8_calibration: int = 0) -> list[Path]:
     """Copies the run's model.pt into models/pneumoscope-<task>.pt and evaluates it for the card.
-    With binary_from_three, also ships the 3-class model read as NORMAL vs PNEUMONIA."""
+    With binary_from_three, also ships the 3-class model read as NORMAL vs PNEUMONIA. With
+    int8_calibration > 0, also writes each model's int8 ONNX graph, calibrated on that many images
+    of the run's train split, and the card's figures are measured on it (what predict runs)."""
     run_dir, models_dir, docs_dir = Path(run_dir), Path(models_dir), Path(docs_dir)
     model, meta = load_checkpoint(run_dir / "model.pt")
     samples = read_manifest(run_dir / "manifest.csv")
     meta["training"] = training_summary(run_dir)
-    shipped = [_ship(model, meta, samples, models_dir, docs_dir)]
+    calibration = calibration_pixels(samples, meta["img_size"], int8_calibration) if int8_calibration else None
+    shipped = [_ship(model, meta, samples, models_dir, docs_dir, calibration)]
     if binary_from_three:
         if meta["task"] != "three":
             raise ValueError("binary_from_three needs a 3-class run")
-        shipped.append(_ship_binary(model, meta, samples, models_dir, docs_dir))
+        shipped.append(_ship_binary(model, meta, samples, models_dir, docs_dir, calibration))
     return shipped
 
 
-def _ship(model, meta: dict, samples, models_dir: Path, docs_dir: Path) -> Path:
+def _ship(model, meta: dict, samples, models_dir: Path, docs_dir: Path, calibration=None) -> Path:
     target = models_dir / f"pneumoscope-{meta['task']}.pt"
     save_checkpoint(model, meta, target)
+    int8_path(target).unlink(missing_ok=True)  # made from the model this replaces
+    if calibration is not None:
+        export_int8(target, calibration)
     classifier = Classifier.load(target)
+    meta["metrics_backend"] = classifier.backend
     metrics = {}
     for split, name in (("val", "val"), ("test", "internal_test")):
         chosen = [s for s in samples if s.split == split]
@@ -72,7 +80,7 @@ def _ship(model, meta: dict, samples, models_dir: Path, docs_dir: Path) -> Path:
     return save_checkpoint(model, meta, target)
 
 
-def _ship_binary(model, meta: dict, samples, models_dir: Path, docs_dir: Path) -> Path:
+def _ship_binary(model, meta: dict, samples, models_dir: Path, docs_dir: Path, calibration=None) -> Path:
     """The 3-class network with a MergeOutputs head; its temperature refitted on validation."""
     binary_meta = {**meta, "task": "binary", "classes": ["NORMAL", "PNEUMONIA"], "temperature": 1.0,
                    "merge_outputs": BINARY_GROUPS, "output_classes": list(THREE),
@@ -90,7 +98,7 @@ def _ship_binary(model, meta: dict, samples, models_dir: Path, docs_dir: Path) -
     finally:
         probe_path.unlink(missing_ok=True)
         probe_path.with_suffix(".json").unlink(missing_ok=True)
-    return _ship(model, binary_meta, samples, models_dir, docs_dir)
+    return _ship(model, binary_meta, samples, models_dir, docs_dir, calibration)
 
 
 # ---------------------------------------------------------------- the card
@@ -126,6 +134,8 @@ def _task_section(meta: dict, reports: Path, docs_dir: Path) -> str:
         f"- Data: manifest hash `{meta['manifest_hash']}`, git commit `{meta.get('git_commit')}`; "
         f"temperature {meta['temperature']:.3f}."
         + (" Derived from the 3-class model by summing BACTERIA and VIRUS probabilities." if meta.get("merge_outputs") else ""),
+        f"- Figures below measured with the `{meta.get('metrics_backend', 'onnx')}` backend, the one `predict` "
+        "uses by default" + (" (int8 ONNX graph beside the checkpoint)." if meta.get("metrics_backend") == "int8" else "."),
         "",
         "| split | n | accuracy (95% CI) | balanced acc. | macro F1 | macro AUC | ECE before -> after | "
         + " | ".join(f"recall {c}" for c in meta["classes"]) + " |",

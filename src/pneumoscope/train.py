@@ -75,6 +75,7 @@ class TrainConfig:
     test_fraction: float = 0.15
     seed: int = 0
     max_images: int | None = None  # cap the pool (by patient) for quick runs
+    keep_epochs: bool = False  # also keep every epoch's weights (checkpoints/epoch-N.ckpt), for stability studies
     evaluate_test: bool = True
     resume: bool = False
     cache_dir: str | None = None
@@ -389,6 +390,10 @@ def _fit(config: TrainConfig, run_dir: Path, classes, started: float) -> Path:
     callbacks = [best, last, EpochTable(run_dir, len(train_set)), TQDMProgressBar(refresh_rate=10),
                  EarlyStopping("val_bacc", mode="max", patience=config.patience),
                  SameSplitOnAllRanks(manifest_hash(samples))]
+    if config.keep_epochs:  # full checkpoints: with weights only, Lightning skips the hook that stores the EMA
+        callbacks.append(EveryEpochCheckpoint(checkpoints, filename="epoch-{epoch}", monitor=None, save_top_k=-1,
+                                              every_n_epochs=1, auto_insert_metric_name=False,
+                                              enable_version_counter=False))
     if config.ema_decay > 0:
         # the step-based condition is the one Lightning checks every batch (the epoch-based one alone
         # would still update from step 0)
@@ -408,6 +413,15 @@ def _fit(config: TrainConfig, run_dir: Path, classes, started: float) -> Path:
     if not trainer.is_global_zero:
         return run_dir / "model.pt"
     return _finish(config, run_dir, classes, samples, best, model, val_set, started)
+
+
+class EveryEpochCheckpoint(ModelCheckpoint):
+    """Keeps every epoch. Its own state key: Lightning refuses two checkpoint callbacks whose
+    settings (monitor, frequency) look alike, as this one and "last" do."""
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(kept="every epoch", dirpath=str(self.dirpath))
 
 
 class _Loaders(L.LightningDataModule):

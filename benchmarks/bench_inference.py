@@ -2,7 +2,7 @@
 
 Per backend: single-image latency file -> probabilities (decode, squash, model, softmax) p50/p95,
 folder throughput (images/s through `predict_many`), and the achieved GFLOP/s given the model's
-GFLOPs per image (counted with torch.utils.flop_counter). Prints a markdown table; --out writes it.
+GFLOPs per image (for int8: the fp32-equivalent operations per second) (counted with torch.utils.flop_counter). Prints a markdown table; --out writes it.
 
     python benchmarks/bench_inference.py [--checkpoint PATH] [--images DIR] [--n 200] [--folder-n 512]
 """
@@ -20,6 +20,7 @@ import onnxruntime
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from pneumoscope.export import int8_path
 from pneumoscope.predict import Classifier, expand_inputs, shipped_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,14 +75,16 @@ def main() -> None:
     files = list(expand_inputs([args.images]))
     folder = list(itertools.islice(itertools.cycle(files), args.folder_n))
     rows, gflops = [], None
-    for backend in ("onnx", "torch"):
+    names = {"int8": f"ONNX Runtime {onnxruntime.__version__} int8", "onnx": f"ONNX Runtime {onnxruntime.__version__}",
+             "torch": f"PyTorch {torch.__version__} eager"}
+    backends = (["int8"] if int8_path(Path(args.checkpoint)).is_file() else []) + ["onnx", "torch"]
+    for backend in backends:
         classifier = Classifier.load(args.checkpoint, backend=backend)
         gflops = gflops or gflops_per_image(classifier)
         latency_ms(classifier, files, 5)  # warm-up: first calls allocate and pick kernels
         times = latency_ms(classifier, files, args.n)
         rate = throughput(classifier, folder, args.batch_size)
-        rows.append(f"| {'ONNX Runtime ' + onnxruntime.__version__ if backend == 'onnx' else 'PyTorch ' + torch.__version__} "
-                    f"| {np.percentile(times, 50):.1f} | {np.percentile(times, 95):.1f} | {rate:.1f} "
+        rows.append(f"| {names[backend]} | {np.percentile(times, 50):.1f} | {np.percentile(times, 95):.1f} | {rate:.1f} "
                     f"| {gflops * rate:.1f} |")
     lines = [f"model `{classifier.name}` ({classifier.meta['arch']}, {classifier.img_size} px, "
              f"{gflops:.2f} GFLOPs/image); {cpu_name()}, {len(os.sched_getaffinity(0))} cores, "

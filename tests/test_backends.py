@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pneumoscope.cli import main
-from pneumoscope.predict import Classifier
+from pneumoscope.predict import MODELS_DIR as MODELS, Classifier
 
 
 @pytest.fixture()
@@ -64,26 +64,39 @@ def test_predict_backend_flag(checkpoint, fixture_data, capsys):
     assert outputs[0] == outputs[1]  # 4-decimal probabilities agree
 
 
-def test_int8_export_is_found_by_auto_and_agrees_with_fp32(checkpoint, fixture_data, capsys):
-    from pneumoscope.images import resize_square, read_xray
+def test_int8_export_is_an_integer_graph_used_only_on_request(checkpoint, fixture_data, capsys):
+    import onnx
 
     assert main(["export", "--checkpoint", str(checkpoint), "--int8"]) == 1  # no calibration data: refused
     assert "--calibration" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(checkpoint), "--int8", "--calibration", str(fixture_data),
                  "--calibration-n", "32"]) == 0
     int8 = checkpoint.with_suffix(".int8.onnx")
-    assert int8.is_file() and int8.stat().st_size < checkpoint.stat().st_size
-    fast, exact = Classifier.load(checkpoint), Classifier.load(checkpoint, backend="onnx")
-    assert (fast.backend, exact.backend) == ("int8", "onnx")
-    assert fast.name.endswith("-int8@" + exact.meta["version"]) and fast.meta["quantization"]["calibration_images"] == 32
-    pixels = np.stack([resize_square(read_xray(p), fast.img_size) for p in sorted((fixture_data / "val").rglob("*.jpeg"))])
+    assert int8.is_file() and int8.stat().st_size < checkpoint.stat().st_size / 2
+    graph = onnx.load(str(int8)).graph
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 10
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)  # int8 weights
+    assert Classifier.load(checkpoint).backend == "onnx"  # auto keeps full precision
+    fast = Classifier.load(checkpoint, backend="int8")
+    assert fast.backend == "int8" and fast.name.endswith("-int8@" + fast.meta["version"])
+    assert fast.meta["quantization"]["calibration_images"] == 32
+    record = fast.predict(next((fixture_data / "val" / "NORMAL").iterdir()))
+    assert record.status == "ok" and abs(sum(record.probabilities.values()) - 1) < 1e-4 and record.model == fast.name
+
+
+@pytest.mark.skipif(not (MODELS / "pneumoscope-three.int8.onnx").is_file(), reason="no shipped int8 graph")
+def test_shipped_int8_agrees_with_full_precision_on_real_images(fixture_data):
+    from pneumoscope.images import resize_square, read_xray
+
+    fast, exact = Classifier.load(backend="int8"), Classifier.load(backend="onnx")
+    paths = sorted(fixture_data.rglob("*.jpeg"))
+    pixels = np.stack([resize_square(read_xray(p), exact.img_size) for p in paths])
     p_fast, p_exact = fast.probabilities(pixels), exact.probabilities(pixels)
-    assert not np.allclose(p_fast, p_exact, atol=1e-6)  # really another graph
-    assert np.abs(p_fast - p_exact).max() < 0.1
     assert (p_fast.argmax(1) == p_exact.argmax(1)).mean() >= 0.9
+    assert np.abs(p_fast - p_exact).mean() < 0.05
 
 
-def test_int8_of_another_checkpoint_is_not_used(checkpoint, fixture_data, caplog):
+def test_int8_of_another_checkpoint_is_refused(checkpoint, fixture_data):
     assert main(["export", "--checkpoint", str(checkpoint), "--int8", "--calibration", str(fixture_data),
                  "--calibration-n", "16"]) == 0
     import torch
@@ -91,7 +104,5 @@ def test_int8_of_another_checkpoint_is_not_used(checkpoint, fixture_data, caplog
     changed = torch.load(checkpoint, weights_only=True)  # a retrained model in place of the old one
     next(iter(changed["state_dict"].values())).add_(0.01)
     torch.save(changed, checkpoint)
-    assert Classifier.load(checkpoint).backend == "onnx"
-    assert "made from another version" in caplog.text
     with pytest.raises(ValueError, match="another version"):
         Classifier.load(checkpoint, backend="int8")

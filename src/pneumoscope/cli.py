@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--binary-from-three", action="store_true",
                    help="also ship the 3-class model read as NORMAL vs PNEUMONIA")
     p.add_argument("--int8", type=int, default=0, metavar="N",
-                   help="also write int8 ONNX graphs calibrated on N train images; the card is measured on them")
+                   help="also write int8 ONNX graphs calibrated on N train images, and measure them for the card")
     p.set_defaults(handler=cmd_ship)
 
     p = sub.add_parser("card", help="regenerate docs/model-card.md from models/ and docs/model-card/")
@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write records to FILE as they are produced (csv or json), with a progress bar")
     p.add_argument("--resume", action="store_true", help="with --output: skip the inputs already in FILE")
     p.add_argument("--backend", choices=("auto", "int8", "onnx", "torch"), default="auto",
-                   help="auto: the int8 ONNX model beside the checkpoint if there is one, else ONNX Runtime "
-                        "when it works, else PyTorch")
+                   help="auto: ONNX Runtime when it works, else PyTorch; int8: the quantized graph made by "
+                        "`export --int8` (faster, slightly less accurate)")
     p.add_argument("--cam", metavar="DIR", default=None, help="write a Grad-CAM overlay <stem>_cam.png per image")
     p.set_defaults(handler=cmd_predict)
 

@@ -92,10 +92,11 @@ class Classifier:
         """Loads `checkpoint`, or the shipped model for `task` when none is given.
 
         backend "torch": PyTorch eager. "onnx": ONNX Runtime, using `<checkpoint>.onnx` if it is not
-        older than the checkpoint, else exporting into the cache first. "int8": ONNX Runtime on
-        `<checkpoint>.int8.onnx` (made by `pneumoscope export --int8` from this very checkpoint).
-        "auto": the int8 graph when there is one, else like "onnx", falling back to PyTorch (with a
-        logged warning) when onnxruntime or the export fails.
+        older than the checkpoint, else exporting into the cache first. "auto": like "onnx", but
+        falls back to PyTorch (with a logged warning) when onnxruntime or the export fails.
+        "int8": ONNX Runtime on `<checkpoint>.int8.onnx`, made by `pneumoscope export --int8` from
+        this very checkpoint: about twice as fast, slightly less accurate (docs/benchmarks.md), so
+        only on request.
         """
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -103,17 +104,11 @@ class Classifier:
         if not path.is_file():
             hint = "" if checkpoint else " (no shipped model for this task yet: train one with `pneumoscope train`)"
             raise FileNotFoundError(f"{path}: no such checkpoint{hint}")
-        if backend in ("auto", "int8"):
-            try:
-                from .export import int8_for_checkpoint, open_session
+        if backend == "int8":
+            from .export import int8_for_checkpoint, open_session
 
-                session, meta = open_session(int8_for_checkpoint(path))
-                return cls(None, meta, path, session)
-            except Exception as err:
-                if backend == "int8":
-                    raise
-                if not isinstance(err, FileNotFoundError):
-                    log.warning("int8 model not used (%s: %s)", type(err).__name__, err)
+            session, meta = open_session(int8_for_checkpoint(path))
+            return cls(None, meta, path, session)
         if backend in ("auto", "onnx"):
             try:
                 from .export import onnx_for_checkpoint, open_session

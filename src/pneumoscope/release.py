@@ -44,8 +44,8 @@ def ship_run(run_dir: str | Path, models_dir: str | Path = "models", docs_dir: s
              binary_from_three: bool = False, int8_calibration: int = 0) -> list[Path]:
     """Copies the run's model.pt into models/pneumoscope-<task>.pt and evaluates it for the card.
     With binary_from_three, also ships the 3-class model read as NORMAL vs PNEUMONIA. With
-    int8_calibration > 0, also writes each model's int8 ONNX graph, calibrated on that many images
-    of the run's train split, and the card's figures are measured on it (what predict runs)."""
+    int8_calibration > 0, also writes each model's int8 ONNX graph (`--backend int8`), calibrated on
+    that many images of the run's train split, and measures it on val and internal test too."""
     run_dir, models_dir, docs_dir = Path(run_dir), Path(models_dir), Path(docs_dir)
     model, meta = load_checkpoint(run_dir / "model.pt")
     samples = read_manifest(run_dir / "manifest.csv")
@@ -63,21 +63,29 @@ def _ship(model, meta: dict, samples, models_dir: Path, docs_dir: Path, calibrat
     target = models_dir / f"pneumoscope-{meta['task']}.pt"
     save_checkpoint(model, meta, target)
     int8_path(target).unlink(missing_ok=True)  # made from the model this replaces
-    if calibration is not None:
-        export_int8(target, calibration)
     classifier = Classifier.load(target)
     meta["metrics_backend"] = classifier.backend
+    meta["metrics"] = _measure(classifier, samples, docs_dir / "model-card" / meta["task"], plots=True)
+    meta.pop("metrics_int8", None)
+    if calibration is not None:
+        export_int8(target, calibration)
+        int8 = Classifier.load(target, backend="int8")
+        meta["metrics_int8"] = _measure(int8, samples, docs_dir / "model-card" / meta["task"] / "int8", plots=False)
+    return save_checkpoint(model, meta, target)
+
+
+def _measure(classifier, samples, out_dir: Path, plots: bool) -> dict:
+    """Headline metrics on the val and internal test splits; reports in out_dir/{val,test}."""
     metrics = {}
     for split, name in (("val", "val"), ("test", "internal_test")):
         chosen = [s for s in samples if s.split == split]
         if chosen:
-            report = evaluate_samples(None, chosen, docs_dir / "model-card" / meta["task"] / split,
-                                      classifier=classifier, plots=split == "test")  # the card shows test
+            report = evaluate_samples(None, chosen, out_dir / split, classifier=classifier,
+                                      plots=plots and split == "test")  # the card shows test
             metrics[name] = {k: report[k] for k in ("n", "accuracy", "accuracy_ci95", "balanced_accuracy",
                                                     "macro_f1", "macro_auc", "ece", "ece_uncalibrated")}
             metrics[name]["recall"] = {c: v["recall"] for c, v in report["per_class"].items()}
-    meta["metrics"] = metrics
-    return save_checkpoint(model, meta, target)
+    return metrics
 
 
 def _ship_binary(model, meta: dict, samples, models_dir: Path, docs_dir: Path, calibration=None) -> Path:
@@ -135,13 +143,15 @@ def _task_section(meta: dict, reports: Path, docs_dir: Path) -> str:
         f"temperature {meta['temperature']:.3f}."
         + (" Derived from the 3-class model by summing BACTERIA and VIRUS probabilities." if meta.get("merge_outputs") else ""),
         f"- Figures below measured with the `{meta.get('metrics_backend', 'onnx')}` backend, the one `predict` "
-        "uses by default" + (" (int8 ONNX graph beside the checkpoint)." if meta.get("metrics_backend") == "int8" else "."),
+        "uses by default" + ("; rows marked int8: the quantized graph (`--backend int8`, about twice as fast)."
+                             if meta.get("metrics_int8") else "."),
         "",
         "| split | n | accuracy (95% CI) | balanced acc. | macro F1 | macro AUC | ECE before -> after | "
         + " | ".join(f"recall {c}" for c in meta["classes"]) + " |",
         "|---|---|---|---|---|---|---|" + "---|" * len(meta["classes"]),
     ]
-    for name, m in meta.get("metrics", {}).items():
+    rows = list(meta.get("metrics", {}).items()) + [(f"{k} (int8)", m) for k, m in meta.get("metrics_int8", {}).items()]
+    for name, m in rows:
         lo, hi = m["accuracy_ci95"]
         lines.append(f"| {name} | {m['n']} | {m['accuracy']:.3f} ({lo:.3f}-{hi:.3f}) | {m['balanced_accuracy']:.3f} | "
                      f"{m['macro_f1']:.3f} | {m['macro_auc']:.3f} | {m['ece_uncalibrated']:.3f} -> {m['ece']:.3f} | "

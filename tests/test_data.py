@@ -99,6 +99,19 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 
 
+def test_atomic_write_gives_the_mode_open_would(tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "report.json", "w") as handle:
+            handle.write("{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "report.json").stat().st_mode) == 0o644  # not mkstemp's 0600
+
+
 def test_pixels_cached_once_and_bad_files_dropped(tmp_path, fixture_data):
     samples = [s for s in discover(fixture_data)[0]][:6]
     bad = tmp_path / "NORMAL" / "IM-9999-0001.jpeg"

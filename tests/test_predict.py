@@ -65,3 +65,21 @@ def test_batch_order_is_kept_with_errors_in_between(classifier, fixture_data):
     records = list(classifier.predict_many(mixed, batch_size=2))
     assert [r.status for r in records] == ["ok", "error", "ok", "error", "ok"]
     assert records[0].path == str(paths[0]) and records[4].path == str(paths[2])
+
+
+def test_batches_side_by_side_give_the_one_at_a_time_answers(classifier, fixture_data):
+    """predict_many runs ONNX batches on parallel one-thread sessions: same records, same order,
+    a bad file in the middle included, as classifying each input alone."""
+    assert classifier.backend == "onnx"
+    classifier.workers = 2  # as on this 2-core machine, whatever the CI machine has
+    paths = sorted(fixture_data.rglob("*.jpeg"))[:30]
+    inputs = paths[:13] + [b"not an image"] + paths[13:]
+    together = list(classifier.predict_many(inputs, batch_size=4))  # 8 batches, several in flight
+    alone = [classifier.predict(source) for source in inputs]
+    assert classifier._batch_session is not None  # the parallel path really ran
+    assert [r.path for r in together] == [r.path for r in alone]
+    assert [r.status for r in together] == [r.status for r in alone] and together[13].status == "error"
+    for a, b in zip(together, alone):
+        assert a.label == b.label
+        for c in a.probabilities:
+            assert abs(a.probabilities[c] - b.probabilities[c]) < 1e-5

@@ -149,6 +149,12 @@ def manifest_hash(samples: list[Sample]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class atomic_write:
     """Context manager: write to a temporary file beside `path`, then rename over it on success,
     so a crash never leaves a half-written file under the final name."""
@@ -163,8 +169,12 @@ class atomic_write:
         return self.handle
 
     def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())  # on disk before the rename makes it visible
         self.handle.close()
         if exc_type is None:
+            os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
             os.replace(self.tmp, self.path)
         else:
             os.unlink(self.tmp)

@@ -69,14 +69,15 @@ def onnx_for_checkpoint(checkpoint: Path) -> Path:
     return cached
 
 
-def open_session(path: Path):
-    """An ONNX Runtime CPU session and the meta embedded in the file."""
+def open_session(path: Path, threads: int | None = None):
+    """An ONNX Runtime CPU session and the meta embedded in the file. `threads` defaults to
+    PyTorch's budget (all cores, or OMP_NUM_THREADS); with 1, `run` works in the calling thread
+    only, so several callers can run batches side by side."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    # The same thread budget as PyTorch (all cores, or OMP_NUM_THREADS); no spinning, because
-    # idle threads busy-waiting would steal the cores the decoder and other processes need.
-    options.intra_op_num_threads = torch.get_num_threads()
+    # No spinning: idle threads busy-waiting would steal the cores the decoder and other processes need.
+    options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -138,7 +138,9 @@ def _task_section(meta: dict, reports: Path, docs_dir: Path) -> str:
         f"{training.get('env', {}).get('cpu_count', '?')} CPU cores (peak memory "
         f"{training.get('peak_memory_mb', '?')} MB); lr {config.get('lr')}, batch {config.get('batch_size')}, "
         f"label smoothing {config.get('label_smoothing')}, augmentation strength {config.get('aug')}, EMA decay "
-        f"{config.get('ema_decay')}, first {config.get('freeze_blocks')} blocks frozen, seed {meta.get('seed')}.",
+        f"{config.get('ema_decay')} from epoch {config.get('ema_start_epoch', 0)}, first {config.get('freeze_blocks')} "
+        f"blocks frozen, at most {config.get('epochs')} epochs (early stopping patience {config.get('patience')}), "
+        f"seed {meta.get('seed')}.",
         f"- Data: manifest hash `{meta['manifest_hash']}`, git commit `{meta.get('git_commit')}`; "
         f"temperature {meta['temperature']:.3f}."
         + (" Derived from the 3-class model by summing BACTERIA and VIRUS probabilities." if meta.get("merge_outputs") else ""),

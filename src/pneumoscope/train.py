@@ -223,6 +223,10 @@ def write_status(run_dir: Path, status: str, **extra) -> None:
 
 
 def git_commit() -> str | None:
+    """The source's commit; $PNEUMOSCOPE_GIT_COMMIT names it where there is no .git (an exported
+    snapshot of the tree, a container image)."""
+    if os.environ.get("PNEUMOSCOPE_GIT_COMMIT"):
+        return os.environ["PNEUMOSCOPE_GIT_COMMIT"]
     try:
         here = Path(__file__).resolve().parent
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,

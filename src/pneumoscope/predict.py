@@ -102,7 +102,7 @@ class Classifier:
         older than the checkpoint, else exporting into the cache first. "auto": like "onnx", but
         falls back to PyTorch (with a logged warning) when onnxruntime or the export fails.
         "int8": ONNX Runtime on `<checkpoint>.int8.onnx`, made by `pneumoscope export --int8` from
-        this very checkpoint: about twice as fast, slightly less accurate (docs/benchmarks.md), so
+        this very checkpoint: about 1.8x faster on a folder, slightly less accurate (docs/benchmarks.md), so
         only on request.
         """
         if backend not in BACKENDS:

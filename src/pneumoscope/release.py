@@ -21,7 +21,9 @@ from .labels import THREE, task_label
 from .models import load_checkpoint, save_checkpoint
 from .predict import Classifier
 
-BINARY_GROUPS = [[0], [1, 2]]  # NORMAL | BACTERIA + VIRUS, indices into labels.THREE
+BINARY_GROUPS = [[0], [1, 2]]
+INT8_NOTE = ("; rows marked int8: the quantized graph (`--backend int8`, about 1.8x the folder throughput, "
+             "see benchmarks.md).")  # NORMAL | BACTERIA + VIRUS, indices into labels.THREE
 
 
 def training_summary(run_dir: Path) -> dict:
@@ -145,8 +147,7 @@ def _task_section(meta: dict, reports: Path, docs_dir: Path) -> str:
         f"temperature {meta['temperature']:.3f}."
         + (" Derived from the 3-class model by summing BACTERIA and VIRUS probabilities." if meta.get("merge_outputs") else ""),
         f"- Figures below measured with the `{meta.get('metrics_backend', 'onnx')}` backend, the one `predict` "
-        "uses by default" + ("; rows marked int8: the quantized graph (`--backend int8`, about twice as fast)."
-                             if meta.get("metrics_int8") else "."),
+        "uses by default" + (INT8_NOTE if meta.get("metrics_int8") else "."),
         "",
         "| split | n | accuracy (95% CI) | balanced acc. | macro F1 | macro AUC | ECE before -> after | "
         + " | ".join(f"recall {c}" for c in meta["classes"]) + " |",

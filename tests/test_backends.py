@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pneumoscope.cli import main
-from pneumoscope.predict import MODELS_DIR as MODELS, Classifier
+from pneumoscope.predict import Classifier
 
 
 @pytest.fixture()
@@ -84,11 +84,11 @@ def test_int8_export_is_an_integer_graph_used_only_on_request(checkpoint, fixtur
     assert record.status == "ok" and abs(sum(record.probabilities.values()) - 1) < 1e-4 and record.model == fast.name
 
 
-@pytest.mark.skipif(not (MODELS / "pneumoscope-three.int8.onnx").is_file(), reason="no shipped int8 graph")
-def test_shipped_int8_agrees_with_full_precision_on_real_images(fixture_data):
+@pytest.mark.parametrize("task", ["three", "binary"])
+def test_shipped_int8_agrees_with_full_precision_on_real_images(fixture_data, task):
     from pneumoscope.images import resize_square, read_xray
 
-    fast, exact = Classifier.load(backend="int8"), Classifier.load(backend="onnx")
+    fast, exact = Classifier.load(task=task, backend="int8"), Classifier.load(task=task, backend="onnx")
     paths = sorted(fixture_data.rglob("*.jpeg"))
     pixels = np.stack([resize_square(read_xray(p), exact.img_size) for p in paths])
     p_fast, p_exact = fast.probabilities(pixels), exact.probabilities(pixels)

@@ -26,6 +26,8 @@ from pneumoscope.data import load_pixels, read_manifest
 from pneumoscope.export import export_onnx, open_session
 from pneumoscope.labels import classes_for, task_label
 from pneumoscope.models import create_model
+from pneumoscope.predict import to_batch
+from pneumoscope.train import network_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- stability:begin -->", "<!-- stability:end -->"
@@ -40,11 +42,8 @@ def split_data(run_dir: Path, split: str, size: int, task: str):
 
 def model_state(path: Path) -> dict:
     """The model's weights from a pneumoscope checkpoint or a Lightning one (its EMA average)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    state = payload["state_dict"]
-    if any(k.startswith("model.") for k in state):
-        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    return state
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return network_weights(state) if any(k.startswith("model.") for k in state) else state
 
 
 def probabilities(state: dict, meta: dict, pixels: np.ndarray, tta: bool = False) -> np.ndarray:
@@ -52,7 +51,7 @@ def probabilities(state: dict, meta: dict, pixels: np.ndarray, tta: bool = False
     model.load_state_dict(state)
     with tempfile.TemporaryDirectory() as tmp:
         session, _ = open_session(export_onnx(model, meta, Path(tmp) / "m.onnx"))
-        views = tta_views(pixels) if tta else [pixels.astype(np.float32)[:, None] / 255]
+        views = tta_views(pixels) if tta else [to_batch(pixels)]
         out = []
         for view in views:
             logits = np.concatenate([session.run(["logits"], {"pixels": view[i:i + 64]})[0]
@@ -63,7 +62,7 @@ def probabilities(state: dict, meta: dict, pixels: np.ndarray, tta: bool = False
 
 def tta_views(pixels: np.ndarray) -> list[np.ndarray]:
     """The image, a 92% centre zoom, and gamma 0.8 and 1.25: changes a new site's films bring."""
-    x = torch.from_numpy(pixels.astype(np.float32)[:, None] / 255)
+    x = torch.from_numpy(to_batch(pixels))
     size, crop = x.shape[-1], int(round(x.shape[-1] * 0.92))
     start = (size - crop) // 2
     zoom = F.interpolate(x[..., start:start + crop, start:start + crop], size=(size, size), mode="bilinear",

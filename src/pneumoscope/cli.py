@@ -310,7 +310,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import calibration_pixels, export_checkpoint, export_int8
+    from .export import export_checkpoint, export_int8
     from .predict import shipped_checkpoint
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_checkpoint(args.task)
@@ -320,11 +320,8 @@ def cmd_export(args) -> int:
         if not args.calibration:
             raise ValueError("--int8 needs --calibration DATA (real X-rays to calibrate the int8 ranges)")
         from .data import load_samples
-        from .models import load_checkpoint
 
-        size = int(load_checkpoint(checkpoint)[1]["img_size"])
-        pixels = calibration_pixels(load_samples(args.calibration), size, args.calibration_n)
-        out = export_int8(checkpoint, pixels, args.out, args.opset)
+        out = export_int8(checkpoint, load_samples(args.calibration), args.calibration_n, args.out, args.opset)
     else:
         out = export_checkpoint(checkpoint, args.out, args.opset)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {args.opset}, dynamic batch)")

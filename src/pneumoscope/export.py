@@ -87,6 +87,14 @@ def open_session(path: Path, threads: int | None = None):
     return session, json.loads(meta)
 
 
+def read_onnx_meta(path: str | os.PathLike) -> dict:
+    """The pneumoscope meta embedded in an ONNX file ({} when there is none)."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return json.loads(props.get(META_KEY, "{}"))
+
+
 # ---------------------------------------------------------------- int8 (static, QDQ)
 def int8_path(checkpoint: Path) -> Path:
     """Where `Classifier` looks for a checkpoint's int8 graph: `model.pt` -> `model.int8.onnx`."""
@@ -97,10 +105,9 @@ class _PixelBatches:
     """onnxruntime.quantization's CalibrationDataReader over N x S x S uint8 pixels."""
 
     def __init__(self, pixels, batch_size: int = 16):
-        import numpy as np
+        from .predict import to_batch
 
-        batches = [pixels[i:i + batch_size] for i in range(0, len(pixels), batch_size)]
-        self.feeds = iter([{"pixels": np.ascontiguousarray(b, dtype=np.float32)[:, None] / 255} for b in batches])
+        self.feeds = iter([{"pixels": to_batch(pixels[i:i + batch_size])} for i in range(0, len(pixels), batch_size)])
 
     def get_next(self):
         return next(self.feeds, None)
@@ -118,7 +125,7 @@ def calibration_pixels(samples, size: int, n: int = 256, seed: int = 0):
     return np.stack([resize_square(read_xray(pool[i].path), size) for i in sorted(chosen)])
 
 
-def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, calibration_pixels,
+def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, pixels,
                   source_sha256: str | None = None) -> Path:
     """Static int8 quantisation (ONNX Runtime, QDQ, per-channel weights, uint8 activations) of a
     pneumoscope ONNX file, calibrated on real X-rays (N x S x S uint8, e.g. a few hundred training
@@ -130,16 +137,16 @@ def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, calibrat
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    meta = json.loads({p.key: p.value for p in onnx.load(str(fp32_onnx)).metadata_props}[META_KEY])
+    meta = read_onnx_meta(fp32_onnx)
     with tempfile.TemporaryDirectory() as tmp:
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_onnx), str(prepared))  # folds BN, infers shapes: what quantize expects
-        quantize_static(str(prepared), str(quantized), _PixelBatches(calibration_pixels),
+        quantize_static(str(prepared), str(quantized), _PixelBatches(pixels),
                         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
         proto = onnx.load(str(quantized))
     meta["quantization"] = {"type": "int8 static QDQ, per-channel weights, MinMax calibration",
-                            "calibration_images": int(len(calibration_pixels)), "source_sha256": source_sha256}
+                            "calibration_images": int(len(pixels)), "source_sha256": source_sha256}
     meta["name"] = f"{meta.get('name', meta['arch'])}-int8"
     del proto.metadata_props[:]
     proto.metadata_props.add(key=META_KEY, value=json.dumps(meta))
@@ -148,16 +155,18 @@ def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, calibrat
     return Path(out)
 
 
-def export_int8(checkpoint: str | os.PathLike, calibration_pixels, out: str | os.PathLike | None = None,
-                opset: int = OPSET) -> Path:
-    """Checkpoint -> int8 ONNX (by default beside it, where `Classifier` with backend "auto" or
-    "int8" looks for it)."""
+def export_int8(checkpoint: str | os.PathLike, calibration_samples, n_calibration: int = 256,
+                out: str | os.PathLike | None = None, opset: int = OPSET) -> Path:
+    """Checkpoint -> int8 ONNX, calibrated on `n_calibration` of the samples (see calibration_pixels);
+    by default beside the checkpoint, where `Classifier` with backend "int8" looks for it."""
     import tempfile
 
     checkpoint = Path(checkpoint)
+    model, meta = load_checkpoint(checkpoint)
+    pixels = calibration_pixels(calibration_samples, int(meta["img_size"]), n_calibration)
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = export_checkpoint(checkpoint, Path(tmp) / "fp32.onnx", opset)
-        return quantize_int8(fp32, out or int8_path(checkpoint), calibration_pixels, model_fingerprint(checkpoint))
+        fp32 = export_onnx(model, meta, Path(tmp) / "fp32.onnx", opset)
+        return quantize_int8(fp32, out or int8_path(checkpoint), pixels, model_fingerprint(checkpoint))
 
 
 def model_fingerprint(checkpoint: Path) -> str:
@@ -180,10 +189,7 @@ def int8_for_checkpoint(checkpoint: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no int8 model; make one with `pneumoscope export --int8 "
                                 f"--checkpoint {checkpoint} --calibration DATA`")
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    made_from = json.loads(props.get(META_KEY, "{}")).get("quantization", {}).get("source_sha256")
+    made_from = read_onnx_meta(path).get("quantization", {}).get("source_sha256")
     if made_from != model_fingerprint(checkpoint):
         raise ValueError(f"{path} was made from another version of {checkpoint.name}; export it again")
     return path

@@ -111,21 +111,15 @@ class Classifier:
         if not path.is_file():
             hint = "" if checkpoint else " (no shipped model for this task yet: train one with `pneumoscope train`)"
             raise FileNotFoundError(f"{path}: no such checkpoint{hint}")
-        if backend == "int8":
-            from .export import int8_for_checkpoint, open_session
-
-            onnx_path = int8_for_checkpoint(path)
-            session, meta = open_session(onnx_path)
-            return cls(None, meta, path, session, onnx_path)
-        if backend in ("auto", "onnx"):
+        if backend != "torch":
             try:
-                from .export import onnx_for_checkpoint, open_session
+                from .export import int8_for_checkpoint, onnx_for_checkpoint, open_session
 
-                onnx_path = onnx_for_checkpoint(path)
+                onnx_path = int8_for_checkpoint(path) if backend == "int8" else onnx_for_checkpoint(path)
                 session, meta = open_session(onnx_path)
                 return cls(None, meta, path, session, onnx_path)
             except Exception as err:
-                if backend == "onnx":
+                if backend != "auto":
                     raise
                 log.warning("ONNX Runtime backend unavailable (%s: %s); using PyTorch", type(err).__name__, err)
         model, meta = load_checkpoint(path)

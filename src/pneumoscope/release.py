@@ -16,14 +16,14 @@ import torch
 
 from .data import atomic_write, read_manifest
 from .evaluate import evaluate_samples, fit_temperature
-from .export import calibration_pixels, export_int8, int8_path
+from .export import export_int8, int8_path
 from .labels import THREE, task_label
 from .models import load_checkpoint, save_checkpoint
 from .predict import Classifier
 
-BINARY_GROUPS = [[0], [1, 2]]
+BINARY_GROUPS = [[0], [1, 2]]  # NORMAL | BACTERIA + VIRUS, indices into labels.THREE
 INT8_NOTE = ("; rows marked int8: the quantized graph (`--backend int8`, about 1.8x the folder throughput, "
-             "see benchmarks.md).")  # NORMAL | BACTERIA + VIRUS, indices into labels.THREE
+             "see benchmarks.md).")
 
 
 def training_summary(run_dir: Path) -> dict:
@@ -52,16 +52,15 @@ def ship_run(run_dir: str | Path, models_dir: str | Path = "models", docs_dir: s
     model, meta = load_checkpoint(run_dir / "model.pt")
     samples = read_manifest(run_dir / "manifest.csv")
     meta["training"] = training_summary(run_dir)
-    calibration = calibration_pixels(samples, meta["img_size"], int8_calibration) if int8_calibration else None
-    shipped = [_ship(model, meta, samples, models_dir, docs_dir, calibration)]
+    shipped = [_ship(model, meta, samples, models_dir, docs_dir, int8_calibration)]
     if binary_from_three:
         if meta["task"] != "three":
             raise ValueError("binary_from_three needs a 3-class run")
-        shipped.append(_ship_binary(model, meta, samples, models_dir, docs_dir, calibration))
+        shipped.append(_ship_binary(model, meta, samples, models_dir, docs_dir, int8_calibration))
     return shipped
 
 
-def _ship(model, meta: dict, samples, models_dir: Path, docs_dir: Path, calibration=None) -> Path:
+def _ship(model, meta: dict, samples, models_dir: Path, docs_dir: Path, int8_calibration: int = 0) -> Path:
     target = models_dir / f"pneumoscope-{meta['task']}.pt"
     save_checkpoint(model, meta, target)
     int8_path(target).unlink(missing_ok=True)  # made from the model this replaces
@@ -69,8 +68,8 @@ def _ship(model, meta: dict, samples, models_dir: Path, docs_dir: Path, calibrat
     meta["metrics_backend"] = classifier.backend
     meta["metrics"] = _measure(classifier, samples, docs_dir / "model-card" / meta["task"], plots=True)
     meta.pop("metrics_int8", None)
-    if calibration is not None:
-        export_int8(target, calibration)
+    if int8_calibration:
+        export_int8(target, samples, int8_calibration)
         int8 = Classifier.load(target, backend="int8")
         meta["metrics_int8"] = _measure(int8, samples, docs_dir / "model-card" / meta["task"] / "int8", plots=False)
     return save_checkpoint(model, meta, target)
@@ -90,7 +89,7 @@ def _measure(classifier, samples, out_dir: Path, plots: bool) -> dict:
     return metrics
 
 
-def _ship_binary(model, meta: dict, samples, models_dir: Path, docs_dir: Path, calibration=None) -> Path:
+def _ship_binary(model, meta: dict, samples, models_dir: Path, docs_dir: Path, int8_calibration: int = 0) -> Path:
     """The 3-class network with a MergeOutputs head; its temperature refitted on validation."""
     binary_meta = {**meta, "task": "binary", "classes": ["NORMAL", "PNEUMONIA"], "temperature": 1.0,
                    "merge_outputs": BINARY_GROUPS, "output_classes": list(THREE),
@@ -108,7 +107,7 @@ def _ship_binary(model, meta: dict, samples, models_dir: Path, docs_dir: Path, c
     finally:
         probe_path.unlink(missing_ok=True)
         probe_path.with_suffix(".json").unlink(missing_ok=True)
-    return _ship(model, binary_meta, samples, models_dir, docs_dir, calibration)
+    return _ship(model, binary_meta, samples, models_dir, docs_dir, int8_calibration)
 
 
 # ---------------------------------------------------------------- the card

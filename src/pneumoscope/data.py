@@ -242,12 +242,33 @@ class RandomGamma(torch.nn.Module):
         return v2.functional.adjust_gamma(image, gamma)
 
 
-def train_transform(size: int, strength: float = 1.0) -> v2.Compose:
-    """Augmentation for radiographs: crop, small rotations and shifts, exposure, contrast, gamma,
-    blur and noise. No horizontal flip: the heart is on the left in every chest film."""
+AUG_POLICIES = ("standard", "strong")
+
+
+def train_transform(size: int, strength: float = 1.0, policy: str = "standard") -> v2.Compose:
+    """Augmentation for radiographs. `standard`: crop, small rotations and shifts, exposure,
+    contrast, gamma, blur and noise. `strong` adds what changes between hospitals' machines and
+    post-processing: wider crops, shear, histogram equalisation, JPEG re-compression, sharpening
+    and stronger exposure changes. No horizontal flip: the heart is on the left in every chest film."""
     if strength <= 0:
         return eval_transform()
+    if policy not in AUG_POLICIES:
+        raise ValueError(f"unknown augmentation policy {policy!r}; choose from {', '.join(AUG_POLICIES)}")
     s = strength
+    if policy == "strong":
+        return v2.Compose([
+            v2.RandomResizedCrop(size, scale=(1 - 0.4 * s, 1.0), ratio=(1 - 0.15 * s, 1 + 0.15 * s), antialias=True),
+            v2.RandomAffine(degrees=15 * s, translate=(0.06 * s, 0.06 * s), shear=(-8 * s, 8 * s, -8 * s, 8 * s)),
+            v2.RandomApply([v2.ColorJitter(brightness=0.4 * s, contrast=0.4 * s)], p=0.8),
+            v2.RandomApply([RandomGamma(1 + 0.6 * s)], p=0.5),
+            v2.RandomAutocontrast(p=0.3 * s),
+            v2.RandomEqualize(p=0.3 * s),
+            v2.RandomApply([v2.JPEG((40, 95))], p=0.3 * s),
+            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.3 * s),
+            v2.RandomAdjustSharpness(2.0, p=0.2 * s),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.RandomApply([v2.GaussianNoise(sigma=0.03 * s, clip=True)], p=0.3 * s),
+        ])
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=(1 - 0.25 * s, 1.0), ratio=(1 - 0.1 * s, 1 + 0.1 * s), antialias=True),
         v2.RandomAffine(degrees=10 * s, translate=(0.05 * s, 0.05 * s)),

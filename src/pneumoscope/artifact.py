@@ -1,0 +1,346 @@
+"""The model bundle: what a trained or shipped model is, as one directory, and where shipped ones live.
+
+    <bundle>/weights.pt        the state dict only (torch.save of {name: tensor}; loaded weights_only=True)
+    <bundle>/meta.json         a typed, versioned ModelMeta: the network and how to read its outputs
+    <bundle>/model.onnx        fp32 graph: "pixels" (N x 1 x S x S in [0, 1]) -> "logits" (N x C) and
+                               "features" (N x F, the pooled penultimate features)
+    <bundle>/model.int8.onnx   optional int8 graph with the same inputs and outputs
+    <bundle>/metrics.json      optional report (`ship`, evaluation); never read to make predictions
+
+Staleness has one rule, the fingerprint: sha256 of the weights file plus the meta fields that shape
+predictions (`SHAPING`). Each ONNX graph records the fingerprint it was made from (metadata_props
+"pneumoscope_fingerprint"); a graph with another one is stale: the fp32 graph is then exported
+again (into the cache, keyed by fingerprint), an int8 graph is refused with a one-line error.
+
+A legacy `model.pt` (one file holding {"state_dict", "meta"}, what training wrote before bundles)
+still loads, read-only; `convert_legacy` turns one into a bundle. Importing this module imports
+neither torch nor onnx: only `Bundle.load_model`, saving and exporting do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from .files import atomic_write, default_cache_dir
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+TASKS = ("three", "binary")
+WEIGHTS, META, ONNX_FP32, ONNX_INT8, METRICS = "weights.pt", "meta.json", "model.onnx", "model.int8.onnx", "metrics.json"
+GRAPH_KINDS = {"fp32": ONNX_FP32, "int8": ONNX_INT8}
+FINGERPRINT_KEY = "pneumoscope_fingerprint"  # ONNX metadata_props: the fingerprint a graph was made from
+META_KEY = "pneumoscope_meta"  # ONNX metadata_props: the ModelMeta, so a graph explains itself
+SHAPING = ("arch", "classes", "img_size", "mean", "std", "temperature", "merge_outputs", "adaptation")
+REPO_MODELS = Path(__file__).resolve().parents[2] / "models"  # a source checkout's models/
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used; the message names the file and says why, in one line."""
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a network is and how to read its outputs. Everything that shapes a prediction is here
+    (see SHAPING); measured numbers are not (they go to metrics.json)."""
+
+    name: str
+    task: str
+    classes: tuple[str, ...]
+    arch: str
+    img_size: int
+    mean: float  # the normalisation inside the network (models.Normalize)
+    std: float
+    temperature: float = 1.0
+    merge_outputs: tuple[tuple[int, ...], ...] | None = None  # a 3-class net read as binary (models.MergeOutputs)
+    params: int = 0
+    # git_commit, seed, manifest_hash, best_epoch, train_config, pneumoscope (version), created, ...
+    provenance: dict = field(default_factory=dict)
+    adaptation: dict | None = None  # e.g. {"method": "adabn", "images": 312, "source": "...", "priors": [...]}
+    guard: dict | None = None  # feature-space statistics for the input guard
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        # JSON gives lists; the dataclass is frozen and hashable-minded, so keep tuples
+        object.__setattr__(self, "classes", tuple(self.classes))
+        if self.merge_outputs is not None:
+            object.__setattr__(self, "merge_outputs", tuple(tuple(int(i) for i in g) for g in self.merge_outputs))
+            if len(self.merge_outputs) != len(self.classes):
+                raise BundleError(f"{self.name}: merge_outputs has {len(self.merge_outputs)} groups for "
+                                  f"{len(self.classes)} classes")
+
+    @property
+    def n_outputs(self) -> int:
+        """Outputs of the network before any merge (what its last layer has)."""
+        return sum(len(g) for g in self.merge_outputs) if self.merge_outputs else len(self.classes)
+
+    @property
+    def version(self) -> str:
+        """The pneumoscope version that made the model."""
+        return str(self.provenance.get("pneumoscope", "?"))
+
+    def replace(self, **changes) -> "ModelMeta":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["classes"] = list(self.classes)
+        out["merge_outputs"] = [list(g) for g in self.merge_outputs] if self.merge_outputs else None
+        return json.loads(json.dumps(out))  # plain JSON types all the way down
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "meta.json") -> "ModelMeta":
+        version = data.get("schema_version")
+        if not isinstance(version, int):
+            raise BundleError(f"{source}: no schema_version; not a pneumoscope bundle meta")
+        if version > SCHEMA_VERSION:
+            raise BundleError(f"{source}: schema version {version} is newer than this pneumoscope reads "
+                              f"({SCHEMA_VERSION}); upgrade pneumoscope")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BundleError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise BundleError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_legacy(cls, meta: dict) -> "ModelMeta":
+        """The typed meta of a legacy checkpoint's dict (its metrics are left out: not a property of
+        the model; `convert_legacy` writes them to metrics.json)."""
+        skip = {"name", "version", "arch", "task", "classes", "img_size", "input", "normalization", "temperature",
+                "params", "merge_outputs", "output_classes", "metrics", "metrics_int8", "metrics_backend"}
+        provenance = {"pneumoscope": meta.get("version", "?"),
+                      **{k: v for k, v in meta.items() if k not in skip}}
+        if meta.get("output_classes"):
+            provenance["source_classes"] = list(meta["output_classes"])
+        return cls(name=meta.get("name", meta["arch"]), task=meta.get("task", "three"), classes=tuple(meta["classes"]),
+                   arch=meta["arch"], img_size=int(meta["img_size"]), mean=float(meta["normalization"]["mean"]),
+                   std=float(meta["normalization"]["std"]), temperature=float(meta.get("temperature", 1.0)),
+                   merge_outputs=meta.get("merge_outputs"), params=int(meta.get("params", 0)), provenance=provenance)
+
+
+# ---------------------------------------------------------------- the fingerprint
+def fingerprint(weights_sha256: str, meta: ModelMeta) -> str:
+    """The content fingerprint: the weights (sha256 of weights.pt) and the meta that shapes predictions."""
+    as_json = meta.to_json()
+    shaping = json.dumps({k: as_json[k] for k in SHAPING}, sort_keys=True)
+    return hashlib.sha256(f"{weights_sha256}\n{shaping}".encode()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_bytes(model) -> bytes:
+    """The bytes weights.pt holds for `model` (torch.save of its CPU state dict; byte-for-byte the
+    same for the same tensors), so an in-memory model has the fingerprint its saved bundle would."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buffer)
+    return buffer.getvalue()
+
+
+def model_fingerprint(model, meta: ModelMeta) -> str:
+    """The fingerprint of an in-memory model (what `save_bundle` would give it)."""
+    return fingerprint(hashlib.sha256(weights_bytes(model)).hexdigest(), meta)
+
+
+def graph_fingerprint(path: str | os.PathLike) -> str | None:
+    """The fingerprint an ONNX graph records, or None (a graph from before bundles)."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return props.get(FINGERPRINT_KEY)
+
+
+# ---------------------------------------------------------------- the bundle
+@dataclass(frozen=True)
+class Bundle:
+    """A model on disk: a bundle directory, or (legacy, read-only) a single `model.pt`."""
+
+    path: Path
+    meta: ModelMeta
+    weights_sha256: str
+    legacy: bool = False
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return fingerprint(self.weights_sha256, self.meta)
+
+    @property
+    def name(self) -> str:
+        return f"{self.meta.name}@{self.meta.version}"
+
+    def state_dict(self) -> dict:
+        import torch
+
+        if self.legacy:
+            return torch.load(self.path, map_location="cpu", weights_only=True)["state_dict"]
+        return torch.load(self.path / WEIGHTS, map_location="cpu", weights_only=True)
+
+    def load_model(self):
+        """The XrayNet (PyTorch, eval mode) with these weights."""
+        return build_model(self.meta, self.state_dict())
+
+    def metrics(self) -> dict:
+        """metrics.json ({} when there is none): for reports and the web's model card only."""
+        path = self.path / METRICS if not self.legacy else None
+        return json.loads(path.read_text()) if path and path.is_file() else {}
+
+    def graph_location(self, kind: str = "fp32") -> Path:
+        """Where this bundle's graph of `kind` lives (it may be missing or stale)."""
+        if kind not in GRAPH_KINDS:
+            raise ValueError(f"unknown graph kind {kind!r}; choose fp32 or int8")
+        if self.legacy:  # model.pt -> model.onnx / model.int8.onnx beside it
+            return self.path.with_suffix(".int8.onnx" if kind == "int8" else ".onnx")
+        return self.path / GRAPH_KINDS[kind]
+
+    def onnx_path(self, kind: str = "fp32") -> Path:
+        """A graph of `kind` made from exactly these weights and meta. fp32: the bundle's own, or,
+        when it is missing or stale, one exported into the cache (keyed by fingerprint, so the
+        same content is exported once). int8: the bundle's own, else a one-line error."""
+        path = self.graph_location(kind)
+        if path.is_file() and graph_fingerprint(path) == self.fingerprint:
+            return path
+        if kind == "int8":
+            why = "was made from other weights or meta" if path.is_file() else "does not exist"
+            raise BundleError(f"{path}: {why}; make it with `pneumoscope export --int8 "
+                              f"--checkpoint {self.path} --calibration DATA`")
+        cached = default_cache_dir() / "onnx" / f"{self.fingerprint[:24]}.onnx"
+        if not cached.is_file() or graph_fingerprint(cached) != self.fingerprint:
+            from .export import export_onnx
+
+            log.info("%s is missing or stale; exporting %s", path, cached)
+            export_onnx(self.load_model(), self.meta, cached)
+        return cached
+
+
+def build_model(meta: ModelMeta, state_dict: dict):
+    """Rebuilds the architecture `meta` names and loads `state_dict` into it (strict)."""
+    from .models import MergeOutputs, create_model
+
+    model = create_model(meta.arch, num_classes=meta.n_outputs, pretrained=False)
+    model.load_state_dict(state_dict, strict=True)
+    if meta.merge_outputs:
+        model.add_module("merge", MergeOutputs([list(g) for g in meta.merge_outputs]))
+    return model.eval()
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """A bundle directory, or a legacy `model.pt` (read-only). FileNotFoundError / BundleError
+    with a one-line reason otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        meta_file, weights = path / META, path / WEIGHTS
+        for needed in (meta_file, weights):
+            if not needed.is_file():
+                raise FileNotFoundError(f"{needed}: missing; {path} is not a complete model bundle")
+        try:
+            data = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as err:
+            raise BundleError(f"{meta_file}: not valid JSON ({err})") from None
+        return Bundle(path, ModelMeta.from_json(data, str(meta_file)), file_sha256(weights))
+    if path.is_file():
+        return _load_legacy(path)
+    raise FileNotFoundError(f"{path}: no such model bundle or checkpoint")
+
+
+def _load_legacy(path: Path) -> Bundle:
+    import torch
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        meta = ModelMeta.from_legacy(payload["meta"])
+    except (KeyError, TypeError, RuntimeError, EOFError) as err:
+        raise BundleError(f"{path}: not a pneumoscope model bundle or checkpoint ({type(err).__name__})") from None
+    state = payload["state_dict"]
+    buffer = io.BytesIO()
+    torch.save({k: v.contiguous() for k, v in state.items()}, buffer)  # what its bundle's weights.pt would hold
+    return Bundle(path, meta, hashlib.sha256(buffer.getvalue()).hexdigest(), legacy=True)
+
+
+def save_bundle(model, meta: ModelMeta, out: str | os.PathLike, export: bool = True) -> Path:
+    """Writes a bundle directory: weights.pt, meta.json and (with `export`) model.onnx, each
+    atomically. An int8 graph already there is left alone: if the weights changed it is now
+    stale and will be refused, never silently used."""
+    out = Path(out)
+    data = weights_bytes(model)
+    with atomic_write(out / WEIGHTS) as handle:
+        handle.write(data)
+    with atomic_write(out / META, "w") as handle:
+        json.dump(meta.to_json(), handle, indent=2)
+        handle.write("\n")
+    if export:
+        from .export import export_onnx
+
+        export_onnx(model, meta, out / ONNX_FP32)
+    return out
+
+
+def write_metrics(bundle_dir: str | os.PathLike, metrics: dict) -> Path:
+    """metrics.json of a bundle, atomically (reports only; predictions never read it)."""
+    path = Path(bundle_dir) / METRICS
+    with atomic_write(path, "w") as handle:
+        json.dump(metrics, handle, indent=2)
+        handle.write("\n")
+    return path
+
+
+def convert_legacy(checkpoint: str | os.PathLike, out: str | os.PathLike, export: bool = True) -> Path:
+    """A legacy `model.pt` (+ its metrics) as a bundle directory; the weights are copied tensor for tensor."""
+    bundle = _load_legacy(Path(checkpoint))
+    model = bundle.load_model()
+    save_bundle(model, bundle.meta, out, export=export)
+    import torch
+
+    legacy_meta = torch.load(checkpoint, map_location="cpu", weights_only=True)["meta"]
+    metrics = dict(legacy_meta.get("metrics") or {})
+    if legacy_meta.get("metrics_backend"):
+        metrics["backend"] = legacy_meta["metrics_backend"]
+    if legacy_meta.get("metrics_int8"):
+        metrics["int8"] = legacy_meta["metrics_int8"]
+    if metrics:
+        write_metrics(out, metrics)
+    return Path(out)
+
+
+# ---------------------------------------------------------------- shipped models
+def resolve_model(task: str = "three") -> Path:
+    """The shipped bundle for `task`: under $PNEUMOSCOPE_MODELS when it is set (then only there),
+    else the installed package data (`pneumoscope_models`), else a source checkout's models/."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    override = os.environ.get("PNEUMOSCOPE_MODELS")
+    if override:
+        candidates = [Path(override) / task]
+    else:
+        candidates = [p / task for p in (_package_models(), REPO_MODELS) if p is not None]
+    for candidate in candidates:
+        if (candidate / META).is_file():
+            return candidate
+    raise FileNotFoundError(f"{candidates[0]}: no shipped model for task {task!r} "
+                            "(train one with `pneumoscope train`, or set PNEUMOSCOPE_MODELS)")
+
+
+def _package_models() -> Path | None:
+    """models/ as installed package data (a wheel maps it to the `pneumoscope_models` package)."""
+    from importlib import resources
+    from importlib.util import find_spec
+
+    if find_spec("pneumoscope_models") is None:
+        return None
+    return Path(str(resources.files("pneumoscope_models")))

@@ -1,0 +1,44 @@
+"""Small file helpers that every module may use without importing the heavy stack (no torch,
+NumPy or scikit-learn here): atomic writes and the cache folder."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class atomic_write:
+    """Context manager: write to a temporary file beside `path`, then rename over it on success,
+    so a crash never leaves a half-written file under the final name."""
+
+    def __init__(self, path: str | os.PathLike, mode: str = "wb", **kwargs):
+        self.path, self.mode, self.kwargs = Path(path), mode, kwargs
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.handle = os.fdopen(fd, self.mode, **self.kwargs)
+        return self.handle
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())  # on disk before the rename makes it visible
+        self.handle.close()
+        if exc_type is None:
+            os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
+            os.replace(self.tmp, self.path)
+        else:
+            os.unlink(self.tmp)
+        return False
+
+
+def default_cache_dir() -> Path:
+    """$PNEUMOSCOPE_CACHE, else ~/.cache/pneumoscope."""
+    return Path(os.environ.get("PNEUMOSCOPE_CACHE", Path.home() / ".cache" / "pneumoscope"))

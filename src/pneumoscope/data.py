@@ -14,6 +14,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from .config import AUG_POLICIES
 from .files import atomic_write, default_cache_dir  # noqa: F401  (re-exported: older imports use data.atomic_write)
 from .images import ImageReadError, read_xray, resize_square
 from .labels import THREE, is_image_file, label_from_path, patient_id, task_label
@@ -206,7 +207,6 @@ class RandomGamma(torch.nn.Module):
         return v2.functional.adjust_gamma(image, gamma)
 
 
-AUG_POLICIES = ("standard", "strong")
 
 
 def train_transform(size: int, strength: float = 1.0, policy: str = "standard") -> v2.Compose:

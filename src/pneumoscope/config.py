@@ -1,0 +1,163 @@
+"""The training configuration, and the `train`/`tune` command-line options made from it.
+
+`TrainConfig` is the one description of a training run: the CLI generates its options from the
+fields (type, default, help and choices live on the field), a YAML file given with `--config` sets
+defaults that the command line overrides (timm's pattern), and a run's own `config.yaml` is such
+a file. Nothing here imports torch, so `pneumoscope --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from .labels import TASKS
+
+DEFAULT_ARCH = "efficientnet_lite0"
+AUG_POLICIES = ("standard", "strong")  # data.train_transform
+
+
+def _option(default, help: str, **cli):
+    """A field with its command-line help; `cli` holds extra argparse settings (choices, flag)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class TrainConfig:
+    data: str = field(metadata={"help": "dataset folder or manifest CSV"})
+    out: str | None = _option(None, "run directory; default <root>/<project>/<name>")
+    project: str = _option("default", "experiment group: runs go to <root>/<project>/")
+    name: str | None = _option(None, "experiment name (default <task>-<arch>-<timestamp>)")
+    root: str = _option("runs", "folder of all projects")
+    task: str = _option("three", "classes to learn", choices=tuple(TASKS))
+    arch: str = _option(DEFAULT_ARCH, "architecture, see `pneumoscope models`")
+    pretrained: bool | None = _option(None, "start from pretrained weights (default: only where they ship, "
+                                            "efficientnet_lite*); --no-pretrained trains from scratch")
+    epochs: int = _option(8, "at most this many epochs (8: the 20-minute budget on 2 cores at 192 px)")
+    img_size: int = _option(192, "input side in pixels")
+    batch_size: int = _option(32, "images per step (per process)")
+    lr: float = _option(1e-3, "peak learning rate of the one-cycle schedule (AdamW)")
+    weight_decay: float = _option(0.01, "AdamW weight decay")
+    label_smoothing: float = _option(0.1, "cross-entropy label smoothing")
+    class_weight_power: float = _option(1.0, "loss weights = inverse class frequency ** this (0: unweighted)")
+    aug: float = _option(1.0, "augmentation strength, 0 disables it")
+    aug_policy: str = _option("standard", "augmentation policy (strong: acquisition changes such as "
+                                          "equalisation, JPEG, shear)", choices=AUG_POLICIES)
+    freeze_blocks: int = _option(2, "efficientnet: keep the stem and this many first blocks at ImageNet values")
+    ema_decay: float = _option(0.995, "decay of the moving average of weights (EMA); 0 disables it")
+    # an average that starts at step 0 remembers the random head
+    ema_start_epoch: int = _option(1, "average weights from this epoch on")
+    patience: int = _option(4, "early stopping: epochs without a better validation balanced accuracy")
+    val_fraction: float = _option(0.15, "validation share of the patients (data folders only)")
+    test_fraction: float = _option(0.15, "internal test share of the patients (data folders only)")
+    seed: int = _option(0, "seed of the split, the initialisation and the augmentation")
+    max_images: int | None = _option(None, "cap the pool (whole patients) for quick runs")
+    keep_epochs: bool = _option(False, "also keep every epoch's weights (checkpoints/epoch-N.ckpt), for "
+                                       "stability studies")
+    evaluate_test: bool = _option(True, "evaluate the internal test split at the end (--no-test: do not)",
+                                  flag="--test")
+    resume: bool = _option(False, "continue the run from its last checkpoint, with its saved configuration")
+    cache_dir: str | None = _option(None, "pixel cache folder (default $PNEUMOSCOPE_CACHE or ~/.cache/pneumoscope)")
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "configuration") -> "TrainConfig":
+        """A configuration from plain values (a YAML file, a run's config.yaml), type-checked;
+        `source` names the file in the one-line error."""
+        if values.get("extra"):  # written by pneumoscope 0.1's cross-validation (config.extra["cv_fold"])
+            raise ValueError(f"{source}: a cross-validation fold of an older pneumoscope; rerun that cross-validation")
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known - {"extra"})
+        if unknown:
+            raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}")
+        return cls(**{k: _coerce(k, v, hints[k], source) for k, v in values.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _coerce(name: str, value, hint, source: str):
+    """YAML reads 1e-3 as a string and 2 as an int where a float is meant: convert like argparse
+    would, and refuse what does not fit."""
+    base, optional = _base_type(hint)
+    if value is None and optional:
+        return None
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        return base(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: {name} must be {base.__name__}, not {value!r}") from None
+
+
+def _base_type(hint) -> tuple[type, bool]:
+    """int | None -> (int, True); float -> (float, False)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args:
+        return args[0], True
+    return hint, False
+
+
+# ---------------------------------------------------------------- the command line
+def add_train_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """Adds `--config FILE` and one option per TrainConfig field (except `exclude`). Defaults are
+    left out of the namespace (SUPPRESS), so `config_from_args` can tell what was given."""
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="YAML file of options (TrainConfig fields; a run's config.yaml works); "
+                             "the command line overrides it")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if f.name in exclude:
+            continue
+        base, _ = _base_type(hints[f.name])
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        required = f.default is MISSING
+        help_text = f.metadata["help"] + ("" if required or f.default is None else f" (default: {f.default})")
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=base, choices=f.metadata.get("choices"),
+                          metavar=None if "choices" in f.metadata else {int: "N", float: "X"}.get(base, f.name.upper()))
+        if required:  # may come from --config instead: checked in config_from_args
+            kwargs["help"] += " (required, here or in --config)"
+        parser.add_argument(flag, **kwargs)
+    parser.set_defaults(train_parser=parser)
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
+    """TrainConfig's defaults < the --config file < the options given on the command line <
+    `overrides`. A missing --data or a bad file is a usage error (exit 2) naming the file."""
+    parser: argparse.ArgumentParser = args.train_parser
+    names = {f.name for f in fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    values = {}
+    if args.config:
+        values = _read_yaml(parser, args.config)
+        if "out" not in given and given.keys() & {"project", "name", "root"}:
+            values.pop("out", None)  # --name on the command line beats the file's run directory
+    values.update(given)
+    values.update(overrides)
+    if "data" not in values:
+        parser.error("the following arguments are required: --data (on the command line or in --config)")
+    try:
+        return TrainConfig.from_dict(values, source=args.config or "command line")
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def _read_yaml(parser: argparse.ArgumentParser, path: str) -> dict:
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        parser.error(f"{path}: cannot read ({err.strerror})")
+    except yaml.YAMLError as err:
+        parser.error(f"{path}: not valid YAML ({str(err).splitlines()[0]})")
+    if not isinstance(values, dict):
+        parser.error(f"{path}: expected a mapping of option: value")
+    return values

@@ -207,8 +207,6 @@ class RandomGamma(torch.nn.Module):
         return v2.functional.adjust_gamma(image, gamma)
 
 
-
-
 def train_transform(size: int, strength: float = 1.0, policy: str = "standard") -> v2.Compose:
     """Augmentation for radiographs. `standard`: crop, small rotations and shifts, exposure,
     contrast, gamma, blur and noise. `strong` adds what changes between hospitals' machines and

@@ -50,10 +50,64 @@ def tiny_config(data, out, **overrides):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    """A real 2-epoch EfficientNet-Lite0 run on the 80 fixture images at 64 px."""
+def tiny_result(tmp_path_factory):
+    """A real 2-epoch EfficientNet-Lite0 run on the 80 fixture images at 64 px (train.TrainResult)."""
     from pneumoscope.train import train
 
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    train(tiny_config(FIXTURE_DATA, run_dir))
-    return run_dir
+    return train(tiny_config(FIXTURE_DATA, tmp_path_factory.mktemp("runs") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_result) -> Path:
+    """The run directory of `tiny_result`."""
+    return tiny_result.run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_result) -> Path:
+    """The model bundle of `tiny_result` (weights.pt, meta.json, model.onnx)."""
+    return tiny_result.bundle
+
+
+# ---------------------------------------------------------------- models made in memory (no training)
+SMALL_SIZE = 64
+
+
+def small_model(arch: str = "efficientnet_lite0", n_classes: int = 3, seed: int = 0):
+    """A registered network with a seeded random head (ImageNet backbone where one ships): real
+    features, no training. For tests where what the weights learned does not matter."""
+    import torch
+
+    from pneumoscope.models import create_model
+
+    torch.manual_seed(seed)
+    return create_model(arch, n_classes).eval()
+
+
+def small_meta(arch: str = "efficientnet_lite0", task: str = "three", **overrides):
+    from pneumoscope.artifact import ModelMeta
+    from pneumoscope.labels import classes_for
+    from pneumoscope.models import model_spec
+
+    spec = model_spec(arch)
+    values = dict(name=f"test-{arch}-{task}", task=task, classes=classes_for(task), arch=arch, img_size=SMALL_SIZE,
+                  mean=spec.mean, std=spec.std, temperature=1.5, provenance={"pneumoscope": "test"})
+    return ModelMeta(**{**values, **overrides})
+
+
+@pytest.fixture(scope="session")
+def small_bundle(tmp_path_factory) -> Path:
+    """A 3-class EfficientNet-Lite0 bundle at 64 px (weights.pt, meta.json, model.onnx) made from
+    `small_model`: written once per session; copy it before changing it."""
+    from pneumoscope.artifact import save_bundle
+
+    return save_bundle(small_model(), small_meta(), tmp_path_factory.mktemp("bundles") / "small")
+
+
+@pytest.fixture(scope="session")
+def classifier(small_bundle):
+    """`small_bundle` on the default backend (ONNX Runtime). Shared: do not change its attributes
+    (use monkeypatch)."""
+    from pneumoscope.predict import Classifier
+
+    return Classifier.load(small_bundle)

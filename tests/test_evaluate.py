@@ -1,60 +1,79 @@
+"""Evaluation reports: from the arrays of one scoring pass (an in-memory untrained model: the
+report must be right whatever the weights), then the `evaluate` command on a trained bundle."""
+import csv
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from pneumoscope.evaluate import compute_metrics, expected_calibration_error, fit_temperature
+from pneumoscope.data import load_samples
+from pneumoscope.evaluate import REPORT_FILES, evaluate_samples
+from pneumoscope.labels import THREE
+from pneumoscope.metrics import expected_calibration_error, softmax
 
 
-def test_compute_metrics_known_values():
-    y = np.array([0, 0, 1, 1, 2, 2])
-    probs = np.array([[.8, .1, .1], [.2, .7, .1], [.1, .8, .1], [.1, .6, .3], [.1, .1, .8], [.6, .2, .2]])
-    m = compute_metrics(y, probs, ("NORMAL", "BACTERIA", "VIRUS"))
-    assert m["accuracy"] == pytest.approx(4 / 6)
-    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
-    assert m["per_class"]["BACTERIA"]["recall"] == 1.0 and m["per_class"]["VIRUS"]["recall"] == 0.5
-    assert m["per_class"]["BACTERIA"]["precision"] == pytest.approx(2 / 3)
-    lo, hi = m["accuracy_ci95"]
-    assert 0 <= lo <= m["accuracy"] <= hi <= 1
+@pytest.fixture(scope="module")
+def untrained():
+    """A Classifier on a random simple_cnn at 32 px with temperature 2 (PyTorch, in memory)."""
+    from pneumoscope.artifact import ModelMeta
+    from pneumoscope.models import create_model
+    from pneumoscope.predict import Classifier
 
-
-def test_temperature_scaling_recovers_a_known_temperature():
     torch.manual_seed(0)
-    true_logits = torch.randn(4000, 3) * 2
-    targets = torch.distributions.Categorical(logits=true_logits).sample()
-    assert fit_temperature(true_logits * 3, targets) == pytest.approx(3.0, rel=0.1)
+    meta = ModelMeta(name="untrained", task="three", classes=THREE, arch="simple_cnn", img_size=32, mean=0.5,
+                     std=0.25, temperature=2.0)
+    return Classifier.from_model(create_model("simple_cnn", 3, pretrained=False), meta, backend="torch")
 
 
-def test_ece_is_zero_for_perfect_confident_predictions():
-    probs = np.eye(3)[[0, 1, 2, 0]]
-    assert expected_calibration_error(probs, np.array([0, 1, 2, 0])) == pytest.approx(0.0)
+def test_report_from_one_pass_of_arrays(untrained, fixture_data, tmp_path):
+    from pneumoscope.data import Sample
 
-
-def test_evaluate_cli_writes_the_report(tiny_run, fixture_data, tmp_path, capsys):
-    from pneumoscope.cli import main
-
+    broken = tmp_path / "broken.jpeg"
+    broken.write_bytes(b"not an image")
+    samples = load_samples(fixture_data / "val") + [Sample(str(broken), "NORMAL", "x")]
     out = tmp_path / "report"
-    code = main(["evaluate", "--data", str(fixture_data / "val"), "--checkpoint", str(tiny_run / "model.pt"),
-                 "--out", str(out)])
-    assert code == 0
-    for name in ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "prediction_grid.png",
-                 "reliability.png", "cam_grid.png"):
+    metrics = evaluate_samples(untrained, samples, out)
+    for name in REPORT_FILES:
         assert (out / name).stat().st_size > 0, name
-    m = json.loads((out / "metrics.json").read_text())
-    assert m["n"] == 8 and 0 <= m["accuracy"] <= 1 and m["classes"] == ["NORMAL", "BACTERIA", "VIRUS"]
-    assert sum(map(sum, m["confusion_matrix"])) == m["n"]
-    assert set(m) >= {"task", "accuracy_ci95", "balanced_accuracy", "macro_f1", "macro_auc", "per_class",
-                      "checkpoint"}
-    assert len((out / "predictions.csv").read_text().splitlines()) == 9
-    assert "accuracy" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert metrics["n"] == 8 and metrics["failed"] == 1 and metrics["checkpoint"] is None
+    assert sum(map(sum, metrics["confusion_matrix"])) == 8 and metrics["temperature"] == 2.0
+
+    good = samples[:8]
+    scores = untrained.scores([s.path for s in good])
+    targets = np.array([THREE.index(s.label) for s in good])
+    # calibrated and before-calibration ECE from the same logits, no probabilities turned back into logits
+    assert metrics["ece"] == pytest.approx(expected_calibration_error(softmax(scores.logits, 2.0), targets))
+    assert metrics["ece_uncalibrated"] == pytest.approx(expected_calibration_error(softmax(scores.logits), targets))
+    assert metrics["accuracy"] == pytest.approx(np.mean(scores.probabilities.argmax(1) == targets))
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert [r["path"] for r in rows] == [s.path for s in good]
+    assert [r["true"] for r in rows] == [s.label for s in good]
+    assert np.array([[float(r[f"p_{c}"]) for c in THREE] for r in rows]) == pytest.approx(scores.probabilities, abs=1e-6)
 
 
-def test_evaluate_from_manifest_defaults_to_its_test_split(tiny_run, tmp_path):
+def test_nothing_readable_is_an_error(untrained, tmp_path):
+    from pneumoscope.data import Sample
+
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="no image could be classified"):
+        evaluate_samples(untrained, [Sample(str(tmp_path / "a.png"), "NORMAL", "a")], tmp_path / "out", plots=False)
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_a_trained_bundle(tiny_bundle, tiny_run, fixture_data, tmp_path, capsys):
     from pneumoscope.cli import main
 
     out = tmp_path / "report"
-    assert main(["evaluate", "--data", str(tiny_run / "manifest.csv"), "--checkpoint",
-                 str(tiny_run / "model.pt"), "--out", str(out)]) == 0
+    assert main(["evaluate", "--data", str(fixture_data / "val"), "--checkpoint", str(tiny_bundle),
+                 "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["n"] == json.loads((tiny_run / "test" / "metrics.json").read_text())["n"]
+    assert m["n"] == 8 and m["classes"] == list(THREE) and m["checkpoint"] == str(tiny_bundle)
+    assert f"accuracy {m['accuracy']:.4f}" in capsys.readouterr().out
+    # from a manifest, the default is its test split: the report training wrote for the same bundle
+    assert main(["evaluate", "--data", str(tiny_run / "manifest.csv"), "--checkpoint", str(tiny_bundle),
+                 "--out", str(tmp_path / "test"), ]) == 0
+    again, trained = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "test", tiny_run / "test"))
+    assert {k: again[k] for k in ("n", "accuracy", "confusion_matrix")} == {
+        k: trained[k] for k in ("n", "accuracy", "confusion_matrix")}

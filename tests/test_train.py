@@ -1,33 +1,103 @@
+"""Training: the options made from TrainConfig (fast, no training), then real tiny runs (slow)."""
+import argparse
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
+import pytest
 import torch
-import yaml
 
 from conftest import FIXTURE_DATA, tiny_config
+from pneumoscope.config import TrainConfig, add_train_arguments, config_from_args
 
 
-def test_tiny_run_writes_a_complete_run_directory(tiny_run):
+# ---------------------------------------------------------------- options (no training)
+def parse(*argv: str) -> TrainConfig:
+    parser = argparse.ArgumentParser(prog="pneumoscope train")
+    add_train_arguments(parser)
+    return config_from_args(parser.parse_args(list(argv)))
+
+
+def test_every_field_is_an_option_with_its_default():
+    config = parse("--data", "d")
+    assert config == TrainConfig(data="d")
+    assert parse("--data", "d", "--no-test", "--no-pretrained", "--keep-epochs", "--aug-policy", "strong",
+                 "--max-images", "40", "--lr", "3e-3", "--name", "n") == TrainConfig(
+        data="d", evaluate_test=False, pretrained=False, keep_epochs=True, aug_policy="strong", max_images=40,
+        lr=0.003, name="n")
+
+
+def test_choices_come_from_the_library(capsys):
+    for argv, message in ((["--task", "four"], "invalid choice: 'four'"), (["--aug-policy", "wild"], "strong"),
+                          (["--epochs", "two"], "invalid int value: 'two'")):
+        with pytest.raises(SystemExit) as exit_info:
+            parse("--data", "d", *argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_config_file_sets_defaults_that_the_command_line_overrides(tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data: some/data\nlr: 1e-4\nepochs: 3\nout: runs/p/old\nevaluate_test: false\n")
+    config = parse("--config", str(path), "--epochs", "5")
+    assert (config.data, config.lr, config.epochs, config.out, config.evaluate_test) == (
+        "some/data", 1e-4, 5, "runs/p/old", False)
+    assert parse("--config", str(path), "--name", "new").out is None  # a new name: not the file's run directory
+    path.write_text("data: d\nlearning_rate: 0.1\n")
+    with pytest.raises(SystemExit):
+        parse("--config", str(path))
+    assert f"{path}: unknown option(s) learning_rate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse("--epochs", "2")
+    assert "--data" in capsys.readouterr().err
+
+
+def test_a_runs_config_yaml_is_a_config_file(tmp_path):
+    from pneumoscope.rundir import RunDir
+
+    original = TrainConfig(data="d", out=str(tmp_path / "a"), img_size=64, seed=3)
+    RunDir(tmp_path / "a").write_config(original)
+    again = parse("--config", str(tmp_path / "a" / "config.yaml"), "--out", str(tmp_path / "b"))
+    assert again == TrainConfig(data="d", out=str(tmp_path / "b"), img_size=64, seed=3)
+
+
+# ---------------------------------------------------------------- real runs
+@pytest.mark.slow
+def test_tiny_run_flows_one_way_into_a_complete_run_directory(tiny_result, tiny_run):
+    from pneumoscope.artifact import load_bundle
+    from pneumoscope.metrics import headline
+
     for name in ("config.yaml", "manifest.csv", "metrics.csv", "curves.png", "env.json", "status.json",
-                 "model.pt", "model.json", "checkpoints/last.ckpt", "checkpoints/best.ckpt",
-                 "test/metrics.json", "val/metrics.json"):
+                 "checkpoints/last.ckpt", "checkpoints/best.ckpt", "model/weights.pt", "model/meta.json",
+                 "model/model.onnx", "test/metrics.json", "val/metrics.json", "test/cam_grid.png"):
         assert (tiny_run / name).is_file(), name
+    assert not (tiny_run / "model.pt").exists()
     rows = list(csv.DictReader(open(tiny_run / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
-    for row in rows:
-        for key in ("train_loss", "val_loss", "train_acc", "val_acc", "lr", "seconds"):
-            assert float(row[key]) >= 0, key
     assert json.loads((tiny_run / "status.json").read_text())["status"] == "finished"
-    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
-    assert config["arch"] == "efficientnet_lite0" and config["img_size"] == 64
     env = json.loads((tiny_run / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["peak_memory_mb"] > 0 and env["seed"] == 0
-    meta = json.loads((tiny_run / "model.json").read_text())
-    assert meta["classes"] == ["NORMAL", "BACTERIA", "VIRUS"] and meta["temperature"] > 0
-    assert len(meta["manifest_hash"]) == 16
-    assert 0 <= meta["metrics"]["internal_test"]["accuracy"] <= 1
+
+    bundle = load_bundle(tiny_result.bundle)
+    assert tiny_result.bundle == tiny_run / "model"
+    meta = bundle.meta
+    assert meta.classes == ("NORMAL", "BACTERIA", "VIRUS") and meta.img_size == 64 and meta.temperature > 0
+    assert meta.provenance["train_config"]["img_size"] == 64 and len(meta.provenance["manifest_hash"]) == 16
+    assert meta.provenance["best_epoch"] == tiny_result.best_epoch in (0, 1)
+    assert "metrics" not in json.loads((tiny_run / "model" / "meta.json").read_text())  # reports hold them
+    # the graph saved with the bundle is the one evaluation ran: not stale, nothing exported elsewhere
+    assert bundle.onnx_path("fp32") == tiny_run / "model" / "model.onnx"
+    for split, name in (("val", "val"), ("internal_test", "test")):
+        report = json.loads((tiny_run / name / "metrics.json").read_text())
+        assert tiny_result.metrics[split] == headline(report)
+        assert report["checkpoint"] == str(tiny_run / "model") and report["temperature"] == meta.temperature
+    assert tiny_result.config.out == str(tiny_run) and not tiny_result.resumed
 
 
+@pytest.mark.slow
 def test_training_really_learns(tmp_path):
     """Binary NORMAL vs PNEUMONIA on 72 real images at 64 px: 4 epochs fit the training set well
     above chance (a broken loss, label mapping or optimizer would leave it near 0.5-0.6)."""
@@ -41,19 +111,20 @@ def test_training_really_learns(tmp_path):
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
 
 
-def test_killed_run_resumes_and_finishes(tmp_path):
-    """SIGKILL after the first epoch's checkpoint; `--resume` (same run dir) finishes the run."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+@pytest.mark.slow
+def test_killed_run_is_interrupted_then_resumes_from_python_with_its_saved_configuration(tmp_path):
+    """SIGKILL after the first epoch's checkpoint: the files are whole, `runs` sees the run as
+    interrupted, and train(TrainConfig(resume=True)) from Python continues it exactly as --resume
+    would: with the configuration the run started with, from its last checkpoint."""
+    from pneumoscope.rundir import RunDir
+    from pneumoscope.train import train
 
     run = tmp_path / "killed"
     command = [sys.executable, "-m", "pneumoscope.cli", "train", "--data", str(FIXTURE_DATA), "--out", str(run),
-               "--epochs", "3", "--img-size", "96", "--batch-size", "8", "--ema-decay", "0", "--no-test"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+               "--arch", "simple_cnn", "--epochs", "3", "--img-size", "48", "--batch-size", "16", "--ema-decay", "0",
+               "--no-test"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while not last.exists() and process.poll() is None and time.time() < deadline:
@@ -62,44 +133,51 @@ def test_killed_run_resumes_and_finishes(tmp_path):
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert torch.load(last, weights_only=True)["epoch"] <= 1  # a complete checkpoint, not a torn one
-    assert not (run / "model.pt").exists()
+    assert not (run / "model").exists()
     assert json.loads((run / "status.json").read_text())["status"] == "running"  # whole, just stale
+    assert RunDir(run).live_status() == "interrupted"
     assert list(csv.DictReader(open(run / "metrics.csv")))  # whole CSV: written by rename, never torn
-    result = subprocess.run(command + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+
+    result = train(TrainConfig(data="ignored: the saved configuration wins", out=str(run), resume=True))
+    assert result.resumed and result.config.arch == "simple_cnn" and result.config.epochs == 3
+    assert [int(r["epoch"]) for r in csv.DictReader(open(run / "metrics.csv"))] == [0, 1, 2]
     assert torch.load(last, weights_only=True)["epoch"] == 2
-    assert json.loads((run / "status.json").read_text())["status"] == "finished"
-    assert (run / "model.pt").is_file()
+    assert RunDir(run).live_status() == "finished" and (run / "model" / "meta.json").is_file()
+    assert set(result.metrics) == {"val"}  # --no-test was saved with the run
 
 
-def test_train_from_manifest_uses_its_split(tmp_path):
-    from pneumoscope.data import read_manifest
+@pytest.mark.slow
+def test_cli_train_from_manifest_uses_its_split_and_prints_the_result(tmp_path, capsys):
     from pneumoscope.cli import main
+    from pneumoscope.data import read_manifest
 
     manifest = tmp_path / "m.csv"
     assert main(["split", "--data", str(FIXTURE_DATA), "--out", str(manifest), "--seed", "5"]) == 0
     run = tmp_path / "from_manifest"
     assert main(["train", "--data", str(manifest), "--out", str(run), "--arch", "simple_cnn", "--epochs", "1",
-                 "--img-size", "48", "--ema-decay", "0", "--no-test"]) == 0
+                 "--img-size", "32", "--ema-decay", "0", "--no-test"]) == 0
     used = {(s.path, s.split) for s in read_manifest(run / "manifest.csv")}
     given = {(s.path, s.split) for s in read_manifest(manifest)}
     assert used == given
+    out = capsys.readouterr().out
+    val = json.loads((run / "val" / "metrics.json").read_text())
+    assert f"model bundle: {run / 'model'}" in out
+    assert f"val: accuracy {val['accuracy']:.4f} (n={val['n']})" in out and "internal_test" not in out
 
 
+@pytest.mark.slow
 def test_kept_epochs_hold_the_ema_average_from_its_start_epoch(tmp_path):
     """--keep-epochs keeps one checkpoint per epoch, and what it keeps is the EMA average: frozen
     at the initial weights until ema_start_epoch, then following training."""
-    import torch
-
+    from pneumoscope.rundir import RunDir, checkpoint_weights
     from pneumoscope.train import train
 
     run = tmp_path / "run"
-    train(tiny_config(FIXTURE_DATA, run, epochs=3, ema_decay=0.9, ema_start_epoch=2, keep_epochs=True,
-                      evaluate_test=False))
-    kept = [torch.load(run / "checkpoints" / f"epoch-{e}.ckpt", weights_only=True) for e in range(3)]
-    head = [k["state_dict"]["model.backbone.classifier.weight"] for k in kept]
+    train(tiny_config(FIXTURE_DATA, run, arch="simple_cnn", img_size=32, epochs=3, ema_decay=0.9,
+                      ema_start_epoch=2, keep_epochs=True, evaluate_test=False))
+    kept = RunDir(run).epoch_checkpoints()
+    assert [epoch for epoch, _ in kept] == [0, 1, 2]
+    head = [checkpoint_weights(path)[0]["backbone.head.3.weight"] for _, path in kept]
     assert torch.equal(head[0], head[1])  # no average before epoch 2: still the initial weights
     assert not torch.allclose(head[1], head[2])
-    assert all("current_model_state" in k for k in kept)  # the live weights are kept beside the average
+    assert all("current_model_state" in torch.load(path, weights_only=True) for _, path in kept)  # live weights too

@@ -1,7 +1,8 @@
-"""Evaluation: metrics (scikit-learn, torchmetrics), bootstrap intervals, calibration and plots.
+"""Evaluation reports: metrics.json, predictions.csv and the figures for a set of labelled images.
 
-`evaluate_samples` classifies files through the same `Classifier` users call, so the numbers
-describe exactly what `predict` does.
+`evaluate_samples` scores the files through the same `Classifier` users call (so the numbers
+describe exactly what `predict` does) and takes its arrays: logits and calibrated probabilities,
+never rounded records. The numbers come from `metrics`, the figures from `plots`.
 """
 from __future__ import annotations
 
@@ -12,140 +13,76 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
-from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, f1_score,
-                             precision_recall_fscore_support, roc_auc_score)
-from torchmetrics.functional.classification import multiclass_calibration_error
 
-from .data import Sample, atomic_write
-from .images import read_xray
+from .files import atomic_write
 from .labels import task_label
-from .predict import Classifier
+from .metrics import ECE_BINS, compute_metrics, expected_calibration_error, softmax
 
 log = logging.getLogger(__name__)
-N_BOOTSTRAP = 1000
-ECE_BINS = 15
+REPORT_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "reliability.png",
+                "prediction_grid.png", "cam_grid.png")
 
 
-# ---------------------------------------------------------------- numbers
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], seed: int = 0) -> dict:
-    """Accuracy (+ bootstrap 95% CI), balanced accuracy, macro F1/AUC, per-class P/R/F1, confusion
-    matrix (rows true, columns predicted), expected calibration error (15 bins)."""
-    y_true = np.asarray(y_true, dtype=int)
-    y_pred = probs.argmax(1)
-    labels = list(range(len(classes)))
-    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels,
-                                                                     zero_division=0)
-    return {
-        "n": int(len(y_true)),
-        "accuracy": float((y_pred == y_true).mean()),
-        "accuracy_ci95": bootstrap_ci(y_true == y_pred, seed),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "macro_auc": macro_auc(y_true, probs),
-        "ece": expected_calibration_error(probs, y_true),
-        "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                          "support": int(support[i])} for i, c in enumerate(classes)},
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
-    }
+def evaluate_samples(model, samples: list, out_dir: str | os.PathLike, task: str = "three",
+                     plots: bool = True) -> dict:
+    """Classifies every sample and writes the report into `out_dir`; returns metrics.json's content.
+    `model`: a Classifier, or a bundle / legacy checkpoint path (None: the shipped model for `task`).
+    Files that cannot be read are logged and left out (counted as `failed`)."""
+    from .predict import Classifier
 
-
-def bootstrap_ci(correct: np.ndarray, seed: int = 0, n: int = N_BOOTSTRAP) -> list[float]:
-    rng = np.random.default_rng(seed)
-    correct = np.asarray(correct, dtype=float)
-    means = correct[rng.integers(0, len(correct), (n, len(correct)))].mean(1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-
-
-def macro_auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
-    """One-vs-rest macro AUC over the classes present; None when only one class is present."""
-    present = np.unique(y_true)
-    if len(present) < 2:
-        return None
-    if probs.shape[1] == 2:
-        return float(roc_auc_score(y_true, probs[:, 1]))
-    aucs = [roc_auc_score(y_true == c, probs[:, c]) for c in present]
-    return float(np.mean(aucs))
-
-
-def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS) -> float:
-    return float(multiclass_calibration_error(torch.as_tensor(probs, dtype=torch.float32),
-                                              torch.as_tensor(y_true), num_classes=probs.shape[1],
-                                              n_bins=bins, norm="l1"))
-
-
-def uncalibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """The probabilities before temperature scaling: softmax(T * log p) = softmax(logits)."""
-    logits = temperature * np.log(np.clip(probs, 1e-12, 1.0))
-    logits -= logits.max(1, keepdims=True)
-    exp = np.exp(logits)
-    return exp / exp.sum(1, keepdims=True)
-
-
-def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Temperature scaling (Guo et al. 2017): the T > 0 minimising validation NLL of logits / T."""
-    log_t = torch.zeros(1, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
-    logits, targets = logits.detach().float().clone(), targets.long().clone()
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), targets)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
-
-
-# ---------------------------------------------------------------- the report
-def evaluate_samples(checkpoint: str | os.PathLike | None, samples: list[Sample], out_dir: str | os.PathLike,
-                     task: str = "three", plots: bool = True, classifier: Classifier | None = None) -> dict:
-    """Classifies every sample and writes metrics.json, predictions.csv and (with plots) the figures."""
-    classifier = classifier or Classifier.load(checkpoint, task=task)
-    classes, task = classifier.classes, classifier.meta["task"]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records = list(classifier.predict_many([s.path for s in samples]))
-    ok = [(s, r) for s, r in zip(samples, records) if r.status == "ok"]
-    failed = [r for r in records if r.status != "ok"]
-    for record in failed:
-        log.warning("%s; left out of the metrics", record.error)
+    classifier = model if isinstance(model, Classifier) else Classifier.load(model, task=task)
+    scores = classifier.scores([s.path for s in samples])
+    ok = [i for i, error in enumerate(scores.errors) if error is None]
+    for error in scores.errors:
+        if error is not None:
+            log.warning("%s; left out of the metrics", error)
     if not ok:
         raise ValueError("no image could be classified; nothing to evaluate")
-    y_true = np.array([classes.index(task_label(s.label, task)) for s, _ in ok])
-    probs = np.array([[r.probabilities[c] for c in classes] for _, r in ok])
-    uncalibrated = uncalibrate(probs, classifier.temperature)
-    metrics = {"task": task, "classes": list(classes), **compute_metrics(y_true, probs, classes),
-               "temperature": classifier.temperature,
-               "ece_uncalibrated": expected_calibration_error(uncalibrated, y_true),
-               "checkpoint": str(classifier.checkpoint), "model": classifier.name, "failed": len(failed)}
-    _write_predictions(out_dir / "predictions.csv", ok, classes, task)
+    classes, task = classifier.classes, classifier.meta.task
+    targets = np.array([classes.index(task_label(samples[i].label, task)) for i in ok])
+    return write_report(out_dir, classifier, [samples[i].path for i in ok], targets, scores.logits[ok],
+                        scores.probabilities[ok], failed=len(samples) - len(ok), plots=plots)
+
+
+def write_report(out_dir: str | os.PathLike, classifier, paths: list[str], targets: np.ndarray,
+                 logits: np.ndarray, probs: np.ndarray, failed: int = 0, plots: bool = True) -> dict:
+    """metrics.json, predictions.csv and (with plots) the figures, from one pass's arrays:
+    `probs` calibrated, `logits` before the temperature (for the before/after reliability)."""
+    out_dir = Path(out_dir)
+    classes, meta = classifier.classes, classifier.meta
+    uncalibrated = softmax(logits)
+    metrics = {"task": meta.task, "classes": list(classes), **compute_metrics(targets, probs, classes),
+               "temperature": meta.temperature, "ece_uncalibrated": expected_calibration_error(uncalibrated, targets),
+               "checkpoint": str(classifier.bundle.path) if classifier.bundle else None, "model": classifier.name, "failed": failed}
+    _write_predictions(out_dir / "predictions.csv", paths, targets, probs, classes)
     with atomic_write(out_dir / "metrics.json", "w") as handle:
         json.dump(metrics, handle, indent=2)
     if plots:
-        from . import plots as figures
-
-        figures.confusion_matrix_png(np.array(metrics["confusion_matrix"]), classes, out_dir / "confusion_matrix.png")
-        figures.roc_png(y_true, probs, classes, out_dir / "roc.png")
-        figures.reliability_png(y_true, {f"before (T=1), ECE {metrics['ece_uncalibrated']:.3f}": uncalibrated,
-                                         f"after (T={classifier.temperature:.2f}), ECE {metrics['ece']:.3f}": probs},
-                                out_dir / "reliability.png", ECE_BINS)
-        figures.prediction_grid_png([s.path for s, _ in ok], y_true, probs, classes, out_dir / "prediction_grid.png",
-                                    read=read_xray)
-        from .explain import cam_cases
-
-        figures.cam_grid_png(*cam_cases(classifier, [s.path for s, _ in ok], y_true, probs), out_dir / "cam_grid.png")
+        _figures(out_dir, classifier, paths, targets, probs, uncalibrated, metrics)
     return metrics
 
 
-def _write_predictions(path: Path, ok, classes, task) -> None:
+def _figures(out_dir: Path, classifier, paths, targets, probs, uncalibrated, metrics) -> None:
+    from . import plots
+    from .explain import cam_cases
+    from .images import read_xray
+
+    classes, temperature = classifier.classes, classifier.meta.temperature
+    plots.confusion_matrix_png(np.array(metrics["confusion_matrix"]), classes, out_dir / "confusion_matrix.png")
+    plots.roc_png(targets, probs, classes, out_dir / "roc.png")
+    plots.reliability_png(targets, {f"before (T=1), ECE {metrics['ece_uncalibrated']:.3f}": uncalibrated,
+                                    f"after (T={temperature:.2f}), ECE {metrics['ece']:.3f}": probs},
+                          out_dir / "reliability.png", ECE_BINS)
+    plots.prediction_grid_png(paths, targets, probs, classes, out_dir / "prediction_grid.png", read=read_xray)
+    plots.cam_grid_png(*cam_cases(classifier, paths, targets, probs), out_dir / "cam_grid.png")
+
+
+def _write_predictions(path: Path, paths, targets, probs, classes) -> None:
     with atomic_write(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "true", "predicted", *[f"p_{c}" for c in classes]])
-        for sample, record in ok:
-            writer.writerow([sample.path, task_label(sample.label, task), record.label,
-                             *[f"{record.probabilities[c]:.6f}" for c in classes]])
+        for file, target, p in zip(paths, targets, probs):
+            writer.writerow([file, classes[target], classes[int(p.argmax())], *[f"{v:.6f}" for v in p]])
 
 
 def summary_table(metrics: dict) -> str:

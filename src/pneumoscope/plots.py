@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from .data import atomic_write  # noqa: E402
+from .files import atomic_write  # noqa: E402
 
 
 def save(fig, out: Path, dpi: int = 100) -> None:
@@ -103,5 +103,72 @@ def cam_grid_png(images, titles, wrong, out: Path) -> None:
         ax.imshow(image)
         ax.set_title(title, fontsize=9, color="red" if is_wrong else "black")
     fig.suptitle("Grad-CAM of the predicted class (wrong predictions first)", fontsize=10)
+    fig.tight_layout()
+    save(fig, out)
+
+
+def mistakes_png(images, titles, out: Path) -> None:
+    """A row of X-rays (gray arrays) with their titles in red: the most confident mistakes."""
+    fig, axes = plt.subplots(1, len(images), figsize=(2.4 * len(images), 2.8), squeeze=False)
+    for ax, image, title in zip(axes[0], images, titles):
+        ax.imshow(image, cmap="gray")
+        ax.set_title(title, fontsize=9, color="red")
+        ax.axis("off")
+    fig.tight_layout()
+    save(fig, out)
+
+
+# ---------------------------------------------------------------- training runs
+def _series(rows: list[dict], key: str) -> list[float]:
+    return [float(r[key]) if r.get(key) not in (None, "") else np.nan for r in rows]
+
+
+def training_curves_png(rows: list[dict], out: Path) -> None:
+    """Loss and accuracy per epoch of one run (metrics.csv rows), train vs val."""
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, style in (("train", "-o"), ("val", "--s")):
+        ax_loss.plot(epochs, _series(rows, f"{key}_loss"), style, label=key)
+        ax_acc.plot(epochs, _series(rows, f"{key}_acc"), style, label=key)
+    ax_acc.plot(epochs, _series(rows, "val_bacc"), ":^", label="val balanced")
+    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    save(fig, out)
+
+
+def runs_curves_png(runs_rows: list[list[dict]], labels: list[str], out: Path) -> None:
+    """Train and val accuracy and loss of several runs overlaid; runs of any length, or none."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+    for key, ax in zip(("train_acc", "val_acc", "train_loss", "val_loss"), axes.flat):
+        for rows, label in zip(runs_rows, labels):
+            ax.plot([int(r["epoch"]) for r in rows], _series(rows, key), "-o", ms=3, label=label)
+        ax.set_title(key.replace("_", " ").replace("acc", "accuracy"))
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=min(4, max(1, len(labels))),
+               fontsize=8)
+    fig.tight_layout()
+    fig.subplots_adjust(bottom=0.15)
+    save(fig, out)
+
+
+def bars_png(labels: list[str], values: list, title: str, out: Path) -> None:
+    """One bar per run; a run without the number (failed) gets an empty bar marked n/a."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 * len(labels) + 2), 4))
+    heights = [v if v is not None else 0 for v in values]
+    ax.bar(range(len(labels)), heights, color="tab:blue")
+    for i, (height, value) in enumerate(zip(heights, values)):
+        ax.text(i, height, "n/a" if value is None else f"{value:.3g}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     save(fig, out)

@@ -1,78 +1,75 @@
 """Shipping a trained run as the repo's default model, and generating its model card.
 
-`ship_run` copies a run's calibrated checkpoint into models/ (with training facts added to its
-sidecar), re-evaluates it on the run's own validation and internal test splits into
-docs/model-card/<task>/, and `write_model_card` turns those outputs into docs/model-card.md.
-Nothing in the card is typed by hand: every figure comes from the files this writes.
+`ship_run` writes a run's model as the bundle models/<task>/ (its training facts added to the
+provenance), measures it on the run's own validation and internal test splits into
+docs/model-card/<task>/ and the bundle's metrics.json, and `write_model_card` turns those into
+docs/model-card.md. Nothing in the card is typed by hand: every figure comes from those files.
 """
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from .data import atomic_write, read_manifest
-from .evaluate import evaluate_samples, fit_temperature
-from .export import export_int8, int8_path
+from .artifact import ONNX_INT8, load_bundle, save_bundle, write_metrics
+from .evaluate import evaluate_samples
+from .files import atomic_write
 from .labels import THREE, task_label
-from .models import load_checkpoint, save_checkpoint
-from .predict import Classifier
+from .metrics import fit_temperature, headline
+from .rundir import RunDir, summarize
 
-BINARY_GROUPS = [[0], [1, 2]]  # NORMAL | BACTERIA + VIRUS, indices into labels.THREE
+BINARY_GROUPS = ((0,), (1, 2))  # NORMAL | BACTERIA + VIRUS, indices into labels.THREE
 INT8_NOTE = ("; rows marked int8: the quantized graph (`--backend int8`, about 1.8x the folder throughput, "
              "see benchmarks.md).")
 
 
-def training_summary(run_dir: Path) -> dict:
-    """Wall time and the time-to-accuracy curve of a run, from its own files."""
-    with open(run_dir / "metrics.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    elapsed, curve = 0.0, []
-    for row in rows:
-        elapsed += float(row["seconds"])
-        curve.append({"epoch": int(row["epoch"]), "train_seconds": round(elapsed, 1),
-                      "val_acc": round(float(row["val_acc"]), 4), "val_bacc": round(float(row["val_bacc"]), 4)})
-    env_file = run_dir / "env.json"  # absent when the run died after its last epoch
-    env = json.loads(env_file.read_text()) if env_file.exists() else {}
-    return {"run": run_dir.name, "epochs_run": len(rows), "wall_seconds": env.get("wall_seconds"),
-            "train_seconds": round(elapsed, 1), "peak_memory_mb": env.get("peak_memory_mb"), "curve": curve,
-            "env": env}
+def training_facts(run_dir: str | Path) -> dict:
+    """What the card says about training, from the run's summary: epochs, time, memory, the
+    time-to-accuracy curve."""
+    summary = summarize(run_dir)
+    return {"run": Path(run_dir).name, "epochs_run": summary["epochs"], "wall_seconds": summary["wall_seconds"],
+            "train_seconds": summary["train_seconds"], "peak_memory_mb": summary["peak_memory_mb"],
+            "cpu_count": summary["cpu_count"], "curve": summary["curve"]}
 
 
 def ship_run(run_dir: str | Path, models_dir: str | Path = "models", docs_dir: str | Path = "docs",
              binary_from_three: bool = False, int8_calibration: int = 0) -> list[Path]:
-    """Copies the run's model.pt into models/pneumoscope-<task>.pt and evaluates it for the card.
-    With binary_from_three, also ships the 3-class model read as NORMAL vs PNEUMONIA. With
-    int8_calibration > 0, also writes each model's int8 ONNX graph (`--backend int8`), calibrated on
-    that many images of the run's train split, and measures it on val and internal test too."""
-    run_dir, models_dir, docs_dir = Path(run_dir), Path(models_dir), Path(docs_dir)
-    model, meta = load_checkpoint(run_dir / "model.pt")
-    samples = read_manifest(run_dir / "manifest.csv")
-    meta["training"] = training_summary(run_dir)
+    """Writes the run's model as the bundle models/<task>/ and evaluates it for the card. With
+    binary_from_three, also ships the 3-class model read as NORMAL vs PNEUMONIA (models/binary/).
+    With int8_calibration > 0, also writes each bundle's int8 ONNX graph (`--backend int8`),
+    calibrated on that many images of the run's train split, and measures it on val and internal
+    test too. Returns the bundle directories."""
+    run, models_dir, docs_dir = RunDir(run_dir), Path(models_dir), Path(docs_dir)
+    model_path = run.model_path()
+    if model_path is None:
+        raise FileNotFoundError(f"{run.path}: no model yet; is the run finished?")
+    bundle = load_bundle(model_path)
+    model = bundle.load_model()
+    meta = bundle.meta.replace(provenance={**bundle.meta.provenance, "training": training_facts(run.path)})
+    samples = run.samples()
     shipped = [_ship(model, meta, samples, models_dir, docs_dir, int8_calibration)]
     if binary_from_three:
-        if meta["task"] != "three":
+        if meta.task != "three":
             raise ValueError("binary_from_three needs a 3-class run")
         shipped.append(_ship_binary(model, meta, samples, models_dir, docs_dir, int8_calibration))
     return shipped
 
 
-def _ship(model, meta: dict, samples, models_dir: Path, docs_dir: Path, int8_calibration: int = 0) -> Path:
-    target = models_dir / f"pneumoscope-{meta['task']}.pt"
-    save_checkpoint(model, meta, target)
-    int8_path(target).unlink(missing_ok=True)  # made from the model this replaces
+def _ship(model, meta, samples, models_dir: Path, docs_dir: Path, int8_calibration: int = 0) -> Path:
+    """One bundle, written once, then measured: metrics.json beside it, reports in the docs."""
+    from .export import export_int8
+    from .predict import Classifier
+
+    target = models_dir / meta.task
+    save_bundle(model, meta, target)
+    (target / ONNX_INT8).unlink(missing_ok=True)  # made from the model this replaces
     classifier = Classifier.load(target)
-    meta["metrics_backend"] = classifier.backend
-    meta["metrics"] = _measure(classifier, samples, docs_dir / "model-card" / meta["task"], plots=True)
-    meta.pop("metrics_int8", None)
+    reports = docs_dir / "model-card" / meta.task
+    metrics = {**_measure(classifier, samples, reports, plots=True), "backend": classifier.backend}
     if int8_calibration:
         export_int8(target, samples, int8_calibration)
-        int8 = Classifier.load(target, backend="int8")
-        meta["metrics_int8"] = _measure(int8, samples, docs_dir / "model-card" / meta["task"] / "int8", plots=False)
-    return save_checkpoint(model, meta, target)
+        metrics["int8"] = _measure(Classifier.load(target, backend="int8"), samples, reports / "int8", plots=False)
+    write_metrics(target, metrics)
+    return target
 
 
 def _measure(classifier, samples, out_dir: Path, plots: bool) -> dict:
@@ -80,45 +77,38 @@ def _measure(classifier, samples, out_dir: Path, plots: bool) -> dict:
     metrics = {}
     for split, name in (("val", "val"), ("test", "internal_test")):
         chosen = [s for s in samples if s.split == split]
-        if chosen:
-            report = evaluate_samples(None, chosen, out_dir / split, classifier=classifier,
-                                      plots=plots and split == "test")  # the card shows test
-            metrics[name] = {k: report[k] for k in ("n", "accuracy", "accuracy_ci95", "balanced_accuracy",
-                                                    "macro_f1", "macro_auc", "ece", "ece_uncalibrated")}
-            metrics[name]["recall"] = {c: v["recall"] for c, v in report["per_class"].items()}
+        if chosen:  # the card shows test's figures
+            metrics[name] = headline(evaluate_samples(classifier, chosen, out_dir / split, plots=plots and split == "test"))
     return metrics
 
 
-def _ship_binary(model, meta: dict, samples, models_dir: Path, docs_dir: Path, int8_calibration: int = 0) -> Path:
-    """The 3-class network with a MergeOutputs head; its temperature refitted on validation."""
-    binary_meta = {**meta, "task": "binary", "classes": ["NORMAL", "PNEUMONIA"], "temperature": 1.0,
-                   "merge_outputs": BINARY_GROUPS, "output_classes": list(THREE),
-                   "name": meta["name"].replace("-three", "-binary"), "derived_from": "pneumoscope-three.pt"}
-    models_dir.mkdir(parents=True, exist_ok=True)
-    probe_path = models_dir / ".binary-probe.pt"
-    save_checkpoint(model, binary_meta, probe_path)  # same weights; the merge head is rebuilt on load
-    try:
-        classifier = Classifier.load(probe_path)
-        val = [s for s in samples if s.split == "val"]
-        probs = np.array([[r.probabilities[c] for c in classifier.classes]
-                          for r in classifier.predict_many([s.path for s in val])])
-        targets = torch.tensor([classifier.classes.index(task_label(s.label, "binary")) for s in val])
-        binary_meta["temperature"] = fit_temperature(torch.log(torch.tensor(probs).clamp(min=1e-12)), targets)
-    finally:
-        probe_path.unlink(missing_ok=True)
-        probe_path.with_suffix(".json").unlink(missing_ok=True)
-    return _ship(model, binary_meta, samples, models_dir, docs_dir, int8_calibration)
+def _ship_binary(model, meta, samples, models_dir: Path, docs_dir: Path, int8_calibration: int = 0) -> Path:
+    """The 3-class network read through a merge of its outputs (NORMAL | BACTERIA + VIRUS), with
+    its own temperature fitted on the validation logits of that merged output."""
+    from .artifact import build_model
+    from .predict import Classifier
+
+    binary = meta.replace(task="binary", classes=("NORMAL", "PNEUMONIA"), merge_outputs=BINARY_GROUPS,
+                          temperature=1.0, name=meta.name.replace("-three", "-binary"),
+                          provenance={**meta.provenance, "derived_from": meta.name, "source_classes": list(THREE)})
+    model = build_model(binary, model.state_dict())  # the same weights behind a merge of the outputs
+    val = [s for s in samples if s.split == "val"]
+    scores = Classifier.from_model(model, binary, backend="torch").scores([s.path for s in val])
+    ok = [i for i, error in enumerate(scores.errors) if error is None]
+    targets = [binary.classes.index(task_label(val[i].label, "binary")) for i in ok]
+    binary = binary.replace(temperature=fit_temperature(scores.logits[ok], targets))
+    return _ship(model, binary, samples, models_dir, docs_dir, int8_calibration)
 
 
 # ---------------------------------------------------------------- the card
 def write_model_card(models_dir: str | Path = "models", docs_dir: str | Path = "docs") -> Path:
+    """docs/model-card.md from the shipped bundles (meta.json, metrics.json) and their reports."""
     models_dir, docs_dir = Path(models_dir), Path(docs_dir)
     sections = [_CARD_HEAD]
     for task in ("three", "binary"):
-        checkpoint = models_dir / f"pneumoscope-{task}.pt"
-        if checkpoint.exists():
-            meta = json.loads(checkpoint.with_suffix(".json").read_text())
-            sections.append(_task_section(meta, docs_dir / "model-card" / task, docs_dir))
+        if (models_dir / task).is_dir():
+            bundle = load_bundle(models_dir / task)
+            sections.append(_task_section(bundle.meta, bundle.metrics(), docs_dir / "model-card" / task, docs_dir))
     sections.append(_CARD_TAIL)
     out = docs_dir / "model-card.md"
     with atomic_write(out, "w") as handle:
@@ -126,38 +116,44 @@ def write_model_card(models_dir: str | Path = "models", docs_dir: str | Path = "
     return out
 
 
-def _task_section(meta: dict, reports: Path, docs_dir: Path) -> str:
+def _task_section(meta, metrics: dict, reports: Path, docs_dir: Path) -> str:
+    import json
+
     rel = lambda p: p.relative_to(docs_dir).as_posix()  # noqa: E731
-    config = meta.get("train_config", {})
-    training = meta.get("training", {})
-    lines = [f"## `{meta['name']}` ({meta['task']}: {' / '.join(meta['classes'])})", ""]
+    provenance = meta.provenance
+    config = provenance.get("train_config", {})
+    training = provenance.get("training", {})
+    cpu_count = training.get("cpu_count") or training.get("env", {}).get("cpu_count", "?")  # "env": shipped before bundles
+    groups = {k: v for k, v in metrics.items() if k not in ("backend", "int8")}
+    int8 = metrics.get("int8", {})
+    lines = [f"## `{meta.name}` ({meta.task}: {' / '.join(meta.classes)})", ""]
     lines += [
-        f"- Architecture: `{meta['arch']}`, {meta['params']:,} parameters, input {meta['img_size']}x{meta['img_size']} "
-        f"gray, normalisation mean {meta['normalization']['mean']} std {meta['normalization']['std']}.",
+        f"- Architecture: `{meta.arch}`, {meta.params:,} parameters, input {meta.img_size}x{meta.img_size} "
+        f"gray, normalisation mean {meta.mean} std {meta.std}.",
         f"- Training: {training.get('epochs_run', '?')} epochs, {training.get('train_seconds', '?')} s in training "
         f"epochs ({training.get('wall_seconds') or '?'} s wall in all) on "
-        f"{training.get('env', {}).get('cpu_count', '?')} CPU cores (peak memory "
+        f"{cpu_count} CPU cores (peak memory "
         f"{training.get('peak_memory_mb', '?')} MB); lr {config.get('lr')}, batch {config.get('batch_size')}, "
         f"label smoothing {config.get('label_smoothing')}, augmentation strength {config.get('aug')}, EMA decay "
         f"{config.get('ema_decay')} from epoch {config.get('ema_start_epoch', 0)}, first {config.get('freeze_blocks')} "
         f"blocks frozen, at most {config.get('epochs')} epochs (early stopping patience {config.get('patience')}), "
-        f"seed {meta.get('seed')}.",
-        f"- Data: manifest hash `{meta['manifest_hash']}`, git commit `{meta.get('git_commit')}`; "
-        f"temperature {meta['temperature']:.3f}."
-        + (" Derived from the 3-class model by summing BACTERIA and VIRUS probabilities." if meta.get("merge_outputs") else ""),
-        f"- Figures below measured with the `{meta.get('metrics_backend', 'onnx')}` backend, the one `predict` "
-        "uses by default" + (INT8_NOTE if meta.get("metrics_int8") else "."),
+        f"seed {provenance.get('seed')}.",
+        f"- Data: manifest hash `{provenance.get('manifest_hash')}`, git commit `{provenance.get('git_commit')}`; "
+        f"temperature {meta.temperature:.3f}."
+        + (" Derived from the 3-class model by summing BACTERIA and VIRUS probabilities." if meta.merge_outputs else ""),
+        f"- Figures below measured with the `{metrics.get('backend', 'onnx')}` backend, the one `predict` "
+        "uses by default" + (INT8_NOTE if int8 else "."),
         "",
         "| split | n | accuracy (95% CI) | balanced acc. | macro F1 | macro AUC | ECE before -> after | "
-        + " | ".join(f"recall {c}" for c in meta["classes"]) + " |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(meta["classes"]),
+        + " | ".join(f"recall {c}" for c in meta.classes) + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(meta.classes),
     ]
-    rows = list(meta.get("metrics", {}).items()) + [(f"{k} (int8)", m) for k, m in meta.get("metrics_int8", {}).items()]
+    rows = list(groups.items()) + [(f"{k} (int8)", m) for k, m in int8.items()]
     for name, m in rows:
         lo, hi = m["accuracy_ci95"]
         lines.append(f"| {name} | {m['n']} | {m['accuracy']:.3f} ({lo:.3f}-{hi:.3f}) | {m['balanced_accuracy']:.3f} | "
                      f"{m['macro_f1']:.3f} | {m['macro_auc']:.3f} | {m['ece_uncalibrated']:.3f} -> {m['ece']:.3f} | "
-                     + " | ".join(f"{m['recall'][c]:.3f}" for c in meta["classes"]) + " |")
+                     + " | ".join(f"{m['recall'][c]:.3f}" for c in meta.classes) + " |")
     test = reports / "test"
     if (test / "metrics.json").exists():
         report = json.loads((test / "metrics.json").read_text())
@@ -189,21 +185,12 @@ def _confident_mistakes(report_dir: Path, n: int = 8) -> list[tuple[str, str, st
              for r in rows if r["true"] != r["predicted"]]
     wrong.sort(key=lambda w: -w[3])
     if wrong:
-        _mistakes_png(wrong[:n], report_dir / "mistakes.png")
+        from .images import read_xray
+        from .plots import mistakes_png
+
+        mistakes_png([read_xray(p) for p, *_ in wrong[:n]], [f"{pr} {prob:.2f}\n[{t}]" for _, t, pr, prob in wrong[:n]],
+                     report_dir / "mistakes.png")
     return wrong[:n]
-
-
-def _mistakes_png(mistakes, out: Path) -> None:
-    from .images import read_xray
-    from .plots import plt, save
-
-    fig, axes = plt.subplots(1, len(mistakes), figsize=(2.4 * len(mistakes), 2.8), squeeze=False)
-    for ax, (path, true, predicted, prob) in zip(axes[0], mistakes):
-        ax.imshow(read_xray(path), cmap="gray")
-        ax.set_title(f"{predicted} {prob:.2f}\n[{true}]", fontsize=9, color="red")
-        ax.axis("off")
-    fig.tight_layout()
-    save(fig, out)
 
 
 _CARD_HEAD = """# Model card: pneumoscope shipped models

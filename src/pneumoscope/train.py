@@ -1,25 +1,12 @@
-"""Training with Lightning: one run directory that explains itself, best checkpoint, resume.
+"""Training with Lightning: a run flows one way, fit -> calibrate in memory -> write the bundle
+once -> evaluate from it, and `train` returns what it did (TrainResult).
 
-Run directory layout (`TrainConfig.out`):
-    config.yaml        the resolved configuration
-    manifest.csv       the patient-grouped split actually used
-    status.json        running / finished / failed / interrupted, with timings, pid and hostname
-    metrics.csv        one row per epoch: losses, accuracies, learning rate, seconds
-    curves.png         loss and accuracy vs epoch, train vs val
-    checkpoints/       Lightning's last.ckpt (for --resume) and best.ckpt
-    model.pt/.json     the best weights in pneumoscope's format, calibrated (temperature)
-    env.json           versions, seed, git commit, wall time, peak memory, world size
-    test/              evaluation of the internal test split (when it has one)
-    logs/              Lightning's CSVLogger (and TensorBoard's events when tensorboard is installed)
-    mlruns/            MLflow's file store, when mlflow is installed (MLFLOW_TRACKING_URI wins when set)
-
-Under torchrun or srun (several processes), only rank 0 writes these files; every rank computes
-the same seeded split, and validation metrics are gathered over all ranks.
+The run directory's files (rundir.py has the layout) are written through `rundir.RunDir` only.
+Under torchrun or srun (several processes), only rank 0 writes them; every rank computes the same
+seeded split, and validation metrics are gathered over all ranks.
 """
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 import platform
@@ -27,14 +14,13 @@ import resource
 import socket
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import lightning.pytorch as L
 import numpy as np
 import torch
 import torchmetrics
-import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
@@ -42,45 +28,29 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import __version__
-from .data import (XrayDataset, atomic_write, class_weights, discover, eval_transform, load_pixels,
-                   load_samples, manifest_hash, patient_folds, split_by_patient, train_transform,
-                   write_manifest)
+from . import __version__, rundir
+from .config import TrainConfig  # noqa: F401  (re-exported: `from pneumoscope.train import TrainConfig`)
+from .data import (XrayDataset, class_weights, discover, eval_transform, load_pixels, load_samples, manifest_hash,
+                   split_by_patient, train_transform)
 from .labels import classes_for
-from .models import DEFAULT_ARCH, XrayNet, count_parameters, create_model, model_spec, save_checkpoint
+from .models import XrayNet, count_parameters, create_model, model_spec
+from .rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig:
-    data: str
-    out: str = "runs/default/run"
-    task: str = "three"
-    arch: str = DEFAULT_ARCH
-    pretrained: bool | None = None  # None: the architecture's default (True for efficientnet_lite0)
-    epochs: int = 8  # the 20-minute budget on 2 cores at 192 px (~110 s an epoch with validation)
-    img_size: int = 192
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    label_smoothing: float = 0.1
-    class_weight_power: float = 1.0  # loss weights = inverse class frequency ** power (0: unweighted)
-    aug: float = 1.0  # augmentation strength, 0 disables it
-    aug_policy: str = "standard"  # data.AUG_POLICIES: "strong" adds acquisition changes (equalise, JPEG, shear)
-    freeze_blocks: int = 2  # efficientnet: keep the stem and this many first blocks at ImageNet values
-    ema_decay: float = 0.995  # 0 disables the exponential moving average of weights
-    ema_start_epoch: int = 1  # average from here on: an average that starts at step 0 remembers the init
-    patience: int = 4  # early stopping on validation balanced accuracy
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    seed: int = 0
-    max_images: int | None = None  # cap the pool (by patient) for quick runs
-    keep_epochs: bool = False  # also keep every epoch's weights (checkpoints/epoch-N.ckpt), for stability studies
-    evaluate_test: bool = True
-    resume: bool = False
-    cache_dir: str | None = None
-    extra: dict = field(default_factory=dict)
+class TrainResult:
+    """What a training run did: where it is, its model bundle and the headline metrics of each
+    evaluated split ("val", "internal_test"; metrics.headline). On ranks other than 0 of a
+    multi-process run, `bundle` is None and `metrics` empty: rank 0 finishes alone."""
+
+    run_dir: Path
+    bundle: Path | None
+    metrics: dict = field(default_factory=dict)
+    config: TrainConfig | None = None  # what ran: with --resume, the run's saved configuration
+    resumed: bool = False
+    best_epoch: int | None = None
 
 
 # ---------------------------------------------------------------- Lightning module
@@ -148,14 +118,10 @@ def freeze_early_layers(model: XrayNet, n_blocks: int) -> list[nn.Module]:
 
 # ---------------------------------------------------------------- run bookkeeping callbacks
 class EpochTable(Callback):
-    """Writes metrics.csv (one row per epoch) and curves.png after every epoch, atomically."""
+    """Records every epoch (metrics.csv, curves.png) through the run directory, on rank 0."""
 
-    COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_bacc", "val_n", "lr", "seconds",
-               "images_per_s")
-
-    def __init__(self, run_dir: Path, n_train: int):
-        self.run_dir, self.n_train = run_dir, n_train
-        self.path = run_dir / "metrics.csv"
+    def __init__(self, run: RunDir, n_train: int):
+        self.run, self.n_train = run, n_train
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.started = time.perf_counter()
@@ -165,7 +131,7 @@ class EpochTable(Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         seconds = time.perf_counter() - self.started
-        row = {
+        self.run.write_epoch({
             "epoch": trainer.current_epoch,
             "train_loss": metrics.get("train_loss_epoch", metrics.get("train_loss")),
             "train_acc": metrics.get("train_acc"),
@@ -175,52 +141,7 @@ class EpochTable(Callback):
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
             "seconds": round(seconds, 2),
             "images_per_s": round(self.n_train / max(seconds, 1e-9), 1),
-        }
-        rows = [r for r in read_metrics(self.path) if int(r["epoch"]) < row["epoch"]] + [row]
-        with atomic_write(self.path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, self.COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        plot_curves(rows, self.run_dir / "curves.png")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def plot_curves(rows: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [int(r["epoch"]) for r in rows]
-    series = lambda key: [float(r[key]) if r.get(key) not in (None, "") else np.nan for r in rows]  # noqa: E731
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, style in (("train", "-o"), ("val", "--s")):
-        ax_loss.plot(epochs, series(f"{key}_loss"), style, label=key)
-        ax_acc.plot(epochs, series(f"{key}_acc"), style, label=key)
-    ax_acc.plot(epochs, series("val_bacc"), ":^", label="val balanced")
-    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    with atomic_write(out) as handle:
-        fig.savefig(handle, format="png", dpi=100)
-    plt.close(fig)
-
-
-def write_status(run_dir: Path, status: str, **extra) -> None:
-    path = run_dir / "status.json"
-    current = json.loads(path.read_text()) if path.exists() else {}
-    current.update(status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
-    with atomic_write(path, "w") as handle:
-        json.dump(current, handle, indent=2)
+        })
 
 
 def git_commit() -> str | None:
@@ -295,31 +216,17 @@ class SameSplitOnAllRanks(Callback):
 
 
 # ---------------------------------------------------------------- the run
-def prepare_split(config: TrainConfig, run_dir: Path):
-    """The run's samples with train/val/test assigned: from a manifest as given, or split by patient."""
+def prepare_split(config: TrainConfig):
+    """The run's samples with train/val/test assigned: from a manifest as given (cross-validation
+    folds are manifests too), or split by patient."""
     data = Path(config.data)
-    fold = config.extra.get("cv_fold")  # cross-validation: set by experiments.cross_validate
     if data.suffix.lower() == ".csv":
         samples = load_samples(data)
-    elif fold is None:
-        samples = split_by_patient(discover(data)[0], config.val_fraction, config.test_fraction, config.seed)
     else:
-        samples = discover(data)[0]
+        samples = split_by_patient(discover(data)[0], config.val_fraction, config.test_fraction, config.seed)
     if config.max_images:
         samples = subsample_by_patient(samples, config.max_images, config.seed)
-    if fold is not None:
-        samples = cross_validation_split(samples, config.extra["cv_folds"], fold, config.seed)
-    if is_main_process():
-        write_manifest(samples, run_dir / "manifest.csv")
     return samples
-
-
-def cross_validation_split(samples, n_folds: int, fold: int, seed: int):
-    """Fold `fold` of a patient-grouped, class-stratified K-fold as val, the other folds as train.
-    A manifest's test rows stay out of it: cross-validation never sees the held-out test set."""
-    pool = [s for s in samples if s.split != "test"]
-    held = set(patient_folds(pool, n_folds, seed)[fold].tolist())
-    return [replace(s, split="val" if i in held else "train") for i, s in enumerate(pool)]
 
 
 def subsample_by_patient(samples, max_images: int, seed: int):
@@ -338,38 +245,44 @@ def subsample_by_patient(samples, max_images: int, seed: int):
     return sorted(kept, key=lambda s: s.path)
 
 
-def train(config: TrainConfig) -> Path:
-    """Trains one model and returns the path of its calibrated best checkpoint (model.pt)."""
+def train(config: TrainConfig) -> TrainResult:
+    """Trains one model into its run directory and returns the result. With `resume`, a run whose
+    directory already holds a configuration continues from its last checkpoint with that saved
+    configuration (the given one only locates the run), as `pneumoscope train --resume` does."""
     started = time.perf_counter()
-    run_dir = Path(config.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(rundir.resolve(config))
+    saved = run.config() if config.resume else None
+    if saved is not None:
+        log.info("resuming %s with its saved configuration", run.path)
+        config = replace(saved, resume=True)
+    config = replace(config, out=str(run.path))
     L.seed_everything(config.seed, workers=True, verbose=False)
     classes = classes_for(config.task)
     model_spec(config.arch)  # fail fast on an unknown name
     main = is_main_process()
     if main:
-        with atomic_write(run_dir / "config.yaml", "w") as handle:
-            yaml.safe_dump(asdict(config), handle, sort_keys=False)
-        if not config.resume:
-            (run_dir / "status.json").unlink(missing_ok=True)
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write_config(config)
         # pid and host let `pneumoscope runs` tell a live run from one whose process was killed
-        write_status(run_dir, "running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None,
-                     pid=os.getpid(), hostname=socket.gethostname(), world_size=world_size())
+        run.write_status("running", fresh=not config.resume, started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                         error=None, pid=os.getpid(), hostname=socket.gethostname(), world_size=world_size())
     try:
-        checkpoint = _fit(config, run_dir, classes, started)
+        result = _fit(config, run, classes, started)
     except KeyboardInterrupt:
         if main:
-            write_status(run_dir, "interrupted")
+            run.write_status("interrupted")
         raise
     except BaseException as err:
         if main:
-            write_status(run_dir, "failed", error=f"{type(err).__name__}: {err}")
+            run.write_status("failed", error=f"{type(err).__name__}: {err}")
         raise
-    return checkpoint
+    return replace(result, config=config, resumed=saved is not None)
 
 
-def _fit(config: TrainConfig, run_dir: Path, classes, started: float) -> Path:
-    samples = prepare_split(config, run_dir)
+def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResult:
+    samples = prepare_split(config)
+    if is_main_process():
+        run.write_manifest(samples)
     cache = Path(config.cache_dir) if config.cache_dir else None
     datasets = {}
     for split in ("train", "val"):
@@ -385,18 +298,17 @@ def _fit(config: TrainConfig, run_dir: Path, classes, started: float) -> Path:
     model = create_model(config.arch, len(classes), config.pretrained).to(memory_format=torch.channels_last)
     module = LitClassifier(model, classes, config, weights)
 
-    checkpoints = run_dir / "checkpoints"
-    best = ModelCheckpoint(checkpoints, filename="best", monitor="val_bacc", mode="max",
+    best = ModelCheckpoint(run.checkpoints, filename="best", monitor="val_bacc", mode="max",
                            enable_version_counter=False)
     # Lightning 2.6 writes save_last only when the best improves, so "last" is its own every-epoch
     # checkpoint: --resume must never lose an epoch.
-    last = ModelCheckpoint(checkpoints, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+    last = ModelCheckpoint(run.checkpoints, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
                            enable_version_counter=False)
-    callbacks = [best, last, EpochTable(run_dir, len(train_set)), TQDMProgressBar(refresh_rate=10),
+    callbacks = [best, last, EpochTable(run, len(train_set)), TQDMProgressBar(refresh_rate=10),
                  EarlyStopping("val_bacc", mode="max", patience=config.patience),
                  SameSplitOnAllRanks(manifest_hash(samples))]
     if config.keep_epochs:  # full checkpoints: with weights only, Lightning skips the hook that stores the EMA
-        callbacks.append(EveryEpochCheckpoint(checkpoints, filename="epoch-{epoch}", monitor=None, save_top_k=-1,
+        callbacks.append(EveryEpochCheckpoint(run.checkpoints, filename="epoch-{epoch}", monitor=None, save_top_k=-1,
                                               every_n_epochs=1, auto_insert_metric_name=False,
                                               enable_version_counter=False))
     if config.ema_decay > 0:
@@ -406,18 +318,18 @@ def _fit(config: TrainConfig, run_dir: Path, classes, started: float) -> Path:
         callbacks.append(EMAWeightAveraging(decay=config.ema_decay,
                                             update_starting_at_step=config.ema_start_epoch * steps_per_epoch))
     trainer = L.Trainer(max_epochs=config.epochs, **trainer_devices(), callbacks=callbacks,
-                        default_root_dir=run_dir, logger=_loggers(run_dir), deterministic=False,
+                        default_root_dir=run.path, logger=_loggers(run.path), deterministic=False,
                         log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)
     for logger in trainer.loggers:  # the configuration, so MLflow/TensorBoard can filter runs by it
-        logger.log_hyperparams(asdict(config))
-    resume_from = checkpoints / "last.ckpt" if config.resume and (checkpoints / "last.ckpt").exists() else None
+        logger.log_hyperparams(config.to_dict())
+    resume_from = run.last_checkpoint if config.resume and run.last_checkpoint.exists() else None
     if config.resume and resume_from is None:
-        log.warning("--resume: no %s yet; starting from the beginning", checkpoints / "last.ckpt")
+        log.warning("--resume: no %s yet; starting from the beginning", run.last_checkpoint)
     trainer.fit(module, datamodule=_Loaders(train_set, val_set, config.batch_size), ckpt_path=resume_from,
                 weights_only=True)
     if not trainer.is_global_zero:
-        return run_dir / "model.pt"
-    return _finish(config, run_dir, classes, samples, best, model, val_set, started)
+        return TrainResult(run.path, None)
+    return _finish(config, run, classes, samples, best, model, val_set, started)
 
 
 class EveryEpochCheckpoint(ModelCheckpoint):
@@ -480,59 +392,36 @@ def _loggers(run_dir: Path) -> list:
     return loggers
 
 
-def _finish(config, run_dir, classes, samples, best, model, val_set, started) -> Path:
-    from .evaluate import evaluate_samples, fit_temperature
+def _finish(config, run: RunDir, classes, samples, best, model, val_set, started) -> TrainResult:
+    """Best weights -> temperature from one pass over the val pixels -> the bundle, written once ->
+    val and test reports from that bundle, through the same Classifier users load."""
+    from .artifact import ModelMeta, save_bundle
+    from .evaluate import evaluate_samples
+    from .metrics import fit_temperature, headline
+    from .predict import Classifier
 
-    best_path = Path(best.best_model_path)
-    best_checkpoint = torch.load(best_path, map_location="cpu", weights_only=True)  # read once: ~40 MB
-    model.load_state_dict(network_weights(best_checkpoint["state_dict"]))
+    state, best_epoch = rundir.checkpoint_weights(best.best_model_path)
+    model.load_state_dict(state)
     model.eval()
-    logits = predict_logits(model, val_set)
-    temperature = fit_temperature(logits, val_set.targets)
     spec = model_spec(config.arch)
-    meta = {
-        "name": f"pneumoscope-{config.arch}-{config.task}", "version": __version__,
-        "arch": config.arch, "task": config.task, "classes": list(classes), "img_size": config.img_size,
-        "input": "1-channel grayscale in [0, 1], squashed to img_size x img_size",
-        "normalization": {"mean": spec.mean, "std": spec.std}, "temperature": temperature,
-        "params": count_parameters(model), "manifest_hash": manifest_hash(samples),
-        "git_commit": git_commit(), "seed": config.seed, "best_epoch": best_checkpoint.get("epoch"),
-        "train_config": asdict(config), "metrics": {},
-    }
-    checkpoint = save_checkpoint(model, meta, run_dir / "model.pt")
-    val_metrics = evaluate_samples(checkpoint, [s for s in samples if s.split == "val"], run_dir / "val",
-                                   plots=False)
-    meta["metrics"]["val"] = _headline(val_metrics)
-    if config.evaluate_test and any(s.split == "test" for s in samples):
-        test_metrics = evaluate_samples(checkpoint, [s for s in samples if s.split == "test"], run_dir / "test")
-        meta["metrics"]["internal_test"] = _headline(test_metrics)
-    save_checkpoint(model, meta, checkpoint)
+    meta = ModelMeta(
+        name=f"pneumoscope-{config.arch}-{config.task}", task=config.task, classes=tuple(classes),
+        arch=config.arch, img_size=config.img_size, mean=spec.mean, std=spec.std, params=count_parameters(model),
+        provenance={"pneumoscope": __version__, "git_commit": git_commit(), "seed": config.seed,
+                    "manifest_hash": manifest_hash(samples), "best_epoch": best_epoch, "train_config": config.to_dict(),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    val_logits = Classifier.from_model(model, meta, backend="torch").score_pixels(val_set.pixels.numpy()).logits
+    meta = meta.replace(temperature=fit_temperature(val_logits, val_set.targets))
+    save_bundle(model, meta, run.bundle)
+    classifier = Classifier.load(run.bundle)
+    metrics = {}
+    for split, name in (("val", "val"), ("test", "internal_test")):
+        chosen = [s for s in samples if s.split == split]
+        if chosen and (split == "val" or config.evaluate_test):
+            report = evaluate_samples(classifier, chosen, run.report_dir(split), plots=split == "test")
+            metrics[name] = headline(report)
     wall = time.perf_counter() - started
-    with atomic_write(run_dir / "env.json", "w") as handle:
-        json.dump(environment(config, wall), handle, indent=2)
-    write_status(run_dir, "finished", wall_seconds=round(wall, 1), best_val_bacc=best.best_model_score
-                 and float(best.best_model_score))
-    return checkpoint
-
-
-def network_weights(lightning_state: dict) -> dict:
-    """The XrayNet's state dict inside a LitClassifier's (a Lightning checkpoint's "state_dict")."""
-    return {k.removeprefix("model."): v for k, v in lightning_state.items() if k.startswith("model.")}
-
-
-def _headline(metrics: dict) -> dict:
-    keys = ("n", "accuracy", "accuracy_ci95", "balanced_accuracy", "macro_f1", "macro_auc", "ece")
-    out = {k: metrics[k] for k in keys if k in metrics}
-    out["recall"] = {c: v["recall"] for c, v in metrics["per_class"].items()}
-    return out
-
-
-
-@torch.inference_mode()
-def predict_logits(model: nn.Module, dataset: XrayDataset, batch_size: int = 64) -> torch.Tensor:
-    model.eval()
-    outputs = []
-    for start in range(0, len(dataset), batch_size):
-        batch = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
-        outputs.append(model(batch.contiguous(memory_format=torch.channels_last)))
-    return torch.cat(outputs)
+    run.write_env(environment(config, wall))
+    run.write_status("finished", wall_seconds=round(wall, 1),
+                     best_val_bacc=best.best_model_score and float(best.best_model_score))
+    return TrainResult(run.path, run.bundle, metrics, best_epoch=best_epoch)

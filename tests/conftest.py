@@ -111,3 +111,47 @@ def classifier(small_bundle):
     from pneumoscope.predict import Classifier
 
     return Classifier.load(small_bundle)
+
+
+# ---------------------------------------------------------------- models made in memory (no training)
+SMALL_SIZE = 64
+
+
+def small_model(arch: str = "efficientnet_lite0", n_classes: int = 3, seed: int = 0):
+    """A registered network with a seeded random head (ImageNet backbone where one ships): real
+    features, no training. For tests where what the weights learned does not matter."""
+    import torch
+
+    from pneumoscope.models import create_model
+
+    torch.manual_seed(seed)
+    return create_model(arch, n_classes).eval()
+
+
+def small_meta(arch: str = "efficientnet_lite0", task: str = "three", **overrides):
+    from pneumoscope.artifact import ModelMeta
+    from pneumoscope.labels import classes_for
+    from pneumoscope.models import model_spec
+
+    spec = model_spec(arch)
+    values = dict(name=f"test-{arch}-{task}", task=task, classes=classes_for(task), arch=arch, img_size=SMALL_SIZE,
+                  mean=spec.mean, std=spec.std, temperature=1.5, provenance={"pneumoscope": "test"})
+    return ModelMeta(**{**values, **overrides})
+
+
+@pytest.fixture(scope="session")
+def small_bundle(tmp_path_factory) -> Path:
+    """A 3-class EfficientNet-Lite0 bundle at 64 px (weights.pt, meta.json, model.onnx) made from
+    `small_model`: written once per session; copy it before changing it."""
+    from pneumoscope.artifact import save_bundle
+
+    return save_bundle(small_model(), small_meta(), tmp_path_factory.mktemp("bundles") / "small")
+
+
+@pytest.fixture(scope="session")
+def classifier(small_bundle):
+    """`small_bundle` on the default backend (ONNX Runtime). Shared: do not change its attributes
+    (use monkeypatch)."""
+    from pneumoscope.predict import Classifier
+
+    return Classifier.load(small_bundle)

@@ -19,14 +19,14 @@ def folder(fixture_data, tmp_path):
     return root
 
 
-def run(tiny_run, folder, out, *extra):
-    return main(["predict", str(folder), "--checkpoint", str(tiny_run / "model.pt"), "--output", str(out),
+def run(bundle, folder, out, *extra):
+    return main(["predict", str(folder), "--checkpoint", str(bundle), "--output", str(out),
                  "--batch-size", "4", *extra])
 
 
-def test_output_streams_json_lines_with_a_progress_bar(tiny_run, folder, tmp_path, capsys):
+def test_output_streams_json_lines_with_a_progress_bar(small_bundle, folder, tmp_path, capsys):
     out = tmp_path / "records.jsonl"
-    assert run(tiny_run, folder, out) == 1  # the broken file
+    assert run(small_bundle, folder, out) == 1  # the broken file
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 13 and capsys.readouterr().out == ""
     assert {r["status"] for r in records} == {"ok", "error"}
@@ -35,14 +35,14 @@ def test_output_streams_json_lines_with_a_progress_bar(tiny_run, folder, tmp_pat
 
 
 @pytest.mark.parametrize("fmt", ["json", "csv"])
-def test_resume_after_an_interruption_mid_line(tiny_run, folder, tmp_path, fmt):
+def test_resume_after_an_interruption_mid_line(small_bundle, folder, tmp_path, fmt):
     out = tmp_path / f"records.{fmt}"
-    run(tiny_run, folder, out, "--format", fmt)
+    run(small_bundle, folder, out, "--format", fmt)
     full = out.read_bytes()
     lines = full.splitlines(keepends=True)
     kept = b"".join(lines[:6])
     out.write_bytes(kept + lines[6][: len(lines[6]) // 2])  # killed while writing line 7
-    assert run(tiny_run, folder, out, "--format", fmt, "--resume") == 1
+    assert run(small_bundle, folder, out, "--format", fmt, "--resume") == 1
     resumed = out.read_bytes()
     assert resumed.startswith(kept)  # finished records are not redone
     if fmt == "json":
@@ -54,6 +54,6 @@ def test_resume_after_an_interruption_mid_line(tiny_run, folder, tmp_path, fmt):
     assert sorted(rows, key=lambda r: r["path"]) == sorted(before, key=lambda r: r["path"])
 
 
-def test_output_usage_errors(tiny_run, folder, tmp_path):
-    assert run(tiny_run, folder, tmp_path / "x", "--format", "table") == 2
-    assert main(["predict", str(folder), "--checkpoint", str(tiny_run / "model.pt"), "--resume"]) == 2
+def test_output_usage_errors(small_bundle, folder, tmp_path):
+    assert run(small_bundle, folder, tmp_path / "x", "--format", "table") == 2
+    assert main(["predict", str(folder), "--checkpoint", str(small_bundle), "--resume"]) == 2

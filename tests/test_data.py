@@ -22,7 +22,8 @@ def test_discover_single_split_and_three_class_folders(tmp_path, fixture_data):
     (tmp_path / "VIRUS" / "b.jpeg").write_bytes(src[1].read_bytes())
     (tmp_path / "VIRUS" / "notes.txt").write_text("not an image")
     samples, _ = discover(tmp_path)
-    assert [(s.label, s.patient_id) for s in samples] == [("BACTERIA", "a"), ("VIRUS", "b")]
+    # names that are not Kermany's: each image is its own group, named by its path under the root
+    assert [(s.label, s.patient_id) for s in samples] == [("BACTERIA", "BACTERIA/a.jpeg"), ("VIRUS", "VIRUS/b.jpeg")]
     single, _ = discover(fixture_data / "train")
     assert len(single) == 72
 
@@ -34,7 +35,7 @@ def test_unlabelled_pneumonia_file_is_reported_not_guessed(tmp_path, fixture_dat
     (tmp_path / "PNEUMONIA" / "person2_mystery_1.jpeg").write_bytes(image)
     samples, skipped = discover(tmp_path)
     assert [s.label for s in samples] == ["BACTERIA"]
-    assert len(skipped) == 1 and "person2_mystery_1.jpeg" in skipped[0]
+    assert len(skipped) == 1 and "person2_mystery_1.jpeg" in skipped[0] and "--task binary" in skipped[0]
 
 
 def _assert_no_leak(samples):
@@ -142,3 +143,21 @@ def test_dataset_and_augmentation(fixture_data):
     assert a.shape == (1, 64, 64) and not torch.equal(a, b)
     weights = class_weights(torch.tensor([0, 0, 0, 1]), 2)
     assert weights[1] > weights[0] and torch.isclose(weights.mean(), torch.tensor(1.0))
+
+
+def test_too_few_groups_per_class_is_one_clear_line(fixture_data):
+    samples, _ = discover(fixture_data)
+    with pytest.raises(ValueError) as err:
+        patient_folds(samples, 25)
+    assert str(err.value) == ("cannot make 25-fold cross-validation by patient/group: it needs at least 25 groups in "
+                              "every class, and the data has BACTERIA 27, NORMAL 28, VIRUS 24; add images or lower "
+                              "the fraction")
+
+
+def test_manifest_rows_need_a_path_and_a_label(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,patient_id,split\na.jpg,daisy,,train\nb.jpg,,p2,val\n")
+    with pytest.raises(ValueError, match=r"m\.csv: line 3 has no path or no label"):
+        read_manifest(manifest)
+    manifest.write_text("path,label,patient_id,split\na.jpg,daisy,,train\n")
+    assert [(s.label, s.patient_id) for s in read_manifest(manifest)] == [("daisy", "a.jpg")]  # no group: the image

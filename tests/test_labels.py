@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscope.labels import BINARY, THREE, classes_for, is_image_file, label_from_path, patient_id, task_label
+from pneumoscope.labels import (BINARY, THREE, classes_for, is_image_file, is_kermany_tree, kermany_patient,
+                               label_from_path, patient_id, task_label)
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -16,6 +17,7 @@ from pneumoscope.labels import BINARY, THREE, classes_for, is_image_file, label_
 ])
 def test_patient_id(name, expected):
     assert patient_id(name) == expected
+    assert kermany_patient(name) == (None if name == "scan.png" else expected)
 
 
 @pytest.mark.parametrize("path, expected", [
@@ -46,8 +48,16 @@ def test_task_mapping():
     assert classes_for("three") == THREE and classes_for("binary") == BINARY
     assert [task_label(x, "binary") for x in THREE] == ["NORMAL", "PNEUMONIA", "PNEUMONIA"]
     assert task_label("VIRUS", "three") == "VIRUS"
+    # a PNEUMONIA file with no 3-class label, and a generic folder's class, are their own labels
+    assert task_label("PNEUMONIA", "binary") == "PNEUMONIA" and task_label("daisy", "three") == "daisy"
     with pytest.raises(ValueError):
         classes_for("four")
+
+
+def test_kermany_tree_is_told_by_its_class_folders():
+    assert is_kermany_tree({"NORMAL", "PNEUMONIA"}) and is_kermany_tree({"Normal", "bacteria", "VIRUS"})
+    assert not is_kermany_tree({"Infected", "Normal"})  # Monk's layout: classes are the folder names
+    assert not is_kermany_tree({"NORMAL", "PNEUMONIA", "COVID"}) and not is_kermany_tree(set())
 
 
 def test_image_suffixes_case_insensitive():

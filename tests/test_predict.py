@@ -1,29 +1,67 @@
+"""Prediction: scores as arrays, records, the CLI, batches side by side, and what one prediction imports."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from conftest import EXAMPLES, ROOT, small_meta, small_model
 from pneumoscope.cli import main
+from pneumoscope.images import read_xray
 from pneumoscope.predict import Classifier
-
-
-@pytest.fixture(scope="module")
-def classifier(tiny_run):
-    return Classifier.load(tiny_run / "model.pt")
 
 
 def test_python_api_on_path_and_array(classifier, fixture_data):
     path = next((fixture_data / "val" / "NORMAL").iterdir())
     record = classifier.predict(path)
-    assert record.status == "ok" and record.label in classifier.classes
+    assert record.status == "ok" and record.label in classifier.classes and record.path == str(path)
     assert sum(record.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
-    from pneumoscope.images import read_xray
-
     again = classifier.predict(read_xray(path))
-    assert again.probabilities == pytest.approx(record.probabilities, abs=1e-6)
+    assert again.path == "<array>" and again.probabilities == pytest.approx(record.probabilities, abs=1e-6)
 
 
-def test_predict_json_one_record_per_input_and_bad_files(tiny_run, fixture_data, tmp_path, capsys):
+def test_scores_are_calibrated_arrays_with_nan_rows_for_failures(classifier, fixture_data):
+    paths = sorted((fixture_data / "val").rglob("*.jpeg"))[:5]
+    scores = classifier.scores([paths[0], b"garbage", *paths[1:]], batch_size=2)
+    assert len(scores) == 6 and scores.names[1] == "<bytes>"
+    assert scores.ok.tolist() == [True, False, True, True, True, True]
+    assert "not a recognised image format" in scores.errors[1] and scores.warnings[1] == []
+    assert np.isnan(scores.logits[1]).all() and np.isnan(scores.probabilities[1]).all()
+    good = scores.ok
+    z = scores.logits[good].astype(np.float64) / classifier.temperature
+    expected = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    np.testing.assert_allclose(scores.probabilities[good], expected, atol=1e-6)
+    assert scores.features.shape == (6, 1280) and np.isfinite(scores.features[good]).all()
+    # the same answers from already decoded pixels, as training passes them
+    pixels = np.stack([classifier.decode(p).pixels for p in paths])
+    direct = classifier.score_pixels(pixels)
+    np.testing.assert_allclose(direct.logits, scores.logits[good], atol=1e-5)
+
+
+def test_records_present_scores(classifier, fixture_data):
+    path = next((fixture_data / "val" / "PNEUMONIA").iterdir())
+    scores = classifier.scores([path])
+    record = classifier.records(scores)[0]
+    best = int(scores.probabilities[0].argmax())
+    assert record.label == classifier.classes[best] and record.model == classifier.name
+    assert record.probabilities[record.label] == round(float(scores.probabilities[0, best]), 6)
+
+
+def test_in_memory_model_on_torch_and_onnx_agree(fixture_data):
+    model, meta = small_model(), small_meta()
+    paths = sorted((fixture_data / "val").rglob("*.jpeg"))
+    eager = Classifier.from_model(model, meta, backend="torch")
+    graph = Classifier.from_model(model, meta, backend="onnx")
+    assert (eager.backend, graph.backend) == ("torch", "onnx") and eager.model is model
+    a, b = eager.scores(paths), graph.scores(paths)
+    np.testing.assert_allclose(a.logits, b.logits, atol=1e-4)
+    np.testing.assert_allclose(a.features, b.features, atol=1e-4)
+    with pytest.raises(ValueError, match="int8"):
+        Classifier.from_model(model, meta, backend="int8")
+
+
+def test_predict_json_one_record_per_input_and_bad_files(small_bundle, fixture_data, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "empty.png").write_bytes(b"")
@@ -32,31 +70,36 @@ def test_predict_json_one_record_per_input_and_bad_files(tiny_run, fixture_data,
     (bad / "notes.jpg").write_text("this is text, not an image")
     folder = fixture_data / "val"
     code = main(["predict", str(folder), str(bad), str(tmp_path / "missing.png"), "--checkpoint",
-                 str(tiny_run / "model.pt"), "--format", "json"])
-    lines = capsys.readouterr().out.strip().splitlines()
-    records = [json.loads(line) for line in lines]
+                 str(small_bundle), "--format", "json"])
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert code == 1
     assert len(records) == 8 + 3 + 1
     ok = [r for r in records if r["status"] == "ok"]
     errors = {r["path"].rsplit("/", 1)[-1]: r["error"] for r in records if r["status"] == "error"}
     assert len(ok) == 8
     for r in ok:
-        assert set(r) >= {"path", "status", "label", "probabilities", "error"}
+        assert set(r) == {"path", "status", "label", "probabilities", "error", "warnings", "reliable", "model"}
         assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
     assert set(errors) == {"empty.png", "truncated.jpeg", "notes.jpg", "missing.png"}
     assert "empty" in errors["empty.png"] and "no such file" in errors["missing.png"]
     assert all("\n" not in e and "Traceback" not in e for e in errors.values())
 
 
-def test_predict_exit_codes(tiny_run, fixture_data, capsys):
+def test_predict_exit_codes(small_bundle, fixture_data, tmp_path, capsys):
     path = str(next((fixture_data / "val" / "NORMAL").iterdir()))
-    assert main(["predict", path, "--checkpoint", str(tiny_run / "model.pt"), "--format", "csv"]) == 0
+    assert main(["predict", path, "--checkpoint", str(small_bundle), "--format", "csv"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("path,status,label,p_NORMAL") and len(out) == 2
     with pytest.raises(SystemExit) as usage:
         main(["predict"])
     assert usage.value.code == 2
-    assert main(["predict", path, "--checkpoint", "/nonexistent/model.pt"]) == 2
+    assert main(["predict", path, "--checkpoint", "/nonexistent/model"]) == 2
+    assert "/nonexistent/model: no such model bundle" in capsys.readouterr().err
+    (tmp_path / "meta.json").write_text("{not json")
+    (tmp_path / "weights.pt").write_bytes(b"")
+    assert main(["predict", path, "--checkpoint", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "meta.json: not valid JSON" in err and len(err.strip().splitlines()) == 1
 
 
 def test_batch_order_is_kept_with_errors_in_between(classifier, fixture_data):
@@ -67,19 +110,44 @@ def test_batch_order_is_kept_with_errors_in_between(classifier, fixture_data):
     assert records[0].path == str(paths[0]) and records[4].path == str(paths[2])
 
 
-def test_batches_side_by_side_give_the_one_at_a_time_answers(classifier, fixture_data):
-    """predict_many runs ONNX batches on parallel one-thread sessions: same records, same order,
-    a bad file in the middle included, as classifying each input alone."""
+def test_batches_side_by_side_give_the_one_at_a_time_answers(classifier, fixture_data, monkeypatch):
+    """ONNX batches run on parallel one-thread sessions: same records, same order, a bad file in
+    the middle included, as classifying each input alone."""
     assert classifier.backend == "onnx"
-    classifier.workers = 2  # as on this 2-core machine, whatever the CI machine has
+    monkeypatch.setattr(classifier, "workers", 2)  # as on this 2-core machine, whatever the CI machine has
+    used = []
+    single = classifier.runtime.single_thread()
+    monkeypatch.setattr(classifier.runtime, "single_thread", lambda: used.append(1) or single)
     paths = sorted(fixture_data.rglob("*.jpeg"))[:30]
     inputs = paths[:13] + [b"not an image"] + paths[13:]
     together = list(classifier.predict_many(inputs, batch_size=4))  # 8 batches, several in flight
     alone = [classifier.predict(source) for source in inputs]
-    assert classifier._batch_session is not None  # the parallel path really ran
+    assert used and single.threads == 1  # the parallel path really ran, on one-thread sessions
     assert [r.path for r in together] == [r.path for r in alone]
     assert [r.status for r in together] == [r.status for r in alone] and together[13].status == "error"
     for a, b in zip(together, alone):
         assert a.label == b.label
         for c in a.probabilities:
             assert abs(a.probabilities[c] - b.probabilities[c]) < 1e-5
+
+
+IMPORTS = """
+import sys
+heavy = ("torch", "timm", "sklearn", "torchvision", "lightning")
+import pneumoscope, pneumoscope.cli
+assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]
+from pneumoscope.cli import main
+code = main(["predict", sys.argv[1], "--format", "json"])
+assert code == 0, code
+print(sorted(m for m in heavy if m in sys.modules))
+"""
+
+
+def test_one_image_on_the_onnx_path_never_imports_torch():
+    """The shipped bundle's graph is current, so predicting on ONNX Runtime needs no PyTorch."""
+    image = next(EXAMPLES.rglob("*.jpeg"))
+    done = subprocess.run([sys.executable, "-c", IMPORTS, str(image)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    record_line, imported = done.stdout.strip().splitlines()
+    assert json.loads(record_line)["status"] == "ok"
+    assert imported == "[]"

@@ -122,10 +122,18 @@ class ModelMeta:
                       **{k: v for k, v in meta.items() if k not in skip}}
         if meta.get("output_classes"):
             provenance["source_classes"] = list(meta["output_classes"])
+        normalization = meta.get("normalization") or _registry_normalization(meta["arch"])
         return cls(name=meta.get("name", meta["arch"]), task=meta.get("task", "three"), classes=tuple(meta["classes"]),
-                   arch=meta["arch"], img_size=int(meta["img_size"]), mean=float(meta["normalization"]["mean"]),
-                   std=float(meta["normalization"]["std"]), temperature=float(meta.get("temperature", 1.0)),
+                   arch=meta["arch"], img_size=int(meta["img_size"]), mean=float(normalization["mean"]),
+                   std=float(normalization["std"]), temperature=float(meta.get("temperature", 1.0)),
                    merge_outputs=meta.get("merge_outputs"), params=int(meta.get("params", 0)), provenance=provenance)
+
+
+def _registry_normalization(arch: str) -> dict:
+    from .models import model_spec  # only very old checkpoints lack "normalization": torch is loaded anyway
+
+    spec = model_spec(arch)
+    return {"mean": spec.mean, "std": spec.std}
 
 
 # ---------------------------------------------------------------- the fingerprint
@@ -159,12 +167,16 @@ def model_fingerprint(model, meta: ModelMeta) -> str:
     return fingerprint(hashlib.sha256(weights_bytes(model)).hexdigest(), meta)
 
 
-def graph_fingerprint(path: str | os.PathLike) -> str | None:
-    """The fingerprint an ONNX graph records, or None (a graph from before bundles)."""
+def graph_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """An ONNX file's metadata_props as a dict."""
     import onnx
 
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return props.get(FINGERPRINT_KEY)
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def graph_fingerprint(path: str | os.PathLike) -> str | None:
+    """The fingerprint an ONNX graph records, or None (a graph from before bundles)."""
+    return graph_metadata(path).get(FINGERPRINT_KEY)
 
 
 # ---------------------------------------------------------------- the bundle
@@ -231,10 +243,11 @@ class Bundle:
 
 def build_model(meta: ModelMeta, state_dict: dict):
     """Rebuilds the architecture `meta` names and loads `state_dict` into it (strict)."""
-    from .models import MergeOutputs, create_model
+    from .models import MergeOutputs, Normalize, create_model
 
     model = create_model(meta.arch, num_classes=meta.n_outputs, pretrained=False)
     model.load_state_dict(state_dict, strict=True)
+    model.normalize = Normalize(meta.mean, meta.std)  # the meta's normalisation, not today's registry default
     if meta.merge_outputs:
         model.add_module("merge", MergeOutputs([list(g) for g in meta.merge_outputs]))
     return model.eval()

@@ -40,13 +40,15 @@ def predict_paths(classifier: Classifier, paths: list[str], fmt: str = "json", o
                     desc=f"predict -> {output}", dynamic_ncols=True)
     try:
         write = record_writer(fmt, classifier.classes, stream, header=stream.tell() == 0 if output else True)
-        for record in classifier.predict_many(todo(), batch_size=batch_size):
-            any_failed |= record.status != "ok"
-            write(record)
-            stream.flush()  # a record on disk is a record --resume will not redo
-            if cams:
-                cams(record)
-            progress.update()
+        # with --cam the gray X-rays stay with their batch, so each image is decoded only once
+        for decoded, scores in classifier.score_batches(todo(), batch_size=batch_size, keep_gray=cams is not None):
+            for record, item in zip(classifier.records(scores), decoded):
+                any_failed |= record.status != "ok"
+                write(record)
+                stream.flush()  # a record on disk is a record --resume will not redo
+                if cams:
+                    cams(record, item)
+                progress.update()
     finally:
         progress.close()
         if output:

@@ -5,14 +5,18 @@ Exit codes: 0 success, 1 some input failed (or the job failed), 2 usage error.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-from dataclasses import fields
 from pathlib import Path
 
+from .backends import BACKENDS
+from .config import add_train_arguments, config_from_args
+from .experiments import TUNED
+from .labels import TASKS
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+MODEL_HELP = "a model bundle directory (or a legacy model.pt); default: the shipped model for --task"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,34 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_split)
 
-    from .train import TrainConfig
-
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
     p = sub.add_parser("train", help="train a model (Lightning), write a run directory")
-    p.add_argument("--data", required=True, help="dataset folder or manifest CSV")
-    p.add_argument("--task", choices=("three", "binary"), default=defaults["task"])
-    p.add_argument("--arch", default=defaults["arch"], help="see `pneumoscope models`")
-    p.add_argument("--pretrained", dest="pretrained", action="store_true", default=None,
-                   help="start from pretrained weights (default only for efficientnet_lite0)")
-    p.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="train from scratch")
-    for name in ("epochs", "img_size", "batch_size", "seed", "freeze_blocks", "patience", "max_images",
-                 "ema_start_epoch"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
-    for name in ("lr", "weight_decay", "label_smoothing", "aug", "ema_decay", "val_fraction", "test_fraction"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=defaults[name])
-    p.add_argument("--aug-policy", choices=("standard", "strong"), default=defaults["aug_policy"],
-                   help="augmentation policy (strong: acquisition changes such as equalisation, JPEG, shear)")
-    p.add_argument("--out", default=None, help="run directory (default <root>/<project>/<name>)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    p.add_argument("--keep-epochs", action="store_true",
-                   help="also keep every epoch's weights (checkpoints/epoch-N.ckpt) for stability studies")
-    p.add_argument("--no-test", dest="evaluate_test", action="store_false",
-                   help="do not evaluate the internal test split at the end")
-    p.add_argument("--class-weight-power", type=float, default=defaults["class_weight_power"],
-                   help="loss weights = inverse class frequency ** this (0: unweighted)")
-    p.add_argument("--project", default="default", help="experiment group: runs go to <root>/<project>/")
-    p.add_argument("--name", default=None, help="experiment name (default <task>-<arch>-<timestamp>)")
-    p.add_argument("--root", default="runs", help="folder of all projects (default runs)")
+    add_train_arguments(p)
     p.add_argument("--folds", type=int, default=None, metavar="K",
                    help="K-fold cross-validation by patient: runs <out>/fold-<i>/ and cv_summary.json/.csv")
     p.set_defaults(handler=cmd_train)
@@ -107,62 +85,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_compare)
 
     p = sub.add_parser("tune", help="Optuna search (resumable): lr, augmentation, image size, smoothing, weighting")
-    p.add_argument("--data", required=True, help="dataset folder or manifest CSV")
     p.add_argument("--trials", type=int, required=True, help="trials to add to the study")
     p.add_argument("--study", required=True, help="study name; trials run in <root>/<project>/<study>-trial-<n>/")
-    p.add_argument("--project", default="default")
-    p.add_argument("--root", default="runs")
     p.add_argument("--img-sizes", type=int, nargs="+", default=[128, 160, 192],
                    help="image sizes to choose from (keep them fixed within a study)")
-    p.add_argument("--task", choices=("three", "binary"), default=defaults["task"])
-    p.add_argument("--arch", default=defaults["arch"])
-    for name in ("epochs", "batch_size", "seed", "patience", "max_images"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name])
-    for name in ("ema_decay", "weight_decay", "val_fraction", "test_fraction"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=defaults[name])
+    add_train_arguments(p, exclude=TUNED + ("out", "name", "resume", "evaluate_test", "keep_epochs"))
     p.set_defaults(handler=cmd_tune)
 
     p = sub.add_parser("evaluate", help="metrics, confusion matrix, ROC and prediction grid")
     p.add_argument("--data", required=True, help="dataset folder or manifest CSV")
     p.add_argument("--split", default=None, help="with a manifest: which split (default test)")
-    p.add_argument("--checkpoint", default=None, help="default: the shipped model for --task")
-    p.add_argument("--task", choices=("three", "binary"), default="three")
+    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
+    p.add_argument("--task", choices=tuple(TASKS), default="three")
     p.add_argument("--out", required=True, help="report directory")
     p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify image files and folders")
     p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
-    p.add_argument("--checkpoint", default=None, help="default: the shipped model for --task")
-    p.add_argument("--task", choices=("three", "binary"), default="three")
+    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
+    p.add_argument("--task", choices=tuple(TASKS), default="three")
     p.add_argument("--format", choices=("table", "csv", "json"), default=None,
                    help="default: table on stdout, json with --output")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--output", "-o", metavar="FILE", default=None,
                    help="write records to FILE as they are produced (csv or json), with a progress bar")
     p.add_argument("--resume", action="store_true", help="with --output: skip the inputs already in FILE")
-    p.add_argument("--backend", choices=("auto", "int8", "onnx", "torch"), default="auto",
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: ONNX Runtime when it works, else PyTorch; int8: the quantized graph made by "
                         "`export --int8` (faster, slightly less accurate)")
     p.add_argument("--cam", metavar="DIR", default=None, help="write a Grad-CAM overlay <stem>_cam.png per image")
     p.set_defaults(handler=cmd_predict)
 
-    p = sub.add_parser("export", help="write a checkpoint as ONNX (with its meta) for ONNX Runtime")
-    p.add_argument("--checkpoint", default=None, help="default: the shipped model for --task")
-    p.add_argument("--task", choices=("three", "binary"), default="three")
-    p.add_argument("--out", default=None, help="default: beside the checkpoint (.onnx), where predict finds it")
+    p = sub.add_parser("export", help="write a model's ONNX graph (with its meta and fingerprint) for ONNX Runtime")
+    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
+    p.add_argument("--task", choices=tuple(TASKS), default="three")
+    p.add_argument("--out", default=None,
+                   help="default: the bundle's model.onnx (model.int8.onnx with --int8), where predict finds it")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--int8", action="store_true",
-                   help="also quantize to int8 (static, calibrated on --calibration): <checkpoint>.int8.onnx")
+                   help="quantize to int8 (static, calibrated on --calibration) for --backend int8")
     p.add_argument("--calibration", default=None, metavar="DATA",
                    help="with --int8: dataset folder or manifest CSV; its train split (or all of it) calibrates")
     p.add_argument("--calibration-n", type=int, default=256, help="images used to calibrate (default 256)")
     p.set_defaults(handler=cmd_export)
 
+    p = sub.add_parser("bundle", help="convert a legacy model.pt (+ its metrics) into a model bundle directory")
+    p.add_argument("--checkpoint", required=True, help="a model.pt written by pneumoscope 0.1")
+    p.add_argument("--out", required=True, help="the bundle directory to write (weights.pt, meta.json, model.onnx)")
+    p.add_argument("--no-export", dest="export", action="store_false", help="skip the ONNX graph")
+    p.set_defaults(handler=cmd_bundle)
+
     p = sub.add_parser("serve", help="web page and REST API (FastAPI + uvicorn)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--task", choices=("three", "binary"), default="three")
-    p.add_argument("--checkpoint", default=None, help="default: the shipped model for --task")
+    p.add_argument("--task", choices=tuple(TASKS), default="three")
+    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload, MiB")
     p.set_defaults(handler=cmd_serve)
     return parser
@@ -182,10 +159,12 @@ def cmd_models(args) -> int:
 def cmd_ship(args) -> int:
     from .release import ship_run, write_model_card
 
+    from .artifact import load_bundle
+
     for path in ship_run(args.run, args.models_dir, args.docs_dir, args.binary_from_three, args.int8):
-        meta = json.loads(path.with_suffix(".json").read_text())
-        for split, m in meta["metrics"].items():
-            print(f"{path}: {split} accuracy {m['accuracy']:.4f} (n={m['n']})")
+        for split, m in load_bundle(path).metrics().items():
+            if isinstance(m, dict) and "accuracy" in m:
+                print(f"{path}: {split} accuracy {m['accuracy']:.4f} (n={m['n']})")
     print(f"wrote {write_model_card(args.models_dir, args.docs_dir)}")
     return EXIT_OK
 
@@ -215,34 +194,27 @@ def cmd_split(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .experiments import cross_validate, run_dir_for
-    from .train import TrainConfig, is_main_process, train
+    from .experiments import cross_validate
+    from .train import is_main_process, train
 
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    values["out"] = args.out or str(run_dir_for(args.root, args.project, args.name, args.task, args.arch,
-                                                args.resume))
-    saved = Path(values["out"]) / "config.yaml"
-    if args.resume and saved.exists():  # a resumed run continues with the configuration it started with
-        import yaml
-
-        values = {**yaml.safe_load(saved.read_text()), "resume": True}
-        print(f"resuming {values['out']} with its saved configuration ({saved})", file=sys.stderr)
+    config = config_from_args(args)
     if args.folds:
-        return _print_cv(cross_validate(TrainConfig(**values), args.folds), values["out"])
-    checkpoint = train(TrainConfig(**values))
+        return _print_cv(cross_validate(config, args.folds))
+    result = train(config)
     if not is_main_process():  # under torchrun/srun rank 0 reports; the others just end
         return EXIT_OK
-    meta = json.loads(Path(checkpoint).with_suffix(".json").read_text())
-    print(f"best checkpoint: {checkpoint}")
-    for split, numbers in meta["metrics"].items():
+    if result.resumed:
+        print(f"resumed {result.run_dir} with its saved configuration", file=sys.stderr)
+    print(f"model bundle: {result.bundle}")
+    for split, numbers in result.metrics.items():
         recall = ", ".join(f"{c} {v:.3f}" for c, v in numbers["recall"].items())
         print(f"  {split}: accuracy {numbers['accuracy']:.4f} (n={numbers['n']}), recall {recall}")
     return EXIT_OK
 
 
-def _print_cv(summary: dict, out: str) -> int:
+def _print_cv(summary: dict) -> int:
     if summary:  # empty on ranks other than 0
-        print(f"cross-validation, {summary['n_folds']} folds: {out}/cv_summary.csv")
+        print(f"cross-validation, {summary['n_folds']} folds: {summary['dir']}/cv_summary.csv")
         for key, mean in summary["mean"].items():
             print(f"  {key:<22}{mean:.4f} ± {summary['std'][key]:.4f}")
     return EXIT_OK
@@ -271,12 +243,12 @@ def cmd_compare(args) -> int:
 
 def cmd_tune(args) -> int:
     from .experiments import tune
-    from .train import TrainConfig
 
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    study = tune(TrainConfig(**values), args.trials, args.study, args.project, args.root, args.img_sizes)
+    config = config_from_args(args)
+    study = tune(config, args.trials, args.study, args.img_sizes)
     done = [t for t in study.trials if t.value is not None]
-    print(f"study {args.study}: {len(study.trials)} trials ({len(done)} complete) in {args.root}/{args.project}/optuna.db")
+    print(f"study {args.study}: {len(study.trials)} trials ({len(done)} complete) in "
+          f"{config.root}/{config.project}/optuna.db")
     if done:
         best = study.best_trial
         print(f"best: trial {best.number}, val balanced accuracy {best.value:.4f}, {best.user_attrs.get('run_dir')}")
@@ -312,21 +284,28 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .artifact import resolve_model
     from .export import export_checkpoint, export_int8
-    from .predict import shipped_checkpoint
 
-    checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_checkpoint(args.task)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no such checkpoint")
+    model = args.checkpoint or resolve_model(args.task)
     if args.int8:
         if not args.calibration:
             raise ValueError("--int8 needs --calibration DATA (real X-rays to calibrate the int8 ranges)")
         from .data import load_samples
 
-        out = export_int8(checkpoint, load_samples(args.calibration), args.calibration_n, args.out, args.opset)
+        out = export_int8(model, load_samples(args.calibration), args.calibration_n, args.out, args.opset)
     else:
-        out = export_checkpoint(checkpoint, args.out, args.opset)
+        out = export_checkpoint(model, args.out, args.opset)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {args.opset}, dynamic batch)")
+    return EXIT_OK
+
+
+def cmd_bundle(args) -> int:
+    from .artifact import convert_legacy, load_bundle
+
+    out = convert_legacy(args.checkpoint, args.out, export=args.export)
+    bundle = load_bundle(out)
+    print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))}); fingerprint {bundle.fingerprint[:16]}")
     return EXIT_OK
 
 

@@ -5,6 +5,7 @@ import csv
 import hashlib
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,97 +18,266 @@ from torchvision.transforms import v2
 from .config import AUG_POLICIES
 from .files import atomic_write, default_cache_dir  # noqa: F401  (re-exported: older imports use data.atomic_write)
 from .images import ImageReadError, read_xray, resize_square
-from .labels import THREE, is_image_file, label_from_path, patient_id, task_label
+from .labels import (classes_for, is_image_file, is_kermany_tree, kermany_patient, label_from_path,
+                     task_label)
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("path", "label", "patient_id", "split")
+_SPLIT_FOLDERS = {"train", "val", "valid", "validation", "test"}
 
 
 @dataclass(frozen=True)
 class Sample:
     path: str
-    label: str  # always the 3-class label; binary tasks map it with labels.task_label
-    patient_id: str
+    label: str  # the class as the data names it: Kermany's 3-class label (PNEUMONIA where the file name
+    #             does not tell, binary task only) or the class folder's name; labels.task_label maps it
+    patient_id: str  # the group no split may cut: a patient from the file name or a --groups CSV, else the image
     split: str = ""
 
 
+@dataclass(frozen=True)
+class DatasetDescription:
+    """What a folder or manifest holds for a task: the classes and every usable sample."""
+    classes: tuple[str, ...]
+    samples: list[Sample]
+    layout: str  # "kermany" (3-class labels from folders and file names) or "folders" (class = folder or manifest label)
+    grouping: dict[str, int]  # images per source of their group: "file names", "groups CSV", "per image", "manifest"
+    skipped: list[str]  # files left out, each with its reason
+
+
 # ---------------------------------------------------------------- discovery
-def discover(root: str | os.PathLike) -> tuple[list[Sample], list[str]]:
-    """All labelled images under a dataset root (`train/ val/ test/` each holding class folders),
-    a single split folder (class folders directly inside), or any tree of class folders.
+def describe_dataset(source: str | os.PathLike, task: str = "three", groups: str | os.PathLike | None = None
+                     ) -> tuple[list[Sample], tuple[str, ...]]:
+    """The samples of a folder or manifest CSV and the classes they are trained on (see describe)."""
+    description = describe(source, task, groups)
+    return description.samples, description.classes
 
-    Returns the samples (sorted by path, split left empty) and the files skipped with a reason.
+
+def describe(source: str | os.PathLike, task: str = "three", groups: str | os.PathLike | None = None
+             ) -> DatasetDescription:
+    """Reads a dataset: a manifest CSV (path,label,patient_id,split), or any tree of class folders
+    (`train/ val/ test/` each holding class folders, a single split, or class folders alone).
+
+    A Kermany tree (NORMAL/, PNEUMONIA/, BACTERIA/, VIRUS/) is read for `task`: 3-class labels from
+    the file names, or in the binary task NORMAL/PNEUMONIA when some pneumonia file names do not
+    tell bacteria from virus. Any other tree has one class per folder name (sorted, as torchvision's
+    ImageFolder) whatever the task. Groups (patients) come from the `groups` CSV, else Kermany file
+    names, else one per image, with a warning: then splits are per image and may leak a patient.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such data folder")
-    samples, skipped = [], []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p)):
-        label = label_from_path(path)
-        if label is None:
-            skipped.append(f"{path}: cannot tell the class from the folder and file name; left out")
-            continue
-        samples.append(Sample(str(path), label, patient_id(path)))
-    if not samples:
-        raise ValueError(f"{root}: no labelled images found (expected NORMAL/ and PNEUMONIA/ or "
-                         "BACTERIA/ VIRUS/ class folders)")
-    for line in skipped:
-        log.warning(line)
-    return samples, skipped
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        return _describe_manifest(source, task)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: no such data folder or manifest")
+    files, skipped = _image_files(source)
+    folders = {p.parent.name for p in files}
+    if is_kermany_tree(folders):
+        classes, labelled, unlabelled = classes_for(task), *_kermany_labels(files, task, source)
+        skipped += unlabelled
+        layout = "kermany"
+    else:
+        classes, labelled, layout = tuple(sorted(folders)), [(p, p.parent.name) for p in files], "folders"
+    if not labelled:
+        raise ValueError(f"{source}: no labelled images found (expected class folders, e.g. NORMAL/ PNEUMONIA/, "
+                         "holding the images)")
+    _warn_skipped(source, skipped)
+    samples, grouping = _grouped(labelled, source, groups)
+    return DatasetDescription(classes, samples, layout, grouping, skipped)
 
 
-def load_samples(data: str | os.PathLike, split: str | None = None) -> list[Sample]:
+def discover(root: str | os.PathLike, task: str = "three", groups: str | os.PathLike | None = None
+             ) -> tuple[list[Sample], list[str]]:
+    """All labelled images under a folder (see describe) and the files skipped, each with a reason."""
+    description = describe(root, task, groups)
+    return description.samples, description.skipped
+
+
+def load_samples(data: str | os.PathLike, split: str | None = None, task: str = "three",
+                 groups: str | os.PathLike | None = None) -> list[Sample]:
     """Samples from a folder (every labelled image) or a manifest CSV (optionally one split)."""
-    data = Path(data)
-    if data.is_file() and data.suffix.lower() == ".csv":
-        samples = read_manifest(data)
-        if split:
-            samples = [s for s in samples if s.split == split]
-            if not samples:
-                raise ValueError(f"{data}: manifest has no rows in split {split!r}")
-        return samples
-    return discover(data)[0]
+    samples = describe(data, task, groups).samples
+    if split:
+        samples = [s for s in samples if s.split == split]
+        if not samples:
+            raise ValueError(f"{data}: no samples in split {split!r} (only a manifest assigns splits)")
+    return samples
+
+
+def _image_files(root: Path) -> tuple[list[Path], list[str]]:
+    """Image files in class folders under `root`, sorted. A root holding only images is itself the
+    class folder (e.g. `examples/NORMAL`); otherwise images outside a class folder (in the root, or
+    directly in a train/val/test folder) are left out with a reason. Hidden files are ignored."""
+    files, skipped = [], []
+    found = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p)
+                   and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(root).parts))
+    if found and all(p.parent == root for p in found):
+        return found, skipped
+    for path in found:
+        if path.parent == root or path.parent.name.lower() in _SPLIT_FOLDERS:
+            skipped.append(f"{path}: not in a class folder; left out")
+        else:
+            files.append(path)
+    return files, skipped
+
+
+def _kermany_labels(files: list[Path], task: str, root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
+    labels = [label_from_path(p) for p in files]
+    if task == "binary" and None in labels:  # pneumonia files without bacteria/virus: the folder is the class
+        return [(p, "NORMAL" if p.parent.name.upper() == "NORMAL" else "PNEUMONIA") for p in files], []
+    labelled = [(p, label) for p, label in zip(files, labels) if label is not None]
+    unlabelled = [f"{p}: no 3-class label (the file name says neither 'bacteria' nor 'virus', or both; "
+                  "--task binary keeps it); left out" for p, label in zip(files, labels) if label is None]
+    if unlabelled and not any(label in ("BACTERIA", "VIRUS") for _, label in labelled):
+        raise ValueError(f"{root}: no PNEUMONIA file name says 'bacteria' or 'virus', so the 3-class "
+                         "task has no BACTERIA or VIRUS images; use --task binary")
+    return labelled, unlabelled
+
+
+def _warn_skipped(root: Path, skipped: list[str]) -> None:
+    """One warning per reason (a Kaggle folder can skip thousands of files), with one example."""
+    by_reason: dict[str, list[str]] = {}
+    for line in skipped:
+        path, reason = line.split(": ", 1)
+        by_reason.setdefault(reason, []).append(path)
+    for reason, paths in by_reason.items():
+        log.warning("%s: %d image(s) left out: %s (e.g. %s)", root, len(paths), reason.removesuffix("; left out"),
+                    paths[0])
+
+
+def _grouped(labelled: list[tuple[Path, str]], root: Path, groups: str | os.PathLike | None
+             ) -> tuple[list[Sample], dict[str, int]]:
+    """Samples with their groups, and how many images got their group from where; warns when some
+    images are their own group (per-image splits)."""
+    group_of = read_groups(groups, root) if groups else {}
+    samples, grouping = [], Counter()
+    for path, label in labelled:
+        group, how = _group(path, root, group_of)
+        grouping[how] += 1
+        samples.append(Sample(str(path), label, group))
+    if grouping["per image"]:
+        log.warning("%s: %d of %d images have no patient or group id (not Kermany file names%s): each is its own "
+                    "group, so splits are per image and one patient's images can land in both train and test "
+                    "(leakage); give --groups CSV with columns path (or filename) and group", root,
+                    grouping["per image"], len(samples), ", not in the groups CSV" if groups else ", no --groups CSV")
+    return samples, dict(grouping)
+
+
+def _group(path: Path, root: Path, group_of: dict[str, str]) -> tuple[str, str]:
+    """(group, where it came from) of one image."""
+    group = group_of.get(os.path.normpath(path.resolve())) or group_of.get(path.name)
+    if group:
+        return group, "groups CSV"
+    patient = kermany_patient(path)
+    if patient:
+        return patient, "file names"
+    return path.relative_to(root).as_posix(), "per image"  # unique, unlike a stem shared by two folders
+
+
+def read_groups(path: str | os.PathLike, root: str | os.PathLike | None = None) -> dict[str, str]:
+    """A --groups CSV as {key: group}: keys are resolved paths (a relative `path` is read against the
+    CSV's folder and against `root`) or bare file names (a `filename` column)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such groups CSV")
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = set(reader.fieldnames or [])
+        if "group" not in columns or not columns & {"path", "filename"}:
+            raise ValueError(f"{path}: a groups CSV needs a 'group' column and a 'path' or 'filename' column; "
+                             f"it has {sorted(columns)}")
+        mapping = {}
+        for row in reader:
+            group = (row.get("group") or "").strip()
+            if not group:
+                continue
+            if row.get("path"):
+                for base in (path.parent, Path(root) if root else path.parent):
+                    mapping[os.path.normpath((base / row["path"]).resolve())] = group
+            if row.get("filename"):
+                mapping[Path(row["filename"]).name] = group
+    return mapping
+
+
+def _describe_manifest(path: Path, task: str) -> DatasetDescription:
+    samples = read_manifest(path)
+    labels = {s.label for s in samples}
+    if is_kermany_tree(labels):
+        classes, layout = classes_for(task), "kermany"
+        unlabelled = sum(s.label == "PNEUMONIA" for s in samples)
+        if unlabelled and task != "binary":
+            raise ValueError(f"{path}: {unlabelled} rows are labelled PNEUMONIA, which has no 3-class label; "
+                             "use --task binary")
+    else:
+        classes, layout = tuple(sorted(labels)), "folders"
+    return DatasetDescription(classes, samples, layout, {"manifest": len(samples)}, [])
+
+
+def class_indices(samples: list[Sample], classes: tuple[str, ...], task: str) -> np.ndarray:
+    """Each sample's class index in `classes` (labels read for `task`); a label outside them is a
+    one-line error naming the file."""
+    index = {c: i for i, c in enumerate(classes)}
+    out = np.empty(len(samples), dtype=np.int64)
+    for i, sample in enumerate(samples):
+        label = task_label(sample.label, task)
+        if label not in index:
+            raise ValueError(f"{sample.path}: label {label!r} is not one of the classes {', '.join(classes)}")
+        out[i] = index[label]
+    return out
 
 
 # ---------------------------------------------------------------- splitting
 def split_by_patient(samples: list[Sample], val_fraction: float = 0.15, test_fraction: float = 0.15,
                      seed: int = 0) -> list[Sample]:
-    """Assigns train/val/test so that no patient is on two sides, stratified by class.
+    """Assigns train/val/test so that no patient (group) is on two sides, stratified by label.
 
     Uses scikit-learn's StratifiedGroupKFold: test is one of round(1/test_fraction) folds, val
     one fold of what is left, so the fractions hold to within one fold's rounding. A patient
     whose files carry two labels (personN bacteria + virus) is stratified by its first label.
+    Every label needs at least as many groups as folds, else a one-line error says which has too few.
     """
     if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError("need 0 < val_fraction, 0 <= test_fraction and val + test < 1")
     splits = np.array(["train"] * len(samples), dtype=object)
     remaining = np.arange(len(samples))
-    for name, fraction in (("test", test_fraction), ("val", val_fraction / (1 - test_fraction))):
+    for name, fraction, asked in (("test", test_fraction, test_fraction),
+                                  ("val", val_fraction / (1 - test_fraction), val_fraction)):
         if fraction <= 0:
             continue
-        held = _one_group_fold(samples, remaining, fraction, seed)
-        splits[held] = name
-        remaining = np.setdiff1d(remaining, held)
+        n_folds = max(2, round(1 / fraction))
+        _check_groups_per_label([samples[i] for i in remaining], n_folds,
+                                f"a {name} split of {asked:g} (1 of {n_folds} folds)")
+        folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        _, held = next(folds.split(np.zeros(len(remaining)), *_labels_and_groups(samples, remaining)))
+        splits[remaining[held]] = name
+        remaining = np.setdiff1d(remaining, remaining[held])
     return [Sample(s.path, s.label, s.patient_id, str(split)) for s, split in zip(samples, splits)]
-
-
-def _one_group_fold(samples: list[Sample], indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    n_folds = max(2, round(1 / fraction))
-    labels = [samples[i].label for i in indices]
-    groups = [samples[i].patient_id for i in indices]
-    folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    _, held = next(folds.split(np.zeros(len(indices)), labels, groups))
-    return indices[held]
 
 
 def patient_folds(samples: list[Sample], n_folds: int, seed: int = 0) -> list[np.ndarray]:
     """Indices of each held-out fold of a patient-grouped, class-stratified K-fold."""
+    _check_groups_per_label(samples, n_folds, f"{n_folds}-fold cross-validation")
     folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    labels = [s.label for s in samples]
-    groups = [s.patient_id for s in samples]
+    labels, groups = _labels_and_groups(samples, np.arange(len(samples)))
     return [held for _, held in folds.split(np.zeros(len(samples)), labels, groups)]
+
+
+def _labels_and_groups(samples: list[Sample], indices: np.ndarray) -> tuple[list[str], list[str]]:
+    return [samples[i].label for i in indices], [samples[i].patient_id for i in indices]
+
+
+def _check_groups_per_label(samples: list[Sample], n_folds: int, what: str) -> None:
+    """A fold can hold every label only if each label has at least n_folds groups; scikit-learn
+    would otherwise fail on n_splits or quietly leave a label out of val or test."""
+    groups: dict[str, set[str]] = {}
+    for s in samples:
+        groups.setdefault(s.label, set()).add(s.patient_id)
+    counts = {label: len(g) for label, g in sorted(groups.items())}
+    if min(counts.values(), default=0) < n_folds:
+        listed = ", ".join(f"{label} {n}" for label, n in counts.items())
+        raise ValueError(f"cannot make {what} by patient/group: it needs at least {n_folds} groups in every class, "
+                         f"and the data has {listed}; add images or lower the fraction")
 
 
 # ---------------------------------------------------------------- manifests
@@ -125,6 +295,7 @@ def write_manifest(samples: list[Sample], out: str | os.PathLike) -> Path:
 
 
 def read_manifest(path: str | os.PathLike) -> list[Sample]:
+    """The rows of a manifest; labels may be any class name, paths are relative to its folder."""
     path = Path(path)
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
@@ -132,12 +303,15 @@ def read_manifest(path: str | os.PathLike) -> list[Sample]:
         if missing:
             raise ValueError(f"{path}: manifest lacks column(s) {sorted(missing)}")
         samples = []
-        for row in reader:
-            if row["label"] not in THREE:
-                raise ValueError(f"{path}: unknown label {row['label']!r} for {row['path']}")
+        for line, row in enumerate(reader, start=2):
+            if not row["path"] or not row["label"]:
+                raise ValueError(f"{path}: line {line} has no path or no label")
             file = Path(row["path"])
             file = file if file.is_absolute() else path.parent / file
-            samples.append(Sample(os.path.normpath(file), row["label"], row["patient_id"], row["split"]))
+            group = row["patient_id"] or Path(row["path"]).as_posix()  # no group given: the image is its own
+            samples.append(Sample(os.path.normpath(file), row["label"], group, row["split"]))
+    if not samples:
+        raise ValueError(f"{path}: manifest has no rows")
     return samples
 
 
@@ -253,7 +427,7 @@ class XrayDataset(Dataset):
     def __init__(self, pixels: np.ndarray, samples: list[Sample], classes: tuple[str, ...], task: str,
                  transform: v2.Compose):
         self.pixels = torch.from_numpy(pixels)
-        self.targets = torch.tensor([classes.index(task_label(s.label, task)) for s in samples])
+        self.targets = torch.from_numpy(class_indices(samples, classes, task))
         self.samples, self.transform = samples, transform
 
     def __len__(self) -> int:

@@ -1,7 +1,9 @@
 """Grad-CAM heat maps (the `grad-cam` package): where in the X-ray the evidence for a label lies.
 
 Grad-CAM always runs the PyTorch model (`Classifier.model`, loaded on first use when predictions
-run on ONNX Runtime) and needs gradients, so it never runs under inference mode.
+run on ONNX Runtime) and needs gradients, so it never runs under inference mode. Each image is
+decoded once: the prediction and the heat map share `Classifier.decode`'s pixels, and the
+overlay is drawn on the gray X-ray it kept.
 """
 from __future__ import annotations
 
@@ -16,9 +18,9 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from .data import atomic_write
-from .images import read_xray
-from .predict import Classifier, Record, to_batch
+from .backends import to_batch
+from .files import atomic_write
+from .predict import Classifier, Decoded, Record
 
 OVERLAY_ALPHA = 0.4  # weight of the heat map over the X-ray
 MAX_OVERLAY_SIDE = 1024  # px; larger X-rays are shown smaller (the heat map has no finer detail)
@@ -48,7 +50,7 @@ def target_layer(model: torch.nn.Module, size: int) -> torch.nn.Module:
 
 def cam_heatmap(classifier: Classifier, pixels: np.ndarray, target: int | None = None) -> np.ndarray:
     """Grad-CAM of `target` (default: the predicted class) for img_size x img_size uint8 `pixels`
-    (from `classifier.preprocess`): float32 H x W in [0, 1]."""
+    (`Classifier.decode(...).pixels`): float32 H x W in [0, 1]."""
     batch = torch.from_numpy(to_batch(pixels[None]))
     targets = None if target is None else [ClassifierOutputTarget(int(target))]
     with classifier.torch_lock, torch.inference_mode(False), torch.enable_grad():
@@ -92,24 +94,30 @@ def caption(record: Record) -> str:
 
 def explain(classifier: Classifier, source, name: str | None = None) -> tuple[Record, bytes | None]:
     """The prediction record for one path, bytes or array, plus a Grad-CAM overlay PNG of the
-    predicted class (None when the record is an error)."""
-    record = classifier.predict(source, name)
+    predicted class (None when the record is an error). The input is decoded once."""
+    decoded = classifier.decode(source, name, keep_gray=True)
+    record = classifier.records(classifier.score_decoded([decoded]))[0]
+    return record, cam_png(classifier, record, decoded)
+
+
+def cam_png(classifier: Classifier, record: Record, decoded: Decoded) -> bytes | None:
+    """The overlay PNG of `record`'s label over the decoded X-ray (None for an error record)."""
     if record.status != "ok":
-        return record, None
-    gray = read_xray(source, name)  # decoded again: cheap next to Grad-CAM's backward pass
-    heat = cam_heatmap(classifier, classifier.preprocess(gray), classifier.classes.index(record.label))
-    return record, overlay_png(gray, heat, caption(record))
+        return None
+    heat = cam_heatmap(classifier, decoded.pixels, classifier.classes.index(record.label))
+    return overlay_png(decoded.gray, heat, caption(record))
 
 
 class CamWriter:
     """Writes `<stem>_cam.png` into a folder for each ok record (`<stem>_cam_2.png`, ... when two
-    inputs share a stem)."""
+    inputs share a stem), from the pixels its prediction was decoded into."""
 
     def __init__(self, classifier: Classifier, folder: str | Path):
         self.classifier, self.folder, self.taken = classifier, Path(folder), set()
 
-    def __call__(self, record: Record) -> Path | None:
-        if record.status != "ok":
+    def __call__(self, record: Record, decoded: Decoded) -> Path | None:
+        png = cam_png(self.classifier, record, decoded)
+        if png is None:
             return None
         stem, n = Path(record.path).stem, 1
         name = f"{stem}_cam.png"
@@ -117,10 +125,8 @@ class CamWriter:
             n += 1
             name = f"{stem}_cam_{n}.png"
         self.taken.add(name)
-        gray = read_xray(record.path)
-        heat = cam_heatmap(self.classifier, self.classifier.preprocess(gray), self.classifier.classes.index(record.label))
         with atomic_write(self.folder / name) as handle:
-            handle.write(overlay_png(gray, heat, caption(record)))
+            handle.write(png)
         return self.folder / name
 
 
@@ -132,7 +138,7 @@ def cam_cases(classifier: Classifier, paths: list[str], y_true: np.ndarray, prob
     order = sorted(range(len(paths)), key=lambda i: (predicted[i] == y_true[i], -confidence[i]))[:n]
     images, titles = [], []
     for i in order:
-        pixels = classifier.preprocess(paths[i])
+        pixels = classifier.decode(paths[i]).pixels
         images.append(overlay_rgb(pixels, cam_heatmap(classifier, pixels, int(predicted[i]))))
         titles.append(f"{classifier.classes[predicted[i]]} {confidence[i]:.2f}\n[{classifier.classes[y_true[i]]}]")
     return images, titles, [bool(predicted[i] != y_true[i]) for i in order]

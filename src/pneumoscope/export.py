@@ -1,112 +1,80 @@
-"""ONNX export and the ONNX Runtime session that `Classifier` uses as its fast path.
+"""ONNX graphs of a model: the fp32 export and the int8 (static QDQ) quantisation of it.
 
-The ONNX graph is the whole `XrayNet` (normalisation included) taking `pixels`, N x 1 x S x S in
-[0, 1], to `logits`; the checkpoint's meta travels inside it (metadata_props "pneumoscope_meta"),
-so a session needs nothing else to make records.
+Both graphs are the whole `XrayNet` (normalisation included): input "pixels" (N x 1 x S x S in
+[0, 1]), outputs "logits" (N x C) and "features" (N x F, the pooled penultimate features). Each
+carries its ModelMeta (metadata_props "pneumoscope_meta") and the fingerprint of the weights and
+meta it was made from ("pneumoscope_fingerprint"), which `artifact.Bundle.onnx_path` checks.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from .data import atomic_write, default_cache_dir
-from .models import load_checkpoint
+from .artifact import FINGERPRINT_KEY, META_KEY, ModelMeta, graph_metadata, load_bundle, model_fingerprint
+from .backends import to_batch
+from .files import atomic_write
+from .models import LogitsAndFeatures
 
-log = logging.getLogger(__name__)
 OPSET = 17
-META_KEY = "pneumoscope_meta"
+QUANTIZATION_KEY = "pneumoscope_quantization"
 
 
-def export_onnx(model: torch.nn.Module, meta: dict, out: str | os.PathLike, opset: int = OPSET) -> Path:
-    """Writes `model` as ONNX with a dynamic batch axis and `meta` embedded, atomically."""
+def onnx_bytes(model: torch.nn.Module, meta: ModelMeta, opset: int = OPSET) -> bytes:
+    """The serialized graph of `model` with a dynamic batch axis, its meta and fingerprint embedded."""
     import onnx
 
-    size = int(meta["img_size"])
+    size = meta.img_size
     buffer = io.BytesIO()
+    # in eval mode: after tracing, the exporter restores the wrapper's mode onto every submodule
+    net = LogitsAndFeatures(model).eval()
+    was_training = model.training
     with warnings.catch_warnings():
         # The TorchScript exporter (dynamo=False) is deprecated but needs no onnxscript and handles
         # every registered CNN; the dynamo exporter would add a dependency for no gain here.
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.rand(1, 1, size, size),), buffer, dynamo=False,
-                          opset_version=opset, input_names=["pixels"], output_names=["logits"],
-                          dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(net, (torch.rand(1, 1, size, size),), buffer, dynamo=False,
+                          opset_version=opset, input_names=["pixels"], output_names=["logits", "features"],
+                          dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}})
+    model.train(was_training)
     proto = onnx.load_from_string(buffer.getvalue())
-    proto.metadata_props.add(key=META_KEY, value=json.dumps(meta))
+    set_metadata(proto, {META_KEY: json.dumps(meta.to_json()), FINGERPRINT_KEY: model_fingerprint(model, meta)})
+    return proto.SerializeToString()
+
+
+def export_onnx(model: torch.nn.Module, meta: ModelMeta, out: str | os.PathLike, opset: int = OPSET) -> Path:
+    """Writes `model`'s graph to `out`, atomically."""
     with atomic_write(out) as handle:
-        handle.write(proto.SerializeToString())
+        handle.write(onnx_bytes(model, meta, opset))
     return Path(out)
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
                       opset: int = OPSET) -> Path:
-    """Exports a checkpoint; by default beside it (`model.pt` -> `model.onnx`), where `Classifier`
-    with backend="auto" looks first."""
-    model, meta = load_checkpoint(checkpoint)
-    return export_onnx(model, meta, out or Path(checkpoint).with_suffix(".onnx"), opset)
+    """Exports a bundle (or legacy model.pt); by default to its own graph file (`model.onnx` in the
+    bundle, `<name>.onnx` beside a legacy file), where prediction looks first."""
+    bundle = load_bundle(checkpoint)
+    return export_onnx(bundle.load_model(), bundle.meta, out or bundle.graph_location("fp32"), opset)
 
 
-def onnx_for_checkpoint(checkpoint: Path) -> Path:
-    """An ONNX file that matches `checkpoint`: the one beside it if not older than the checkpoint,
-    else one exported into the cache (keyed by path, size and mtime, so a retrained checkpoint is
-    exported anew)."""
-    beside = checkpoint.with_suffix(".onnx")
-    stat = checkpoint.stat()
-    if beside.is_file() and beside.stat().st_mtime_ns >= stat.st_mtime_ns:
-        return beside
-    key = hashlib.sha256(f"{checkpoint.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{torch.__version__}"
-                         .encode()).hexdigest()[:16]
-    cached = default_cache_dir() / "onnx" / f"{checkpoint.stem}-{key}.onnx"
-    if not cached.is_file():
-        log.info("exporting %s to %s", checkpoint, cached)
-        export_checkpoint(checkpoint, cached)
-    return cached
-
-
-def open_session(path: Path, threads: int | None = None):
-    """An ONNX Runtime CPU session and the meta embedded in the file. `threads` defaults to
-    PyTorch's budget (all cores, or OMP_NUM_THREADS); with 1, `run` works in the calling thread
-    only, so several callers can run batches side by side."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    # No spinning: idle threads busy-waiting would steal the cores the decoder and other processes need.
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    meta = session.get_modelmeta().custom_metadata_map.get(META_KEY)
-    if meta is None:
-        raise ValueError(f"{path}: not exported by pneumoscope (no {META_KEY} metadata)")
-    return session, json.loads(meta)
-
-
-def read_onnx_meta(path: str | os.PathLike) -> dict:
-    """The pneumoscope meta embedded in an ONNX file ({} when there is none)."""
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return json.loads(props.get(META_KEY, "{}"))
+def set_metadata(proto, props: dict[str, str]) -> None:
+    """Sets metadata_props keys on an ONNX ModelProto, replacing earlier values of those keys."""
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in props]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *props.items()]:
+        proto.metadata_props.add(key=key, value=value)
 
 
 # ---------------------------------------------------------------- int8 (static, QDQ)
-def int8_path(checkpoint: Path) -> Path:
-    """Where `Classifier` looks for a checkpoint's int8 graph: `model.pt` -> `model.int8.onnx`."""
-    return checkpoint.with_suffix(".int8.onnx")
-
-
 class _PixelBatches:
     """onnxruntime.quantization's CalibrationDataReader over N x S x S uint8 pixels."""
 
     def __init__(self, pixels, batch_size: int = 16):
-        from .predict import to_batch
-
         self.feeds = iter([{"pixels": to_batch(pixels[i:i + batch_size])} for i in range(0, len(pixels), batch_size)])
 
     def get_next(self):
@@ -125,19 +93,16 @@ def calibration_pixels(samples, size: int, n: int = 256, seed: int = 0):
     return np.stack([resize_square(read_xray(pool[i].path), size) for i in sorted(chosen)])
 
 
-def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, pixels,
-                  source_sha256: str | None = None) -> Path:
+def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, pixels) -> Path:
     """Static int8 quantisation (ONNX Runtime, QDQ, per-channel weights, uint8 activations) of a
-    pneumoscope ONNX file, calibrated on real X-rays (N x S x S uint8, e.g. a few hundred training
+    pneumoscope fp32 graph, calibrated on real X-rays (N x S x S uint8, e.g. a few hundred training
     images). On CPUs with VNNI (AVX512-VNNI / AVX-VNNI) ONNX Runtime runs it with integer kernels.
-    The meta travels along, with "quantization" added so records name the int8 model."""
-    import tempfile
-
+    The fp32 graph's meta and fingerprint travel along: the int8 graph belongs to the same weights."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    meta = read_onnx_meta(fp32_onnx)
+    props = graph_metadata(fp32_onnx)
     with tempfile.TemporaryDirectory() as tmp:
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_onnx), str(prepared))  # folds BN, infers shapes: what quantize expects
@@ -145,11 +110,10 @@ def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, pixels,
                         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
         proto = onnx.load(str(quantized))
-    meta["quantization"] = {"type": "int8 static QDQ, per-channel weights, MinMax calibration",
-                            "calibration_images": int(len(pixels)), "source_sha256": source_sha256}
-    meta["name"] = f"{meta.get('name', meta['arch'])}-int8"
+    quantization = {"type": "int8 static QDQ, per-channel weights, MinMax calibration",
+                    "calibration_images": int(len(pixels))}
     del proto.metadata_props[:]
-    proto.metadata_props.add(key=META_KEY, value=json.dumps(meta))
+    set_metadata(proto, {**props, QUANTIZATION_KEY: json.dumps(quantization)})
     with atomic_write(out) as handle:
         handle.write(proto.SerializeToString())
     return Path(out)
@@ -157,39 +121,10 @@ def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, pixels,
 
 def export_int8(checkpoint: str | os.PathLike, calibration_samples, n_calibration: int = 256,
                 out: str | os.PathLike | None = None, opset: int = OPSET) -> Path:
-    """Checkpoint -> int8 ONNX, calibrated on `n_calibration` of the samples (see calibration_pixels);
-    by default beside the checkpoint, where `Classifier` with backend "int8" looks for it."""
-    import tempfile
-
-    checkpoint = Path(checkpoint)
-    model, meta = load_checkpoint(checkpoint)
-    pixels = calibration_pixels(calibration_samples, int(meta["img_size"]), n_calibration)
+    """Bundle (or legacy model.pt) -> int8 graph, calibrated on `n_calibration` of the samples (see
+    calibration_pixels); by default the bundle's own `model.int8.onnx`, where backend "int8" looks."""
+    bundle = load_bundle(checkpoint)
+    pixels = calibration_pixels(calibration_samples, bundle.meta.img_size, n_calibration)
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = export_onnx(model, meta, Path(tmp) / "fp32.onnx", opset)
-        return quantize_int8(fp32, out or int8_path(checkpoint), pixels, model_fingerprint(checkpoint))
-
-
-def model_fingerprint(checkpoint: Path) -> str:
-    """SHA-256 of what the int8 graph depends on: the weights and the meta that shapes predictions
-    (not the metrics or notes, which `ship` adds after quantising)."""
-    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    digest = hashlib.sha256()
-    for name, tensor in sorted(payload["state_dict"].items()):
-        digest.update(name.encode())
-        digest.update(tensor.numpy().tobytes())
-    shaping = {k: payload["meta"].get(k) for k in ("arch", "classes", "img_size", "temperature", "merge_outputs")}
-    digest.update(json.dumps(shaping, sort_keys=True).encode())
-    return digest.hexdigest()
-
-
-def int8_for_checkpoint(checkpoint: Path) -> Path:
-    """The int8 graph made from exactly this checkpoint (matched by content hash, not by file times,
-    which a git checkout does not keep), or FileNotFoundError saying how to make one."""
-    path = int8_path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no int8 model; make one with `pneumoscope export --int8 "
-                                f"--checkpoint {checkpoint} --calibration DATA`")
-    made_from = read_onnx_meta(path).get("quantization", {}).get("source_sha256")
-    if made_from != model_fingerprint(checkpoint):
-        raise ValueError(f"{path} was made from another version of {checkpoint.name}; export it again")
-    return path
+        fp32 = export_onnx(bundle.load_model(), bundle.meta, Path(tmp) / "fp32.onnx", opset)
+        return quantize_int8(fp32, out or bundle.graph_location("int8"), pixels)

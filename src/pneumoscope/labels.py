@@ -1,4 +1,11 @@
-"""Classes, labels read from file names, and patient ids (Kermany chest X-ray naming)."""
+"""Classes, labels read from folders and file names, and patient ids.
+
+Two readings of an image-classification tree, chosen by its class folders:
+- Kermany chest X-rays (class folders NORMAL, PNEUMONIA, BACTERIA, VIRUS in any case): the 3-class
+  label comes from the folder and, in PNEUMONIA/, from 'bacteria' or 'virus' in the file name;
+  the patient from the file name (personN_..., IM-NNNN-..., NORMAL2-IM-NNNN-...).
+- Any other tree (ImageFolder): the class is the name of the folder that holds the image.
+"""
 from __future__ import annotations
 
 import re
@@ -7,6 +14,7 @@ from pathlib import Path
 THREE = ("NORMAL", "BACTERIA", "VIRUS")
 BINARY = ("NORMAL", "PNEUMONIA")
 TASKS = {"three": THREE, "binary": BINARY}
+KERMANY_FOLDERS = frozenset(THREE) | {"PNEUMONIA"}
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
 
@@ -23,6 +31,12 @@ def classes_for(task: str) -> tuple[str, ...]:
 
 def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def is_kermany_tree(class_folders) -> bool:
+    """True when every class folder is one of Kermany's (NORMAL, PNEUMONIA, BACTERIA, VIRUS)."""
+    names = {name.upper() for name in class_folders}
+    return bool(names) and names <= KERMANY_FOLDERS
 
 
 def label_from_path(path: str | Path) -> str | None:
@@ -43,9 +57,9 @@ def label_from_path(path: str | Path) -> str | None:
     return None
 
 
-def patient_id(path: str | Path) -> str:
+def kermany_patient(path: str | Path) -> str | None:
     """`person1000_virus_1681.jpeg` -> `person1000`; `IM-0115-0001.jpeg` -> `IM-0115`;
-    `NORMAL2-IM-1427-0001.jpeg` -> `NORMAL2-IM-1427`; any other name -> its stem (one image, one patient).
+    `NORMAL2-IM-1427-0001.jpeg` -> `NORMAL2-IM-1427`; any other name -> None (no patient known).
 
     A personN with both bacteria and virus files is one patient, so it can never straddle a split.
     """
@@ -54,12 +68,17 @@ def patient_id(path: str | Path) -> str:
         match = pattern.match(name)
         if match:
             return match.group(1)
-    return Path(name).stem
+    return None
 
 
-def task_label(label3: str, task: str) -> str:
-    """Maps a 3-class label onto the task's classes (BACTERIA and VIRUS are PNEUMONIA in binary)."""
-    if task == "binary":
-        return "NORMAL" if label3 == "NORMAL" else "PNEUMONIA"
-    classes_for(task)
-    return label3
+def patient_id(path: str | Path) -> str:
+    """The Kermany patient of a file name, or its stem (one image, one patient) for any other name."""
+    return kermany_patient(path) or Path(path).stem
+
+
+def task_label(label: str, task: str) -> str:
+    """A sample's label read as one of the task's classes: BACTERIA and VIRUS are PNEUMONIA in the
+    binary task; every other label (NORMAL, PNEUMONIA, a generic folder's class) is itself."""
+    if task == "binary" and label in ("BACTERIA", "VIRUS"):
+        return "PNEUMONIA"
+    return label

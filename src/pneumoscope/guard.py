@@ -1,0 +1,168 @@
+"""The learned input guard: does an input's feature vector look like those of the training X-rays?
+
+The image checks (predict.image_warnings) catch colour photos, blank, tiny and oddly shaped
+pictures; a gray photo, a text page or an MRI slice passes them. This check works in the model's
+own feature space (the pooled penultimate features the network computes anyway, so it needs no
+second forward pass):
+
+- Mahalanobis distance (Lee et al. 2018): class means and one shared covariance of the TRAINING
+  X-rays' features; an input's score is its distance to the nearest class. The features (1280 for
+  EfficientNet-Lite0) are first projected on their top principal components, which keeps the
+  stored statistics small and the scoring a couple of small matrix products.
+- energy score (Liu et al. 2020): -T * logsumexp(logits / T), from the logits alone. Kept for the
+  side-by-side comparison; it needs the classifier's own logits (a merged binary read of a 3-class
+  network has log-probabilities as outputs, whose logsumexp is always 0).
+
+`fit_guard` returns plain JSON (arrays as base64 float32) for `ModelMeta.guard`; the threshold is
+set so that at most `max_flagged` of held-out VALIDATION X-rays score above it. Scoring is NumPy
+only: scikit-learn (PCA is an SVD here, Ledoit-Wolf shrinkage of the covariance) is used at fit
+time only. docs/inputs.md has the measured rates.
+"""
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+import numpy as np
+
+GUARD_VERSION = 1
+METHODS = ("mahalanobis", "energy")
+NOT_XRAY = "not a chest X-ray: "  # the prefix that makes a record unreliable (as in predict.py)
+MESSAGE = "does not look like a chest X-ray the model was trained on"
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    method: str = "mahalanobis"  # the score that decides; the other one is stored for comparison
+    dims: int = 128  # principal components of the features kept for the Mahalanobis distance
+    max_flagged: float = 0.01  # share of validation X-rays allowed above the threshold
+    temperature: float = 1.0  # of the energy score (Liu et al. use 1)
+
+
+# ------------------------------------------------------------------ JSON arrays
+def encode(array: np.ndarray) -> dict:
+    """A float32 array as JSON: shape + base64 of its little-endian bytes (exact, ~1.4x the binary)."""
+    array = np.ascontiguousarray(array, dtype="<f4")
+    return {"dtype": "float32", "shape": list(array.shape), "base64": base64.b64encode(array.tobytes()).decode()}
+
+
+def decode(blob: dict) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(blob["base64"]), dtype="<f4").reshape(blob["shape"]).astype(np.float32)
+
+
+# ------------------------------------------------------------------ fitting
+def fit_guard(features: np.ndarray, labels: np.ndarray, logits: np.ndarray, val_features: np.ndarray,
+              val_logits: np.ndarray, config: GuardConfig = GuardConfig()) -> dict:
+    """Statistics of the training X-rays' features (N x F, labels N class indices, logits N x C),
+    with thresholds that flag at most `config.max_flagged` of the validation X-rays."""
+    if config.method not in METHODS:
+        raise ValueError(f"unknown guard method {config.method!r}; choose one of {', '.join(METHODS)}")
+    features, labels = np.asarray(features, np.float64), np.asarray(labels)
+    dims = min(config.dims, features.shape[1], len(features) - 1)
+    center = features.mean(0)
+    # Principal directions by SVD (deterministic, no sampling); their sign does not change distances.
+    projection = np.linalg.svd(features - center, full_matrices=False)[2][:dims].T
+    reduced = (features - center) @ projection
+    classes = np.unique(labels)
+    means = np.stack([reduced[labels == c].mean(0) for c in classes])
+    within = reduced - means[np.searchsorted(classes, labels)]
+    stats = {
+        "version": GUARD_VERSION, "method": config.method, "features": int(features.shape[1]), "dims": int(dims),
+        "center": encode(center), "projection": encode(projection), "class_means": encode(means),
+        "precision": encode(_shrunk_precision(within)), "temperature": float(config.temperature),
+        "max_flagged": float(config.max_flagged), "fitted_on": {"train": int(len(features)), "val": int(len(val_features))},
+    }
+    val_scores = all_scores(val_features, val_logits, stats)
+    stats["thresholds"] = {m: _threshold(s, config.max_flagged) for m, s in val_scores.items()}
+    stats["threshold"] = stats["thresholds"][config.method]
+    return stats
+
+
+def _shrunk_precision(centred: np.ndarray) -> np.ndarray:
+    """Inverse of the Ledoit-Wolf shrunk covariance: a plain sample covariance of a few thousand
+    1280-d (or 128-d) vectors is too noisy to invert well."""
+    from sklearn.covariance import LedoitWolf
+
+    return LedoitWolf(assume_centered=True).fit(centred).precision_
+
+
+def _threshold(scores: np.ndarray, max_flagged: float) -> float:
+    """The smallest value with at most `max_flagged` of `scores` strictly above it."""
+    scores = np.sort(np.asarray(scores, np.float64))
+    allowed = int(np.floor(max_flagged * len(scores)))
+    return float(scores[len(scores) - 1 - allowed])
+
+
+# ------------------------------------------------------------------ scoring (NumPy only)
+@dataclass(frozen=True)
+class Guard:
+    """Decoded statistics, folded for scoring: ((x - center) @ whiten - means) squared and summed
+    is the squared Mahalanobis distance to each class (whiten = projection @ cholesky(precision))."""
+    center: np.ndarray
+    whiten: np.ndarray
+    means: np.ndarray
+    temperature: float
+    method: str
+    threshold: float
+
+
+def load_guard(stats: dict) -> Guard:
+    """Decodes `stats` once (callers that score many images keep the result)."""
+    if stats.get("version", GUARD_VERSION) > GUARD_VERSION:
+        raise ValueError(f"guard statistics version {stats['version']} is newer than this pneumoscope reads "
+                         f"({GUARD_VERSION}); upgrade pneumoscope")
+    chol = np.linalg.cholesky(decode(stats["precision"]).astype(np.float64))
+    whiten = decode(stats["projection"]).astype(np.float64) @ chol
+    return Guard(center=decode(stats["center"]), whiten=whiten.astype(np.float32),
+                 means=(decode(stats["class_means"]).astype(np.float64) @ chol).astype(np.float32),
+                 temperature=float(stats.get("temperature", 1.0)), method=stats["method"],
+                 threshold=float(stats.get("threshold", np.inf)))
+
+
+def _as_guard(stats: dict | Guard) -> Guard:
+    """Decoding takes about a millisecond: callers that score many images pass a `load_guard` result."""
+    return stats if isinstance(stats, Guard) else load_guard(stats)
+
+
+def mahalanobis(features: np.ndarray, stats: dict | Guard) -> np.ndarray:
+    """Distance (not squared) to the nearest class mean in the reduced, whitened feature space."""
+    guard = _as_guard(stats)
+    z = (np.atleast_2d(np.asarray(features, np.float32)) - guard.center) @ guard.whiten
+    squared = ((z[:, None, :] - guard.means[None]) ** 2).sum(-1)
+    return np.sqrt(squared.min(1))
+
+
+def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """-T * logsumexp(logits / T): low for inputs the classifier is sure about, higher for others."""
+    scaled = np.atleast_2d(np.asarray(logits, np.float64)) / temperature
+    top = scaled.max(1, keepdims=True)
+    return -temperature * (top[:, 0] + np.log(np.exp(scaled - top).sum(1)))
+
+
+def all_scores(features: np.ndarray, logits: np.ndarray, stats: dict | Guard) -> dict[str, np.ndarray]:
+    guard = _as_guard(stats)
+    return {"mahalanobis": mahalanobis(features, guard), "energy": energy(logits, guard.temperature)}
+
+
+def guard_scores(features: np.ndarray, stats: dict | Guard, logits: np.ndarray | None = None) -> np.ndarray:
+    """The deciding score of each row (higher = less like the training X-rays); compare it with
+    stats["threshold"]. The energy method needs `logits`."""
+    guard = _as_guard(stats)
+    if guard.method == "energy":
+        if logits is None:
+            raise ValueError("the energy guard needs the logits")
+        return energy(logits, guard.temperature)
+    return mahalanobis(features, guard)
+
+
+def guard_warnings(features_row: np.ndarray, logits_row: np.ndarray | None, stats: dict | Guard | None) -> list[str]:
+    """The warning for one image, or [] (also when the model has no guard statistics, or the
+    features are not finite because the image could not be decoded)."""
+    if not stats:
+        return []
+    guard = _as_guard(stats)
+    score = float(guard_scores(features_row, guard, logits_row)[0])
+    if not np.isfinite(score) or score <= guard.threshold:
+        return []
+    what = "feature distance" if guard.method == "mahalanobis" else "energy score"
+    return [f"{NOT_XRAY}{MESSAGE} ({what} {score:.1f} > threshold {guard.threshold:.1f})"]

@@ -1,108 +1,74 @@
-"""ONNX export and the ONNX Runtime backend: same probabilities as PyTorch, found or made as needed."""
-import os
-import shutil
-
+"""Backends: PyTorch and ONNX Runtime give the same logits and features; the policy that picks one."""
 import numpy as np
 import pytest
 
+from pneumoscope.artifact import load_bundle
+from pneumoscope.backends import OnnxBackend, TorchBackend, open_backend, to_batch
 from pneumoscope.cli import main
 from pneumoscope.predict import Classifier
 
 
-@pytest.fixture()
-def checkpoint(tiny_run, tmp_path):
-    """A private copy, so exporting beside it does not change what other tests load."""
-    for suffix in (".pt", ".json"):
-        shutil.copy(tiny_run / f"model{suffix}", tmp_path / f"model{suffix}")
-    return tmp_path / "model.pt"
-
-
-def test_onnx_matches_pytorch_on_real_images(checkpoint, fixture_data):
-    from pneumoscope.images import resize_square, read_xray
+@pytest.fixture(scope="module")
+def batch(fixture_data):
+    from pneumoscope.images import read_xray, resize_square
 
     paths = sorted((fixture_data / "val").rglob("*.jpeg"))
-    onnx, eager = Classifier.load(checkpoint, backend="onnx"), Classifier.load(checkpoint, backend="torch")
-    assert (onnx.backend, eager.backend) == ("onnx", "torch") and onnx.meta == eager.meta
-    pixels = np.stack([resize_square(read_xray(p), eager.img_size) for p in paths])
-    np.testing.assert_allclose(onnx.probabilities(pixels), eager.probabilities(pixels), atol=1e-4)
-    np.testing.assert_allclose(onnx.probabilities(pixels[:3]), eager.probabilities(pixels[:3]), atol=1e-4)  # any batch
+    return to_batch(np.stack([resize_square(read_xray(p), 64) for p in paths]))
 
 
-def test_export_cli_writes_the_file_auto_then_uses(checkpoint, fixture_data, capsys):
-    from pneumoscope.export import onnx_for_checkpoint
-
-    assert main(["export", "--checkpoint", str(checkpoint)]) == 0
-    beside = checkpoint.with_suffix(".onnx")
-    assert beside.stat().st_size > 0 and onnx_for_checkpoint(checkpoint) == beside
-    assert Classifier.load(checkpoint).backend == "onnx"
-    later = beside.stat().st_mtime_ns + 10**9  # a retrained checkpoint: the file beside it is stale
-    os.utime(checkpoint, ns=(later, later))
-    cached = onnx_for_checkpoint(checkpoint)
-    assert cached != beside and cached.is_file() and cached.is_relative_to(os.environ["PNEUMOSCOPE_CACHE"])
+def test_torch_and_onnx_give_the_same_logits_and_features(small_bundle, batch):
+    bundle = load_bundle(small_bundle)
+    eager, graph = TorchBackend(bundle.load_model()), OnnxBackend(bundle.onnx_path("fp32"))
+    for rows in (batch, batch[:3], batch[:1]):  # any batch size
+        (logits_t, features_t), (logits_o, features_o) = eager.run(rows), graph.run(rows)
+        assert logits_t.shape == (len(rows), 3) and features_t.shape == (len(rows), 1280)
+        np.testing.assert_allclose(logits_o, logits_t, atol=1e-4)
+        np.testing.assert_allclose(features_o, features_t, atol=1e-4)
+    assert graph.single_thread().threads == 1 and graph.single_thread() is graph.single_thread()
 
 
-def test_auto_falls_back_to_pytorch_and_onnx_does_not(checkpoint, monkeypatch):
-    import pneumoscope.export
+def test_the_features_feed_the_classifier_layer(small_bundle, batch):
+    """`features` are what the last linear layer reads: applying it to them gives the logits."""
+    import torch
 
-    def broken(_):
+    model = load_bundle(small_bundle).load_model()
+    logits, features = TorchBackend(model).run(batch)
+    head = model.backbone.get_classifier()
+    with torch.no_grad():
+        np.testing.assert_allclose(head(torch.from_numpy(features)).numpy(), logits, atol=1e-5)
+
+
+def test_policy(small_bundle, monkeypatch):
+    bundle = load_bundle(small_bundle)
+    assert open_backend(bundle, "auto").name == "onnx" and open_backend(bundle, "torch").name == "torch"
+    with pytest.raises(ValueError, match="backend"):
+        open_backend(bundle, "tensorrt")
+    with pytest.raises(ValueError, match="model.int8.onnx: does not exist"):
+        open_backend(bundle, "int8")  # never silently full precision
+
+    def broken(self, kind="fp32"):
         raise RuntimeError("exporter exploded")
 
-    monkeypatch.setattr(pneumoscope.export, "onnx_for_checkpoint", broken)
-    assert Classifier.load(checkpoint, backend="auto").backend == "torch"
+    monkeypatch.setattr(type(bundle), "onnx_path", broken)
+    assert open_backend(bundle, "auto").name == "torch"  # falls back, with a logged warning
     with pytest.raises(RuntimeError, match="exploded"):
-        Classifier.load(checkpoint, backend="onnx")
-    with pytest.raises(ValueError, match="backend"):
-        Classifier.load(checkpoint, backend="tensorrt")
+        open_backend(bundle, "onnx")
 
 
-def test_predict_backend_flag(checkpoint, fixture_data, capsys):
+def test_predict_backend_flag(small_bundle, fixture_data, capsys):
     path = str(next((fixture_data / "val" / "NORMAL").iterdir()))
     outputs = []
     for backend in ("torch", "onnx"):
-        assert main(["predict", path, "--checkpoint", str(checkpoint), "--backend", backend, "--format", "csv"]) == 0
+        assert main(["predict", path, "--checkpoint", str(small_bundle), "--backend", backend, "--format", "csv"]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1]  # 4-decimal probabilities agree
 
 
-def test_int8_export_is_an_integer_graph_used_only_on_request(checkpoint, fixture_data, capsys):
-    import onnx
-
-    assert main(["export", "--checkpoint", str(checkpoint), "--int8"]) == 1  # no calibration data: refused
-    assert "--calibration" in capsys.readouterr().err
-    assert main(["export", "--checkpoint", str(checkpoint), "--int8", "--calibration", str(fixture_data),
-                 "--calibration-n", "32"]) == 0
-    int8 = checkpoint.with_suffix(".int8.onnx")
-    assert int8.is_file() and int8.stat().st_size < checkpoint.stat().st_size / 2
-    graph = onnx.load(str(int8)).graph
-    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 10
-    assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)  # int8 weights
-    assert Classifier.load(checkpoint).backend == "onnx"  # auto keeps full precision
-    fast = Classifier.load(checkpoint, backend="int8")
-    assert fast.backend == "int8" and fast.name.endswith("-int8@" + fast.meta["version"])
-    assert fast.meta["quantization"]["calibration_images"] == 32
-    record = fast.predict(next((fixture_data / "val" / "NORMAL").iterdir()))
-    assert record.status == "ok" and abs(sum(record.probabilities.values()) - 1) < 1e-4 and record.model == fast.name
-
-
 @pytest.mark.parametrize("task", ["three", "binary"])
 def test_shipped_int8_agrees_with_full_precision_on_real_images(fixture_data, task):
-    from pneumoscope.images import resize_square, read_xray
-
     fast, exact = Classifier.load(task=task, backend="int8"), Classifier.load(task=task, backend="onnx")
+    assert fast.name.endswith("-int8@" + exact.meta.version) and exact.name == load_bundle(exact.bundle.path).name
     paths = sorted(fixture_data.rglob("*.jpeg"))
-    pixels = np.stack([resize_square(read_xray(p), exact.img_size) for p in paths])
-    p_fast, p_exact = fast.probabilities(pixels), exact.probabilities(pixels)
+    p_fast, p_exact = fast.scores(paths).probabilities, exact.scores(paths).probabilities
     assert (p_fast.argmax(1) == p_exact.argmax(1)).mean() >= 0.9
     assert np.abs(p_fast - p_exact).mean() < 0.05
-
-
-def test_int8_of_another_checkpoint_is_refused(checkpoint, fixture_data):
-    assert main(["export", "--checkpoint", str(checkpoint), "--int8", "--calibration", str(fixture_data),
-                 "--calibration-n", "16"]) == 0
-    import torch
-
-    changed = torch.load(checkpoint, weights_only=True)  # a retrained model in place of the old one
-    next(iter(changed["state_dict"].values())).add_(0.01)
-    torch.save(changed, checkpoint)
-    with pytest.raises(ValueError, match="another version"):
-        Classifier.load(checkpoint, backend="int8")

@@ -1,20 +1,21 @@
-"""Grad-CAM: real heat maps from the tiny trained model and from each kind of architecture."""
+"""Grad-CAM: heat maps from the shipped model and from each kind of architecture; each image decoded once."""
 import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
+import pneumoscope.predict
+from conftest import small_meta, small_model
 from pneumoscope.cli import main
 from pneumoscope.explain import cam_heatmap, explain, overlay_png
-from pneumoscope.models import create_model
 from pneumoscope.predict import Classifier
 
 
 @pytest.fixture(scope="module")
-def classifier(tiny_run):
-    return Classifier.load(tiny_run / "model.pt")
+def shipped():
+    """The shipped 3-class model: trained weights that are the same on every machine."""
+    return Classifier.load(task="three")
 
 
 @pytest.fixture(scope="module")
@@ -22,39 +23,44 @@ def xrays(fixture_data):
     return sorted((fixture_data / "val" / "NORMAL").iterdir()) + sorted((fixture_data / "val" / "PNEUMONIA").iterdir())
 
 
-def untrained(arch: str) -> Classifier:
-    torch.manual_seed(0)
-    meta = {"arch": arch, "classes": ["NORMAL", "BACTERIA", "VIRUS"], "img_size": 64}
-    return Classifier(create_model(arch, 3, pretrained=False), meta)
+@pytest.fixture()
+def decodes(monkeypatch):
+    """Counts the decodes of image files and bytes (the one decoder, as predict calls it)."""
+    calls = []
+    real = pneumoscope.predict.read_xray_with_info
+    monkeypatch.setattr(pneumoscope.predict, "read_xray_with_info", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    return calls
 
 
-def test_heatmap_is_informative_and_follows_the_image(classifier, xrays):
-    first = cam_heatmap(classifier, classifier.preprocess(xrays[0]))
-    other = cam_heatmap(classifier, classifier.preprocess(xrays[-1]))
+def test_heatmap_is_informative_and_follows_the_image(shipped, xrays):
+    """The shipped model's evidence for its answer on a normal and on a pneumonia X-ray."""
+    normal, pneumonia = (shipped.decode(x).pixels for x in (xrays[0], xrays[-1]))
+    first, other = cam_heatmap(shipped, normal), cam_heatmap(shipped, pneumonia)
     for heat in (first, other):
-        assert heat.shape == (64, 64) and heat.dtype == np.float32
-        assert 0 <= heat.min() and heat.max() <= 1 and heat.std() > 0.01
-    assert np.abs(first - other).mean() > 0.01
+        assert heat.shape == (192, 192) and heat.dtype == np.float32
+        assert 0 <= heat.min() and heat.max() <= 1 and heat.std() > 0.05
+    assert np.abs(first - other).mean() > 0.05
 
 
 @pytest.mark.parametrize("arch", ["simple_cnn", "resnet18", "efficientnet_lite0"])
 def test_every_kind_of_architecture(arch, xrays):
-    model = untrained(arch)
-    pixels = model.preprocess(xrays[0])
-    heats = [cam_heatmap(model, pixels, target=c) for c in range(3)]
+    classifier = Classifier.from_model(small_model(arch), small_meta(arch), backend="torch")
+    pixels = classifier.decode(xrays[0]).pixels
+    heats = [cam_heatmap(classifier, pixels, target=c) for c in range(3)]
     for heat in heats:
         assert heat.shape == (64, 64) and heat.dtype == np.float32 and 0 <= heat.min() and heat.max() <= 1
-    assert max(heat.std() for heat in heats) > 0  # random weights: some class has positive evidence
-    assert not any(m._forward_hooks for m in model.model.modules())  # Grad-CAM's hooks are gone
-    assert all(p.grad is None for p in model.model.parameters())
+    assert max(heat.std() for heat in heats) > 0  # random head: some class has positive evidence
+    assert not any(m._forward_hooks for m in classifier.model.modules())  # Grad-CAM's hooks are gone
+    assert all(p.grad is None for p in classifier.model.parameters())
 
 
-def test_explain_returns_the_record_and_a_png(classifier, xrays, tmp_path):
-    record, png = explain(classifier, xrays[0].read_bytes(), name="upload.jpeg")
-    assert record.status == "ok" and record == classifier.predict(xrays[0].read_bytes(), name="upload.jpeg")
+def test_explain_decodes_once_and_returns_the_record_and_a_png(classifier, xrays, decodes):
+    data = xrays[0].read_bytes()
+    record, png = explain(classifier, data, name="upload.jpeg")
+    assert len(decodes) == 1
+    assert record.status == "ok" and record == classifier.predict(data, name="upload.jpeg")
     image = Image.open(io.BytesIO(png))
     assert image.format == "PNG" and image.mode == "RGB" and image.size == (224, 224)
-    assert classifier._model is not None or classifier.backend == "torch"  # loaded for Grad-CAM
     bad, none = explain(classifier, b"not an image")
     assert bad.status == "error" and none is None
 
@@ -69,14 +75,14 @@ def test_overlay_png_keeps_the_xray_size_and_colours_it():
     assert right[..., 0].mean() > right[..., 2].mean() and left[..., 2].mean() > left[..., 0].mean()  # jet: hot red, cold blue
 
 
-def test_predict_cam_writes_one_png_per_input_with_unique_names(tiny_run, xrays, tmp_path, capsys):
+def test_predict_cam_writes_one_png_per_input_with_unique_names(small_bundle, xrays, tmp_path, decodes):
     for folder in ("a", "b"):  # the same file name in two folders
         (tmp_path / folder).mkdir()
         (tmp_path / folder / xrays[0].name).write_bytes(xrays[0].read_bytes())
     cams = tmp_path / "cams"
     code = main(["predict", str(tmp_path / "a"), str(tmp_path / "b"), str(xrays[1]), "--checkpoint",
-                 str(tiny_run / "model.pt"), "--cam", str(cams), "--format", "json"])
-    assert code == 0
+                 str(small_bundle), "--cam", str(cams), "--format", "json"])
+    assert code == 0 and len(decodes) == 3  # one decode per image for the record and its heat map
     names = sorted(p.name for p in cams.iterdir())
     assert names == sorted([f"{xrays[0].stem}_cam.png", f"{xrays[0].stem}_cam_2.png", f"{xrays[1].stem}_cam.png"])
     for path in cams.iterdir():

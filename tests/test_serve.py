@@ -1,5 +1,6 @@
-"""The web service on the tiny real model: predictions, Grad-CAM, limits, bad files, DICOM,
-a real uvicorn server under a little concurrency, and a schemathesis fuzz of the OpenAPI schema."""
+"""The web service on a small real model: predictions, Grad-CAM, limits, bad files, DICOM, the
+typed answer in the OpenAPI schema, a real uvicorn server under a little concurrency, and a
+schemathesis fuzz of the schema."""
 import base64
 import io
 import threading
@@ -20,11 +21,6 @@ from pneumoscope.serve import create_app, serve_in_thread
 
 EXAMPLE_FILES = sorted(EXAMPLES.rglob("*.jpeg"))
 LIMIT_MB = 0.25
-
-
-@pytest.fixture(scope="module")
-def classifier(tiny_run):
-    return Classifier.load(tiny_run / "model.pt")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +48,7 @@ def test_predict_real_example(client, classifier):
     assert list(body["probabilities"]) == list(classifier.classes)
     assert body["probabilities"] == pytest.approx(expected.probabilities, abs=1e-6)
     assert isinstance(body["warnings"], list) and isinstance(body["reliable"], bool)
-    assert body["model"]["name"] == classifier.meta["name"] and body["model"]["version"]
+    assert body["model"] == {"name": classifier.meta.name, "version": "test", "arch": "efficientnet_lite0"}
     assert body["filename"] == path.name and "cam" not in body
 
 
@@ -135,39 +131,51 @@ def test_malformed_requests_are_4xx(client, kwargs, status):
 
 def test_model_card_health_openapi_and_page(client, classifier):
     card = client.get("/v1/model").json()
-    assert card["classes"] == list(classifier.classes) and card["arch"] == classifier.meta["arch"]
+    assert card["classes"] == list(classifier.classes) and card["arch"] == classifier.meta.arch
     assert card["img_size"] == classifier.img_size and card["temperature"] == pytest.approx(classifier.temperature)
-    assert "val" in card["metrics"] and "not a diagnosis" in card["intended_use"]
+    assert card["metrics"] == {} and "not a diagnosis" in card["intended_use"]  # no metrics.json: none shown
     assert client.get("/healthz").json()["status"] == "ok"
     schema = client.get("/openapi.json").json()
     assert {"/v1/predict", "/v1/model", "/healthz"} <= set(schema["paths"])
-    assert "multipart/form-data" in schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    post = schema["paths"]["/v1/predict"]["post"]
+    assert "multipart/form-data" in post["requestBody"]["content"]
+    answer = post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    properties = schema["components"]["schemas"][answer]["properties"]
+    assert {"label", "probabilities", "warnings", "reliable", "model", "cam"} <= set(properties)
     assert client.get("/docs").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and "Not a diagnosis" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # no CDN, no remote font
 
 
-class SlowClassifier(Classifier):
-    """The tiny model plus 0.4 s per prediction: makes a blocked event loop impossible to miss."""
+class GatedClassifier(Classifier):
+    """The small model, but every prediction says it has started, then waits for the gate."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.gate, self.started = threading.Event(), threading.Semaphore(0)
 
     def predict(self, source, name=None):
-        time.sleep(0.4)
+        self.started.release()
+        assert self.gate.wait(timeout=60), "the gate was never opened"
         return super().predict(source, name)
 
 
 def test_healthz_answers_while_predictions_run(classifier):
-    slow = SlowClassifier(classifier.model, classifier.meta, classifier.checkpoint)
+    """Three predictions are running (held at the gate) while /healthz is asked: if the event loop
+    waited for them, /healthz could not answer. No clock involved: it answers or the test fails."""
+    gated = GatedClassifier(classifier.runtime, classifier.meta, classifier.bundle)
     data = EXAMPLE_FILES[0].read_bytes()
-    with serve_in_thread(create_app(slow)) as url, ThreadPoolExecutor(3) as pool:
-        post = lambda _: httpx.post(f"{url}/v1/predict", files={"file": ("x.jpeg", data)}, timeout=30)  # noqa: E731
-        futures = [pool.submit(post, i) for i in range(3)]  # 1.2 s of serialised model time
-        time.sleep(0.2)
-        started = time.perf_counter()
-        health = httpx.get(f"{url}/healthz", timeout=5)
-        waited = time.perf_counter() - started
-        assert health.status_code == 200 and waited < 0.3, f"/healthz took {waited:.2f} s"
-        assert not all(f.done() for f in futures)
+    with serve_in_thread(create_app(gated)) as url, ThreadPoolExecutor(3) as pool:
+        post = lambda _: httpx.post(f"{url}/v1/predict", files={"file": ("x.jpeg", data)}, timeout=60)  # noqa: E731
+        futures = [pool.submit(post, i) for i in range(3)]
+        try:
+            assert all(gated.started.acquire(timeout=60) for _ in range(3))  # all three inside the model
+            health = httpx.get(f"{url}/healthz", timeout=30)
+            assert health.status_code == 200 and health.json() == {"status": "ok", "model": classifier.name}
+            assert not any(f.done() for f in futures)
+        finally:
+            gated.gate.set()
         assert [f.result().status_code for f in futures] == [200] * 3
 
 

@@ -8,7 +8,6 @@ import pytest
 
 from conftest import EXAMPLES
 
-from pneumoscope.predict import Classifier
 from pneumoscope.serve import create_app, serve_in_thread
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -21,8 +20,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 
 
 @pytest.fixture(scope="module")
-def browser_page(tiny_run):
-    classifier = Classifier.load(tiny_run / "model.pt")
+def browser_page(classifier):
     with serve_in_thread(create_app(classifier)) as url, sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1100, "height": 900})

@@ -198,11 +198,9 @@ class Bundle:
         return f"{self.meta.name}@{self.meta.version}"
 
     def state_dict(self) -> dict:
-        import torch
-
         if self.legacy:
-            return torch.load(self.path, map_location="cpu", weights_only=True)["state_dict"]
-        return torch.load(self.path / WEIGHTS, map_location="cpu", weights_only=True)
+            return _torch_load(self.path)["state_dict"]
+        return _torch_load(self.path / WEIGHTS)
 
     def load_model(self):
         """The XrayNet (PyTorch, eval mode) with these weights."""
@@ -272,15 +270,28 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     raise FileNotFoundError(f"{path}: no such model bundle or checkpoint")
 
 
-def _load_legacy(path: Path) -> Bundle:
+def _torch_load(path: Path):
+    """torch.load(weights_only=True: tensors and plain data, no pickled code); a file it cannot
+    read is a one-line BundleError."""
+    import pickle
+
     import torch
 
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        meta = ModelMeta.from_legacy(payload["meta"])
-    except (KeyError, TypeError, RuntimeError, EOFError) as err:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
         raise BundleError(f"{path}: not a pneumoscope model bundle or checkpoint ({type(err).__name__})") from None
-    state = payload["state_dict"]
+
+
+def _load_legacy(path: Path) -> Bundle:
+    import torch
+
+    payload = _torch_load(path)
+    try:
+        meta = ModelMeta.from_legacy(payload["meta"])
+        state = payload["state_dict"]
+    except (KeyError, TypeError) as err:
+        raise BundleError(f"{path}: not a pneumoscope model bundle or checkpoint (no {err})") from None
     buffer = io.BytesIO()
     torch.save({k: v.contiguous() for k, v in state.items()}, buffer)  # what its bundle's weights.pt would hold
     return Bundle(path, meta, hashlib.sha256(buffer.getvalue()).hexdigest(), legacy=True)
@@ -318,9 +329,7 @@ def convert_legacy(checkpoint: str | os.PathLike, out: str | os.PathLike, export
     bundle = _load_legacy(Path(checkpoint))
     model = bundle.load_model()
     save_bundle(model, bundle.meta, out, export=export)
-    import torch
-
-    legacy_meta = torch.load(checkpoint, map_location="cpu", weights_only=True)["meta"]
+    legacy_meta = _torch_load(Path(checkpoint))["meta"]
     metrics = dict(legacy_meta.get("metrics") or {})
     if legacy_meta.get("metrics_backend"):
         metrics["backend"] = legacy_meta["metrics_backend"]

@@ -476,10 +476,37 @@ for _variant in LITE_WHEELS:
 DEFAULT_ARCH = "efficientnet_lite0"
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- inference outputs and legacy checkpoints
+def last_linear(model: nn.Module) -> nn.Linear:
+    """The classifier layer: the last nn.Linear (timm's `classifier`/`fc`/`head.fc`, our `head[-1]`)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no linear classifier layer")
+    return linears[-1]
+
+
+class LogitsAndFeatures(nn.Module):
+    """One forward pass giving (logits, features): the features are the input of the classifier
+    layer, the pooled penultimate features (N x F) the input guard measures. Calls must not overlap
+    on one model (the hook is per call); callers serialise PyTorch forwards anyway."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.head = model, last_linear(model)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen: list[torch.Tensor] = []
+        hook = self.head.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+        try:
+            logits = self.model(x)
+        finally:
+            hook.remove()
+        return logits, seen[-1].flatten(1)
+
+
 def save_checkpoint(model: XrayNet, meta: dict, path: str | os.PathLike) -> Path:
-    """Writes `path` (state dict + meta, loadable with weights_only=True) and a `.json` sidecar,
-    each atomically."""
+    """Legacy single-file format (state dict + meta dict, and a `.json` sidecar), each atomically.
+    New code writes bundles (`artifact.save_bundle`); this stays until nothing writes model.pt."""
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_write(path) as handle:
@@ -490,16 +517,12 @@ def save_checkpoint(model: XrayNet, meta: dict, path: str | os.PathLike) -> Path
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[XrayNet, dict]:
-    """Rebuilds the model its meta names and loads the weights (weights_only=True: no pickled code)."""
+    """A legacy `model.pt` as (model, its meta dict), weights_only=True. Bundles (and legacy files,
+    typed) load through `artifact.load_bundle(path).load_model()`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
+    from .artifact import ModelMeta, build_model
+
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    meta = payload["meta"]
-    groups = meta.get("merge_outputs")  # a model read with coarser classes (see MergeOutputs)
-    n_outputs = sum(len(g) for g in groups) if groups else len(meta["classes"])
-    model = create_model(meta["arch"], num_classes=n_outputs, pretrained=False)
-    model.load_state_dict(payload["state_dict"], strict=True)
-    if groups:
-        model.add_module("merge", MergeOutputs(groups))
-    return model.eval(), meta
+    return build_model(ModelMeta.from_legacy(payload["meta"]), payload["state_dict"]), payload["meta"]

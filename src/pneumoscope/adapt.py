@@ -127,6 +127,8 @@ def adapt_bundle(checkpoint, images, out, priors: bool = False, task: str = "thr
     bundle = load_bundle(checkpoint or resolve_model(task))
     meta, model = bundle.meta, bundle.load_model()
     files = list(expand_inputs(images if isinstance(images, (list, tuple)) else [images]))
+    if not files:
+        raise ValueError(f"{images}: no images found; adaptation needs unlabelled X-rays from the new site")
     pixels, skipped = [], []
     for path in files:
         try:

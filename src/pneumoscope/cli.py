@@ -135,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", dest="export", action="store_false", help="skip the ONNX graph")
     p.set_defaults(handler=cmd_bundle)
 
+    p = sub.add_parser("adapt", help="adapt a model to a new site from its unlabelled images (AdaBN, class priors)")
+    p.add_argument("--images", required=True, nargs="+", help="image files or folders from the new site (no labels)")
+    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
+    p.add_argument("--task", choices=TASKS, default="three")
+    p.add_argument("--priors", action="store_true",
+                   help="also re-estimate the class priors (EM of Saerens et al. 2002) and fold them into the bias")
+    p.add_argument("--out", required=True, help="bundle directory to write (the input model is not changed)")
+    p.set_defaults(handler=cmd_adapt)
+
     p = sub.add_parser("serve", help="web page and REST API (FastAPI + uvicorn)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -306,6 +315,20 @@ def cmd_bundle(args) -> int:
     out = convert_legacy(args.checkpoint, args.out, export=args.export)
     bundle = load_bundle(out)
     print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))}); fingerprint {bundle.fingerprint[:16]}")
+    return EXIT_OK
+
+
+def cmd_adapt(args) -> int:
+    from .adapt import adapt_bundle
+
+    images = args.images[0] if len(args.images) == 1 else args.images
+    report = adapt_bundle(args.checkpoint, images, args.out, priors=args.priors, task=args.task)
+    print(f"wrote {args.out}: {report['method']} on {report['images']} images from {report['source']}")
+    for when in ("before", "after"):
+        mix = ", ".join(f"{c} {v:.1%}" for c, v in report[f"predicted_mix_{when}"].items())
+        print(f"  predicted mix {when:<6} {mix}")
+    if report["skipped"]:
+        print(f"  {len(report['skipped'])} file(s) skipped: unreadable (see {args.out}/adaptation.json)")
     return EXIT_OK
 
 

@@ -70,9 +70,10 @@ def _window(lo, hi):
 
 SHIFTS = {
     "none": lambda p, rng: p,
-    "gamma 0.6": _gamma(0.6), "gamma 1.6": _gamma(1.6),
-    "contrast x0.6": _contrast(0.6), "blur sigma 1.5": _blur(1.5),
-    "noise sigma 0.04": _noise(0.04), "resolution 80 px": _lowres(80), "window 15-85%": _window(15, 85),
+    "gamma 0.5": _gamma(0.5), "gamma 2.0": _gamma(2.0),
+    "contrast x0.5": _contrast(0.5), "blur sigma 2": _blur(2.0),
+    "noise sigma 0.05": _noise(0.05), "resolution 64 px": _lowres(64), "window 20-80%": _window(20, 80),
+    "inverted": lambda p, rng: 255 - p,  # a MONOCHROME1 film read as MONOCHROME2
 }
 
 
@@ -121,7 +122,7 @@ class _Model:
         self.refresh()
 
     def refresh(self):
-        self.classifier = self._Classifier.from_model(self.torch_model, self.meta, backend="torch")
+        self.classifier = self._Classifier.from_model(self.torch_model, self.meta, backend="onnx")
 
     def probabilities(self, pixels):
         return self.classifier.scores(list(pixels)).probabilities
@@ -161,8 +162,9 @@ def main(argv=None) -> int:
                 row = {"group": group, "shift": shift, "variant": variant, "n": m["n"], "accuracy": m["accuracy"],
                        "ece": m["ece"], **{f"recall {c}": v["recall"] for c, v in m["per_class"].items()}}
                 report["rows"].append(row)
-                print(json.dumps(row), flush=True)
+                print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     out.write_text(markdown(report, classes))
     print(f"wrote {out}", file=sys.stderr)

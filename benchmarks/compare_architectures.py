@@ -12,11 +12,11 @@ Not a unit test: at the default budget this takes most of an hour on 2 cores.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from pneumoscope.experiments import compare, read_run, summarize
-from pneumoscope.train import TrainConfig, train
+from pneumoscope.config import TrainConfig
+from pneumoscope.experiments import compare
+from pneumoscope.rundir import RunDir, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ["simple_cnn", "residual_vgg", "resnet18", "densenet121", "efficientnet_lite0"]
@@ -24,14 +24,16 @@ BEGIN, END = "<!-- architectures:begin -->", "<!-- architectures:end -->"
 
 
 def run_all(args) -> list[Path]:
+    from pneumoscope.train import train
+
     runs = []
     for arch in args.archs:
         out = Path(args.root) / arch
-        status = out / "status.json"
-        if not (status.exists() and json.loads(status.read_text()).get("status") == "finished"):
+        run = RunDir(out)
+        if run.live_status() != "finished":
             train(TrainConfig(data=args.data, out=str(out), arch=arch, img_size=args.img_size, epochs=args.epochs,
                               max_images=args.max_images, patience=args.epochs, seed=0, ema_decay=args.ema_decay,
-                              resume=(out / "checkpoints" / "last.ckpt").exists()))
+                              resume=run.last_checkpoint.exists()))
         runs.append(out)
     return runs
 
@@ -47,9 +49,8 @@ def table(runs: list[Path], args) -> str:
              "| arch | weights | params (M) | train images/s | wall (s) | val acc | test acc | recall NORMAL / BACTERIA / VIRUS (test) |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
     for run_dir in runs:
-        row = summarize(read_run(run_dir))
-        meta = json.loads((run_dir / "model.json").read_text()) if (run_dir / "model.json").exists() else {}
-        val = meta.get("metrics", {}).get("val", {}).get("accuracy")
+        row = summarize(run_dir)
+        val = row["val_acc"]
         recall = " / ".join(f"{row.get(f'recall_{c}', float('nan')):.3f}" for c in ("NORMAL", "BACTERIA", "VIRUS"))
         weights = "ImageNet" if row["arch"] == "efficientnet_lite0" else "scratch"
         lines.append(f"| `{row['arch']}` | {weights} | {(row['params'] or 0) / 1e6:.2f} | {row['images_per_s'] or 0:.1f} "

@@ -1,20 +1,20 @@
 """Experiments: project/name run directories, `runs`, `compare`, cross-validation, two-process
-DDP training and the resumable Optuna search. Every model here is simple_cnn at 48 px for 1-2
-epochs on the fixture images: seconds each."""
+DDP training and the resumable Optuna search. Every model here is simple_cnn at 32 px for 1-2
+epochs on the fixture images: seconds each. (Where a run goes, its status and old runs without a
+bundle: test_rundir.py; a killed run: test_train.py.)"""
 from __future__ import annotations
 
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import FIXTURE_DATA
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 COMMON = ["--arch", "simple_cnn", "--batch-size", "16", "--ema-decay", "0", "--val-fraction", "0.2",
           "--test-fraction", "0.2"]
-TINY = ["--data", str(FIXTURE_DATA), *COMMON, "--img-size", "48", "--lr", "3e-3"]
+TINY = ["--data", str(FIXTURE_DATA), *COMMON, "--img-size", "32", "--lr", "3e-3"]
 QUIET = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
@@ -49,19 +49,9 @@ def root(tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------- run directories and `runs`
-def test_project_and_name_make_the_run_directory(root, tmp_path):
-    from pneumoscope.experiments import run_dir_for
-
-    assert (root / "demo" / "a" / "model.pt").is_file()
-    fresh = run_dir_for(tmp_path, "p", None, "three", "simple_cnn")
-    assert fresh.parent == tmp_path / "p" and fresh.name.startswith("three-simple_cnn-20")
-    older, newer = tmp_path / "p" / "three-simple_cnn-1", tmp_path / "p" / "three-simple_cnn-2"
-    for run in (older, newer):
-        run.mkdir(parents=True)
-        (run / "config.yaml").write_text("{}")
-        time.sleep(0.01)
-    assert run_dir_for(tmp_path, "p", None, "three", "simple_cnn", resume=True) == newer
-    assert run_dir_for(tmp_path, "p", "mine", "three", "simple_cnn", resume=True) == tmp_path / "p" / "mine"
+def test_project_and_name_make_the_run_directory(root):
+    assert (root / "demo" / "a" / "model" / "meta.json").is_file()
+    assert (root / "demo" / "b" / "val" / "metrics.json").is_file() and not (root / "demo" / "b" / "test").exists()
 
 
 def test_status_records_pid_and_host_while_running(root):
@@ -79,48 +69,12 @@ def test_runs_lists_every_run_with_its_status(root, capsys):
     assert set(rows) == {"a", "b", "broken"}
     assert {r["project"] for r in rows.values()} == {"demo"}
     assert rows["a"]["status"] == "finished" and rows["a"]["epochs"] == 1 and rows["a"]["test_acc"] is not None
-    assert rows["b"]["epochs"] == 2 and rows["b"]["test_acc"] is None and rows["b"]["img_size"] == 48
+    assert rows["b"]["epochs"] == 2 and rows["b"]["test_acc"] is None and rows["b"]["img_size"] == 32
     assert rows["broken"]["status"] == "failed" and rows["broken"]["epochs"] == 0
     assert cli("runs", root) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["project", "experiment", "status"] and len(table) == 4
     assert any("broken" in line and "failed" in line for line in table)
-
-
-def test_a_running_status_whose_process_is_gone_reads_interrupted(tmp_path):
-    import socket
-
-    from pneumoscope.experiments import list_runs
-
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    for name, pid in (("dead", gone.pid), ("alive", os.getpid())):
-        (tmp_path / "p" / name).mkdir(parents=True)
-        (tmp_path / "p" / name / "status.json").write_text(json.dumps(
-            {"status": "running", "pid": pid, "hostname": socket.gethostname()}))
-    rows = {r["experiment"]: r["status"] for r in list_runs(tmp_path)}
-    assert rows == {"dead": "interrupted", "alive": "running"}
-
-
-def test_killed_run_is_listed_as_interrupted(tmp_path, capsys):
-    """SIGKILL leaves status.json at "running" (nothing can write on SIGKILL); `runs` sees that
-    its process is gone."""
-    from pneumoscope.experiments import list_runs
-
-    command = [sys.executable, "-m", "pneumoscope.cli", "train", *TINY, "--root", str(tmp_path), "--project", "p",
-               "--name", "killed", "--epochs", "50", "--patience", "50", "--no-test"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=QUIET)
-    last = tmp_path / "p" / "killed" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while not last.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert json.loads((last.parents[1] / "status.json").read_text())["status"] == "running"
-    assert [r["status"] for r in list_runs(tmp_path)] == ["interrupted"]
-    assert cli("runs", tmp_path) == 0
-    assert "interrupted" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- `compare`
@@ -132,11 +86,16 @@ def test_compare_runs_of_different_lengths_and_a_failed_one(root, tmp_path):
     a, b, broken = rows["a"], rows["b"], rows["broken"]
     assert (a["epochs"], b["epochs"], broken["epochs"]) == ("1", "2", "0")
     assert broken["status"] == "failed" and broken["best_val_acc"] == "" and broken["arch"] == "simple_cnn"
-    assert 0 <= float(a["test_acc"]) <= 1 and b["test_acc"] == ""
-    for row in (a, b):
-        assert int(row["params"]) > 0 and float(row["images_per_s"]) > 0 and float(row["peak_memory_mb"]) > 0
-        assert 0 < float(row["train_seconds"]) <= float(row["wall_seconds"]) and 0 <= float(row["best_val_acc"]) <= 1
-        assert {"recall_NORMAL", "recall_BACTERIA", "recall_VIRUS"} <= set(row)
+    test_a = json.loads((root / "demo" / "a" / "test" / "metrics.json").read_text())
+    assert float(a["test_acc"]) == test_a["accuracy"] and b["test_acc"] == ""
+    assert float(a["recall_VIRUS"]) == test_a["per_class"]["VIRUS"]["recall"]
+    for name, row in (("a", a), ("b", b)):
+        epochs = read_csv(root / "demo" / name / "metrics.csv")
+        assert float(row["best_val_acc"]) == max(float(r["val_acc"]) for r in epochs)
+        assert float(row["train_seconds"]) == pytest.approx(sum(float(r["seconds"]) for r in epochs), abs=0.051)
+        assert float(row["train_seconds"]) <= float(row["wall_seconds"])
+        assert int(row["params"]) == json.loads((root / "demo" / name / "model" / "meta.json").read_text())["params"]
+        assert float(row["images_per_s"]) > 0 and float(row["peak_memory_mb"]) > 0
     assert (a["recall_split"], b["recall_split"]) == ("test", "val")
     report = (tmp_path / "cmp" / "report.md").read_text()
     for figure in ("curves.png", "train_time.png", "peak_memory.png", "best_val_acc.png"):
@@ -146,33 +105,39 @@ def test_compare_runs_of_different_lengths_and_a_failed_one(root, tmp_path):
 
 
 # ---------------------------------------------------------------- cross-validation
-def test_cross_validation_folds_are_patient_disjoint_and_summarized(tmp_path):
+def test_cross_validation_trains_on_fold_manifests_and_summarizes(tmp_path, capsys):
     from pneumoscope.data import read_manifest
 
     out = tmp_path / "cv"
     assert cli("train", *TINY, "--out", out, "--epochs", "1", "--folds", "3") == 0
     val_patients = []
     for fold in range(3):
-        samples = read_manifest(out / f"fold-{fold}" / "manifest.csv")
+        run = out / f"fold-{fold}"
+        samples = read_manifest(run / "manifest.csv")
         assert {s.split for s in samples} == {"train", "val"}  # the held-out fold is val; no test
+        # an ordinary training on its fold's manifest
+        assert yaml.safe_load((run / "config.yaml").read_text())["data"] == str(out / "folds" / f"fold-{fold}.csv")
+        assert samples == read_manifest(out / "folds" / f"fold-{fold}.csv")
         train = {s.patient_id for s in samples if s.split == "train"}
         val = {s.patient_id for s in samples if s.split == "val"}
         assert not train & val
         val_patients.append(val)
-        assert json.loads((out / f"fold-{fold}" / "status.json").read_text())["status"] == "finished"
+        assert json.loads((run / "status.json").read_text())["status"] == "finished"
     assert all(not val_patients[i] & val_patients[j] for i in range(3) for j in range(i + 1, 3))
     assert set().union(*val_patients) == {s.patient_id for s in samples}  # every patient held out once
 
     summary = json.loads((out / "cv_summary.json").read_text())
     assert len(summary["folds"]) == 3
+    per_fold = [json.loads((out / f"fold-{i}" / "val" / "metrics.json").read_text()) for i in range(3)]
     for key in ("accuracy", "balanced_accuracy", "recall_NORMAL", "recall_BACTERIA", "recall_VIRUS"):
-        per_fold = [json.loads((out / f"fold-{i}" / "model.json").read_text())["metrics"]["val"] for i in range(3)]
-        values = [m["recall"][key.removeprefix("recall_")] if key.startswith("recall_") else m[key] for m in per_fold]
+        values = [m["per_class"][key.removeprefix("recall_")]["recall"] if key.startswith("recall_") else m[key]
+                  for m in per_fold]
         assert summary["mean"][key] == pytest.approx(np.mean(values))
         assert summary["std"][key] == pytest.approx(np.std(values, ddof=1))
     rows = read_csv(out / "cv_summary.csv")
     assert [r["fold"] for r in rows] == ["0", "1", "2", "mean", "std"]
     assert float(rows[3]["accuracy"]) == pytest.approx(summary["mean"]["accuracy"])
+    assert f"{out}/cv_summary.csv" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- two processes (DDP, gloo)
@@ -180,9 +145,10 @@ def test_two_process_training_matches_the_single_process_run(root, tmp_path):
     """torchrun with 2 CPU processes: same files and metrics.csv columns as run a (same arguments,
     one process), and validation counted over the whole val split, not rank 0's half."""
     torch.distributed.is_available() or pytest.skip("torch built without torch.distributed")
-    from pneumoscope.data import XrayDataset, eval_transform, load_pixels, read_manifest
-    from pneumoscope.models import create_model
-    from pneumoscope.train import predict_logits
+    from pneumoscope.artifact import load_bundle
+    from pneumoscope.data import load_pixels, read_manifest
+    from pneumoscope.predict import Classifier
+    from pneumoscope.rundir import checkpoint_weights
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "pneumoscope.cli", "train", *TINY, "--root", str(tmp_path), "--project", "ddp", "--name", "a",
@@ -202,12 +168,12 @@ def test_two_process_training_matches_the_single_process_run(root, tmp_path):
     assert [s.path for s in read_manifest(single / "manifest.csv")] == [s.path for s in read_manifest(ddp / "manifest.csv")]
     assert int(row["val_n"]) == len(val)  # summed over both ranks, no sample padded in twice
     # the last (only) epoch's checkpoint, EMA off: its accuracy over the whole val split is what was logged
-    pixels, kept, _ = load_pixels(val, 48)
-    dataset = XrayDataset(pixels, kept, ("NORMAL", "BACTERIA", "VIRUS"), "three", eval_transform())
-    state = torch.load(ddp / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    model = create_model("simple_cnn", 3, pretrained=False)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    accuracy = (predict_logits(model, dataset).argmax(1) == dataset.targets).float().mean().item()
+    pixels, kept, _ = load_pixels(val, 32)
+    meta = load_bundle(ddp / "model").meta
+    model = load_bundle(ddp / "model").load_model()
+    model.load_state_dict(checkpoint_weights(ddp / "checkpoints" / "last.ckpt")[0])
+    logits = Classifier.from_model(model, meta, backend="torch").score_pixels(pixels).logits
+    accuracy = np.mean(logits.argmax(1) == [meta.classes.index(s.label) for s in kept])
     assert float(row["val_acc"]) == pytest.approx(accuracy, abs=1e-6)
 
 
@@ -216,7 +182,7 @@ def test_tune_runs_trials_as_runs_and_resumes_the_study(tmp_path):
     import optuna
 
     args = ["tune", "--data", FIXTURE_DATA, *COMMON, "--study", "s", "--root", tmp_path, "--project", "p",
-            "--img-sizes", "48", "--epochs", "1", "--max-images", "40"]
+            "--img-sizes", "32", "--epochs", "1", "--max-images", "40"]
     assert cli(*args, "--trials", "2") == 0
     assert (tmp_path / "p" / "optuna.db").is_file()
     assert cli(*args, "--trials", "1") == 0  # same command again: adds a trial, does not restart

@@ -1,36 +1,61 @@
-"""Shipping a run: checkpoints, int8 graphs, evaluation reports and the generated model card."""
+"""Shipping a run: bundles, int8 graphs, evaluation reports and the generated model card."""
 import json
 
+import pytest
+
+from conftest import FIXTURE_DATA, ROOT
+from pneumoscope.artifact import load_bundle
 from pneumoscope.cli import main
+from pneumoscope.metrics import softmax
 from pneumoscope.predict import Classifier
 
+pytestmark = pytest.mark.slow
 
-def test_ship_with_binary_and_int8_then_card(tiny_run, tmp_path, capsys):
+
+def test_ship_with_binary_and_int8_then_card_then_reship_without_int8(tiny_run, tmp_path):
     models, docs = tmp_path / "models", tmp_path / "docs"
     assert main(["ship", "--run", str(tiny_run), "--models-dir", str(models), "--docs-dir", str(docs),
-                 "--binary-from-three", "--int8", "24"]) == 0
-    for task, classes in (("three", ["NORMAL", "BACTERIA", "VIRUS"]), ("binary", ["NORMAL", "PNEUMONIA"])):
-        checkpoint = models / f"pneumoscope-{task}.pt"
-        meta = json.loads(checkpoint.with_suffix(".json").read_text())
-        assert meta["classes"] == classes and meta["metrics_backend"] == "onnx"
-        assert set(meta["metrics"]) == set(meta["metrics_int8"]) == {"val", "internal_test"}
-        assert meta["training"]["epochs_run"] == 2 and len(meta["training"]["curve"]) == 2
-        classifier = Classifier.load(checkpoint, backend="int8")
-        assert classifier.classes == tuple(classes)
+                 "--binary-from-three", "--int8", "16"]) == 0
+    for task, classes in (("three", ("NORMAL", "BACTERIA", "VIRUS")), ("binary", ("NORMAL", "PNEUMONIA"))):
+        bundle = load_bundle(models / task)
+        metrics = bundle.metrics()
+        assert bundle.meta.classes == classes and metrics["backend"] == "onnx"
+        assert set(metrics) == {"val", "internal_test", "backend", "int8"}
+        assert set(metrics["int8"]) == {"val", "internal_test"}
+        training = bundle.meta.provenance["training"]
+        assert training["epochs_run"] == 2 and [c["epoch"] for c in training["curve"]] == [0, 1]
+        assert Classifier.load(models / task, backend="int8").classes == classes
         test_report = json.loads((docs / "model-card" / task / "test" / "metrics.json").read_text())
-        assert test_report["accuracy"] == meta["metrics"]["internal_test"]["accuracy"]
+        assert test_report["accuracy"] == metrics["internal_test"]["accuracy"]
         assert (docs / "model-card" / task / "test" / "confusion_matrix.png").stat().st_size > 0
+
+    # the binary model is the same network read through a merge: at T = 1 its NORMAL probability
+    # is the 3-class one; it has a temperature of its own
+    three, binary = (Classifier.load(models / task, backend="torch") for task in ("three", "binary"))
+    image = str(next(FIXTURE_DATA.rglob("*.jpeg")))
+    p3 = softmax(three.scores([image]).logits)[0]
+    p2 = softmax(binary.scores([image]).logits)[0]
+    assert p2 == pytest.approx([p3[0], p3[1] + p3[2]], abs=1e-5)
+    assert binary.meta.merge_outputs == ((0,), (1, 2)) and binary.meta.temperature != three.meta.temperature
+
     card = (docs / "model-card.md").read_text()
-    three = json.loads((models / "pneumoscope-three.json").read_text())
-    assert f"{three['metrics']['internal_test']['accuracy']:.3f}" in card
+    assert f"{load_bundle(models / 'three').metrics()['internal_test']['accuracy']:.3f}" in card
     assert "Not a diagnosis" in card and "binary" in card and "internal_test (int8)" in card
 
-
-def test_reshipping_without_int8_removes_the_stale_graph(tiny_run, tmp_path):
-    models, docs = tmp_path / "models", tmp_path / "docs"
-    assert main(["ship", "--run", str(tiny_run), "--models-dir", str(models), "--docs-dir", str(docs),
-                 "--int8", "16"]) == 0
-    assert (models / "pneumoscope-three.int8.onnx").is_file()
     assert main(["ship", "--run", str(tiny_run), "--models-dir", str(models), "--docs-dir", str(docs)]) == 0
-    assert not (models / "pneumoscope-three.int8.onnx").exists()
-    assert "metrics_int8" not in json.loads((models / "pneumoscope-three.json").read_text())
+    assert not (models / "three" / "model.int8.onnx").exists()  # made from the model it replaced
+    assert "int8" not in load_bundle(models / "three").metrics()
+
+
+def test_card_of_the_shipped_models_is_the_committed_one(tmp_path):
+    """`pneumoscope card` on the repo's bundles and reports reproduces docs/model-card.md."""
+    import shutil
+
+    from pneumoscope.release import write_model_card
+
+    if not all((ROOT / "models" / task / "meta.json").is_file() for task in ("three", "binary")):
+        pytest.skip("the shipped models are not bundles yet")
+    docs = tmp_path / "docs"
+    shutil.copytree(ROOT / "docs" / "model-card", docs / "model-card")
+    out = write_model_card(ROOT / "models", docs)
+    assert out.read_text() == (ROOT / "docs" / "model-card.md").read_text()

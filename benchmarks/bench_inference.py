@@ -3,7 +3,7 @@
 Per backend: single-image latency file -> probabilities (decode, squash, model, softmax) p50/p95,
 folder throughput (images/s through `predict_many`), and the achieved GFLOP/s given the model's
 GFLOPs per image (counted with torch.utils.flop_counter; for int8, the same operations per second).
-The int8 row appears when the checkpoint has its int8 graph. Prints a markdown table; --out writes it.
+The int8 row appears when the bundle has its int8 graph. Prints a markdown table; --out writes it.
 
     python benchmarks/bench_inference.py [--checkpoint PATH] [--images DIR] [--n 200] [--folder-n 512]
 """
@@ -21,8 +21,8 @@ import onnxruntime
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pneumoscope.export import int8_path
-from pneumoscope.predict import Classifier, expand_inputs, shipped_checkpoint
+from pneumoscope.artifact import load_bundle, resolve_model
+from pneumoscope.predict import Classifier, expand_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,9 +62,7 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default = shipped_checkpoint("three")
-    parser.add_argument("--checkpoint", default=str(default) if default.is_file() else None,
-                        required=not default.is_file())
+    parser.add_argument("--checkpoint", default=None, help="a model bundle (default: the shipped 3-class model)")
     parser.add_argument("--images", default=str(ROOT / "tests" / "fixtures" / "chest_xray"),
                         help="folder of X-rays (repeated as needed)")
     parser.add_argument("--n", type=int, default=200, help="single-image predictions per backend")
@@ -78,9 +76,10 @@ def main() -> None:
     rows, gflops = [], None
     names = {"int8": f"ONNX Runtime {onnxruntime.__version__} int8", "onnx": f"ONNX Runtime {onnxruntime.__version__}",
              "torch": f"PyTorch {torch.__version__} eager"}
-    backends = (["int8"] if int8_path(Path(args.checkpoint)).is_file() else []) + ["onnx", "torch"]
+    bundle = load_bundle(args.checkpoint or resolve_model("three"))
+    backends = (["int8"] if bundle.graph_location("int8").is_file() else []) + ["onnx", "torch"]
     for backend in backends:
-        classifier = Classifier.load(args.checkpoint, backend=backend)
+        classifier = Classifier.load(bundle, backend=backend)
         gflops = gflops or gflops_per_image(classifier)
         latency_ms(classifier, files, 5)  # warm-up: first calls allocate and pick kernels
         times = latency_ms(classifier, files, args.n)
@@ -90,7 +89,7 @@ def main() -> None:
         rate = throughput(classifier, folder, args.batch_size)
         rows.append(f"| {names[backend]} | {np.percentile(times, 50):.1f} | {np.percentile(times, 95):.1f} | {rate:.1f} "
                     f"| {gflops * rate:.1f} | {warm_up:.2f} |")
-    lines = [f"model `{classifier.name}` ({classifier.meta['arch']}, {classifier.img_size} px, "
+    lines = [f"model `{classifier.name}` ({classifier.meta.arch}, {classifier.img_size} px, "
              f"{gflops:.2f} GFLOPs/image); {cpu_name()}, {len(os.sched_getaffinity(0))} cores, "
              f"{torch.get_num_threads()} threads; latency over {args.n} single files, throughput over "
              f"{len(folder)} files in batches of {args.batch_size}", "",

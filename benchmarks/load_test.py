@@ -1,7 +1,7 @@
 """Bounded load test of `pneumoscope serve` over loopback; prints a markdown table.
 
     .venv/bin/python benchmarks/load_test.py                          # 500 requests, 16 clients, shipped model
-    .venv/bin/python benchmarks/load_test.py --requests 40 --checkpoint runs/x/model.pt
+    .venv/bin/python benchmarks/load_test.py --requests 40 --checkpoint runs/x/model
     .venv/bin/python benchmarks/load_test.py --url http://127.0.0.1:8000 --pid 1234   # a running server
 
 Starts the server as a child process on a free 127.0.0.1 port (unless --url), sends real X-rays from

@@ -1,7 +1,7 @@
 """Regenerates docs/web-screenshot.png: the web page with a real result, in headless Chromium.
 
     .venv/bin/python benchmarks/screenshot.py                       # the shipped three-class model
-    .venv/bin/python benchmarks/screenshot.py --checkpoint runs/x/model.pt --out /tmp/page.png
+    .venv/bin/python benchmarks/screenshot.py --checkpoint runs/x/model --out /tmp/page.png
 
 Needs /usr/bin/chromium (scripts/install-browser.sh) and the playwright package; starts the server
 on a free loopback port in this process, uploads one example X-ray and saves the page.

@@ -4,30 +4,28 @@
 
 The runs are `pneumoscope train ... --keep-epochs` runs on the same manifest (same patients in
 train / val / internal test), differing only in --seed. For every kept epoch from --from-epoch on,
-and for each run's best checkpoint (model.pt, chosen by validation), it reports accuracy and
+and for each run's best weights (its model bundle, chosen by validation), it reports accuracy and
 per-class recall on validation and on the internal test split. Then two ways to average that
 need no extra training: a weight average of the runs' best checkpoints (a "model soup": same
 ImageNet start, same split, so their weights average well) and test-time augmentation (mean
 probabilities over small zooms and gamma changes). Decide on the validation columns only.
-Every model runs through ONNX Runtime (fp32). Not a unit test: minutes per run on 2 cores.
+Every model runs through the product's own `Classifier` on ONNX Runtime (fp32, exported in memory).
+Not a unit test: minutes per run on 2 cores.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pneumoscope.artifact import build_model, load_bundle
 from pneumoscope.data import load_pixels, read_manifest
-from pneumoscope.export import export_onnx, open_session
 from pneumoscope.labels import classes_for, task_label
-from pneumoscope.models import create_model
-from pneumoscope.predict import to_batch
-from pneumoscope.train import network_weights
+from pneumoscope.predict import Classifier
+from pneumoscope.rundir import RunDir, checkpoint_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- stability:begin -->", "<!-- stability:end -->"
@@ -40,34 +38,23 @@ def split_data(run_dir: Path, split: str, size: int, task: str):
     return pixels, np.array([classes.index(task_label(s.label, task)) for s in kept])
 
 
-def model_state(path: Path) -> dict:
-    """The model's weights from a pneumoscope checkpoint or a Lightning one (its EMA average)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    return network_weights(state) if any(k.startswith("model.") for k in state) else state
-
-
-def probabilities(state: dict, meta: dict, pixels: np.ndarray, tta: bool = False) -> np.ndarray:
-    model = create_model(meta["arch"], len(meta["classes"]), pretrained=False)
-    model.load_state_dict(state)
-    with tempfile.TemporaryDirectory() as tmp:
-        session, _ = open_session(export_onnx(model, meta, Path(tmp) / "m.onnx"))
-        views = tta_views(pixels) if tta else [to_batch(pixels)]
-        out = []
-        for view in views:
-            logits = np.concatenate([session.run(["logits"], {"pixels": view[i:i + 64]})[0]
-                                     for i in range(0, len(view), 64)])
-            out.append(torch.softmax(torch.from_numpy(logits), 1).numpy())
-    return np.mean(out, axis=0)
+def probabilities(state: dict, meta, pixels: np.ndarray, tta: bool = False) -> np.ndarray:
+    """Uncalibrated softmax (temperature 1: epochs and soups have none of their own), averaged over
+    the TTA views when asked."""
+    classifier = Classifier.from_model(build_model(meta.replace(temperature=1.0), state), meta.replace(temperature=1.0))
+    views = tta_views(pixels) if tta else [pixels]
+    return np.mean([classifier.score_pixels(view).probabilities for view in views], axis=0)
 
 
 def tta_views(pixels: np.ndarray) -> list[np.ndarray]:
-    """The image, a 92% centre zoom, and gamma 0.8 and 1.25: changes a new site's films bring."""
-    x = torch.from_numpy(to_batch(pixels))
+    """The image, a 92% centre zoom, and gamma 0.8 and 1.25 (changes a new site's films bring),
+    as 8-bit images like any input."""
+    x = torch.from_numpy(pixels[:, None].astype(np.float32) / 255)
     size, crop = x.shape[-1], int(round(x.shape[-1] * 0.92))
     start = (size - crop) // 2
     zoom = F.interpolate(x[..., start:start + crop, start:start + crop], size=(size, size), mode="bilinear",
                          antialias=True, align_corners=False).clamp(0, 1)
-    return [v.contiguous().numpy() for v in (x, zoom, x ** 0.8, x ** 1.25)]
+    return [(v[:, 0] * 255).round().to(torch.uint8).numpy() for v in (x, zoom, x ** 0.8, x ** 1.25)]
 
 
 def scores(probs: np.ndarray, targets: np.ndarray, classes) -> dict:
@@ -97,9 +84,10 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="replace the stability section of this markdown file")
     args = parser.parse_args()
 
-    meta = json.loads((args.runs[0] / "model.json").read_text())
-    classes, size = meta["classes"], meta["img_size"]
-    data = {split: split_data(args.runs[0], split, size, meta["task"]) for split in ("val", "test")}
+    bundles = [load_bundle(RunDir(r).model_path()) for r in args.runs]
+    meta = bundles[0].meta
+    classes, size = meta.classes, meta.img_size
+    data = {split: split_data(args.runs[0], split, size, meta.task) for split in ("val", "test")}
     manifests = {(r / "manifest.csv").read_bytes() for r in args.runs}
     if len(manifests) != 1:
         raise SystemExit("the runs must share one manifest (train them with --data <run>/manifest.csv)")
@@ -111,18 +99,17 @@ def main() -> None:
 
     recall = " / ".join(classes)
     lines = [BEGIN, "", f"`.venv/bin/python benchmarks/seed_stability.py {' '.join(r.name for r in args.runs)}` "
-             f"(runs of the default recipe on one manifest, seeds {', '.join(str(json.loads((r / 'model.json').read_text())['seed']) for r in args.runs)}; "
+             f"(runs of the default recipe on one manifest, seeds {', '.join(str(b.meta.provenance['seed']) for b in bundles)}; "
              f"val n={len(data['val'][1])}, internal test n={len(data['test'][1])}; EMA weights of each epoch).", "",
              f"| model | val acc | val recall {recall} | test acc | test recall {recall} |", "|---|---:|---|---:|---|"]
     best_states = []
-    for run in args.runs:
-        seed = json.loads((run / "model.json").read_text())["seed"]
-        epochs = sorted((run / "checkpoints").glob("epoch-*.ckpt"), key=lambda p: int(p.stem.split("-")[1]))
-        for path in epochs:
-            if int(path.stem.split("-")[1]) >= args.from_epoch:
-                lines.append(evaluate(f"seed {seed}, epoch {path.stem.split('-')[1]}", model_state(path)))
-        best_states.append(model_state(run / "model.pt"))
-        best_epoch = json.loads((run / "model.json").read_text()).get("best_epoch")
+    for run, bundle in zip(args.runs, bundles):
+        seed = bundle.meta.provenance["seed"]
+        for epoch, path in RunDir(run).epoch_checkpoints():
+            if epoch >= args.from_epoch:
+                lines.append(evaluate(f"seed {seed}, epoch {epoch}", checkpoint_weights(path)[0]))
+        best_states.append(bundle.state_dict())
+        best_epoch = bundle.meta.provenance.get("best_epoch")
         lines.append(evaluate(f"**seed {seed}, best (epoch {best_epoch})**", best_states[-1]))
         lines.append(evaluate(f"seed {seed}, best + TTA", best_states[-1], tta=True))
     if len(best_states) > 1:

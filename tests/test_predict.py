@@ -54,6 +54,7 @@ def test_in_memory_model_on_torch_and_onnx_agree(fixture_data):
     eager = Classifier.from_model(model, meta, backend="torch")
     graph = Classifier.from_model(model, meta, backend="onnx")
     assert (eager.backend, graph.backend) == ("torch", "onnx") and eager.model is model
+    assert not model.training  # exporting it left it as it was
     a, b = eager.scores(paths), graph.scores(paths)
     np.testing.assert_allclose(a.logits, b.logits, atol=1e-4)
     np.testing.assert_allclose(a.features, b.features, atol=1e-4)

@@ -50,7 +50,8 @@ def test_report_from_one_pass_of_arrays(untrained, fixture_data, tmp_path):
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert [r["path"] for r in rows] == [s.path for s in good]
     assert [r["true"] for r in rows] == [s.label for s in good]
-    assert np.array([[float(r[f"p_{c}"]) for c in THREE] for r in rows]) == pytest.approx(scores.probabilities, abs=1e-6)
+    written = np.array([[float(r[f"p_{c}"]) for c in THREE] for r in rows])
+    assert written == pytest.approx(scores.probabilities, abs=1e-6)
 
 
 def test_nothing_readable_is_an_error(untrained, tmp_path):

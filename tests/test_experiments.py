@@ -165,7 +165,8 @@ def test_two_process_training_matches_the_single_process_run(root, tmp_path):
     assert list(row) == list(read_csv(single / "metrics.csv")[0])
 
     val = [s for s in read_manifest(ddp / "manifest.csv") if s.split == "val"]
-    assert [s.path for s in read_manifest(single / "manifest.csv")] == [s.path for s in read_manifest(ddp / "manifest.csv")]
+    single_split = [(s.path, s.split) for s in read_manifest(single / "manifest.csv")]
+    assert single_split == [(s.path, s.split) for s in read_manifest(ddp / "manifest.csv")]
     assert int(row["val_n"]) == len(val)  # summed over both ranks, no sample padded in twice
     # the last (only) epoch's checkpoint, EMA off: its accuracy over the whole val split is what was logged
     pixels, kept, _ = load_pixels(val, 32)

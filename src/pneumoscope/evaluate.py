@@ -53,7 +53,8 @@ def write_report(out_dir: str | os.PathLike, classifier, paths: list[str], targe
     uncalibrated = softmax(logits)
     metrics = {"task": meta.task, "classes": list(classes), **compute_metrics(targets, probs, classes),
                "temperature": meta.temperature, "ece_uncalibrated": expected_calibration_error(uncalibrated, targets),
-               "checkpoint": str(classifier.bundle.path) if classifier.bundle else None, "model": classifier.name, "failed": failed}
+               "checkpoint": str(classifier.bundle.path) if classifier.bundle else None,  # None: in memory
+               "model": classifier.name, "failed": failed}
     _write_predictions(out_dir / "predictions.csv", paths, targets, probs, classes)
     with atomic_write(out_dir / "metrics.json", "w") as handle:
         json.dump(metrics, handle, indent=2)
@@ -99,7 +100,8 @@ def summary_table(metrics: dict) -> str:
         f"{'class':<10}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}",
     ]
     for name, row in metrics["per_class"].items():
-        lines.append(f"{name:<10}{row['precision']:>10.4f}{row['recall']:>10.4f}{row['f1']:>10.4f}{row['support']:>10d}")
+        lines.append(f"{name:<10}{row['precision']:>10.4f}{row['recall']:>10.4f}{row['f1']:>10.4f}"
+                     f"{row['support']:>10d}")
     lines += ["", "confusion matrix (rows true, columns predicted): " + " ".join(metrics["classes"])]
     for name, row in zip(metrics["classes"], metrics["confusion_matrix"]):
         lines.append(f"{name:<10}" + "".join(f"{v:>10d}" for v in row))

@@ -61,14 +61,16 @@ def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     labels = _labels([Path(d) for d in run_dirs])
     summaries = [summarize(d) for d in run_dirs]
     # the flat numbers only: headline dicts and curves stay in the runs' own reports
-    rows = [{"run": label, "path": s["dir"], **{k: v for k, v in s.items() if k != "dir" and not isinstance(v, (dict, list))}}
+    rows = [{"run": label, "path": s["dir"],
+             **{k: v for k, v in s.items() if k != "dir" and not isinstance(v, (dict, list))}}
             for label, s in zip(labels, summaries)]
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with atomic_write(out / "comparison.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, columns)
         writer.writeheader()
         writer.writerows(rows)
-    tagged = [label if row["status"] == "finished" else f"{label} ({row['status']})" for label, row in zip(labels, rows)]
+    tagged = [label if row["status"] == "finished" else f"{label} ({row['status']})"
+              for label, row in zip(labels, rows)]
     plots.runs_curves_png([RunDir(d).epochs() for d in run_dirs], tagged, out / "curves.png")
     figures = {"train_time.png": ("train_seconds", "training time (s, sum of epochs)"),
                "peak_memory.png": ("peak_memory_mb", "peak memory (MB)"),
@@ -90,7 +92,8 @@ def _report(rows: list[dict], figures: dict) -> str:
     columns = (("run", "run"), ("status", "status"), ("arch", "arch"), ("task", "task"), ("img_size", "img"),
                ("epochs", "epochs"), ("params", "params"), ("best_val_acc", "best val acc"),
                ("best_val_bacc", "best val bal. acc"), ("test_acc", "internal test acc"),
-               ("train_seconds", "train time"), ("wall_seconds", "wall time"), ("images_per_s", "images/s"), ("peak_memory_mb", "peak MB"))
+               ("train_seconds", "train time"), ("wall_seconds", "wall time"), ("images_per_s", "images/s"),
+               ("peak_memory_mb", "peak MB"))
     lines = ["# Run comparison", "", f"{len(rows)} runs; numbers in `comparison.csv` (per-class recall too).",
              "A run that did not finish is listed with its status and its numbers so far.", "",
              "| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]

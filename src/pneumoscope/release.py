@@ -78,7 +78,8 @@ def _measure(classifier, samples, out_dir: Path, plots: bool) -> dict:
     for split, name in (("val", "val"), ("test", "internal_test")):
         chosen = [s for s in samples if s.split == split]
         if chosen:  # the card shows test's figures
-            metrics[name] = headline(evaluate_samples(classifier, chosen, out_dir / split, plots=plots and split == "test"))
+            report = evaluate_samples(classifier, chosen, out_dir / split, plots=plots and split == "test")
+            metrics[name] = headline(report)
     return metrics
 
 
@@ -123,7 +124,8 @@ def _task_section(meta, metrics: dict, reports: Path, docs_dir: Path) -> str:
     provenance = meta.provenance
     config = provenance.get("train_config", {})
     training = provenance.get("training", {})
-    cpu_count = training.get("cpu_count") or training.get("env", {}).get("cpu_count", "?")  # "env": shipped before bundles
+    # "env": the models shipped before bundles keep the whole env.json there
+    cpu_count = training.get("cpu_count") or training.get("env", {}).get("cpu_count", "?")
     groups = {k: v for k, v in metrics.items() if k not in ("backend", "int8")}
     int8 = metrics.get("int8", {})
     lines = [f"## `{meta.name}` ({meta.task}: {' / '.join(meta.classes)})", ""]
@@ -140,7 +142,8 @@ def _task_section(meta, metrics: dict, reports: Path, docs_dir: Path) -> str:
         f"seed {provenance.get('seed')}.",
         f"- Data: manifest hash `{provenance.get('manifest_hash')}`, git commit `{provenance.get('git_commit')}`; "
         f"temperature {meta.temperature:.3f}."
-        + (" Derived from the 3-class model by summing BACTERIA and VIRUS probabilities." if meta.merge_outputs else ""),
+        + (" Derived from the 3-class model by summing BACTERIA and VIRUS probabilities." if meta.merge_outputs
+           else ""),
         f"- Figures below measured with the `{metrics.get('backend', 'onnx')}` backend, the one `predict` "
         "uses by default" + (INT8_NOTE if int8 else "."),
         "",

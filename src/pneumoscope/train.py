@@ -290,7 +290,8 @@ def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResu
         if not chosen:
             raise ValueError(f"the {split} split is empty; give more data or other fractions")
         pixels, kept, _ = load_pixels(chosen, config.img_size, cache)
-        transform = train_transform(config.img_size, config.aug, config.aug_policy) if split == "train" else eval_transform()
+        transform = (train_transform(config.img_size, config.aug, config.aug_policy) if split == "train"
+                     else eval_transform())
         datasets[split] = XrayDataset(pixels, kept, classes, config.task, transform)
     train_set, val_set = datasets["train"], datasets["val"]
     weights = class_weights(train_set.targets, len(classes)) ** config.class_weight_power

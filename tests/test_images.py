@@ -417,7 +417,7 @@ print(json.dumps(results))
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures with Linux /proc")
 def test_peak_memory_is_bounded_for_the_amplification_files(amplifiers, xray, tmp_path):
-    """Before issue 12: +1240 MiB for the 16-bit PNG bomb, +430 MiB for the 16 MP 16-bit PNG,
+    """Before issue 12: +1240 MiB for the 16-bit PNG bomb, +457 MiB for the 16 MP 16-bit PNG,
     /dev/zero grew without end (a 1 MiB deflated DICOM: +2050 MiB)."""
     warm = [str(xray[0]), str(make_dicom(xray[1].astype(np.uint16), tmp_path / "warm.dcm"))]
     paths = {str(path): name for name, path in amplifiers.items()}

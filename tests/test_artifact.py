@@ -34,7 +34,7 @@ def test_fingerprint_follows_what_shapes_predictions_only():
 
 
 def test_save_and_load_a_bundle(tmp_path):
-    model, meta = small_model(), small_meta()
+    model, meta = small_model("simple_cnn"), small_meta("simple_cnn")
     out = save_bundle(model, meta, tmp_path / "b")
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "model.onnx", "weights.pt"]
     assert "temperature" in json.loads((out / "meta.json").read_text())
@@ -42,7 +42,7 @@ def test_save_and_load_a_bundle(tmp_path):
     assert state.keys() == model.state_dict().keys()
     bundle = load_bundle(out)
     assert bundle.meta == meta and bundle.fingerprint == model_fingerprint(model, meta)
-    assert bundle.name == "test-efficientnet_lite0-three@test" and bundle.metrics() == {}
+    assert bundle.name == "test-simple_cnn-three@test" and bundle.metrics() == {}
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         assert torch.equal(bundle.load_model()(x), model(x))
@@ -82,6 +82,10 @@ def test_a_legacy_checkpoint_loads_read_only_and_converts_bit_for_bit(tmp_path, 
     legacy = load_bundle(checkpoint)
     assert legacy.legacy and legacy.meta.temperature == 1.3 and legacy.meta.provenance["seed"] == 4
     assert legacy.name == "old-run@0.1.0" and legacy.meta.merge_outputs == ((0,), (1, 2))
+    from pneumoscope.predict import Classifier
+
+    old_runs = Classifier.load(checkpoint)  # predicts as it is, on a graph exported into the cache
+    assert old_runs.backend == "onnx" and old_runs.predict(np.full((64, 64), 128, np.uint8)).status == "ok"
     assert main(["bundle", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "new")]) == 0
     assert legacy.fingerprint[:16] in capsys.readouterr().out
     bundle = load_bundle(tmp_path / "new")

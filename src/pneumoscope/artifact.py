@@ -207,9 +207,13 @@ class Bundle:
         return build_model(self.meta, self.state_dict())
 
     def metrics(self) -> dict:
-        """metrics.json ({} when there is none): for reports and the web's model card only."""
-        path = self.path / METRICS if not self.legacy else None
-        return json.loads(path.read_text()) if path and path.is_file() else {}
+        """metrics.json ({} when there is none; a legacy model.pt: its model.json sidecar's metrics),
+        for reports and the web's model card only."""
+        if self.legacy:
+            sidecar = self.path.with_suffix(".json")
+            return json.loads(sidecar.read_text()).get("metrics", {}) if sidecar.is_file() else {}
+        path = self.path / METRICS
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     def graph_location(self, kind: str = "fp32") -> Path:
         """Where this bundle's graph of `kind` lives (it may be missing or stale)."""

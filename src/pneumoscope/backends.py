@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -137,9 +136,3 @@ def backend_for_model(model, meta: "ModelMeta", backend: str = "onnx", lock: thr
 
         return OnnxBackend(onnx_bytes(model, meta))
     raise ValueError(f"an in-memory model runs on 'torch' or 'onnx', not {backend!r}")
-
-
-def graph_file(backend: Backend) -> Path | None:
-    """The graph file an ONNX backend runs (None for PyTorch or graph bytes)."""
-    graph = getattr(backend, "graph", None)
-    return Path(graph) if isinstance(graph, (str, os.PathLike)) else None

@@ -7,7 +7,8 @@
 Uploads stay in memory: the body is read chunk by chunk with a hard byte limit (413 past it, whatever
 Content-Length claims) and parsed without spooling to disk. Unreadable images give 422 with the
 decoder's reason. The model runs in worker threads, so the event loop (and /healthz) stays
-responsive while predictions run.
+responsive while predictions run. Answers are pydantic models (`Prediction`, `ModelCard`, `Health`),
+so /openapi.json documents them.
 """
 from __future__ import annotations
 

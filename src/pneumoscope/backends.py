@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING, Protocol
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, TypeVar
 
 if TYPE_CHECKING:
     import numpy as np
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from .artifact import Bundle, ModelMeta
 
 log = logging.getLogger(__name__)
+T, R = TypeVar("T"), TypeVar("R")
 BACKENDS = ("auto", "int8", "onnx", "torch")
 
 
@@ -88,6 +91,22 @@ class OnnxBackend:
             if self._single is None:
                 self._single = self if self.threads == 1 else OnnxBackend(self.graph, self.name, threads=1)
             return self._single
+
+
+def side_by_side(run: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[tuple[T, R]]:
+    """(item, run(item)) in input order, with up to `workers` runs at a time on a thread pool while
+    the caller's thread produces the next items (decoding, say). At most workers + 1 items are in
+    flight, so memory stays bounded whatever their number."""
+    with ThreadPoolExecutor(workers, thread_name_prefix="pneumoscope-run") as pool:
+        in_flight: deque = deque()
+        for item in items:
+            in_flight.append((item, pool.submit(run, item)))
+            if len(in_flight) > workers:
+                done, result = in_flight.popleft()
+                yield done, result.result()
+        while in_flight:
+            done, result = in_flight.popleft()
+            yield done, result.result()
 
 
 def open_session(graph: str | os.PathLike | bytes, threads: int):

@@ -12,8 +12,6 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -21,7 +19,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .artifact import Bundle, ModelMeta, load_bundle, resolve_model
-from .backends import BACKENDS, Backend, OnnxBackend, TorchBackend, backend_for_model, cpu_threads, open_backend, to_batch
+from .backends import (BACKENDS, Backend, OnnxBackend, TorchBackend, backend_for_model, cpu_threads, open_backend,
+                       side_by_side, to_batch)
 from .images import ImageReadError, read_xray, read_xray_with_info, resize_square
 from .labels import is_image_file
 
@@ -201,21 +200,12 @@ class Classifier:
         the next ones. At most workers + 1 batches are in flight, so memory stays bounded."""
         batches = self._decoded(sources, names, batch_size, keep_gray)
         first = list(itertools.islice(batches, 2))  # one batch (a single image, say): all cores on it
+        batches = itertools.chain(first, batches)
         if len(first) < 2 or not isinstance(self.runtime, OnnxBackend) or self.workers < 2:
-            for pending in itertools.chain(first, batches):
-                yield pending, self.score_decoded(pending)
+            yield from ((pending, self.score_decoded(pending)) for pending in batches)
             return
         single = self.runtime.single_thread()
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="pneumoscope-onnx") as pool:
-            in_flight: deque = deque()
-            for pending in itertools.chain(first, batches):
-                in_flight.append((pending, pool.submit(self.score_decoded, pending, single)))
-                if len(in_flight) > self.workers:
-                    pending, scores = in_flight.popleft()
-                    yield pending, scores.result()
-            while in_flight:
-                pending, scores = in_flight.popleft()
-                yield pending, scores.result()
+        yield from side_by_side(lambda pending: self.score_decoded(pending, single), batches, self.workers)
 
     def _decoded(self, sources: Iterable, names: list[str] | None, batch_size: int, keep_gray: bool
                  ) -> Iterator[list[Decoded]]:

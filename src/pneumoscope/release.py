@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .artifact import ONNX_INT8, load_bundle, save_bundle, write_metrics
+from .artifact import METRICS, ONNX_INT8, load_bundle, save_bundle, write_metrics
 from .evaluate import evaluate_samples
 from .files import atomic_write
 from .labels import THREE, task_label
@@ -60,8 +60,9 @@ def _ship(model, meta, samples, models_dir: Path, docs_dir: Path, int8_calibrati
     from .predict import Classifier
 
     target = models_dir / meta.task
+    for stale in (ONNX_INT8, METRICS):  # made from, or measured on, the model this replaces
+        (target / stale).unlink(missing_ok=True)
     save_bundle(model, meta, target)
-    (target / ONNX_INT8).unlink(missing_ok=True)  # made from the model this replaces
     classifier = Classifier.load(target)
     reports = docs_dir / "model-card" / meta.task
     metrics = {**_measure(classifier, samples, reports, plots=True), "backend": classifier.backend}

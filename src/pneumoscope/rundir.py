@@ -159,10 +159,11 @@ class RunDir:
 
     def model_meta(self):
         """The model's ModelMeta (a legacy run's from its model.json, without loading weights), or None."""
-        from .artifact import ModelMeta, load_bundle
+        from .artifact import META, ModelMeta
 
-        if self.bundle.is_dir():
-            return load_bundle(self.bundle).meta
+        meta = self.bundle / META
+        if meta.is_file():  # read as such: listing runs needs no weights hashed
+            return ModelMeta.from_json(json.loads(meta.read_text()), str(meta))
         legacy = self.path / "model.json"
         return ModelMeta.from_legacy(json.loads(legacy.read_text())) if legacy.is_file() else None
 

@@ -49,6 +49,16 @@ def tiny_config(data, out, **overrides):
     return TrainConfig(**values)
 
 
+TRAINED_FIXTURES = {"tiny_result", "tiny_run", "tiny_bundle"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that uses the trained run trains (once per session): it is `slow` like the others."""
+    for item in items:
+        if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_result(tmp_path_factory):
     """A real 2-epoch EfficientNet-Lite0 run on the 80 fixture images at 64 px (train.TrainResult)."""

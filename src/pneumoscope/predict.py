@@ -183,10 +183,13 @@ class Classifier:
                       features if features is not None else np.zeros((len(decoded), 0), np.float32),
                       [d.error for d in decoded], warnings)
 
-    def score_pixels(self, pixels: np.ndarray, names: list[str] | None = None) -> Scores:
-        """Scores N x S x S uint8 pixels already at img_size (e.g. training's decoded arrays)."""
+    def score_pixels(self, pixels: np.ndarray, names: list[str] | None = None, batch_size: int = 64) -> Scores:
+        """Scores N x S x S uint8 pixels already at img_size (e.g. training's decoded arrays), a
+        batch at a time: one batch of thousands of images would hold gigabytes of activations."""
         names = names or [f"<array {i}>" for i in range(len(pixels))]
-        return self.score_decoded([Decoded(n, p) for n, p in zip(names, pixels)])
+        decoded = [Decoded(n, p) for n, p in zip(names, pixels)]
+        parts = [self.score_decoded(decoded[i:i + batch_size]) for i in range(0, len(decoded), batch_size)]
+        return Scores.concat(parts) if parts else self.score_decoded([])
 
     def scores(self, sources: Iterable, names: list[str] | None = None, batch_size: int = 32) -> Scores:
         """Paths, bytes or arrays -> Scores for all of them (arrays: hold the whole set in memory)."""

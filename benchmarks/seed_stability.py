@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pneumoscope.artifact import build_model, load_bundle
-from pneumoscope.data import load_pixels, read_manifest
+from pneumoscope.data import load_pixels
 from pneumoscope.labels import classes_for, task_label
 from pneumoscope.predict import Classifier
 from pneumoscope.rundir import RunDir, checkpoint_weights
@@ -32,7 +32,7 @@ BEGIN, END = "<!-- stability:begin -->", "<!-- stability:end -->"
 
 
 def split_data(run_dir: Path, split: str, size: int, task: str):
-    samples = [s for s in read_manifest(run_dir / "manifest.csv") if s.split == split]
+    samples = [s for s in RunDir(run_dir).samples() if s.split == split]
     pixels, kept, _ = load_pixels(samples, size)
     classes = classes_for(task)
     return pixels, np.array([classes.index(task_label(s.label, task)) for s in kept])
@@ -88,7 +88,7 @@ def main() -> None:
     meta = bundles[0].meta
     classes, size = meta.classes, meta.img_size
     data = {split: split_data(args.runs[0], split, size, meta.task) for split in ("val", "test")}
-    manifests = {(r / "manifest.csv").read_bytes() for r in args.runs}
+    manifests = {tuple((s.path, s.split) for s in RunDir(r).samples()) for r in args.runs}
     if len(manifests) != 1:
         raise SystemExit("the runs must share one manifest (train them with --data <run>/manifest.csv)")
 

@@ -31,7 +31,9 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: tuple[str, .
         "macro_auc": macro_auc(y_true, probs),
         "ece": expected_calibration_error(probs, y_true),
         "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                          "support": int(support[i])} for i, c in enumerate(classes)},
+                          "support": int(support[i]),
+                          "recall_ci95": bootstrap_ci(y_pred[y_true == i] == i, seed) if support[i] else None}
+                      for i, c in enumerate(classes)},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
 
@@ -41,6 +43,7 @@ def headline(metrics: dict) -> dict:
     with its interval, balanced accuracy, macro F1/AUC, calibration, and recall per class."""
     out = {k: metrics[k] for k in HEADLINE_KEYS if k in metrics}
     out["recall"] = {c: v["recall"] for c, v in metrics["per_class"].items()}
+    out["recall_ci95"] = {c: v.get("recall_ci95") for c, v in metrics["per_class"].items()}
     return out
 
 

@@ -1,105 +1,177 @@
-"""Inference speed on this CPU, ONNX Runtime vs PyTorch eager, in one run (not a unit test).
+"""Inference runtimes side by side on this CPU, in one process, interleaved (not a unit test).
 
-Per backend: single-image latency file -> probabilities (decode, squash, model, softmax) p50/p95,
-folder throughput (images/s through `predict_many`), and the achieved GFLOP/s given the model's
-GFLOPs per image (counted with torch.utils.flop_counter; for int8, the same operations per second).
-The int8 row appears when the bundle has its int8 graph. Prints a markdown table; --out writes it.
+Runtimes on the same bundle graphs: ONNX Runtime fp32 (the default) and int8 (QDQ), OpenVINO fp32
+graph (at the CPU's precision: bf16 where it has AMX / AVX512-BF16, else f32; and forced f32) and
+int8 graph, PyTorch eager (--torch). Per runtime:
+- model only: single-image latency p50/p95 (one 1 x 1 x S x S batch), folder images/s at batch 32
+  (batches side by side on the runtime's one-stream siblings, as `predict_many` runs them);
+- end to end: file -> calibrated probabilities latency p50/p95 (`Classifier.predict`) and folder
+  images/s through `predict_many` (decode, resize, guard warnings included);
+- accuracy on the internal test split (--manifest, split test) and on chest_xray_external (used
+  for selection), with bootstrap 95% CI, and label agreement with ONNX Runtime fp32.
+Timing rounds alternate between runtimes so a change of machine load hits all alike; the CPU model,
+its AVX512-VNNI / AMX / AVX512-BF16 flags and the load average are printed with the figures.
 
-    python benchmarks/bench_inference.py [--checkpoint PATH] [--images DIR] [--n 200] [--folder-n 512]
+    python benchmarks/bench_inference.py [--images DIR] [--rounds 5] [--n 40] [--folder-n 256] [--torch]
+                                         [--no-accuracy] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from pneumoscope.artifact import load_bundle, resolve_model
+from pneumoscope.backends import (OnnxBackend, OpenVinoBackend, TorchBackend, cpu_flags, openvino_precision,
+                                  side_by_side, to_batch)
+from pneumoscope.metrics import bootstrap_ci
 from pneumoscope.predict import Classifier, expand_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
+FLAGS = ("avx512_vnni", "amx_tile", "avx512_bf16")
+EXTERNAL = Path("/work/shared/data/chest_xray_external")
 
 
-def gflops_per_image(classifier: Classifier) -> float:
-    """Forward FLOPs of one image (a multiply-add counts 2), from PyTorch's own flop counter."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        classifier.model(torch.zeros(1, 1, classifier.img_size, classifier.img_size))
-    return counter.get_total_flops() / 1e9
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU")
+    flags = cpu_flags()
+    marks = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in FLAGS)
+    return (f"{model}; {marks}; {len(os.sched_getaffinity(0))} cores; "
+            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
-def latency_ms(classifier: Classifier, paths: list[str], n: int) -> np.ndarray:
+def runtimes(bundle, with_torch: bool) -> dict:
+    import onnxruntime
+    import openvino
+
+    ort, ov = f"ONNX Runtime {onnxruntime.__version__}", f"OpenVINO {openvino.__version__}"
+    out = {f"{ort} fp32 (`onnx`, default)": OnnxBackend(bundle.onnx_path("fp32"))}
+    has_int8 = bundle.graph_location("int8").is_file()
+    if has_int8:
+        out[f"{ort} int8 QDQ (`int8`)"] = OnnxBackend(bundle.onnx_path("int8"), name="int8")
+    out[f"{ov} fp32 graph, {openvino_precision()} (`openvino`)"] = OpenVinoBackend(bundle.onnx_path("fp32"))
+    if openvino_precision() != "f32":
+        out[f"{ov} fp32 graph, f32"] = OpenVinoBackend(bundle.onnx_path("fp32"), precision="f32")
+    if has_int8:
+        out[f"{ov} int8 graph (`openvino-int8`)"] = OpenVinoBackend(bundle.onnx_path("int8"), name="openvino-int8")
+    if with_torch:
+        import torch
+
+        out[f"PyTorch {torch.__version__} eager (`torch`)"] = TorchBackend(bundle.load_model())
+    return out
+
+
+def model_only(runtime, batch: np.ndarray, n: int, batches: int, workers: int) -> tuple[list[float], float]:
+    """Single-image latencies (ms) on the runtime itself, then folder images/s on its siblings."""
+    one = batch[:1]
     times = []
-    for path in itertools.islice(itertools.cycle(paths), n):
+    for _ in range(n):
+        start = time.perf_counter()
+        runtime.run(one)
+        times.append((time.perf_counter() - start) * 1000)
+    sibling = runtime.single_thread() if hasattr(runtime, "single_thread") else runtime
+    start = time.perf_counter()
+    for _ in side_by_side(sibling.run, itertools.repeat(batch, batches), workers):
+        pass
+    return times, batches * len(batch) / (time.perf_counter() - start)
+
+
+def end_to_end(classifier: Classifier, files: list[str], folder: list[str], n: int) -> tuple[list[float], float]:
+    times = []
+    for path in itertools.islice(itertools.cycle(files), n):
         start = time.perf_counter()
         record = classifier.predict(path)
         times.append((time.perf_counter() - start) * 1000)
         assert record.status == "ok", record.error
-    return np.array(times)
-
-
-def throughput(classifier: Classifier, paths: list[str], batch_size: int) -> float:
     start = time.perf_counter()
-    count = sum(1 for _ in classifier.predict_many(paths, batch_size=batch_size))
-    return count / (time.perf_counter() - start)
+    count = sum(1 for _ in classifier.predict_many(folder, batch_size=32))
+    return times, count / (time.perf_counter() - start)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def labelled_sets(manifest: Path) -> dict[str, tuple[list[str], list[str]]]:
+    sets = {}
+    if manifest.is_file():
+        with manifest.open() as f:
+            rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
+        sets["internal test"] = ([str((ROOT / r["path"]).resolve()) for r in rows], [r["label"] for r in rows])
+    if (EXTERNAL / "MANIFEST.csv").is_file():
+        with (EXTERNAL / "MANIFEST.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        sets["external (used for selection)"] = ([str(EXTERNAL / r["folder"] / r["filename"]) for r in rows],
+                                                 [r["label3"] for r in rows])
+    return sets
+
+
+def accuracy_table(classifiers: dict[str, Classifier], sets: dict) -> list[str]:
+    lines = ["| runtime | set | n | accuracy [95% CI] | label agreement with fp32 ONNX |", "|---|---|---:|---|---:|"]
+    for set_name, (paths, labels) in sets.items():
+        reference = None
+        for name, classifier in classifiers.items():
+            scores = classifier.scores(paths)
+            predicted = scores.probabilities.argmax(1)
+            truth = np.array([classifier.classes.index(label) for label in labels])
+            correct = (predicted == truth)[scores.ok] if hasattr(scores, "ok") else predicted == truth
+            reference = predicted if reference is None else reference
+            low, high = bootstrap_ci(correct)
+            lines.append(f"| {name} | {set_name} | {len(correct)} | {correct.mean():.3f} [{low:.3f}, {high:.3f}] | "
+                         f"{(predicted == reference).mean() * 100:.1f}% |")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="a model bundle (default: the shipped 3-class model)")
-    parser.add_argument("--images", default=str(ROOT / "tests" / "fixtures" / "chest_xray"),
-                        help="folder of X-rays (repeated as needed)")
-    parser.add_argument("--n", type=int, default=200, help="single-image predictions per backend")
-    parser.add_argument("--folder-n", type=int, default=512, help="images in the throughput run")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", default=None, help="also write the markdown table here")
+    parser.add_argument("--images", default=str(ROOT / "tests" / "fixtures" / "chest_xray"))
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--n", type=int, default=40, help="single-image runs per runtime per round")
+    parser.add_argument("--folder-n", type=int, default=256, help="images per folder run (batches of 32)")
+    parser.add_argument("--manifest", default="/work/exp_runs/manifest.csv")
+    parser.add_argument("--torch", action="store_true", help="also PyTorch eager")
+    parser.add_argument("--no-accuracy", action="store_true")
+    parser.add_argument("--out", default=None, help="also write the markdown here")
     args = parser.parse_args()
 
-    files = list(expand_inputs([args.images]))
-    folder = list(itertools.islice(itertools.cycle(files), args.folder_n))
-    rows, gflops = [], None
-    names = {"int8": f"ONNX Runtime {onnxruntime.__version__} int8", "onnx": f"ONNX Runtime {onnxruntime.__version__}",
-             "torch": f"PyTorch {torch.__version__} eager"}
     bundle = load_bundle(args.checkpoint or resolve_model("three"))
-    backends = (["int8"] if bundle.graph_location("int8").is_file() else []) + ["onnx", "torch"]
-    for backend in backends:
-        classifier = Classifier.load(bundle, backend=backend)
-        gflops = gflops or gflops_per_image(classifier)
-        latency_ms(classifier, files, 5)  # warm-up: first calls allocate and pick kernels
-        times = latency_ms(classifier, files, args.n)
-        started = time.perf_counter()  # the first folder call also opens predict_many's one-thread session
-        throughput(classifier, folder[:3 * args.batch_size], args.batch_size)
-        warm_up = time.perf_counter() - started
-        rate = throughput(classifier, folder, args.batch_size)
-        rows.append(f"| {names[backend]} | {np.percentile(times, 50):.1f} | {np.percentile(times, 95):.1f} | {rate:.1f} "
-                    f"| {gflops * rate:.1f} | {warm_up:.2f} |")
-    lines = [f"model `{classifier.name}` ({classifier.meta.arch}, {classifier.img_size} px, "
-             f"{gflops:.2f} GFLOPs/image); {cpu_name()}, {len(os.sched_getaffinity(0))} cores, "
-             f"{torch.get_num_threads()} threads; latency over {args.n} single files, throughput over "
-             f"{len(folder)} files in batches of {args.batch_size}", "",
-             "| backend | latency p50 (ms) | latency p95 (ms) | throughput (images/s) | achieved GFLOP/s "
-             f"| first folder call, {3 * args.batch_size} files (s) |",
-             "|---|---:|---:|---:|---:|---:|", *rows]
-    text = "\n".join(lines)
-    print(text)
+    files = [str(p) for p in expand_inputs([args.images])]
+    folder = list(itertools.islice(itertools.cycle(files), args.folder_n))
+    classifiers = {name: Classifier(rt, bundle.meta, bundle) for name, rt in runtimes(bundle, args.torch).items()}
+    size = bundle.meta.img_size
+    first = next(iter(classifiers.values()))
+    batch = to_batch(np.stack([first.decode(f).pixels for f in itertools.islice(itertools.cycle(files), 32)]))
+    assert batch.shape == (32, 1, size, size)
+    workers = first.workers
+    out = [f"# {machine()} (start)", ""]
+    for classifier in classifiers.values():  # warm-up: first calls compile kernels and open siblings
+        model_only(classifier.runtime, batch, 3, 2, workers)
+        end_to_end(classifier, files, folder[:64], 3)
+    results = {name: ([], [], [], []) for name in classifiers}
+    for _ in range(args.rounds):
+        for name, classifier in classifiers.items():
+            lat, rate = model_only(classifier.runtime, batch, args.n, args.folder_n // 32, workers)
+            e2e_lat, e2e_rate = end_to_end(classifier, files, folder, args.n)
+            results[name][0].extend(lat), results[name][1].append(rate)
+            results[name][2].extend(e2e_lat), results[name][3].append(e2e_rate)
+    out += [f"# {machine()} (end of timing); {args.rounds} interleaved rounds; {workers} workers; model "
+            f"`{first.name}`, {size} px; latency over {args.rounds * args.n} runs; images/s = median over rounds "
+            f"of {args.folder_n} images in batches of 32", "",
+            "| runtime | model p50 (ms) | model p95 (ms) | model folder (images/s) | end-to-end p50 (ms) "
+            "| end-to-end p95 (ms) | end-to-end folder (images/s) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, (lat, rate, e2e_lat, e2e_rate) in results.items():
+        out.append(f"| {name} | {np.percentile(lat, 50):.1f} | {np.percentile(lat, 95):.1f} | {np.median(rate):.0f} "
+                   f"| {np.percentile(e2e_lat, 50):.1f} | {np.percentile(e2e_lat, 95):.1f} | {np.median(e2e_rate):.0f} |")
+    print("\n".join(out), flush=True)
+    if not args.no_accuracy:
+        acc = accuracy_table(classifiers, labelled_sets(Path(args.manifest)))
+        out += ["", *acc]
+        print("\n".join(["", *acc]))
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        Path(args.out).write_text("\n".join(out) + "\n")
 
 
 if __name__ == "__main__":

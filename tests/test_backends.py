@@ -72,3 +72,42 @@ def test_shipped_int8_agrees_with_full_precision_on_real_images(fixture_data, ta
     p_fast, p_exact = fast.scores(paths).probabilities, exact.scores(paths).probabilities
     assert (p_fast.argmax(1) == p_exact.argmax(1)).mean() >= 0.9
     assert np.abs(p_fast - p_exact).mean() < 0.05
+
+
+def test_openvino_gives_the_logits_and_features_of_onnx_runtime(small_bundle, batch):
+    """OpenVINO on the same fp32 graph, both hints, any batch size; full precision forced so the
+    comparison is exact whatever the CPU (bf16 is a per-CPU choice, measured in benchmarks)."""
+    pytest.importorskip("openvino")
+    from pneumoscope.backends import OpenVinoBackend
+
+    bundle = load_bundle(small_bundle)
+    reference = OnnxBackend(bundle.onnx_path("fp32"))
+    latency = OpenVinoBackend(bundle.onnx_path("fp32"), precision="f32")
+    folder = latency.single_thread()
+    assert folder.hint == "THROUGHPUT" and folder is latency.single_thread() and latency.hint == "LATENCY"
+    for rows in (batch, batch[:3], batch[:1]):
+        (logits_r, features_r) = reference.run(rows)
+        for runtime in (latency, folder):
+            logits, features = runtime.run(rows)
+            np.testing.assert_allclose(logits, logits_r, atol=1e-4)
+            np.testing.assert_allclose(features, features_r, atol=1e-4)
+    assert open_backend(bundle, "openvino").name == "openvino"
+    with pytest.raises(ValueError, match="model.int8.onnx: does not exist"):
+        open_backend(bundle, "openvino-int8")  # never silently full precision
+
+
+def test_openvino_folder_runs_side_by_side_in_input_order(small_bundle, fixture_data):
+    """A folder on OpenVINO goes through the THROUGHPUT sibling from several threads; records come
+    back in input order with the probabilities of ONNX Runtime."""
+    pytest.importorskip("openvino")
+    from pneumoscope.backends import OpenVinoBackend
+
+    bundle = load_bundle(small_bundle)
+    paths = sorted(fixture_data.rglob("*.jpeg"))
+    exact = Classifier(OnnxBackend(bundle.onnx_path("fp32")), bundle.meta, bundle).scores(paths, batch_size=4)
+    runtime = OpenVinoBackend(bundle.onnx_path("fp32"), precision="f32")
+    fast = Classifier(runtime, bundle.meta, bundle)
+    fast.workers = 2
+    got = fast.scores(paths, batch_size=4)
+    assert got.names == exact.names and runtime._single is not None  # the folder path used the sibling
+    np.testing.assert_allclose(got.probabilities, exact.probabilities, atol=1e-4)

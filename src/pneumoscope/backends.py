@@ -6,9 +6,10 @@
         features  N x F float32, the pooled penultimate features (for the input guard)
 
 `TorchBackend` runs PyTorch eager; `OnnxBackend` runs ONNX Runtime on a graph file or on graph
-bytes (an in-memory model exported on the spot). `open_backend` is the one place that chooses.
-Importing this module imports neither torch nor onnxruntime (nor NumPy): each backend imports its
-runtime when it is made.
+bytes (an in-memory model exported on the spot); `OpenVinoBackend` runs OpenVINO on the same graph
+files (optional: `pip install pneumoscope[openvino]`). `open_backend` is the one place that chooses.
+Importing this module imports neither torch nor onnxruntime nor openvino (nor NumPy): each backend
+imports its runtime when it is made.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T, R = TypeVar("T"), TypeVar("R")
-BACKENDS = ("auto", "int8", "onnx", "torch")
+BACKENDS = ("auto", "int8", "onnx", "torch", "openvino", "openvino-int8")
 
 
 def to_batch(pixels: np.ndarray) -> np.ndarray:
@@ -43,7 +44,7 @@ def cpu_threads() -> int:
 
 
 class Backend(Protocol):
-    name: str  # "torch", "onnx" or "int8": what records and reports name
+    name: str  # "torch", "onnx", "int8", "openvino" or "openvino-int8": what records and reports name
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -93,6 +94,61 @@ class OnnxBackend:
             return self._single
 
 
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this CPU (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def openvino_precision() -> str:
+    """bf16 where the CPU computes it natively (AMX on Intel, AVX512-BF16 on Intel and AMD Zen 4+),
+    fp32 elsewhere: emulated bf16 would be slower than fp32."""
+    return "bf16" if cpu_flags() & {"amx_bf16", "avx512_bf16"} else "f32"
+
+
+class OpenVinoBackend:
+    """OpenVINO on the CPU plugin, on the same ONNX graph files (fp32 or the QDQ int8 graph, which
+    OpenVINO runs as int8 kernels). `hint` is OpenVINO's performance hint: "LATENCY" (one request
+    on all cores: a single image) or "THROUGHPUT" (one stream per core: several requests side by
+    side). `precision` is the inference precision of float layers (`openvino_precision()`: bf16
+    where the CPU has it natively). `single_thread()` gives the THROUGHPUT sibling whose `run`
+    can be called from several threads at once, as `side_by_side` does for a folder."""
+
+    def __init__(self, graph: str | os.PathLike, name: str = "openvino", hint: str = "LATENCY",
+                 precision: str | None = None, threads: int | None = None):
+        import openvino as ov
+
+        self.graph, self.name, self.hint = graph, name, hint
+        self.threads, self.precision = threads or cpu_threads(), precision or openvino_precision()
+        config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": self.precision,
+                  "INFERENCE_NUM_THREADS": self.threads}
+        self.compiled = ov.Core().compile_model(str(graph), "CPU", config)
+        self._local = threading.local()  # an infer request is not thread-safe: one per thread
+        self._single: OpenVinoBackend | None = None
+        self._single_lock = threading.Lock()
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        outputs = request.infer({"pixels": batch})
+        # copies: the request reuses its output buffers on the next call
+        return outputs["logits"].copy(), outputs["features"].copy()
+
+    def single_thread(self) -> "OpenVinoBackend":
+        with self._single_lock:
+            if self._single is None:
+                self._single = (self if self.hint == "THROUGHPUT" else
+                                OpenVinoBackend(self.graph, self.name, "THROUGHPUT", self.precision, self.threads))
+            return self._single
+
+
 def side_by_side(run: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[tuple[T, R]]:
     """(item, run(item)) in input order, with up to `workers` runs at a time on a thread pool while
     the caller's thread produces the next items (decoding, say). At most workers + 1 items are in
@@ -126,7 +182,8 @@ def open_session(graph: str | os.PathLike | bytes, threads: int):
 def open_backend(bundle: "Bundle", backend: str = "auto") -> Backend:
     """The policy, in one place. "onnx": the bundle's fp32 graph (exported into the cache first if
     missing or stale). "int8": its int8 graph, only on request (faster on a folder, slightly less
-    accurate: docs/benchmarks.md); a missing or stale one is an error. "torch": PyTorch eager.
+    accurate: docs/benchmarks.md); a missing or stale one is an error. "openvino", "openvino-int8":
+    the same graphs on OpenVINO (an optional install), on request. "torch": PyTorch eager.
     "auto": like "onnx", falling back to PyTorch with a logged warning when ONNX Runtime or the
     export fails."""
     if backend not in BACKENDS:
@@ -135,6 +192,8 @@ def open_backend(bundle: "Bundle", backend: str = "auto") -> Backend:
         return TorchBackend(bundle.load_model())
     if backend == "int8":
         return OnnxBackend(bundle.onnx_path("int8"), name="int8")
+    if backend in ("openvino", "openvino-int8"):  # on request only: docs/benchmarks.md, "Runtimes"
+        return OpenVinoBackend(bundle.onnx_path("int8" if backend == "openvino-int8" else "fp32"), name=backend)
     try:
         return OnnxBackend(bundle.onnx_path("fp32"))
     except Exception as err:  # noqa: BLE001  any failure of the fast path: fall back, say so

@@ -114,7 +114,7 @@ class Classifier:
         self.classes: tuple[str, ...] = meta.classes
         self.img_size: int = meta.img_size
         self.temperature: float = meta.temperature
-        int8 = "-int8" if runtime.name == "int8" else ""
+        int8 = "-int8" if runtime.name.endswith("int8") else ""
         self.name = f"{meta.name}{int8}@{meta.version}"
 
     @classmethod
@@ -204,7 +204,7 @@ class Classifier:
         batches = self._decoded(sources, names, batch_size, keep_gray)
         first = list(itertools.islice(batches, 2))  # one batch (a single image, say): all cores on it
         batches = itertools.chain(first, batches)
-        if len(first) < 2 or not isinstance(self.runtime, OnnxBackend) or self.workers < 2:
+        if len(first) < 2 or not hasattr(self.runtime, "single_thread") or self.workers < 2:
             yield from ((pending, self.score_decoded(pending)) for pending in batches)
             return
         single = self.runtime.single_thread()

@@ -1,0 +1,115 @@
+"""What a user waits for: whole-process wall time of the CLI, median of --repeat runs (not a unit test).
+
+Commands, each run --repeat times in turn (interleaved, so a change of machine load hits all alike):
+`pneumoscope --help`; one-image `predict`; `predict --format csv` on a small and a large folder
+(default --large 1,000 images) per backend; and a seed user's DenseNet121 in eager PyTorch on the
+large folder (torchvision, random weights: speed only; batch 32, PIL decode). Marginal throughput
+= (large - small images) / (large - small seconds): the folder rate without start-up.
+Every figure is printed with the CPU model, its AVX512-VNNI / AMX / AVX512-BF16 flags and the load
+average, because this machine is shared.
+
+    python benchmarks/bench_cli.py [--images DIR] [--large 1000] [--small 32] [--repeat 3]
+                                   [--backends onnx,int8,openvino] [--no-peer]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pneumoscope.backends import cpu_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [str(Path(sys.executable).with_name("pneumoscope"))]
+FLAGS = ("avx512_vnni", "amx_tile", "avx512_bf16")
+
+PEER = r'''
+import sys
+from pathlib import Path
+import numpy as np, torch, torchvision
+from PIL import Image
+model = torchvision.models.densenet121(weights=None, num_classes=3).eval()
+files = sorted(p for p in Path(sys.argv[1]).iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+def load(p):
+    img = Image.open(p).convert("RGB").resize((224, 224))
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
+with torch.inference_mode():
+    for i in range(0, len(files), 32):
+        probs = model(torch.stack([load(p) for p in files[i:i + 32]])).softmax(1)
+        for p, row in zip(files[i:i + 32], probs.tolist()):
+            print(p.name, *(f"{x:.4f}" for x in row), sep=",")
+'''
+
+
+def machine() -> str:
+    """CPU model, the flags that decide int8/bf16 speed, cores, and the load right now."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU")
+    flags = cpu_flags()
+    marks = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in FLAGS)
+    return (f"{model}; {marks}; {len(os.sched_getaffinity(0))} cores; "
+            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def folder_of(files: list[Path], n: int, parent: Path) -> Path:
+    """A folder of n symlinks to real X-rays (nothing copied)."""
+    out = parent / f"n{n}"
+    out.mkdir()
+    for i in range(n):
+        (out / f"{i:05d}{files[i % len(files)].suffix}").symlink_to(files[i % len(files)])
+    return out
+
+
+def wall(command: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", default="/work/shared/data/chest_xray/train/NORMAL")
+    parser.add_argument("--large", type=int, default=1000)
+    parser.add_argument("--small", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--backends", default="onnx,int8,openvino")
+    parser.add_argument("--no-peer", action="store_true", help="skip the DenseNet121 eager peer")
+    args = parser.parse_args()
+
+    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+    with tempfile.TemporaryDirectory() as tmp:
+        small, large = folder_of(files, args.small, Path(tmp)), folder_of(files, args.large, Path(tmp))
+        one = str(next(small.iterdir()))
+        commands = {"pneumoscope --help": CLI + ["--help"], "predict one.jpeg": CLI + ["predict", one]}
+        for backend in args.backends.split(","):
+            for size, folder in (("small", small), ("large", large)):
+                commands[f"predict {size} --format csv --backend {backend}"] = \
+                    CLI + ["predict", str(folder), "--format", "csv", "--backend", backend]
+        if not args.no_peer:
+            commands["DenseNet121 eager peer, large"] = [sys.executable, "-c", PEER, str(large)]
+        print(f"# {machine()} (before)")
+        times: dict[str, list[float]] = {name: [] for name in commands}
+        for _ in range(args.repeat):  # interleaved rounds
+            for name, command in commands.items():
+                times[name].append(wall(command))
+        median = {name: statistics.median(t) for name, t in times.items()}
+        print(f"# {machine()} (after); median of {args.repeat}; small = {args.small}, large = {args.large} images")
+        print("| command | median wall (s) | runs (s) |\n|---|---:|---|")
+        for name, t in times.items():
+            print(f"| {name} | {median[name]:.2f} | {', '.join(f'{x:.2f}' for x in t)} |")
+        for backend in args.backends.split(","):
+            big = median[f"predict large --format csv --backend {backend}"]
+            little = median[f"predict small --format csv --backend {backend}"]
+            line = f"marginal throughput, {backend}: {(args.large - args.small) / max(big - little, 1e-9):.0f} images/s"
+            if not args.no_peer:
+                line += f"; whole-process vs DenseNet121 peer: {median['DenseNet121 eager peer, large'] / big:.1f}x"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()

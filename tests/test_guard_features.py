@@ -9,7 +9,7 @@ from PIL import Image
 from scipy.special import logsumexp
 
 from pneumoscope.guard import (GUARD_VERSION, NOT_XRAY, GuardConfig, decode, encode, energy, fit_guard,
-                               guard_scores, guard_warnings, load_guard, mahalanobis)
+                               guard_scores, guard_warnings, load_guard, mahalanobis, stats_for)
 from pneumoscope.images import read_xray, resize_square
 
 SIDE, F, C = 16, 48, 2
@@ -63,14 +63,21 @@ def test_the_threshold_flags_at_most_max_flagged_of_the_validation_xrays(setup):
     assert stats["fitted_on"] == {"train": 60, "val": 20}
 
 
-def test_mahalanobis_matches_the_textbook_formula(setup):
+def test_mahalanobis_matches_an_independent_computation(setup):
+    """Lee et al.'s score, recomputed with scikit-learn's PCA and Ledoit-Wolf and SciPy's distance."""
+    from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+    from sklearn.covariance import LedoitWolf
+    from sklearn.decomposition import PCA
+
     fit, val, _ = setup
     stats = fit_guard(**fit, config=GuardConfig(dims=12))
-    z = (val - decode(stats["center"])) @ decode(stats["projection"])
-    precision, means = decode(stats["precision"]), decode(stats["class_means"])
-    expected = np.sqrt(np.min([np.einsum("ni,ij,nj->n", z - m, precision, z - m) for m in means], axis=0))
-    np.testing.assert_allclose(mahalanobis(val, stats), expected, rtol=1e-4)
-    assert decode(stats["projection"]).shape == (F, 12) and means.shape == (C, 12)
+    pca = PCA(n_components=12, svd_solver="full").fit(fit["features"])
+    reduced, labels = pca.transform(fit["features"]), fit["labels"]
+    means = [reduced[labels == c].mean(0) for c in (0, 1)]
+    precision = LedoitWolf(assume_centered=True).fit(reduced - np.array(means)[labels]).precision_
+    expected = [min(scipy_mahalanobis(z, m, precision) for m in means) for z in pca.transform(val)]
+    np.testing.assert_allclose(mahalanobis(val, stats), expected, rtol=2e-3)  # the whitening is stored as float16
+    assert decode(stats["whiten"]).shape == (F, 12) and decode(stats["class_means"]).shape == (C, 12)
 
 
 def test_energy_is_minus_t_logsumexp():
@@ -99,6 +106,7 @@ def test_stats_round_trip_through_json_and_are_deterministic(setup):
     np.testing.assert_array_equal(guard_scores(both, load_guard(again)), guard_scores(both, stats))
     array = np.random.default_rng(4).normal(size=(3, 5)).astype(np.float32)
     np.testing.assert_array_equal(decode(json.loads(json.dumps(encode(array)))), array)
+    np.testing.assert_array_equal(decode(encode(array, "float16")), array.astype(np.float16))
 
 
 def test_no_stats_no_warning_and_a_newer_version_is_refused(setup):
@@ -110,3 +118,10 @@ def test_no_stats_no_warning_and_a_newer_version_is_refused(setup):
         load_guard({**stats, "version": GUARD_VERSION + 1})
     with pytest.raises(ValueError, match="unknown guard method"):
         fit_guard(**fit, config=GuardConfig(method="knn"))
+
+
+def test_each_backend_gets_the_statistics_of_its_own_graph():
+    guard = {"fp32": {"method": "mahalanobis"}}
+    assert stats_for(guard, "onnx") is guard["fp32"] and stats_for(guard, "torch") is guard["fp32"]
+    assert stats_for(guard, "int8") is None  # never fp32 statistics on int8 features
+    assert stats_for(None, "onnx") is None

@@ -7,16 +7,19 @@ second forward pass):
 
 - Mahalanobis distance (Lee et al. 2018): class means and one shared covariance of the TRAINING
   X-rays' features; an input's score is its distance to the nearest class. The features (1280 for
-  EfficientNet-Lite0) are first projected on their top principal components, which keeps the
-  stored statistics small and the scoring a couple of small matrix products.
+  EfficientNet-Lite0) are first projected on their top principal components; projection and
+  precision are stored folded into one whitening matrix (projection @ cholesky(precision)), so
+  scoring is one F x k matrix product and the statistics stay small.
 - energy score (Liu et al. 2020): -T * logsumexp(logits / T), from the logits alone. Kept for the
   side-by-side comparison; it needs the classifier's own logits (a merged binary read of a 3-class
   network has log-probabilities as outputs, whose logsumexp is always 0).
 
-`fit_guard` returns plain JSON (arrays as base64 float32) for `ModelMeta.guard`; the threshold is
-set so that at most `max_flagged` of held-out VALIDATION X-rays score above it. Scoring is NumPy
-only: scikit-learn (PCA is an SVD here, Ledoit-Wolf shrinkage of the covariance) is used at fit
-time only. docs/inputs.md has the measured rates.
+`fit_guard` returns plain JSON (arrays as base64); the threshold is set so that at most
+`max_flagged` of held-out VALIDATION X-rays score above it. `ModelMeta.guard` holds one such set
+per graph kind, {"fp32": ..., "int8": ...} (`stats_for` picks the one a backend needs): the int8
+graph's features differ from the fp32 ones by about half their mean size, so fp32 statistics
+flag ~14% of real X-rays there. Scoring is NumPy only; scikit-learn (Ledoit-Wolf shrinkage of the
+covariance) is used at fit time only. docs/inputs.md has the measured rates.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ GUARD_VERSION = 1
 METHODS = ("mahalanobis", "energy")
 NOT_XRAY = "not a chest X-ray: "  # the prefix that makes a record unreliable (as in predict.py)
 MESSAGE = "does not look like a chest X-ray the model was trained on"
+GRAPH_OF_BACKEND = {"torch": "fp32", "onnx": "fp32", "int8": "int8"}  # PyTorch and the fp32 graph agree to 1e-5
 
 
 @dataclass(frozen=True)
@@ -40,14 +44,16 @@ class GuardConfig:
 
 
 # ------------------------------------------------------------------ JSON arrays
-def encode(array: np.ndarray) -> dict:
-    """A float32 array as JSON: shape + base64 of its little-endian bytes (exact, ~1.4x the binary)."""
-    array = np.ascontiguousarray(array, dtype="<f4")
-    return {"dtype": "float32", "shape": list(array.shape), "base64": base64.b64encode(array.tobytes()).decode()}
+def encode(array: np.ndarray, dtype: str = "float32") -> dict:
+    """An array as JSON: dtype, shape and base64 of its little-endian bytes (~1.4x the binary size)."""
+    array = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
+    return {"dtype": dtype, "shape": list(array.shape), "base64": base64.b64encode(array.tobytes()).decode()}
 
 
 def decode(blob: dict) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(blob["base64"]), dtype="<f4").reshape(blob["shape"]).astype(np.float32)
+    """-> float32 (a float16 blob is widened: scoring runs in float32)."""
+    dtype = np.dtype(blob["dtype"]).newbyteorder("<")
+    return np.frombuffer(base64.b64decode(blob["base64"]), dtype=dtype).reshape(blob["shape"]).astype(np.float32)
 
 
 # ------------------------------------------------------------------ fitting
@@ -66,11 +72,15 @@ def fit_guard(features: np.ndarray, labels: np.ndarray, logits: np.ndarray, val_
     classes = np.unique(labels)
     means = np.stack([reduced[labels == c].mean(0) for c in classes])
     within = reduced - means[np.searchsorted(classes, labels)]
+    chol = np.linalg.cholesky(_shrunk_precision(within))  # precision = chol @ chol.T
     stats = {
         "version": GUARD_VERSION, "method": config.method, "features": int(features.shape[1]), "dims": int(dims),
-        "center": encode(center), "projection": encode(projection), "class_means": encode(means),
-        "precision": encode(_shrunk_precision(within)), "temperature": float(config.temperature),
-        "max_flagged": float(config.max_flagged), "fitted_on": {"train": int(len(features)), "val": int(len(val_features))},
+        "center": encode(center),
+        # float16 halves the largest array; distances move by ~1e-4 (relative), and the thresholds
+        # below are measured with these very stored values.
+        "whiten": encode(projection @ chol, "float16"), "class_means": encode(means @ chol),
+        "temperature": float(config.temperature), "max_flagged": float(config.max_flagged),
+        "fitted_on": {"train": int(len(features)), "val": int(len(val_features))},
     }
     val_scores = all_scores(val_features, val_logits, stats)
     stats["thresholds"] = {m: _threshold(s, config.max_flagged) for m, s in val_scores.items()}
@@ -87,17 +97,29 @@ def _shrunk_precision(centred: np.ndarray) -> np.ndarray:
 
 
 def _threshold(scores: np.ndarray, max_flagged: float) -> float:
-    """The smallest value with at most `max_flagged` of `scores` strictly above it."""
+    """A value with at most `max_flagged` of `scores` above it: halfway between the highest score
+    kept below and the lowest one allowed above (0.1% over the top score when none is), so float
+    rounding (a single row vs a batch) never moves a validation X-ray across it."""
     scores = np.sort(np.asarray(scores, np.float64))
-    allowed = int(np.floor(max_flagged * len(scores)))
-    return float(scores[len(scores) - 1 - allowed])
+    keep = len(scores) - int(np.floor(max_flagged * len(scores)))  # scores[:keep] stay below
+    above = scores[keep] if keep < len(scores) else scores[-1] + 1e-3 * abs(scores[-1])
+    return float((scores[keep - 1] + above) / 2)
+
+
+def stats_for(guard: dict | None, backend: str) -> dict | None:
+    """The statistics for the features of `backend` ("torch", "onnx", "int8") from ModelMeta.guard,
+    or None when the model has none for it (then only the image checks run: statistics of another
+    graph would misjudge real X-rays)."""
+    if not guard:
+        return None
+    return guard.get(GRAPH_OF_BACKEND.get(backend, backend))
 
 
 # ------------------------------------------------------------------ scoring (NumPy only)
 @dataclass(frozen=True)
 class Guard:
-    """Decoded statistics, folded for scoring: ((x - center) @ whiten - means) squared and summed
-    is the squared Mahalanobis distance to each class (whiten = projection @ cholesky(precision))."""
+    """Decoded statistics: ((x - center) @ whiten - means[c]) squared and summed is the squared
+    Mahalanobis distance to class c (whiten = projection @ cholesky(precision); means whitened too)."""
     center: np.ndarray
     whiten: np.ndarray
     means: np.ndarray
@@ -111,10 +133,7 @@ def load_guard(stats: dict) -> Guard:
     if stats.get("version", GUARD_VERSION) > GUARD_VERSION:
         raise ValueError(f"guard statistics version {stats['version']} is newer than this pneumoscope reads "
                          f"({GUARD_VERSION}); upgrade pneumoscope")
-    chol = np.linalg.cholesky(decode(stats["precision"]).astype(np.float64))
-    whiten = decode(stats["projection"]).astype(np.float64) @ chol
-    return Guard(center=decode(stats["center"]), whiten=whiten.astype(np.float32),
-                 means=(decode(stats["class_means"]).astype(np.float64) @ chol).astype(np.float32),
+    return Guard(center=decode(stats["center"]), whiten=decode(stats["whiten"]), means=decode(stats["class_means"]),
                  temperature=float(stats.get("temperature", 1.0)), method=stats["method"],
                  threshold=float(stats.get("threshold", np.inf)))
 

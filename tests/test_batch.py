@@ -57,3 +57,85 @@ def test_resume_after_an_interruption_mid_line(small_bundle, folder, tmp_path, f
 def test_output_usage_errors(small_bundle, folder, tmp_path):
     assert run(small_bundle, folder, tmp_path / "x", "--format", "table") == 2
     assert main(["predict", str(folder), "--checkpoint", str(small_bundle), "--resume"]) == 2
+
+
+# ------------------------------------------------------------------ hardening (issue 12)
+def test_mutated_dicom_and_multiframe_in_a_folder(small_bundle, folder, tmp_path):
+    """The fuzz finding of issue 12 (Rows with VR 'UZ') crashed the whole batch: now one error record,
+    the others classified; a multi-frame DICOM's record says the first frame was used."""
+    import numpy as np
+    from PIL import Image
+    from test_images import make_dicom
+
+    xray = np.asarray(Image.open(next((folder / "NORMAL").glob("*.jpeg"))).convert("L")).astype(np.uint16) * 16
+    data = make_dicom(xray, tmp_path / "ok.dcm").read_bytes()
+    rows = data.index(b"\x28\x00\x10\x00US")
+    (folder / "uz.dcm").write_bytes(data[:rows + 4] + b"UZ" + data[rows + 6:])
+    make_dicom(np.stack([xray, xray[::-1]]), folder / "frames.dcm")
+    out = tmp_path / "records.jsonl"
+    assert run(small_bundle, folder, out) == 1
+    records = {r["path"].rsplit("/", 1)[-1]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert len(records) == 15 and records["uz.dcm"]["status"] == "error" and "UZ" in records["uz.dcm"]["error"]
+    assert records["frames.dcm"]["status"] == "ok"
+    assert any("first frame used (2 frames)" in w for w in records["frames.dcm"]["warnings"])
+
+
+def test_resume_keys_on_the_resolved_path(small_bundle, folder, tmp_path, monkeypatch):
+    out = tmp_path / "records.jsonl"
+    assert run(small_bundle, folder, out) == 1
+    monkeypatch.chdir(folder.parent)
+    for spelling in ("in", "./in", f"{folder}/../in"):
+        assert run(small_bundle, spelling, out, "--resume") == 1
+    assert len(out.read_text().splitlines()) == 13
+
+
+def test_csv_with_a_file_name_that_is_not_utf8(small_bundle, folder, tmp_path):
+    import os
+
+    source = next((folder / "NORMAL").glob("*.jpeg"))
+    os.rename(source, os.path.join(os.fsencode(folder / "NORMAL"), b"caf\xe9.jpeg"))
+    out = tmp_path / "records.csv"
+    assert run(small_bundle, folder, out, "--format", "csv") == 1
+    lines = out.read_bytes().splitlines()
+    assert len(lines) == 14 and any(b"caf\xe9.jpeg,ok," in line for line in lines)
+    assert run(small_bundle, folder, out, "--format", "csv", "--resume") == 1  # reads its own file back
+    assert len(out.read_bytes().splitlines()) == 14
+
+
+def test_empty_folder_is_an_error_record(small_bundle, folder, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("no images here")
+    out = tmp_path / "records.jsonl"
+    assert main(["predict", str(empty), "--checkpoint", str(small_bundle), "--output", str(out)]) == 1
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["status"] == "error" and record["error"] == f"{empty}: no image files in this folder"
+    assert "no image files" in capsys.readouterr().err
+
+
+def test_outputs_that_cannot_be_written_are_usage_errors(small_bundle, folder, tmp_path, capsys):
+    image = next((folder / "NORMAL").glob("*.jpeg"))
+    before = image.read_bytes()
+    assert run(small_bundle, image, image) == 2
+    assert image.read_bytes() == before and "is one of the inputs" in capsys.readouterr().err
+    assert run(small_bundle, image, tmp_path) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["predict", str(image), "--checkpoint", str(small_bundle), "--cam", str(image)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_bad_port_and_checkpoints_are_one_line_errors(folder, tmp_path, capsys):
+    import pickle
+
+    with pytest.raises(SystemExit) as usage:
+        main(["serve", "--port", "70000"])
+    assert usage.value.code == 2 and "not a port number" in capsys.readouterr().err
+    image = str(next((folder / "NORMAL").glob("*.jpeg")))
+    junk, pickled = tmp_path / "junk.pt", tmp_path / "pickled.pt"
+    junk.write_bytes(b"\x00junk" * 100)
+    pickled.write_bytes(pickle.dumps({"meta": shutil.copy, "state_dict": {}}))  # a callable: code, not data
+    for checkpoint in (junk, pickled):
+        assert main(["predict", image, "--checkpoint", str(checkpoint)]) in (1, 2)
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and str(checkpoint) in err
+        assert "Traceback" not in err and "weights_only" not in err

@@ -26,11 +26,14 @@ def predict_paths(classifier: Classifier, paths: list[str], fmt: str = "json", o
     in `output`. With `cam_dir`, a Grad-CAM overlay per image goes there. Returns True if any input
     failed (in this run or, when resuming, in the earlier one)."""
     done, any_failed = read_done(output, fmt) if resume else (set(), False)
+    empty = [p for p in paths if os.path.isdir(p) and next(expand_inputs([p]), None) is None]
 
     def todo():  # a fresh generator each time: the inputs are never listed in memory
-        return (p for p in expand_inputs(paths) if p not in done)
+        return (p for p in expand_inputs(paths) if os.path.realpath(p) not in done)
 
-    stream = open(output, "a" if resume else "w", newline="", encoding="utf-8") if output else sys.stdout
+    # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes
+    stream = open(output, "a" if resume else "w", newline="", encoding="utf-8", errors="surrogateescape") \
+        if output else sys.stdout
     cams = None
     if cam_dir:
         from .explain import CamWriter
@@ -40,6 +43,11 @@ def predict_paths(classifier: Classifier, paths: list[str], fmt: str = "json", o
                     desc=f"predict -> {output}", dynamic_ncols=True)
     try:
         write = record_writer(fmt, classifier.classes, stream, header=stream.tell() == 0 if output else True)
+        for folder in empty:  # an explicitly given folder with nothing to classify is a failed input
+            if os.path.realpath(folder) not in done:
+                write(Record(folder, "error", error=f"{folder}: no image files in this folder"))
+            print(f"pneumoscope: {folder}: no image files in this folder", file=sys.stderr)
+            any_failed = True
         # with --cam the gray X-rays stay with their batch, so each image is decoded only once
         for decoded, scores in classifier.score_batches(todo(), batch_size=batch_size, keep_gray=cams is not None):
             for record, item in zip(classifier.records(scores), decoded):
@@ -57,17 +65,17 @@ def predict_paths(classifier: Classifier, paths: list[str], fmt: str = "json", o
 
 
 def read_done(output: str | None, fmt: str) -> tuple[set[str], bool]:
-    """The paths already recorded in `output` and whether any of them failed. A trailing partial
+    """The resolved paths already recorded in `output` and whether any of them failed. A trailing partial
     line (the run was killed mid-write) is cut off first, so its input is classified again."""
     if not output or not Path(output).is_file():
         return set(), False
     _drop_partial_line(Path(output))
     done, any_failed = set(), False
-    with open(output, newline="", encoding="utf-8") as handle:
+    with open(output, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         rows = (json.loads(line) for line in handle if line.strip()) if fmt == "json" else csv.DictReader(handle)
         try:
             for row in rows:
-                done.add(row["path"])
+                done.add(os.path.realpath(row["path"]))  # ./x, x and /abs/x are one input
                 any_failed |= row["status"] != "ok"
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{output}: cannot resume, not a {fmt} file written by `pneumoscope predict` "

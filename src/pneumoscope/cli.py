@@ -146,12 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="web page and REST API (FastAPI + uvicorn)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests for this Host header (repeatable; loopback names and the bound "
+                        "host are always allowed)")
     p.add_argument("--task", choices=tuple(TASKS), default="three")
     p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload, MiB")
     p.set_defaults(handler=cmd_serve)
     return parser
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, so `--port 70000` is a usage error and not a traceback."""
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return int(text)
 
 
 def cmd_models(args) -> int:
@@ -286,10 +296,26 @@ def cmd_predict(args) -> int:
     if (args.output and fmt == "table") or (args.resume and not args.output):
         print("pneumoscope: error: --output writes --format csv or json; --resume needs --output", file=sys.stderr)
         return EXIT_USAGE
+    problem = output_problem(args.output, args.paths, args.cam)
+    if problem:
+        print(f"pneumoscope: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     classifier = Classifier.load(args.checkpoint, task=args.task, backend=args.backend)
     any_failed = predict_paths(classifier, args.paths, fmt, output=args.output, resume=args.resume, cam_dir=args.cam,
                                batch_size=args.batch_size)
     return EXIT_FAILED if any_failed else EXIT_OK
+
+
+def output_problem(output: str | None, inputs: list[str], cam: str | None) -> str | None:
+    """Why --output/--cam cannot be written (None when they can): checked before any work, so an
+    input image is never overwritten and a folder never ends in a traceback."""
+    if output and os.path.isdir(output):
+        return f"--output {output} is a folder; name a file"
+    if output and os.path.exists(output) and any(os.path.samefile(output, p) for p in inputs if os.path.exists(p)):
+        return f"--output {output} is one of the inputs; it would be overwritten"
+    if cam and os.path.exists(cam) and not os.path.isdir(cam):
+        return f"--cam {cam} is a file; name a folder for the overlays"
+    return None
 
 
 def cmd_export(args) -> int:
@@ -336,7 +362,7 @@ def cmd_serve(args) -> int:
     from .serve import run
 
     run(host=args.host, port=args.port, task=args.task, checkpoint=args.checkpoint,
-        max_upload_mb=args.max_upload_mb)
+        max_upload_mb=args.max_upload_mb, allowed_hosts=tuple(args.allow_host))
     return EXIT_OK
 
 

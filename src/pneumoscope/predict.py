@@ -21,7 +21,7 @@ import numpy as np
 from .artifact import Bundle, ModelMeta, load_bundle, resolve_model
 from .backends import (BACKENDS, Backend, OnnxBackend, TorchBackend, backend_for_model, cpu_threads, open_backend,
                        side_by_side, to_batch)
-from .images import ImageReadError, read_xray, read_xray_with_info, resize_square
+from .images import ImageReadError, ImageTooLargeError, read_xray, read_xray_with_info, resize_square
 from .labels import is_image_file
 
 __all__ = ["BACKENDS", "Classifier", "Decoded", "Record", "Scores", "expand_inputs", "image_warnings",
@@ -68,6 +68,7 @@ class Decoded:
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
     gray: np.ndarray | None = None
+    too_large: bool = False  # refused by a size limit (ImageTooLargeError): a server answers 413
 
 
 @dataclass
@@ -160,9 +161,9 @@ class Classifier:
         try:
             gray, info = read_xray_with_info(source, label)
         except ImageReadError as err:
-            return Decoded(label, None, error=str(err))
-        return Decoded(label, resize_square(gray, self.img_size), image_warnings(gray, info),
-                       gray=gray if keep_gray else None)
+            return Decoded(label, None, error=str(err), too_large=isinstance(err, ImageTooLargeError))
+        warnings = [*info.get("warnings", []), *image_warnings(gray, info)]  # the decoder's (first frame used)
+        return Decoded(label, resize_square(gray, self.img_size), warnings, gray=gray if keep_gray else None)
 
     def score_decoded(self, decoded: list[Decoded], runtime: Backend | None = None) -> Scores:
         """Runs the decoded inputs through the network in one batch."""

@@ -17,7 +17,7 @@ from conftest import EXAMPLES
 from test_images import make_dicom
 
 from pneumoscope.predict import Classifier
-from pneumoscope.serve import create_app, serve_in_thread
+from pneumoscope.serve import LOCAL_HOSTS, create_app, read_upload, serve_in_thread
 
 EXAMPLE_FILES = sorted(EXAMPLES.rglob("*.jpeg"))
 LIMIT_MB = 0.25
@@ -25,7 +25,7 @@ LIMIT_MB = 0.25
 
 @pytest.fixture(scope="module")
 def app(classifier):
-    return create_app(classifier, max_upload_mb=LIMIT_MB)
+    return create_app(classifier, max_upload_mb=LIMIT_MB, allowed_hosts=("testserver", *LOCAL_HOSTS))
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +142,109 @@ def test_model_card_health_openapi_and_page(client, classifier):
     answer = post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
     properties = schema["components"]["schemas"][answer]["properties"]
     assert {"label", "probabilities", "warnings", "reliable", "model", "cam"} <= set(properties)
-    assert client.get("/docs").status_code == 200
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404  # CDN scripts
     page = client.get("/")
     assert page.status_code == 200 and "Not a diagnosis" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # no CDN, no remote font
+
+
+# ------------------------------------------------------------------ hardening (issue 12)
+def test_image_over_the_decoded_size_limits_is_413(client):
+    """64 MB of pixels in a 60 kB PNG: refused from its header, as too large (not as unreadable)."""
+    buffer = io.BytesIO()
+    Image.new("L", (8000, 8000)).save(buffer, "PNG", compress_level=9)
+    assert len(buffer.getvalue()) < LIMIT_MB * 2**20
+    response = upload(client, "bomb.png", buffer.getvalue())
+    assert response.status_code == 413 and "bomb.png: image is 8000x8000" in response.json()["detail"]
+
+
+def test_boundary_longer_than_multipart_allows_is_4xx(client):
+    response = client.post("/v1/predict", **chunked_upload(10, boundary="b" * 300))
+    assert response.status_code == 400 and "boundary" in response.json()["detail"]
+
+
+def test_security_headers_on_every_answer(client):
+    for response in (client.get("/"), client.get("/healthz"), client.get("/nowhere"),
+                     client.post("/v1/predict", content=b"{}", headers={"content-type": "application/json"}),
+                     client.get("/healthz", headers={"host": "evil.example"})):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["referrer-policy"] == "no-referrer"
+        csp = response.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp and "'sha256-" in csp
+
+
+def test_unknown_host_header_is_refused(classifier):
+    """DNS rebinding: a page on evil.example resolving to 127.0.0.1 must not reach the API."""
+    with TestClient(create_app(classifier), base_url="http://127.0.0.1:8000") as local:
+        assert local.get("/healthz").status_code == 200
+        assert local.get("/healthz", headers={"host": "[::1]:8000"}).status_code == 200
+        assert local.get("/healthz", headers={"host": "localhost"}).status_code == 200
+        assert local.get("/healthz", headers={"host": "evil.example"}).status_code == 400
+
+
+def test_client_that_drops_mid_upload_is_one_log_line(caplog):
+    """Starlette raises ClientDisconnect from the body stream; it becomes one log line, not a traceback."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n' + b"\0" * 1000
+    messages = iter([{"type": "http.request", "body": head, "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive():
+        return next(messages)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/predict", "query_string": b"",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=b")]}
+    with caplog.at_level("INFO", logger="pneumoscope.serve"), pytest.raises(Exception) as err:
+        asyncio.run(read_upload(Request(scope, receive), 2**20))
+    assert getattr(err.value, "status_code", None) == 400
+    assert [r.getMessage() for r in caplog.records] == [
+        "client disconnected during the upload (%d bytes received)" % len(head)]
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+def test_cam_requests_leave_no_hooks_figures_or_graphs(client, classifier):
+    """The memory growth under ?cam=true bursts: after many Grad-CAM requests the model carries no
+    forward/backward hooks and no gradients, matplotlib holds no figures, and the number of live
+    tensors does not grow with the number of requests."""
+    import gc
+
+    import torch
+
+    data = EXAMPLE_FILES[0].read_bytes()
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    assert upload(client, "x.jpeg", data, cam=True).status_code == 200  # warm-up: lazy model, caches
+    before = live_tensors()
+    for _ in range(8):
+        assert upload(client, "x.jpeg", data, cam=True).status_code == 200
+    assert live_tensors() <= before
+    model = classifier.model
+    for module in model.modules():
+        assert not module._forward_hooks and not module._backward_hooks and not module._forward_pre_hooks
+    assert all(p.grad is None for p in model.parameters())
+    if "matplotlib.pyplot" in __import__("sys").modules:
+        import matplotlib.pyplot as plt
+
+        assert plt.get_fignums() == []
+
+
+def test_onnx_runtime_telemetry_is_off_before_any_session(monkeypatch):
+    """ONNX Runtime's telemetry would write to the user's home: it is off before a session opens."""
+    import onnxruntime as ort
+
+    from pneumoscope.backends import open_session
+
+    calls = []
+    monkeypatch.setattr(ort, "disable_telemetry_events", lambda: calls.append("telemetry off"))
+    monkeypatch.setattr(ort, "InferenceSession", lambda *args, **kwargs: calls.append("session"))
+    open_session(b"graph", threads=1)
+    assert calls == ["telemetry off", "session"]
 
 
 class GatedClassifier(Classifier):
@@ -155,10 +254,10 @@ class GatedClassifier(Classifier):
         super().__init__(*args)
         self.gate, self.started = threading.Event(), threading.Semaphore(0)
 
-    def predict(self, source, name=None):
+    def score_decoded(self, decoded, runtime=None):
         self.started.release()
         assert self.gate.wait(timeout=60), "the gate was never opened"
-        return super().predict(source, name)
+        return super().score_decoded(decoded, runtime)
 
 
 def test_healthz_answers_while_predictions_run(classifier):

@@ -5,8 +5,10 @@
     GET  /healthz                 liveness
 
 Uploads stay in memory: the body is read chunk by chunk with a hard byte limit (413 past it, whatever
-Content-Length claims) and parsed without spooling to disk. Unreadable images give 422 with the
-decoder's reason. The model runs in worker threads, so the event loop (and /healthz) stays
+Content-Length claims) and parsed without spooling to disk. Images over the decoder's size limits give
+413, other unreadable images 422 with the decoder's reason. Every answer carries security headers (a
+CSP that allows only the page's own inline script and style), requests for another Host are refused
+(400), and there is no /docs or /redoc (both load scripts from CDNs): /openapi.json stays. The model runs in worker threads, so the event loop (and /healthz) stays
 responsive while predictions run. Answers are pydantic models (`Prediction`, `ModelCard`, `Health`),
 so /openapi.json documents them.
 """
@@ -14,6 +16,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
+import logging
+import re
 import socket
 import threading
 import time
@@ -27,9 +32,11 @@ from pydantic import BaseModel, Field
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect
 
 from . import __version__
-from .images import ImageReadError
 from .predict import Classifier, Record
 
 INTENDED_USE = ("Research, teaching and second-reader use only. pneumoscope is not a medical device and its "
@@ -39,12 +46,15 @@ INTENDED_USE = ("Research, teaching and second-reader use only. pneumoscope is n
 INPUT = "1-channel grayscale in [0, 1], squashed to img_size x img_size"
 METRIC_GROUPS = ("val", "internal_test", "external")  # what the model card shows of metrics.json
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and part headers on top of the file itself
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # Host headers accepted besides the bound host
+log = logging.getLogger(__name__)
 
 _UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"],
     "properties": {"file": {"type": "string", "format": "binary",
                             "description": "a chest X-ray: JPEG, PNG, TIFF, BMP, WebP or DICOM"}}}}}}
-_ERRORS = {413: {"description": "upload over the size limit"},
+_ERRORS = {400: {"description": "malformed multipart body, or a Host header this server does not answer to"},
+           413: {"description": "upload over the size limit, or an image over the decoded size limits"},
            415: {"description": "body is not multipart/form-data"},
            422: {"description": "no `file` field, or the file is not a readable image"}}
 
@@ -87,8 +97,44 @@ class Health(BaseModel):
     model: str
 
 
-def create_app(classifier: Classifier | None = None, task: str = "three", max_upload_mb: float = 20) -> FastAPI:
-    """The ASGI app. Loads the shipped model for `task` once when no classifier is given."""
+def security_headers(page: str) -> dict[str, str]:
+    """Headers for every answer. The CSP allows the page's own inline <script> (by hash) and <style>,
+    images from data:/blob: URLs (the Grad-CAM overlay, the local preview) and fetches to this server
+    only; nothing may frame the page (clickjacking)."""
+    scripts = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+                       for body in re.findall(r"<script>(.*?)</script>", page, re.S))
+    csp = (f"default-src 'none'; script-src {scripts or chr(39) + 'none' + chr(39)}; style-src 'unsafe-inline'; "
+           "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+           "frame-ancestors 'none'")
+    return {"content-security-policy": csp, "x-content-type-options": "nosniff", "x-frame-options": "DENY",
+            "referrer-policy": "no-referrer"}
+
+
+class HeadersMiddleware:
+    """Adds fixed headers to every HTTP answer (a plain ASGI middleware: the request body stream is
+    left as it is, so uploads are still read chunk by chunk)."""
+
+    def __init__(self, app, headers: dict[str, str]):
+        self.app, self.headers = app, headers
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for key, value in self.headers.items():
+                    headers[key] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def create_app(classifier: Classifier | None = None, task: str = "three", max_upload_mb: float = 20,
+               allowed_hosts: tuple[str, ...] = LOCAL_HOSTS) -> FastAPI:
+    """The ASGI app. Loads the shipped model for `task` once when no classifier is given. Requests
+    whose Host header is not in `allowed_hosts` get 400 (DNS rebinding); "*" accepts any."""
     classifier = classifier or Classifier.load(task=task)
     limit = int(max_upload_mb * 2**20)
     page = resources.files("pneumoscope").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -100,7 +146,10 @@ def create_app(classifier: Classifier | None = None, task: str = "three", max_up
                      metrics={k: v for k, v in metrics.items() if k in METRIC_GROUPS},
                      intended_use=INTENDED_USE, max_upload_mb=max_upload_mb)
     app = FastAPI(title="pneumoscope", version=__version__,
-                  description="Pediatric chest X-ray classifier. " + INTENDED_USE)
+                  description="Pediatric chest X-ray classifier. " + INTENDED_USE,
+                  docs_url=None, redoc_url=None)  # both load scripts and fonts from CDNs
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    app.add_middleware(HeadersMiddleware, headers=security_headers(page))  # outermost: on the 400s too
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
@@ -135,15 +184,17 @@ def create_app(classifier: Classifier | None = None, task: str = "three", max_up
 def _infer(classifier: Classifier, data: bytes, name: str, cam: bool) -> tuple[Record, bytes | None]:
     """Runs in a worker thread. The classifier serialises what must be serialised (its PyTorch model,
     which Grad-CAM hooks into); decoding and ONNX Runtime predictions run in parallel. With `cam`
-    the upload is decoded once for both the prediction and the heat map."""
-    try:
-        if cam:
-            from .explain import explain
+    the upload is decoded once for both the prediction and the heat map. An image over the
+    decoder's size limits is 413, any other unreadable one 422."""
+    decoded = classifier.decode(data, name, keep_gray=cam)
+    if decoded.error:
+        raise HTTPException(413 if decoded.too_large else 422, decoded.error)
+    record = classifier.records(classifier.score_decoded([decoded]))[0]
+    if not cam:
+        return record, None
+    from .explain import cam_png
 
-            return explain(classifier, data, name=name)
-        return classifier.predict(data, name=name), None
-    except ImageReadError as err:
-        raise HTTPException(422, str(err)) from None
+    return record, cam_png(classifier, record, decoded)
 
 
 async def read_upload(request: Request, limit: int) -> tuple[str, bytes]:
@@ -153,6 +204,8 @@ async def read_upload(request: Request, limit: int) -> tuple[str, bytes]:
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or not params.get(b"boundary"):
         raise HTTPException(415, "send the image as multipart/form-data in a field named 'file'")
+    if len(params[b"boundary"]) > 70:  # RFC 2046's maximum; python-multipart raises past 256
+        raise HTTPException(400, "malformed multipart body (boundary longer than 70 characters)")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + FORM_OVERHEAD:
         raise too_large
@@ -181,6 +234,9 @@ async def read_upload(request: Request, limit: int) -> tuple[str, bytes]:
         parser.finalize()
     except MultipartParseError as err:
         raise HTTPException(422, f"malformed multipart body ({err})") from None
+    except ClientDisconnect:  # the client went away mid-upload: nobody to answer, one log line
+        log.info("client disconnected during the upload (%d bytes received)", received)
+        raise HTTPException(400, "client disconnected during the upload") from None
 
     for headers, body in parts:
         _, disposition = parse_options_header(headers.get(b"content-disposition"))
@@ -216,8 +272,12 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Ite
 
 
 def run(host: str = "127.0.0.1", port: int = 8000, task: str = "three", checkpoint: str | None = None,
-        max_upload_mb: float = 20) -> None:
+        max_upload_mb: float = 20, allowed_hosts: tuple[str, ...] = ()) -> None:
+    """Serves until interrupted. Host headers accepted: loopback names, the bound host, `allowed_hosts`."""
     import uvicorn
 
-    app = create_app(Classifier.load(checkpoint, task=task), task=task, max_upload_mb=max_upload_mb)
+    bound = () if host in ("0.0.0.0", "::") else (f"[{host}]" if ":" in host else host,)
+    hosts = (*LOCAL_HOSTS, *bound, *allowed_hosts)
+    app = create_app(Classifier.load(checkpoint, task=task), task=task, max_upload_mb=max_upload_mb,
+                     allowed_hosts=hosts)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -54,11 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also ship the 3-class model read as NORMAL vs PNEUMONIA")
     p.add_argument("--int8", type=int, default=0, metavar="N",
                    help="also write int8 ONNX graphs calibrated on N train images, and measure them for the card")
+    p.add_argument("--external", default=None, metavar="DIR",
+                   help="also measure the shipped models on this external group (reported as used for selection)")
     p.set_defaults(handler=cmd_ship)
 
     p = sub.add_parser("card", help="regenerate docs/model-card.md from models/ and docs/model-card/")
     p.add_argument("--models-dir", default="models")
     p.add_argument("--docs-dir", default="docs")
+    p.add_argument("--external", default=None, metavar="DIR",
+                   help="first measure the shipped models on this external group (reported as used for selection)")
     p.set_defaults(handler=cmd_card)
 
     p = sub.add_parser("split", help="cut train/val/test out of a dataset by patient")
@@ -180,7 +184,8 @@ def cmd_ship(args) -> int:
 
     from .artifact import load_bundle
 
-    for path in ship_run(args.run, args.models_dir, args.docs_dir, args.binary_from_three, args.int8):
+    for path in ship_run(args.run, args.models_dir, args.docs_dir, args.binary_from_three, args.int8,
+                         external=args.external):
         for split, m in load_bundle(path).metrics().items():
             if isinstance(m, dict) and "accuracy" in m:
                 print(f"{path}: {split} accuracy {m['accuracy']:.4f} (n={m['n']})")
@@ -189,8 +194,11 @@ def cmd_ship(args) -> int:
 
 
 def cmd_card(args) -> int:
-    from .release import write_model_card
+    from .release import measure_external, write_model_card
 
+    if args.external:
+        for path in measure_external(args.external, args.models_dir, args.docs_dir):
+            print(f"measured {path} on {args.external} (reported as used for selection)")
     print(f"wrote {write_model_card(args.models_dir, args.docs_dir)}")
     return EXIT_OK
 

@@ -113,8 +113,7 @@ def choose(tune: dict, val: dict, train: dict, config: GuardConfig) -> tuple[dic
     OOD tune half, then the higher tune AUROC (against validation X-rays), then the fewest components."""
     rows, best, best_key = [], None, None
     for dims in DIMS:
-        stats = fit_guard(train["features"], train["labels"], train["logits"], val["features"], val["logits"],
-                          replace(config, dims=dims))
+        stats = fit_guard(train["features"], train["labels"], val["features"], val["logits"], replace(config, dims=dims))
         tune_scores = all_scores(tune["features"], tune["logits"], stats)
         val_scores = all_scores(val["features"], val["logits"], stats)
         for method in ("mahalanobis", "energy") if dims == DIMS[0] else ("mahalanobis",):

@@ -36,8 +36,8 @@ def setup(fixture_data):
     features = np.stack([features_of(read_xray(p)) for p in paths])
     labels = np.array([p.parent.name != "NORMAL" for p in paths], int)
     val = np.arange(len(paths)) % 4 == 0  # 20 of the 80 for the threshold, 60 to fit on
-    fit = dict(features=features[~val], labels=labels[~val], logits=features[~val] @ HEAD,
-               val_features=features[val], val_logits=features[val] @ HEAD)
+    fit = dict(features=features[~val], labels=labels[~val], val_features=features[val],
+               val_logits=features[val] @ HEAD)
     others = np.stack([features_of(p) for p in synthetic_pictures()])
     return fit, features[val], others
 

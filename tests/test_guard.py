@@ -3,12 +3,7 @@ import numpy as np
 import pytest
 
 from pneumoscope.images import read_xray_with_info
-from pneumoscope.predict import NOT_XRAY, Classifier, image_warnings
-
-
-@pytest.fixture(scope="module")
-def classifier(tiny_run):
-    return Classifier.load(tiny_run / "model.pt")
+from pneumoscope.predict import NOT_XRAY, image_warnings
 
 
 def test_a_colour_photo_is_flagged_but_keeps_its_label(classifier):

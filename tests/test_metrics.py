@@ -29,8 +29,11 @@ def test_headline_is_the_same_pick_for_every_caller():
     m["ece_uncalibrated"] = 0.25
     h = headline(m)
     assert set(h) == {"n", "accuracy", "accuracy_ci95", "balanced_accuracy", "macro_f1", "macro_auc", "ece",
-                      "ece_uncalibrated", "recall"}
+                      "ece_uncalibrated", "recall", "recall_ci95"}
     assert h["recall"] == {"NORMAL": 1.0, "BACTERIA": 1.0, "VIRUS": 0.5} and h["accuracy"] == 0.75
+    assert h["recall_ci95"]["NORMAL"] == [1.0, 1.0]  # one NORMAL image, always right
+    lo, hi = h["recall_ci95"]["VIRUS"]
+    assert lo < 0.5 < hi
 
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_mean():

@@ -51,13 +51,20 @@ def target_layer(model: torch.nn.Module, size: int) -> torch.nn.Module:
 def cam_heatmap(classifier: Classifier, pixels: np.ndarray, target: int | None = None) -> np.ndarray:
     """Grad-CAM of `target` (default: the predicted class) for img_size x img_size uint8 `pixels`
     (`Classifier.decode(...).pixels`): float32 H x W in [0, 1]."""
-    batch = torch.from_numpy(to_batch(pixels[None]))
-    targets = None if target is None else [ClassifierOutputTarget(int(target))]
+    return cam_heatmaps(classifier, pixels[None], None if target is None else [target])[0]
+
+
+def cam_heatmaps(classifier: Classifier, pixels: np.ndarray, targets: list[int] | None = None) -> np.ndarray:
+    """Grad-CAM of N images (N x S x S uint8) in one forward and backward pass, each for its own
+    target (default: its predicted class): N x S x S float32 in [0, 1]. The model is in eval mode,
+    so the images of a batch do not affect each other's maps."""
+    batch = torch.from_numpy(to_batch(pixels))
+    targets = None if targets is None else [ClassifierOutputTarget(int(t)) for t in targets]
     with classifier.torch_lock, torch.inference_mode(False), torch.enable_grad():
         model = classifier.model
         cam = GradCAM(model, [target_layer(model, classifier.img_size)])
         try:
-            heat = cam(batch, targets=targets)[0]
+            heat = cam(batch, targets=targets)
         finally:
             cam.activations_and_grads.release()  # remove the hooks before anyone else runs the model
             model.zero_grad(set_to_none=True)  # the backward pass filled every weight's .grad
@@ -136,9 +143,11 @@ def cam_cases(classifier: Classifier, paths: list[str], y_true: np.ndarray, prob
     then the right ones; returns (RGB images, titles, wrong flags)."""
     predicted, confidence = probs.argmax(1), probs.max(1)
     order = sorted(range(len(paths)), key=lambda i: (predicted[i] == y_true[i], -confidence[i]))[:n]
-    images, titles = [], []
-    for i in order:
-        pixels = classifier.decode(paths[i]).pixels
-        images.append(overlay_rgb(pixels, cam_heatmap(classifier, pixels, int(predicted[i]))))
-        titles.append(f"{classifier.classes[predicted[i]]} {confidence[i]:.2f}\n[{classifier.classes[y_true[i]]}]")
+    if not order:
+        return [], [], []
+    pixels = np.stack([classifier.decode(paths[i]).pixels for i in order])
+    heat = cam_heatmaps(classifier, pixels, [int(predicted[i]) for i in order])
+    images = [overlay_rgb(p, h) for p, h in zip(pixels, heat)]
+    titles = [f"{classifier.classes[predicted[i]]} {confidence[i]:.2f}\n[{classifier.classes[y_true[i]]}]"
+              for i in order]
     return images, titles, [bool(predicted[i] != y_true[i]) for i in order]

@@ -125,6 +125,9 @@ def export_int8(checkpoint: str | os.PathLike, calibration_samples, n_calibratio
     calibration_pixels); by default the bundle's own `model.int8.onnx`, where backend "int8" looks."""
     bundle = load_bundle(checkpoint)
     pixels = calibration_pixels(calibration_samples, bundle.meta.img_size, n_calibration)
+    out = out or bundle.graph_location("int8")
+    if opset == OPSET:  # the bundle's own fp32 graph (fingerprint-checked; exported only if missing or stale)
+        return quantize_int8(bundle.onnx_path("fp32"), out, pixels)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(bundle.load_model(), bundle.meta, Path(tmp) / "fp32.onnx", opset)
-        return quantize_int8(fp32, out or bundle.graph_location("int8"), pixels)
+        return quantize_int8(fp32, out, pixels)

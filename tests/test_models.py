@@ -189,3 +189,16 @@ def test_pretrained_from_the_cache_then_a_one_line_error(offline_caches):
     message = str(err.value)
     assert "\n" not in message and "timm/resnet34.a1_in1k" in message and str(offline_caches / "hf") in message
     assert "--no-pretrained" in message
+
+
+def test_models_command_lists_every_architecture_with_where_its_weights_are(capsys):
+    from pneumoscope.cli import main
+    from pneumoscope.models import list_models
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in list_models():
+        assert any(line.startswith(name + " ") for line in lines), name
+    lite0 = next(line for line in lines if line.startswith("efficientnet_lite0 "))
+    assert "(default)" in lite0 and "ImageNet here (wheel)" in lite0
+    assert "scratch only" in next(line for line in lines if line.startswith("simple_cnn "))

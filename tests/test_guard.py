@@ -46,3 +46,17 @@ def test_each_image_check(image, words):
 def test_error_records_have_no_reliability(classifier):
     record = classifier.predict(b"")
     assert record.status == "error" and record.reliable is None
+
+
+def test_shipped_model_flags_a_gray_photo_by_its_features_and_passes_real_xrays(fixture_data):
+    """The learned check (issue 11): scikit-image's camera man is gray, sharp and square, so the
+    image checks let it pass; the feature-space distance does not."""
+    from pneumoscope.predict import Classifier
+
+    skimage_data = pytest.importorskip("skimage.data")
+    classifier = Classifier.load(task="three")
+    photo = classifier.predict(skimage_data.camera())
+    assert photo.reliable is False
+    assert any("does not look like a chest X-ray the model was trained on" in w for w in photo.warnings)
+    records = list(classifier.predict_many(sorted(fixture_data.rglob("*.jpeg"))))
+    assert len(records) == 80 and all(r.reliable for r in records)

@@ -150,7 +150,8 @@ def adapt_bundle(checkpoint, images, out, priors: bool = False, task: str = "thr
         add_logit_bias(model, prior_shift_bias(source, target, meta.temperature))
         applied.update(method="adabn + priors (EM)", source_priors=[round(float(p), 4) for p in source],
                        priors=[round(float(p), 4) for p in target])
-    adapted_meta = dataclasses.replace(meta, name=f"{meta.name}-adapted", adaptation=applied)
+    # the guard's statistics describe the old features: AdaBN moves them, so they would misjudge X-rays
+    adapted_meta = dataclasses.replace(meta, name=f"{meta.name}-adapted", adaptation=applied, guard=None)
     after = Classifier.from_model(model, adapted_meta, backend="torch").scores(list(pixels)).probabilities
     out = Path(out)
     save_bundle(model, adapted_meta, out)

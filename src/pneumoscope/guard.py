@@ -32,7 +32,8 @@ GUARD_VERSION = 1
 METHODS = ("mahalanobis", "energy")
 NOT_XRAY = "not a chest X-ray: "  # the prefix that makes a record unreliable (as in predict.py)
 MESSAGE = "does not look like a chest X-ray the model was trained on"
-GRAPH_OF_BACKEND = {"torch": "fp32", "onnx": "fp32", "int8": "int8"}  # PyTorch and the fp32 graph agree to 1e-5
+# PyTorch and the fp32 graph agree to 1e-5; OpenVINO runs the same two graphs
+GRAPH_OF_BACKEND = {"torch": "fp32", "onnx": "fp32", "int8": "int8", "openvino": "fp32", "openvino-int8": "int8"}
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import numpy as np
 from .artifact import Bundle, ModelMeta, load_bundle, resolve_model
 from .backends import (BACKENDS, Backend, OnnxBackend, TorchBackend, backend_for_model, cpu_threads, open_backend,
                        side_by_side, to_batch)
+from .guard import guard_warnings, load_guard, stats_for
 from .images import ImageReadError, ImageTooLargeError, read_xray, read_xray_with_info, resize_square
 from .labels import is_image_file
 
@@ -115,6 +116,8 @@ class Classifier:
         self.classes: tuple[str, ...] = meta.classes
         self.img_size: int = meta.img_size
         self.temperature: float = meta.temperature
+        stats = stats_for(meta.guard, runtime.name)  # statistics of this backend's own features, or none
+        self.guard = load_guard(stats) if stats else None
         int8 = "-int8" if runtime.name.endswith("int8") else ""
         self.name = f"{meta.name}{int8}@{meta.version}"
 
@@ -180,6 +183,10 @@ class Classifier:
         probabilities = self.calibrate(logits) if good else logits.copy()
         warnings = [d.warnings + (model_warnings(p) if d.error is None else [])
                     for d, p in zip(decoded, probabilities)]
+        if self.guard is not None and good:  # the learned check: the same pass's features, no second forward
+            for i, d in enumerate(decoded):
+                if d.error is None:
+                    warnings[i] = warnings[i] + guard_warnings(features[i], logits[i], self.guard)
         return Scores([d.name for d in decoded], logits, probabilities,
                       features if features is not None else np.zeros((len(decoded), 0), np.float32),
                       [d.error for d in decoded], warnings)

@@ -177,6 +177,7 @@ def _task_section(meta, metrics: dict, reports: Path, docs_dir: Path) -> str:
         f"temperature {meta.temperature:.3f}."
         + (" Derived from the 3-class model by summing BACTERIA and VIRUS probabilities." if meta.merge_outputs
            else ""),
+        _guard_line(meta.guard),
         f"- Figures below measured with the `{metrics.get('backend', 'onnx')}` backend, the one `predict` "
         "uses by default" + (INT8_NOTE if int8 else "."),
         "",
@@ -215,6 +216,17 @@ def _task_section(meta, metrics: dict, reports: Path, docs_dir: Path) -> str:
         lines += [f"| {c['epoch']} | {c['train_seconds']} | {c['val_acc']:.3f} | {c['val_bacc']:.3f} |"
                   for c in training["curve"]]
     return "\n".join(lines) + "\n"
+
+
+def _guard_line(guard: dict | None) -> str:
+    """What the input guard is, from the statistics the bundle carries (rates: docs/inputs.md)."""
+    if not guard:
+        return "- Input guard: image checks only (no feature statistics in this bundle)."
+    parts = [f"{graph}: {g['method']} on {g['dims']} PCA dims of the {g['features']} pooled features, threshold "
+             f"{g['threshold']:.2f} (<= {g['max_flagged']:.1%} of validation X-rays above it)" for graph, g in guard.items()]
+    return ("- Input guard: image checks plus a learned check in the network's feature space, fitted on the training "
+            "X-rays (" + "; ".join(parts) + "). Measured flag rates on pictures that are not chest X-rays and on "
+            "real X-rays, and its blind spots: [inputs.md](inputs.md).")
 
 
 def _gap_table(internal: dict, external: dict, classes) -> str:

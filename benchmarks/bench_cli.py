@@ -22,11 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from pneumoscope.backends import cpu_flags
+from pneumoscope.backends import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [str(Path(sys.executable).with_name("pneumoscope"))]
-FLAGS = ("avx512_vnni", "amx_tile", "avx512_bf16")
 
 PEER = r'''
 import sys
@@ -44,16 +43,6 @@ with torch.inference_mode():
         for p, row in zip(files[i:i + 32], probs.tolist()):
             print(p.name, *(f"{x:.4f}" for x in row), sep=",")
 '''
-
-
-def machine() -> str:
-    """CPU model, the flags that decide int8/bf16 speed, cores, and the load right now."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown CPU")
-    flags = cpu_flags()
-    marks = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in FLAGS)
-    return (f"{model}; {marks}; {len(os.sched_getaffinity(0))} cores; "
-            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 def folder_of(files: list[Path], n: int, parent: Path) -> Path:
@@ -92,13 +81,13 @@ def main() -> None:
                     CLI + ["predict", str(folder), "--format", "csv", "--backend", backend]
         if not args.no_peer:
             commands["DenseNet121 eager peer, large"] = [sys.executable, "-c", PEER, str(large)]
-        print(f"# {machine()} (before)")
+        print(f"# {describe_machine()} (before)")
         times: dict[str, list[float]] = {name: [] for name in commands}
         for _ in range(args.repeat):  # interleaved rounds
             for name, command in commands.items():
                 times[name].append(wall(command))
         median = {name: statistics.median(t) for name, t in times.items()}
-        print(f"# {machine()} (after); median of {args.repeat}; small = {args.small}, large = {args.large} images")
+        print(f"# {describe_machine()} (after); median of {args.repeat}; small = {args.small}, large = {args.large} images")
         print("| command | median wall (s) | runs (s) |\n|---|---:|---|")
         for name, t in times.items():
             print(f"| {name} | {median[name]:.2f} | {', '.join(f'{x:.2f}' for x in t)} |")

@@ -27,23 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscope.artifact import load_bundle, resolve_model
-from pneumoscope.backends import (OnnxBackend, OpenVinoBackend, TorchBackend, cpu_flags, openvino_precision,
+from pneumoscope.backends import (OnnxBackend, OpenVinoBackend, TorchBackend, describe_machine, openvino_precision,
                                   side_by_side, to_batch)
 from pneumoscope.metrics import bootstrap_ci
 from pneumoscope.predict import Classifier, expand_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ("avx512_vnni", "amx_tile", "avx512_bf16")
-EXTERNAL = Path("/work/shared/data/chest_xray_external")
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown CPU")
-    flags = cpu_flags()
-    marks = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in FLAGS)
-    return (f"{model}; {marks}; {len(os.sched_getaffinity(0))} cores; "
-            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+EXTERNAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray_external"  # beside the repo
 
 
 def runtimes(bundle, with_torch: bool) -> dict:
@@ -146,7 +136,7 @@ def main() -> None:
     batch = to_batch(np.stack([first.decode(f).pixels for f in itertools.islice(itertools.cycle(files), 32)]))
     assert batch.shape == (32, 1, size, size)
     workers = first.workers
-    out = [f"# {machine()} (start)", ""]
+    out = [f"# {describe_machine()} (start)", ""]
     for classifier in classifiers.values():  # warm-up: first calls compile kernels and open siblings
         model_only(classifier.runtime, batch, 3, 2, workers)
         end_to_end(classifier, files, folder[:64], 3)
@@ -157,7 +147,7 @@ def main() -> None:
             e2e_lat, e2e_rate = end_to_end(classifier, files, folder, args.n)
             results[name][0].extend(lat), results[name][1].append(rate)
             results[name][2].extend(e2e_lat), results[name][3].append(e2e_rate)
-    out += [f"# {machine()} (end of timing); {args.rounds} interleaved rounds; {workers} workers; model "
+    out += [f"# {describe_machine()} (end of timing); {args.rounds} interleaved rounds; {workers} workers; model "
             f"`{first.name}`, {size} px; latency over {args.rounds * args.n} runs; images/s = median over rounds "
             f"of {args.folder_n} images in batches of 32", "",
             "| runtime | model p50 (ms) | model p95 (ms) | model folder (images/s) | end-to-end p50 (ms) "

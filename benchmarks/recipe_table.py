@@ -11,23 +11,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from pneumoscope.backends import describe_machine
 from pneumoscope.metrics import compute_metrics, headline
 from pneumoscope.rundir import RunDir, summarize
 
 SPLITS = ("val", "test", "external")
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def run_row(path: str) -> dict:
@@ -63,7 +56,7 @@ def ensemble_row(name: str, runs: list[str]) -> dict:
 def markdown(rows: list[dict]) -> str:
     head = ("variant", "arch", "px", "recipe", "train min", "val acc", "internal test acc (95% CI)",
             "external acc (95% CI)", "external recall N / B / V", "ECE val / test / external")
-    lines = [f"CPU: {cpu_model()}, {platform.machine()}. External = half of the official test group, "
+    lines = [f"Machine: {describe_machine()}. External = half of the official test group, "
              "**used for selection** (optimistic by construction).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:

@@ -106,6 +106,24 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+SPEED_FLAGS = ("avx512_vnni", "amx_tile", "avx512_bf16")  # the ones that decide int8 / bf16 speed
+
+
+def describe_machine() -> str:
+    """CPU model, the speed flags, cores and the load right now: printed with every benchmark figure."""
+    import os
+
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown CPU")
+    except OSError:
+        model = "unknown CPU"
+    flags = cpu_flags()
+    marks = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in SPEED_FLAGS)
+    return (f"{model}; {marks}; {len(os.sched_getaffinity(0))} cores; "
+            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
 def openvino_precision() -> str:
     """bf16 where the CPU computes it natively (AMX on Intel, AVX512-BF16 on Intel and AMD Zen 4+),
     fp32 elsewhere: emulated bf16 would be slower than fp32."""

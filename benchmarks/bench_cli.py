@@ -14,7 +14,6 @@ average, because this machine is shared.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import os
 import time
 from pathlib import Path
 

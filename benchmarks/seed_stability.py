@@ -115,7 +115,7 @@ def main() -> None:
     if len(best_states) > 1:
         averaged = soup(best_states)
         lines.append(evaluate(f"**weight average of the {len(best_states)} best**", averaged))
-        lines.append(evaluate(f"weight average + TTA", averaged, tta=True))
+        lines.append(evaluate("weight average + TTA", averaged, tta=True))
     lines += ["", END]
     if args.out:
         path = Path(args.out)

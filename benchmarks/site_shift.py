@@ -14,7 +14,6 @@ Prints the CPU and writes a markdown table plus a JSON file of every figure.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import sys

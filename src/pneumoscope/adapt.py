@@ -51,8 +51,6 @@ def adapt_batchnorm(model: nn.Module, pixels: np.ndarray, batch_size: int = 64) 
         for layer, momentum in zip(layers, saved_momentum):
             layer.momentum = momentum
         model.train(was_training)
-        if not was_training:
-            model.eval()
     return len(layers)
 
 

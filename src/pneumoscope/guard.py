@@ -30,7 +30,7 @@ import numpy as np
 
 GUARD_VERSION = 1
 METHODS = ("mahalanobis", "energy")
-NOT_XRAY = "not a chest X-ray: "  # the prefix that makes a record unreliable (as in predict.py)
+NOT_XRAY = "not a chest X-ray: "  # the prefix that makes a record unreliable (predict.py uses it)
 MESSAGE = "does not look like a chest X-ray the model was trained on"
 # PyTorch and the fp32 graph agree to 1e-5; OpenVINO runs the same two graphs
 GRAPH_OF_BACKEND = {"torch": "fp32", "onnx": "fp32", "int8": "int8", "openvino": "fp32", "openvino-int8": "int8"}

@@ -19,10 +19,10 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .artifact import Bundle, ModelMeta, load_bundle, resolve_model
-from .backends import (BACKENDS, Backend, OnnxBackend, TorchBackend, backend_for_model, cpu_threads, open_backend,
+from .backends import (BACKENDS, Backend, TorchBackend, backend_for_model, cpu_threads, open_backend,
                        side_by_side, to_batch)
-from .guard import guard_warnings, load_guard, stats_for
-from .images import ImageReadError, ImageTooLargeError, read_xray, read_xray_with_info, resize_square
+from .guard import NOT_XRAY, guard_warnings, load_guard, stats_for
+from .images import ImageReadError, ImageTooLargeError, read_xray_with_info, resize_square
 from .labels import is_image_file
 
 __all__ = ["BACKENDS", "Classifier", "Decoded", "Record", "Scores", "expand_inputs", "image_warnings",
@@ -31,7 +31,6 @@ __all__ = ["BACKENDS", "Classifier", "Decoded", "Record", "Scores", "expand_inpu
 # The input guard (docs/inputs.md). Over all 5,232 images of the training data the smallest gray-level
 # standard deviation is 19.8 and the fewest distinct gray levels 113, so these limits leave real
 # radiographs alone.
-NOT_XRAY = "not a chest X-ray: "
 MAX_COLOUR = 0.04  # mean channel spread (images.colour_spread): 0 for gray, 0.15-0.45 for photos
 MIN_STD = 8.0  # gray levels: below this the image is blank or nearly so
 MIN_LEVELS = 32  # fewer distinct gray levels: a drawing, mask, phantom or binary image

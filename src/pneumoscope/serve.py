@@ -5,10 +5,11 @@
     GET  /healthz                 liveness
 
 Uploads stay in memory: the body is read chunk by chunk with a hard byte limit (413 past it, whatever
-Content-Length claims) and parsed without spooling to disk. Images over the decoder's size limits give
-413, other unreadable images 422 with the decoder's reason. Every answer carries security headers (a
-CSP that allows only the page's own inline script and style), requests for another Host are refused
-(400), and there is no /docs or /redoc (both load scripts from CDNs): /openapi.json stays. The model runs in worker threads, so the event loop (and /healthz) stays
+Content-Length claims) and at most MAX_PARTS multipart parts (400 past them), and parsed without
+spooling to disk. Images over the decoder's size limits give 413, other unreadable images 422 with
+the decoder's reason. Every answer carries security headers (a CSP that allows only the page's own
+inline script and style), requests for another Host are refused (400), and there is no /docs or
+/redoc (both load scripts from CDNs): /openapi.json stays. The model runs in worker threads, so the event loop (and /healthz) stays
 responsive while predictions run. Answers are pydantic models (`Prediction`, `ModelCard`, `Health`),
 so /openapi.json documents them.
 """
@@ -46,6 +47,9 @@ INTENDED_USE = ("Research, teaching and second-reader use only. pneumoscope is n
 INPUT = "1-channel grayscale in [0, 1], squashed to img_size x img_size"
 METRIC_GROUPS = ("val", "internal_test", "external")  # what the model card shows of metrics.json
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and part headers on top of the file itself
+# The API reads one part ('file'); every part costs parser callbacks on the event loop (2.3 million
+# empty parts fit in 20 MiB: 7 s of parsing), so a body with more is refused as soon as they pass this.
+MAX_PARTS = 16
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # Host headers accepted besides the bound host
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,8 @@ _UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": 
     "type": "object", "required": ["file"],
     "properties": {"file": {"type": "string", "format": "binary",
                             "description": "a chest X-ray: JPEG, PNG, TIFF, BMP, WebP or DICOM"}}}}}}
-_ERRORS = {400: {"description": "malformed multipart body, or a Host header this server does not answer to"},
+_ERRORS = {400: {"description": f"malformed multipart body, more than {MAX_PARTS} parts, or a Host header this "
+                                "server does not answer to"},
            413: {"description": "upload over the size limit, or an image over the decoded size limits"},
            415: {"description": "body is not multipart/form-data"},
            422: {"description": "no `file` field, or the file is not a readable image"}}
@@ -199,7 +204,8 @@ def _infer(classifier: Classifier, data: bytes, name: str, cam: bool) -> tuple[R
 
 async def read_upload(request: Request, limit: int) -> tuple[str, bytes]:
     """The `file` part of a multipart/form-data request as (filename, bytes), read into memory
-    chunk by chunk; 413 as soon as the body passes `limit` (plus form overhead)."""
+    chunk by chunk; 413 as soon as the body passes `limit` (plus form overhead), 400 as soon as it
+    has more than MAX_PARTS parts."""
     too_large = HTTPException(413, f"upload is over the {limit / 2**20:g} MiB limit")
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or not params.get(b"boundary"):
@@ -209,34 +215,7 @@ async def read_upload(request: Request, limit: int) -> tuple[str, bytes]:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + FORM_OVERHEAD:
         raise too_large
-
-    parts: list[tuple[dict[bytes, bytes], bytearray]] = []
-    field, value = bytearray(), bytearray()
-
-    def header_end():
-        parts[-1][0][bytes(field).lower()] = bytes(value)
-        field.clear(), value.clear()
-
-    parser = MultipartParser(params[b"boundary"], callbacks={
-        "on_part_begin": lambda: parts.append(({}, bytearray())),
-        "on_header_field": lambda data, start, end: field.extend(data[start:end]),
-        "on_header_value": lambda data, start, end: value.extend(data[start:end]),
-        "on_header_end": header_end,
-        "on_part_data": lambda data, start, end: parts[-1][1].extend(data[start:end]),
-    })
-    received = 0
-    try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit + FORM_OVERHEAD:
-                raise too_large
-            parser.write(chunk)
-        parser.finalize()
-    except MultipartParseError as err:
-        raise HTTPException(422, f"malformed multipart body ({err})") from None
-    except ClientDisconnect:  # the client went away mid-upload: nobody to answer, one log line
-        log.info("client disconnected during the upload (%d bytes received)", received)
-        raise HTTPException(400, "client disconnected during the upload") from None
+    parts = await _read_parts(request, params[b"boundary"], limit + FORM_OVERHEAD, too_large)
 
     for headers, body in parts:
         _, disposition = parse_options_header(headers.get(b"content-disposition"))
@@ -246,6 +225,47 @@ async def read_upload(request: Request, limit: int) -> tuple[str, bytes]:
             filename = disposition.get(b"filename", b"").decode("utf-8", "replace")
             return PurePath(filename.replace("\\", "/")).name[:200] or "upload", bytes(body)
     raise HTTPException(422, "no form field named 'file' in the upload")
+
+
+async def _read_parts(request: Request, boundary: bytes, max_bytes: int, too_large: HTTPException
+                      ) -> list[tuple[dict[bytes, bytes], bytearray]]:
+    """The parts of the multipart body as (headers, body) pairs, parsed as the chunks arrive.
+    python-multipart bounds the headers of a part (8); the parts are counted here, because Starlette's
+    own limits (`request.form(max_fields=, max_files=)`) come with its parser, which spools files
+    over 1 MiB to disk."""
+    parts: list[tuple[dict[bytes, bytes], bytearray]] = []
+    field, value = bytearray(), bytearray()
+
+    def part_begin():
+        if len(parts) == MAX_PARTS:
+            raise HTTPException(400, f"multipart body with more than {MAX_PARTS} parts: send one field named 'file'")
+        parts.append(({}, bytearray()))
+
+    def header_end():
+        parts[-1][0][bytes(field).lower()] = bytes(value)
+        field.clear(), value.clear()
+
+    parser = MultipartParser(boundary, callbacks={
+        "on_part_begin": part_begin,
+        "on_header_field": lambda data, start, end: field.extend(data[start:end]),
+        "on_header_value": lambda data, start, end: value.extend(data[start:end]),
+        "on_header_end": header_end,
+        "on_part_data": lambda data, start, end: parts[-1][1].extend(data[start:end]),
+    })
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_bytes:
+                raise too_large
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as err:
+        raise HTTPException(422, f"malformed multipart body ({err})") from None
+    except ClientDisconnect:  # the client went away mid-upload: nobody to answer, one log line
+        log.info("client disconnected during the upload (%d bytes received)", received)
+        raise HTTPException(400, "client disconnected during the upload") from None
+    return parts
 
 
 @contextlib.contextmanager

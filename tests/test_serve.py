@@ -3,6 +3,7 @@ typed answer in the OpenAPI schema, a real uvicorn server under a little concurr
 schemathesis fuzz of the schema."""
 import base64
 import io
+import socket
 import sys
 import threading
 import time
@@ -247,6 +248,25 @@ def test_many_part_body_is_refused_from_its_first_chunk(client):
     assert len(received) == 1  # refused from the first chunk, not after parsing the whole body
     assert asyncio.run(read_upload(stream_request(many_parts_body(MAX_PARTS - 1, data))[0], 2**20)) == ("x.jpeg", data)
     assert upload(client, "x.jpeg", data).status_code == 200
+
+
+def test_stalled_upload_gets_408_and_its_connection_closed(classifier):
+    """A client that sends the headers and part of the body, then nothing: 408 once the body
+    timeout passes (0.5 s here, 30 s by default), and the server closes the connection."""
+    with serve_in_thread(create_app(classifier, body_timeout=0.5)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        head = (f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nContent-Length: 100000\r\n"
+                "Content-Type: multipart/form-data; boundary=b\r\n\r\n").encode()
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(head + b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'
+                         + b"\0" * 1000)
+            answer = b""
+            while chunk := sock.recv(65536):  # until the server closes; the 20 s timeout fails a hang
+                answer += chunk
+        assert httpx.get(f"{url}/healthz").status_code == 200
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 408 Request Timeout", answer
+    assert b"connection: close" in rest.lower() and b"not received within 0.5 s" in rest
 
 
 def test_cam_requests_leave_no_hooks_figures_or_graphs(client, classifier):

@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=tuple(TASKS), default="three")
     p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload, MiB")
+    p.add_argument("--body-timeout", type=float, default=30, metavar="SECONDS",
+                   help="time allowed to receive an upload after its headers; a slower one gets 408")
     p.set_defaults(handler=cmd_serve)
     return parser
 
@@ -369,7 +371,7 @@ def cmd_serve(args) -> int:
     from .serve import run
 
     run(host=args.host, port=args.port, task=args.task, checkpoint=args.checkpoint,
-        max_upload_mb=args.max_upload_mb, allowed_hosts=tuple(args.allow_host))
+        max_upload_mb=args.max_upload_mb, allowed_hosts=tuple(args.allow_host), body_timeout=args.body_timeout)
     return EXIT_OK
 
 

@@ -5,16 +5,18 @@
     GET  /healthz                 liveness
 
 Uploads stay in memory: the body is read chunk by chunk with a hard byte limit (413 past it, whatever
-Content-Length claims) and at most MAX_PARTS multipart parts (400 past them), and parsed without
-spooling to disk. Images over the decoder's size limits give 413, other unreadable images 422 with
-the decoder's reason. Every answer carries security headers (a CSP that allows only the page's own
-inline script and style), requests for another Host are refused (400), and there is no /docs or
-/redoc (both load scripts from CDNs): /openapi.json stays. The model runs in worker threads, so the event loop (and /healthz) stays
+Content-Length claims), at most MAX_PARTS multipart parts (400 past them) and a deadline (408 when the
+body has not arrived within `body_timeout`), and parsed without spooling to disk. Images over the
+decoder's size limits give 413, other unreadable images 422 with the decoder's reason. Every answer
+carries security headers (a CSP that allows only the page's own inline script and style), requests
+for another Host are refused (400), and there is no /docs or /redoc (both load scripts from CDNs):
+/openapi.json stays. The model runs in worker threads, so the event loop (and /healthz) stays
 responsive while predictions run. Answers are pydantic models (`Prediction`, `ModelCard`, `Health`),
 so /openapi.json documents them.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -50,6 +52,10 @@ FORM_OVERHEAD = 64 * 1024  # multipart boundaries and part headers on top of the
 # The API reads one part ('file'); every part costs parser callbacks on the event loop (2.3 million
 # empty parts fit in 20 MiB: 7 s of parsing), so a body with more is refused as soon as they pass this.
 MAX_PARTS = 16
+BODY_TIMEOUT = 30.0  # seconds to receive a request body (20 MiB needs 5.6 Mbit/s); a stalled upload gets 408
+# uvicorn's limit_concurrency: connections and requests at once, past it 503. Bounds the memory that
+# uploads held at once can take (each up to twice the upload limit while it is read).
+MAX_CONNECTIONS = 32
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # Host headers accepted besides the bound host
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,7 @@ _UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": 
                             "description": "a chest X-ray: JPEG, PNG, TIFF, BMP, WebP or DICOM"}}}}}}
 _ERRORS = {400: {"description": f"malformed multipart body, more than {MAX_PARTS} parts, or a Host header this "
                                 "server does not answer to"},
+           408: {"description": f"the body was not received within the body timeout ({BODY_TIMEOUT:g} s by default)"},
            413: {"description": "upload over the size limit, or an image over the decoded size limits"},
            415: {"description": "body is not multipart/form-data"},
            422: {"description": "no `file` field, or the file is not a readable image"}}
@@ -137,9 +144,10 @@ class HeadersMiddleware:
 
 
 def create_app(classifier: Classifier | None = None, task: str = "three", max_upload_mb: float = 20,
-               allowed_hosts: tuple[str, ...] = LOCAL_HOSTS) -> FastAPI:
+               allowed_hosts: tuple[str, ...] = LOCAL_HOSTS, body_timeout: float = BODY_TIMEOUT) -> FastAPI:
     """The ASGI app. Loads the shipped model for `task` once when no classifier is given. Requests
-    whose Host header is not in `allowed_hosts` get 400 (DNS rebinding); "*" accepts any."""
+    whose Host header is not in `allowed_hosts` get 400 (DNS rebinding); "*" accepts any. An upload
+    whose body has not arrived `body_timeout` seconds after its headers gets 408."""
     classifier = classifier or Classifier.load(task=task)
     limit = int(max_upload_mb * 2**20)
     page = resources.files("pneumoscope").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -172,7 +180,7 @@ def create_app(classifier: Classifier | None = None, task: str = "three", max_up
               response_model_exclude_unset=True)
     async def predict(request: Request, cam: bool = Query(False, description="add a Grad-CAM overlay PNG")
                       ) -> Prediction:
-        name, data = await read_upload(request, limit)
+        name, data = await read_upload(request, limit, body_timeout)
         record, png = await run_in_threadpool(_infer, classifier, data, name, cam)
         if record.status != "ok":
             raise HTTPException(422, record.error or f"{name}: not a readable image")
@@ -202,10 +210,10 @@ def _infer(classifier: Classifier, data: bytes, name: str, cam: bool) -> tuple[R
     return record, cam_png(classifier, record, decoded)
 
 
-async def read_upload(request: Request, limit: int) -> tuple[str, bytes]:
+async def read_upload(request: Request, limit: int, timeout: float = BODY_TIMEOUT) -> tuple[str, bytes]:
     """The `file` part of a multipart/form-data request as (filename, bytes), read into memory
     chunk by chunk; 413 as soon as the body passes `limit` (plus form overhead), 400 as soon as it
-    has more than MAX_PARTS parts."""
+    has more than MAX_PARTS parts, 408 when it has not all arrived within `timeout` seconds."""
     too_large = HTTPException(413, f"upload is over the {limit / 2**20:g} MiB limit")
     content_type, params = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or not params.get(b"boundary"):
@@ -215,7 +223,12 @@ async def read_upload(request: Request, limit: int) -> tuple[str, bytes]:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + FORM_OVERHEAD:
         raise too_large
-    parts = await _read_parts(request, params[b"boundary"], limit + FORM_OVERHEAD, too_large)
+    try:
+        async with asyncio.timeout(timeout):
+            parts = await _read_parts(request, params[b"boundary"], limit + FORM_OVERHEAD, too_large)
+    except TimeoutError:  # close the connection: the client is not sending the rest
+        raise HTTPException(408, f"the upload was not received within {timeout:g} s",
+                            headers={"connection": "close"}) from None
 
     for headers, body in parts:
         _, disposition = parse_options_header(headers.get(b"content-disposition"))
@@ -292,12 +305,14 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Ite
 
 
 def run(host: str = "127.0.0.1", port: int = 8000, task: str = "three", checkpoint: str | None = None,
-        max_upload_mb: float = 20, allowed_hosts: tuple[str, ...] = ()) -> None:
-    """Serves until interrupted. Host headers accepted: loopback names, the bound host, `allowed_hosts`."""
+        max_upload_mb: float = 20, allowed_hosts: tuple[str, ...] = (), body_timeout: float = BODY_TIMEOUT) -> None:
+    """Serves until interrupted. Host headers accepted: loopback names, the bound host, `allowed_hosts`.
+    At most MAX_CONNECTIONS connections at once (503 past them); uvicorn closes an idle keep-alive
+    connection after its default 5 s."""
     import uvicorn
 
     bound = () if host in ("0.0.0.0", "::") else (f"[{host}]" if ":" in host else host,)
     hosts = (*LOCAL_HOSTS, *bound, *allowed_hosts)
     app = create_app(Classifier.load(checkpoint, task=task), task=task, max_upload_mb=max_upload_mb,
-                     allowed_hosts=hosts)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+                     allowed_hosts=hosts, body_timeout=body_timeout)
+    uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=MAX_CONNECTIONS)

@@ -2,8 +2,11 @@
 typed answer in the OpenAPI schema, a real uvicorn server under a little concurrency, and a
 schemathesis fuzz of the schema."""
 import base64
+import contextlib
 import io
+import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -370,6 +373,86 @@ def test_concurrent_requests_on_a_real_server(app):
     assert statuses == [200] * 30
     assert health and set(health) == {200}
     assert oversize.status_code == 413
+
+
+SERVER_MEMORY_BOUND_MIB = 400  # peak RSS growth allowed for the amplification uploads (images.py's per-file bound)
+
+
+@contextlib.contextmanager
+def server_process(bundle, log_path):
+    """`pneumoscope serve` on the bundle, a child process on a free loopback port: (url, pid)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "pneumoscope.cli", "serve", "--checkpoint", str(bundle),
+                                   "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield f"http://127.0.0.1:{port}", server.pid
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def wait_until_up(url: str, pid: int, log_path) -> None:
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            assert os.path.exists(f"/proc/{pid}"), log_path.read_text()[-2000:]
+            time.sleep(0.1)
+    raise AssertionError("the server did not answer within a minute:\n" + log_path.read_text()[-2000:])
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
+
+def amplification_uploads(tmp_path) -> dict[str, bytes]:
+    """Small uploads that decode to huge images (issue 12): 0.2 MiB of 16-bit PNG for 10000 x 10000
+    pixels (200 MB decoded), 0.9 MiB of deflated DICOM that inflates to 968 MB, and a 100-megapixel
+    8-bit JPEG of 1.1 MiB."""
+    from test_images import _deflated_dicom_bomb
+
+    png, jpeg = io.BytesIO(), io.BytesIO()
+    Image.new("I;16", (10_000, 10_000)).save(png, "PNG", compress_level=9)
+    Image.new("L", (10_000, 10_000), 128).save(jpeg, "JPEG", quality=90)
+    xray = np.asarray(Image.open(EXAMPLE_FILES[0]).convert("L"))
+    dicom = _deflated_dicom_bomb(tmp_path / "bomb.dcm", xray, 22_000).read_bytes()
+    return {"bomb16.png": png.getvalue(), "bomb.dcm": dicom, "bomb.jpeg": jpeg.getvalue()}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's peak RSS from Linux /proc")
+def test_server_peak_memory_is_bounded_for_amplification_uploads(small_bundle, tmp_path):
+    """The real server, as `pneumoscope serve` runs it: after warm-up uploads (JPEG, DICOM, PNG)
+    its peak RSS is the baseline; each amplification upload gets 413 and the peak stays within
+    SERVER_MEMORY_BOUND_MIB of it (unbounded decoding took +1.2 to +2 GiB for these files)."""
+    dicom = io.BytesIO()
+    make_dicom(np.asarray(Image.open(EXAMPLE_FILES[0]).convert("L")).astype(np.uint16) * 16, dicom)
+    png = io.BytesIO()
+    Image.open(EXAMPLE_FILES[1]).save(png, "PNG")
+    warm = {"x.jpeg": EXAMPLE_FILES[0].read_bytes(), "x.dcm": dicom.getvalue(), "x.png": png.getvalue()}
+    log_path = tmp_path / "server.log"
+    with server_process(small_bundle, log_path) as (url, pid):
+        uploads = amplification_uploads(tmp_path)  # made while the server starts
+        wait_until_up(url, pid, log_path)
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for name, data in warm.items():
+                assert http.post("/v1/predict", files={"file": (name, data)}).status_code == 200, name
+            baseline, answers, growth = peak_rss_mib(pid), {}, {}
+            for name, data in uploads.items():  # the peak so far, after each
+                answers[name] = http.post("/v1/predict", files={"file": (name, data)})
+                growth[name] = round(peak_rss_mib(pid) - baseline, 1)
+    print(f"server peak RSS: baseline {baseline:.0f} MiB, growth after each upload (MiB): {growth}")
+    for name, answer in answers.items():
+        assert answer.status_code == 413 and answer.json()["detail"].startswith(name), (name, answer.text)
+    assert max(growth.values()) < SERVER_MEMORY_BOUND_MIB, (baseline, growth)
 
 
 # ------------------------------------------------------------------ schemathesis

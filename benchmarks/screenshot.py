@@ -25,7 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="default: the shipped model for --task")
     parser.add_argument("--task", choices=("three", "binary"), default="three")
-    parser.add_argument("--image", default=str(ROOT / "examples" / "PNEUMONIA" / "person1442_bacteria_3726.jpeg"))
+    parser.add_argument("--image", default=str(ROOT / "examples" / "PNEUMONIA" / "person267_bacteria_1250.jpeg"))
     parser.add_argument("--out", default=str(ROOT / "docs" / "web-screenshot.png"))
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     args = parser.parse_args()

@@ -37,7 +37,7 @@ def test_upload_shows_label_probabilities_and_heat_map(browser_page, tmp_path):
     page, url, classifier = browser_page
     expect = sync_api.expect
     expect(page.locator("#notice")).to_contain_text("Not a diagnosis")
-    example = EXAMPLES / "PNEUMONIA" / "person1442_bacteria_3726.jpeg"
+    example = EXAMPLES / "PNEUMONIA" / "person267_bacteria_1250.jpeg"
     page.set_input_files("#file", str(example))
     expect(page.locator("#result")).to_be_visible()
     expect(page.locator("#label")).to_have_text(classifier.predict(example).label)
@@ -61,7 +61,7 @@ def test_upload_shows_label_probabilities_and_heat_map(browser_page, tmp_path):
 def test_drag_and_drop_then_bad_file_shows_error(browser_page):
     page, _, classifier = browser_page
     expect = sync_api.expect
-    example = EXAMPLES / "NORMAL" / "NORMAL2-IM-0653-0001.jpeg"
+    example = EXAMPLES / "NORMAL" / "IM-0203-0001.jpeg"
     drop = page.evaluate_handle("""([name, b64]) => {
         const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
         const transfer = new DataTransfer();

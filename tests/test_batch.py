@@ -130,6 +130,10 @@ def test_bad_port_and_checkpoints_are_one_line_errors(folder, tmp_path, capsys):
     with pytest.raises(SystemExit) as usage:
         main(["serve", "--port", "70000"])
     assert usage.value.code == 2 and "not a port number" in capsys.readouterr().err
+    for option in ("--body-timeout", "--max-upload-mb"):  # 0 would refuse every upload
+        with pytest.raises(SystemExit) as usage:
+            main(["serve", option, "0"])
+        assert usage.value.code == 2 and "must be greater than 0" in capsys.readouterr().err
     image = str(next((folder / "NORMAL").glob("*.jpeg")))
     junk, pickled = tmp_path / "junk.pt", tmp_path / "pickled.pt"
     junk.write_bytes(b"\x00junk" * 100)

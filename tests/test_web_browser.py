@@ -24,7 +24,8 @@ def browser_page(classifier):
     with serve_in_thread(create_app(classifier)) as url, sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1100, "height": 900})
-        page.set_default_timeout(60_000)  # a busy 2-core machine
+        page.set_default_timeout(60_000)  # a busy 2-core machine (CI shares it)
+        sync_api.expect.set_options(timeout=60_000)  # expect() has its own 5 s default
         page.script_errors, page.requested = [], []
         page.on("pageerror", lambda error: page.script_errors.append(error))
         page.on("request", lambda request: page.requested.append(request.url))

@@ -155,11 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "host are always allowed)")
     p.add_argument("--task", choices=tuple(TASKS), default="three")
     p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
-    p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload, MiB")
-    p.add_argument("--body-timeout", type=float, default=30, metavar="SECONDS",
+    p.add_argument("--max-upload-mb", type=positive_number, default=20, help="largest accepted upload, MiB")
+    p.add_argument("--body-timeout", type=positive_number, default=30, metavar="SECONDS",
                    help="time allowed to receive an upload after its headers; a slower one gets 408")
     p.set_defaults(handler=cmd_serve)
     return parser
+
+
+def positive_number(text: str) -> float:
+    """A limit of 0 or less would refuse every upload: a usage error instead."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+    return value
 
 
 def port_number(text: str) -> int:

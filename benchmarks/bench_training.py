@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 
 from pneumoscope.data import XrayDataset, discover, load_pixels, train_transform
 from pneumoscope.labels import THREE
-from pneumoscope.models import DEFAULT_ARCH, create_model
-from pneumoscope.train import TrainConfig, freeze_early_layers
+from pneumoscope.models import DEFAULT_ARCH, create_model, freeze_model, model_spec
+from pneumoscope.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def main() -> None:
     load = rate(seen, time.perf_counter() - start)
 
     model = create_model(DEFAULT_ARCH, 3).to(memory_format=torch.channels_last).train()
-    frozen = freeze_early_layers(model, TrainConfig.freeze_blocks)
+    frozen = freeze_model(model, model_spec(DEFAULT_ARCH).freeze)  # what training freezes by default
     for module in frozen:
         module.eval()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

@@ -64,7 +64,110 @@ def test_a_runs_config_yaml_is_a_config_file(tmp_path):
     assert again == TrainConfig(data="d", out=str(tmp_path / "b"), img_size=64, seed=3)
 
 
+def test_freeze_option_is_checked_and_spelled_one_way(capsys):
+    assert parse("--data", "d", "--freeze", "base").freeze == "base"
+    assert TrainConfig(data="d", freeze=3).freeze == "3"
+    with pytest.raises(SystemExit):
+        parse("--data", "d", "--freeze", "all")
+    assert "choose none, base, or a number of stages" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse("--data", "d", "--optimizer", "lbfgs")
+    assert "invalid choice: 'lbfgs'" in capsys.readouterr().err
+
+
+def test_default_freeze_is_the_old_freeze_blocks_2():
+    """The default recipe is unchanged: on efficientnet_lite0 the default freeze is "2" and freezes
+    exactly what freeze_blocks=2 froze (the stem, bn1 and blocks 0-1); on other architectures
+    freeze_blocks did nothing, and neither does the default."""
+    from pneumoscope.models import create_model, model_spec
+    from pneumoscope.train import LitClassifier, with_defaults
+
+    config = with_defaults(TrainConfig(data="d"))
+    assert config.freeze == "2"
+    model = create_model(config.arch, 3)
+    LitClassifier(model, ("NORMAL", "BACTERIA", "VIRUS"), config, torch.ones(3))
+    frozen = {name for name, p in model.backbone.named_parameters() if not p.requires_grad}
+    backbone = model.backbone
+    old_modules = {"conv_stem": backbone.conv_stem, "bn1": backbone.bn1, "blocks.0": backbone.blocks[0],
+                   "blocks.1": backbone.blocks[1]}  # what train.freeze_early_layers(model, 2) froze
+    old = {f"{prefix}.{name}" for prefix, module in old_modules.items() for name, _ in module.named_parameters()}
+    assert frozen == old and len(frozen) > 10
+    assert with_defaults(TrainConfig(data="d", arch="resnet18")).freeze == "none"
+    assert [model_spec(f"efficientnet_lite{n}").freeze for n in range(3)] == ["2", "2", "2"]
+
+
+def test_old_configs_with_freeze_blocks_still_load(tmp_path):
+    from pneumoscope.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    for arch, blocks, freeze in (("efficientnet_lite0", 2, "2"), ("efficientnet_lite1", 0, "0"),
+                                 ("resnet18", 2, "none")):  # freeze_blocks only ever froze EfficientNets
+        (tmp_path / "config.yaml").write_text(f"data: d\narch: {arch}\nfreeze_blocks: {blocks}\n")
+        assert run.config().freeze == freeze
+    (tmp_path / "config.yaml").write_text("data: d\nfreeze_blocks: 2\n")  # the default architecture
+    assert run.config().freeze == "2"
+
+
+def test_focal_loss_is_weighted_cross_entropy_at_gamma_0_and_forgives_confident_right_answers():
+    from pneumoscope.train import FocalLoss
+
+    generator = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(64, 3, generator=generator) * 3, torch.randint(0, 3, (64,), generator=generator)
+    weights = torch.tensor([0.5, 1.2, 1.3])
+    ce = torch.nn.functional.cross_entropy(logits, target, weight=weights)
+    assert FocalLoss(weights, gamma=0)(logits, target) == pytest.approx(ce.item(), rel=1e-6)
+    confident = torch.nn.functional.one_hot(target, 3).float() * 6  # p(true class) about 0.995
+    focal = FocalLoss(weights, gamma=2)(confident, target)
+    assert 0 < focal < torch.nn.functional.cross_entropy(confident, target, weight=weights) / 100
+
+
 # ---------------------------------------------------------------- real runs
+TINY_STEP = dict(arch="simple_cnn", img_size=32, epochs=1, max_images=24, evaluate_test=False)  # one step: 14 train images
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer, schedule, loss", [("adam", "cosine", "focal"), ("sgd", "step", "ce"),
+                                                       ("adamw", "plateau", "ce"), ("sgd", "onecycle", "ce")])
+def test_each_optimiser_schedule_and_loss_trains_a_step(tmp_path, optimizer, schedule, loss):
+    from pneumoscope.rundir import RunDir
+    from pneumoscope.train import train
+
+    run = RunDir(tmp_path / "run")
+    train(tiny_config(FIXTURE_DATA, run.path, optimizer=optimizer, schedule=schedule, loss=loss, **TINY_STEP))
+    saved = run.config()
+    assert (saved.optimizer, saved.schedule, saved.loss) == (optimizer, schedule, loss)
+    checkpoint = torch.load(run.last_checkpoint, weights_only=True)
+    assert checkpoint["global_step"] == 1
+    group = checkpoint["optimizer_states"][0]["param_groups"][0]
+    if optimizer == "sgd":
+        momentum = 0.9 if schedule != "onecycle" else pytest.approx(0.9, abs=0.05)  # one-cycle moves it in 0.85-0.95
+        assert group["nesterov"] and group["momentum"] == momentum
+    else:  # Adam with decoupled weight decay is AdamW
+        assert group["betas"] and group["decoupled_weight_decay"] == (optimizer == "adamw")
+    (state,) = checkpoint["lr_schedulers"]
+    identifying = {"onecycle": "total_steps", "cosine": "T_max", "step": "milestones", "plateau": "num_bad_epochs"}
+    assert identifying[schedule] in state
+    if schedule == "plateau":
+        assert state["mode"] == "max"  # it follows val balanced accuracy, as early stopping does
+    (row,) = run.epochs()
+    assert float(row["train_loss"]) > 0 and RunDir(run.path).live_status() == "finished"
+
+
+@pytest.mark.slow
+def test_freeze_base_on_resnet18_trains_the_head_only_and_reports_it(tmp_path, caplog):
+    import logging
+
+    from pneumoscope.rundir import RunDir, summarize
+    from pneumoscope.train import train
+
+    caplog.set_level(logging.INFO, logger="pneumoscope.train")
+    run = tmp_path / "resnet"
+    train(tiny_config(FIXTURE_DATA, run, **{**TINY_STEP, "arch": "resnet18"}, pretrained=False, freeze="base"))
+    summary = summarize(run)
+    assert summary["trainable_params"] == 512 * 3 + 3 == 1539  # the fc layer
+    assert summary["params"] > 11_000_000
+    assert "freeze base: 1,539 of" in caplog.text
+    assert RunDir(run).config().freeze == "base"
 @pytest.mark.slow
 def test_tiny_run_flows_one_way_into_a_complete_run_directory(tiny_result, tiny_run):
     from pneumoscope.artifact import load_bundle

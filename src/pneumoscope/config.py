@@ -16,6 +16,9 @@ from .labels import TASKS
 
 DEFAULT_ARCH = "efficientnet_lite0"
 AUG_POLICIES = ("standard", "strong")  # data.train_transform
+OPTIMIZERS = ("adamw", "adam", "sgd")  # train.make_optimizer
+SCHEDULES = ("onecycle", "cosine", "step", "plateau")  # train.make_schedule
+LOSSES = ("ce", "focal")  # train.make_loss
 
 
 def _option(default, help: str, **cli):
@@ -37,14 +40,23 @@ class TrainConfig:
     epochs: int = _option(8, "at most this many epochs (8: the 20-minute budget on 2 cores at 192 px)")
     img_size: int = _option(192, "input side in pixels")
     batch_size: int = _option(32, "images per step (per process)")
-    lr: float = _option(1e-3, "peak learning rate of the one-cycle schedule (AdamW)")
-    weight_decay: float = _option(0.01, "AdamW weight decay")
+    lr: float = _option(1e-3, "peak learning rate (the schedule starts or peaks there)")
+    optimizer: str = _option("adamw", "optimiser (sgd: momentum 0.9, Nesterov)", choices=OPTIMIZERS)
+    weight_decay: float = _option(0.01, "weight decay (decoupled for adamw, an L2 term for adam and sgd)")
+    schedule: str = _option("onecycle", "learning-rate schedule: onecycle (warm-up to --lr, then down), cosine "
+                                        "(down from --lr), step (x0.1 at 1/2 and 3/4 of the epochs), plateau (x0.1 "
+                                        "when val balanced accuracy stalls)", choices=SCHEDULES)
+    loss: str = _option("ce", "ce: cross-entropy; focal: focal loss, class weights as alpha, no label smoothing",
+                        choices=LOSSES)
+    focal_gamma: float = _option(2.0, "focal loss focusing parameter (0: weighted cross-entropy)")
     label_smoothing: float = _option(0.1, "cross-entropy label smoothing")
     class_weight_power: float = _option(1.0, "loss weights = inverse class frequency ** this (0: unweighted)")
     aug: float = _option(1.0, "augmentation strength, 0 disables it")
     aug_policy: str = _option("standard", "augmentation policy (strong: acquisition changes such as "
                                           "equalisation, JPEG, shear)", choices=AUG_POLICIES)
-    freeze_blocks: int = _option(2, "efficientnet: keep the stem and this many first blocks at ImageNet values")
+    freeze: str | None = _option(None, "weights kept as they start: none, base (all but the classifier head) or N "
+                                       "(the stem and the first N stages); default: the architecture's (2 on "
+                                       "efficientnet_lite*, none on the others)")
     ema_decay: float = _option(0.995, "decay of the moving average of weights (EMA); 0 disables it")
     # an average that starts at step 0 remembers the random head
     ema_start_epoch: int = _option(1, "average weights from this epoch on")
@@ -60,21 +72,57 @@ class TrainConfig:
     resume: bool = _option(False, "continue the run from its last checkpoint, with its saved configuration")
     cache_dir: str | None = _option(None, "pixel cache folder (default $PNEUMOSCOPE_CACHE or ~/.cache/pneumoscope)")
 
+    def __post_init__(self):
+        if self.freeze is not None:  # one spelling: 2 and "2" are the same
+            self.freeze = str(parse_freeze(self.freeze))
+
     @classmethod
     def from_dict(cls, values: dict, source: str = "configuration") -> "TrainConfig":
         """A configuration from plain values (a YAML file, a run's config.yaml), type-checked;
         `source` names the file in the one-line error."""
         if values.get("extra"):  # written by pneumoscope 0.1's cross-validation (config.extra["cv_fold"])
             raise ValueError(f"{source}: a cross-validation fold of an older pneumoscope; rerun that cross-validation")
+        values = _renamed_options(values)
         hints = typing.get_type_hints(cls)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known - {"extra"})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known) - {"extra"})
         if unknown:
             raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}")
-        return cls(**{k: _coerce(k, v, hints[k], source) for k, v in values.items() if k in known})
+        coerced = {k: _coerce(k, v, hints[k], source) for k, v in values.items() if k in known}
+        for name, value in coerced.items():
+            choices = known[name].metadata.get("choices")
+            if choices and value not in choices:
+                raise ValueError(f"{source}: {name} must be one of {', '.join(choices)}, not {value!r}")
+        try:
+            return cls(**coerced)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _renamed_options(values: dict) -> dict:
+    """Options as older runs saved them, in today's terms. `freeze_blocks: N` froze the stem and
+    the first N blocks of an EfficientNet and nothing on other architectures: `freeze: N` there,
+    `freeze: none` elsewhere."""
+    if "freeze_blocks" not in values:
+        return values
+    values = dict(values)
+    blocks = values.pop("freeze_blocks")
+    if values.get("freeze") is None:
+        efficientnet = str(values.get("arch", DEFAULT_ARCH)).startswith("efficientnet")
+        values["freeze"] = str(blocks) if efficientnet else "none"
+    return values
+
+
+def parse_freeze(value: str | int) -> str | int:
+    """A --freeze value: "none", "base", or a number of stages N (a non-negative int)."""
+    if isinstance(value, int) or str(value).isdigit():
+        return int(value)
+    if value in ("none", "base"):
+        return value
+    raise ValueError(f"--freeze {value!r}: choose none, base, or a number of stages (0, 1, 2, ...)")
 
 
 def _coerce(name: str, value, hint, source: str):

@@ -150,6 +150,16 @@ def write_model_card(models_dir: str | Path = "models", docs_dir: str | Path = "
     return out
 
 
+def _frozen(config: dict) -> str:
+    """What the training kept frozen, in the card's words (runs before --freeze saved freeze_blocks)."""
+    if "freeze_blocks" in config:
+        return f"first {config['freeze_blocks']} blocks frozen"
+    freeze = config.get("freeze")
+    if freeze in ("none", "0"):
+        return "nothing frozen"
+    return "all but the classifier frozen" if freeze == "base" else f"stem and first {freeze} stages frozen"
+
+
 def _task_section(meta, metrics: dict, reports: Path, docs_dir: Path) -> str:
     import json
 
@@ -170,8 +180,8 @@ def _task_section(meta, metrics: dict, reports: Path, docs_dir: Path) -> str:
         f"{cpu_count} CPU cores (peak memory "
         f"{training.get('peak_memory_mb', '?')} MB); lr {config.get('lr')}, batch {config.get('batch_size')}, "
         f"label smoothing {config.get('label_smoothing')}, augmentation strength {config.get('aug')}, EMA decay "
-        f"{config.get('ema_decay')} from epoch {config.get('ema_start_epoch', 0)}, first {config.get('freeze_blocks')} "
-        f"blocks frozen, at most {config.get('epochs')} epochs (early stopping patience {config.get('patience')}), "
+        f"{config.get('ema_decay')} from epoch {config.get('ema_start_epoch', 0)}, {_frozen(config)}, "
+        f"at most {config.get('epochs')} epochs (early stopping patience {config.get('patience')}), "
         f"seed {provenance.get('seed')}.",
         f"- Data: manifest hash `{provenance.get('manifest_hash')}`, git commit `{provenance.get('git_commit')}`; "
         f"temperature {meta.temperature:.3f}."

@@ -232,6 +232,7 @@ def summarize(path: str | os.PathLike) -> dict:
         "dir": str(run.path), "status": run.live_status(), "arch": config.get("arch"), "task": config.get("task"),
         "img_size": config.get("img_size"), "seed": config.get("seed"), "epochs": len(rows),
         "params": meta.params if meta else None,
+        "trainable_params": meta.provenance.get("trainable_params") if meta else None,  # the ones not frozen
         "best_epoch": meta.provenance.get("best_epoch") if meta else None,
         "best_val_acc": max(_column(rows, "val_acc"), default=None),
         "best_val_bacc": max(_column(rows, "val_bacc"), default=None),

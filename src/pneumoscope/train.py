@@ -33,10 +33,11 @@ from .config import TrainConfig  # noqa: F401  (re-exported: `from pneumoscope.t
 from .data import (XrayDataset, class_weights, discover, eval_transform, load_pixels, load_samples, manifest_hash,
                    split_by_patient, train_transform)
 from .labels import classes_for
-from .models import XrayNet, count_parameters, create_model, model_spec
+from .models import XrayNet, count_parameters, create_model, freeze_model, model_spec, trainable_parameters
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
+MONITOR = "val_bacc"  # the validation metric that picks the best checkpoint, stops early and drives `plateau`
 
 
 @dataclass
@@ -58,7 +59,7 @@ class LitClassifier(L.LightningModule):
     def __init__(self, model: XrayNet, classes: tuple[str, ...], config: TrainConfig, weights: torch.Tensor):
         super().__init__()
         self.model, self.classes, self.config = model, classes, config
-        self.loss = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
+        self.loss = make_loss(config, weights)
         n = len(classes)
         self.train_acc = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
@@ -66,7 +67,9 @@ class LitClassifier(L.LightningModule):
         # metric objects, not tensors: their states are summed over all ranks before compute()
         self.val_loss = torchmetrics.MeanMetric()
         self.val_n = torchmetrics.SumMetric()
-        self.frozen = freeze_early_layers(model, config.freeze_blocks)
+        self.frozen = freeze_model(model, config.freeze)
+        log.info("freeze %s: %s of %s parameters trainable", config.freeze, f"{trainable_parameters(model):,}",
+                 f"{count_parameters(model):,}")
 
     def forward(self, x):
         return self.model(x.contiguous(memory_format=torch.channels_last))
@@ -96,24 +99,62 @@ class LitClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=self.config.lr, total_steps=self.trainer.estimated_stepping_batches,
-            pct_start=0.15, div_factor=20, final_div_factor=100)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        optimizer = make_optimizer(self.config, params)
+        schedule = make_schedule(self.config, optimizer, self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
 
-def freeze_early_layers(model: XrayNet, n_blocks: int) -> list[nn.Module]:
-    """Freezes the stem and the first `n_blocks` blocks of an EfficientNet-style backbone: their
-    ImageNet edge detectors suit radiographs, and not back-propagating through the high-resolution
-    layers nearly doubles CPU training speed. Other architectures are left as they are."""
-    backbone = model.backbone
-    if n_blocks <= 0 or not hasattr(backbone, "blocks") or not hasattr(backbone, "conv_stem"):
-        return []
-    frozen = [backbone.conv_stem, backbone.bn1, *list(backbone.blocks[:n_blocks])]
-    for module in frozen:
-        module.requires_grad_(False)
-    return frozen
+def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+    optimizer = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config.optimizer]
+    return optimizer(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_schedule(config: TrainConfig, optimizer, total_steps: int) -> dict:
+    """The learning-rate schedule, as Lightning's lr_scheduler configuration: onecycle and cosine
+    move every step, step and plateau once per epoch."""
+    schedules = torch.optim.lr_scheduler
+    if config.schedule == "onecycle":
+        schedule = schedules.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.15,
+                                        div_factor=20, final_div_factor=100)
+        return {"scheduler": schedule, "interval": "step"}
+    if config.schedule == "cosine":
+        return {"scheduler": schedules.CosineAnnealingLR(optimizer, T_max=total_steps), "interval": "step"}
+    if config.schedule == "step":
+        milestones = sorted({config.epochs // 2, config.epochs * 3 // 4} - {0})
+        return {"scheduler": schedules.MultiStepLR(optimizer, milestones, gamma=0.1), "interval": "epoch"}
+    # plateau: cut the rate halfway to early stopping, so the run still has epochs to use it
+    schedule = schedules.ReduceLROnPlateau(optimizer, mode="max", factor=0.1, patience=max(0, config.patience // 2 - 1))
+    return {"scheduler": schedule, "interval": "epoch", "monitor": MONITOR}
+
+
+def make_loss(config: TrainConfig, weights: torch.Tensor) -> nn.Module:
+    if config.loss == "focal":
+        return FocalLoss(weights, config.focal_gamma)
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
+
+
+class FocalLoss(nn.Module):
+    """Softmax focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_true) ** gamma, so that
+    images the model already gets right count less; the class weights are alpha. Averaged as
+    nn.CrossEntropyLoss averages a weighted loss (over the summed weights of the targets), so
+    gamma=0 is exactly the weighted cross-entropy. torchvision's sigmoid_focal_loss is binary only."""
+
+    def __init__(self, weight: torch.Tensor, gamma: float = 2.0):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.gamma = gamma
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        log_p = torch.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
+        alpha = self.weight[target]
+        return (-alpha * (1 - log_p.exp()) ** self.gamma * log_p).sum() / alpha.sum()
+
+
+def with_defaults(config: TrainConfig) -> TrainConfig:
+    """The architecture's defaults made explicit, so that config.yaml says what ran."""
+    return replace(config, freeze=config.freeze or model_spec(config.arch).freeze)
 
 
 # ---------------------------------------------------------------- run bookkeeping callbacks
@@ -255,10 +296,9 @@ def train(config: TrainConfig) -> TrainResult:
     if saved is not None:
         log.info("resuming %s with its saved configuration", run.path)
         config = replace(saved, resume=True)
-    config = replace(config, out=str(run.path))
+    config = with_defaults(replace(config, out=str(run.path)))  # also fails fast on an unknown architecture
     L.seed_everything(config.seed, workers=True, verbose=False)
     classes = classes_for(config.task)
-    model_spec(config.arch)  # fail fast on an unknown name
     main = is_main_process()
     if main:
         run.path.mkdir(parents=True, exist_ok=True)
@@ -299,14 +339,14 @@ def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResu
     model = create_model(config.arch, len(classes), config.pretrained).to(memory_format=torch.channels_last)
     module = LitClassifier(model, classes, config, weights)
 
-    best = ModelCheckpoint(run.checkpoints, filename="best", monitor="val_bacc", mode="max",
+    best = ModelCheckpoint(run.checkpoints, filename="best", monitor=MONITOR, mode="max",
                            enable_version_counter=False)
     # Lightning 2.6 writes save_last only when the best improves, so "last" is its own every-epoch
     # checkpoint: --resume must never lose an epoch.
     last = ModelCheckpoint(run.checkpoints, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
                            enable_version_counter=False)
     callbacks = [best, last, EpochTable(run, len(train_set)), TQDMProgressBar(refresh_rate=10),
-                 EarlyStopping("val_bacc", mode="max", patience=config.patience),
+                 EarlyStopping(MONITOR, mode="max", patience=config.patience),
                  SameSplitOnAllRanks(manifest_hash(samples))]
     if config.keep_epochs:  # full checkpoints: with weights only, Lightning skips the hook that stores the EMA
         callbacks.append(EveryEpochCheckpoint(run.checkpoints, filename="epoch-{epoch}", monitor=None, save_top_k=-1,
@@ -409,6 +449,7 @@ def _finish(config, run: RunDir, classes, samples, best, model, val_set, started
         name=f"pneumoscope-{config.arch}-{config.task}", task=config.task, classes=tuple(classes),
         arch=config.arch, img_size=config.img_size, mean=spec.mean, std=spec.std, params=count_parameters(model),
         provenance={"pneumoscope": __version__, "git_commit": git_commit(), "seed": config.seed,
+                    "trainable_params": trainable_parameters(model),
                     "manifest_hash": manifest_hash(samples), "best_epoch": best_epoch, "train_config": config.to_dict(),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     val_logits = Classifier.from_model(model, meta, backend="torch").score_pixels(val_set.pixels.numpy()).logits

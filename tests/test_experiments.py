@@ -104,6 +104,32 @@ def test_compare_runs_of_different_lengths_and_a_failed_one(root, tmp_path):
     assert "| broken | failed |" in report
 
 
+def test_compare_shows_gpu_memory_only_for_runs_that_used_cuda(root, tmp_path):
+    """On CPU, env.json records no GPU memory (None), the CSV column stays empty and there is no
+    GPU figure; a run that trained on CUDA (its env.json says so) gets both."""
+    import shutil
+
+    cpu_run = root / "demo" / "a"
+    assert json.loads((cpu_run / "env.json").read_text())["cuda_peak_memory_mb"] is None
+    assert cli("compare", cpu_run, "--out", tmp_path / "cpu") == 0
+    (row,) = read_csv(tmp_path / "cpu" / "comparison.csv")
+    assert row["cuda_peak_memory_mb"] == "" and float(row["peak_memory_mb"]) > 0
+    assert row["trainable_params"] == row["params"]  # simple_cnn freezes nothing by default
+    assert not (tmp_path / "cpu" / "gpu_memory.png").exists()
+    assert "peak GPU MB" not in (tmp_path / "cpu" / "report.md").read_text()
+
+    gpu_run = tmp_path / "gpu"
+    shutil.copytree(cpu_run, gpu_run)
+    env = json.loads((gpu_run / "env.json").read_text())
+    (gpu_run / "env.json").write_text(json.dumps({**env, "cuda_peak_memory_mb": 812.5}))
+    assert cli("compare", cpu_run, gpu_run, "--out", tmp_path / "both") == 0
+    rows = read_csv(tmp_path / "both" / "comparison.csv")
+    assert [r["cuda_peak_memory_mb"] for r in rows] == ["", "812.5"]
+    assert (tmp_path / "both" / "gpu_memory.png").stat().st_size > 5000
+    report = (tmp_path / "both" / "report.md").read_text()
+    assert "](gpu_memory.png)" in report and "peak GPU MB" in report and "| 812 |" in report
+
+
 # ---------------------------------------------------------------- cross-validation
 def test_cross_validation_trains_on_fold_manifests_and_summarizes(tmp_path, capsys):
     from pneumoscope.data import read_manifest

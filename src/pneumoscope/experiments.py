@@ -52,8 +52,9 @@ def _cell(key: str, value) -> str:
 
 # ---------------------------------------------------------------- `pneumoscope compare`
 def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """comparison.csv, curves.png, train_time.png, peak_memory.png, best_val_acc.png and report.md
-    for the given runs. Unfinished and failed runs are kept, labelled with their status."""
+    """comparison.csv, curves.png, train_time.png, peak_memory.png (process RAM), best_val_acc.png,
+    gpu_memory.png (when a run trained on CUDA) and report.md for the given runs. Unfinished and
+    failed runs are kept, labelled with their status."""
     from . import plots
 
     out = Path(out)
@@ -73,8 +74,10 @@ def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
               for label, row in zip(labels, rows)]
     plots.runs_curves_png([RunDir(d).epochs() for d in run_dirs], tagged, out / "curves.png")
     figures = {"train_time.png": ("train_seconds", "training time (s, sum of epochs)"),
-               "peak_memory.png": ("peak_memory_mb", "peak memory (MB)"),
+               "peak_memory.png": ("peak_memory_mb", "peak process RAM (MB)"),
                "best_val_acc.png": ("best_val_acc", "best validation accuracy")}
+    if any(row.get("cuda_peak_memory_mb") is not None for row in rows):
+        figures["gpu_memory.png"] = ("cuda_peak_memory_mb", "peak GPU memory allocated (MB)")
     for name, (key, title) in figures.items():
         plots.bars_png(tagged, [row.get(key) for row in rows], title, out / name)
     with atomic_write(out / "report.md", "w") as handle:
@@ -90,10 +93,12 @@ def _labels(run_dirs: list[Path]) -> list[str]:
 
 def _report(rows: list[dict], figures: dict) -> str:
     columns = (("run", "run"), ("status", "status"), ("arch", "arch"), ("task", "task"), ("img_size", "img"),
-               ("epochs", "epochs"), ("params", "params"), ("best_val_acc", "best val acc"),
-               ("best_val_bacc", "best val bal. acc"), ("test_acc", "internal test acc"),
+               ("epochs", "epochs"), ("params", "params"), ("trainable_params", "trainable"),
+               ("best_val_acc", "best val acc"), ("best_val_bacc", "best val bal. acc"), ("test_acc", "internal test acc"),
                ("train_seconds", "train time"), ("wall_seconds", "wall time"), ("images_per_s", "images/s"),
-               ("peak_memory_mb", "peak MB"))
+               ("peak_memory_mb", "peak RAM MB"))
+    if "gpu_memory.png" in figures:
+        columns += (("cuda_peak_memory_mb", "peak GPU MB"),)
     lines = ["# Run comparison", "", f"{len(rows)} runs; numbers in `comparison.csv` (per-class recall too).",
              "A run that did not finish is listed with its status and its numbers so far.", "",
              "| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]

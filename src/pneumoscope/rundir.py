@@ -5,7 +5,7 @@
     RUN/status.json     running / finished / failed / interrupted, with timings, pid and hostname
     RUN/metrics.csv     one row per epoch: losses, accuracies, learning rate, seconds, images/s
     RUN/curves.png      loss and accuracy vs epoch, train vs val
-    RUN/env.json        versions, seed, git commit, wall time, peak memory, world size
+    RUN/env.json        versions, seed, git commit, wall time, peak RAM (and GPU memory on CUDA), world size
     RUN/checkpoints/    Lightning's last.ckpt (for --resume), best.ckpt, epoch-N.ckpt (--keep-epochs)
     RUN/model/          the model bundle (artifact.py), calibrated, written once at the end
     RUN/val/, RUN/test/ evaluation reports (evaluate.write_report); RUN/external/ when evaluated there
@@ -244,7 +244,9 @@ def summarize(path: str | os.PathLike) -> dict:
         # the whole run, with setup and final evaluation; a run that did not finish has only its epochs
         "wall_seconds": status.get("wall_seconds") or (round(sum(seconds), 1) if seconds else None),
         "images_per_s": statistics.median(speed) if speed else None,  # median: epoch 0 includes warm-up
-        "peak_memory_mb": env.get("peak_memory_mb"), "cpu_count": env.get("cpu_count"),
+        "peak_memory_mb": env.get("peak_memory_mb"),  # the process's RAM (peak RSS)
+        "cuda_peak_memory_mb": env.get("cuda_peak_memory_mb"),  # on a GPU: what PyTorch allocated there at most
+        "cpu_count": env.get("cpu_count"),
         "reports": reports, "curve": _curve(rows),
     }
 

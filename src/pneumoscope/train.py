@@ -208,9 +208,18 @@ def environment(config: TrainConfig, wall_seconds: float) -> dict:
         "torchvision": torchvision.__version__, "timm": timm.__version__, "lightning": lightning.__version__,
         "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "seed": config.seed, "git_commit": git_commit(), "wall_seconds": round(wall_seconds, 1),
-        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # process RAM
+        "cuda_peak_memory_mb": cuda_peak_memory_mb(),
         "world_size": world_size(),  # peak memory and wall time above are rank 0's
     }
+
+
+def cuda_peak_memory_mb() -> float | None:
+    """The most GPU memory PyTorch held at once in this process (torch.cuda.max_memory_allocated,
+    this rank's device); None when the run did not use CUDA."""
+    if not torch.cuda.is_initialized():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
 # ---------------------------------------------------------------- one process or many

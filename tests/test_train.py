@@ -218,7 +218,8 @@ def test_training_really_learns(tmp_path):
 def test_killed_run_is_interrupted_then_resumes_from_python_with_its_saved_configuration(tmp_path):
     """SIGKILL after the first epoch's checkpoint: the files are whole, `runs` sees the run as
     interrupted, and train(TrainConfig(resume=True)) from Python continues it exactly as --resume
-    would: with the configuration the run started with, from its last checkpoint."""
+    would: with the configuration the run started with, from its last checkpoint, and continuing
+    Lightning's logs/metrics.csv (Lightning alone would start it anew, losing the rows before the kill)."""
     from pneumoscope.rundir import RunDir
     from pneumoscope.train import train
 
@@ -228,9 +229,9 @@ def test_killed_run_is_interrupted_then_resumes_from_python_with_its_saved_confi
                "--no-test"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    last = run / "checkpoints" / "last.ckpt"
+    last, lightning_log = run / "checkpoints" / "last.ckpt", run / "logs" / "metrics.csv"
     deadline = time.time() + 240
-    while not last.exists() and process.poll() is None and time.time() < deadline:
+    while not (last.exists() and lightning_log.exists()) and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -240,10 +241,16 @@ def test_killed_run_is_interrupted_then_resumes_from_python_with_its_saved_confi
     assert json.loads((run / "status.json").read_text())["status"] == "running"  # whole, just stale
     assert RunDir(run).live_status() == "interrupted"
     assert list(csv.DictReader(open(run / "metrics.csv")))  # whole CSV: written by rename, never torn
+    checkpoint_epoch = torch.load(last, weights_only=True)["epoch"]
+    logged = [r for r in csv.DictReader(open(lightning_log)) if int(r["epoch"]) <= checkpoint_epoch]
+    assert logged
 
     result = train(TrainConfig(data="ignored: the saved configuration wins", out=str(run), resume=True))
     assert result.resumed and result.config.arch == "simple_cnn" and result.config.epochs == 3
     assert [int(r["epoch"]) for r in csv.DictReader(open(run / "metrics.csv"))] == [0, 1, 2]
+    continued = list(csv.DictReader(open(lightning_log)))
+    assert [{k: v for k, v in r.items() if k in logged[0]} for r in continued[:len(logged)]] == logged
+    assert [int(r["epoch"]) for r in continued if r["val_acc"]] == [0, 1, 2]  # each validation once
     assert torch.load(last, weights_only=True)["epoch"] == 2
     assert RunDir(run).live_status() == "finished" and (run / "model" / "meta.json").is_file()
     assert set(result.metrics) == {"val"}  # --no-test was saved with the run

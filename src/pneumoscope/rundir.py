@@ -178,6 +178,13 @@ def checkpoint_weights(path: str | os.PathLike) -> tuple[dict, int | None]:
     return state, checkpoint.get("epoch")
 
 
+def checkpoint_epoch(path: str | os.PathLike) -> int:
+    """The epoch a Lightning checkpoint was saved at (memory-mapped: the weights are not read)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+
+
 # ---------------------------------------------------------------- where a run goes
 def resolve(config: TrainConfig) -> Path:
     """config.out; else <root>/<project>/<name>; without a name `<task>-<arch>-<timestamp>`, or with

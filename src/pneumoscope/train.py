@@ -7,6 +7,7 @@ seeded split, and validation metrics are gathered over all ranks.
 """
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import platform
@@ -23,6 +24,9 @@ import torch
 import torchmetrics
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
@@ -32,6 +36,7 @@ from . import __version__, rundir
 from .config import TrainConfig  # noqa: F401  (re-exported: `from pneumoscope.train import TrainConfig`)
 from .data import (XrayDataset, class_weights, discover, eval_transform, load_pixels, load_samples, manifest_hash,
                    split_by_patient, train_transform)
+from .files import atomic_write
 from .labels import classes_for
 from .models import XrayNet, count_parameters, create_model, freeze_model, model_spec, trainable_parameters
 from .rundir import RunDir
@@ -367,14 +372,15 @@ def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResu
         steps_per_epoch = max(1, len(train_set) // world_size() // config.batch_size)
         callbacks.append(EMAWeightAveraging(decay=config.ema_decay,
                                             update_starting_at_step=config.ema_start_epoch * steps_per_epoch))
-    trainer = L.Trainer(max_epochs=config.epochs, **trainer_devices(), callbacks=callbacks,
-                        default_root_dir=run.path, logger=_loggers(run.path), deterministic=False,
-                        log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)
-    for logger in trainer.loggers:  # the configuration, so MLflow/TensorBoard can filter runs by it
-        logger.log_hyperparams(config.to_dict())
     resume_from = run.last_checkpoint if config.resume and run.last_checkpoint.exists() else None
     if config.resume and resume_from is None:
         log.warning("--resume: no %s yet; starting from the beginning", run.last_checkpoint)
+    resumed_epoch = rundir.checkpoint_epoch(resume_from) if resume_from else None
+    trainer = L.Trainer(max_epochs=config.epochs, **trainer_devices(), callbacks=callbacks,
+                        default_root_dir=run.path, logger=_loggers(run.path, resumed_epoch), deterministic=False,
+                        log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)
+    for logger in trainer.loggers:  # the configuration, so MLflow/TensorBoard can filter runs by it
+        logger.log_hyperparams(config.to_dict())
     trainer.fit(module, datamodule=_Loaders(train_set, val_set, config.batch_size), ckpt_path=resume_from,
                 weights_only=True)
     if not trainer.is_global_zero:
@@ -413,12 +419,14 @@ class _Loaders(L.LightningDataModule):
         return DataLoader(self.val_set, self.batch_size, sampler=sampler, num_workers=0)
 
 
-def _loggers(run_dir: Path) -> list:
-    """Lightning's standard loggers: CSV always; TensorBoard and MLflow when they are installed
-    (optional: neither is a dependency). Loggers write on rank 0 only."""
-    from lightning.pytorch.loggers import CSVLogger
-
-    loggers = [CSVLogger(run_dir, name="logs", version="")]
+def _loggers(run_dir: Path, resumed_epoch: int | None = None) -> list:
+    """Lightning's standard loggers: CSV always (continuing its file when the run resumes from a
+    checkpoint of `resumed_epoch`); TensorBoard and MLflow when they are installed (optional:
+    neither is a dependency). Loggers write on rank 0 only."""
+    if resumed_epoch is None:
+        loggers = [CSVLogger(run_dir, name="logs", version="")]
+    else:
+        loggers = [ContinuedCSVLogger(run_dir, resumed_epoch)]
     try:
         import tensorboard  # noqa: F401
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -440,6 +448,43 @@ def _loggers(run_dir: Path) -> list:
     except ImportError:
         pass
     return loggers
+
+
+class ContinuedCSVLogger(CSVLogger):
+    """Lightning's CSV logger for a resumed run: it continues logs/metrics.csv, where Lightning's
+    own writer would delete the file and every row logged before the interruption."""
+
+    def __init__(self, run_dir: Path, resumed_epoch: int):
+        super().__init__(run_dir, name="logs", version="")
+        self.resumed_epoch = resumed_epoch
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._experiment = _ContinuedWriter(self.log_dir, self.resumed_epoch)
+        return self._experiment
+
+
+class _ContinuedWriter(ExperimentWriter):
+    def __init__(self, log_dir: str, resumed_epoch: int):
+        self.resumed_epoch = resumed_epoch
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        """(Where Lightning deletes metrics.csv.) Keeps its rows up to the checkpoint's epoch (the
+        resumed run logs the later ones again) and its columns, which save() then appends to."""
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = [row for row in reader if not row.get("epoch") or int(float(row["epoch"])) <= self.resumed_epoch]
+        self.metrics_keys = list(reader.fieldnames or [])
+        with atomic_write(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 def _finish(config, run: RunDir, classes, samples, best, model, val_set, started) -> TrainResult:

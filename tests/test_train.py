@@ -257,6 +257,35 @@ def test_killed_run_is_interrupted_then_resumes_from_python_with_its_saved_confi
 
 
 @pytest.mark.slow
+def test_resuming_a_copied_run_continues_the_copy_alone(tmp_path):
+    """`--resume --out COPY`: the folder given is the run. Its config.yaml and its checkpoints name
+    the original folder; neither is followed (the original is gone here, so touching it fails), and
+    the best score so far comes back with the copy's own best.ckpt."""
+    import shutil
+
+    from pneumoscope.rundir import RunDir
+    from pneumoscope.train import MONITOR, RunCheckpoint, train
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    train(tiny_config(FIXTURE_DATA, original, **TINY_STEP))
+    best_score = max(float(row["val_bacc"]) for row in RunDir(original).epochs())
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)
+    result = train(TrainConfig(data="ignored: the saved configuration wins", out=str(copy), resume=True))
+    assert result.resumed and result.run_dir == copy and result.best_epoch == 0
+    assert RunDir(copy).config().out == str(copy) and RunDir(copy).live_status() == "finished"
+    assert not original.exists()
+
+    callback = RunCheckpoint(copy / "checkpoints", filename="best", monitor=MONITOR, mode="max")
+    (state,) = [v for k, v in torch.load(copy / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"].items()
+                if k.startswith("ModelCheckpoint") and MONITOR in k]
+    assert state["dirpath"] == str(original / "checkpoints")  # what the copied checkpoint says
+    callback.load_state_dict(state)
+    assert callback.best_model_path == str(copy / "checkpoints" / "best.ckpt")
+    assert float(callback.best_model_score) == pytest.approx(best_score)  # Lightning alone forgets it
+
+
+@pytest.mark.slow
 def test_cli_train_from_manifest_uses_its_split_and_prints_the_result(tmp_path, capsys):
     from pneumoscope.cli import main
     from pneumoscope.data import read_manifest

@@ -353,12 +353,11 @@ def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResu
     model = create_model(config.arch, len(classes), config.pretrained).to(memory_format=torch.channels_last)
     module = LitClassifier(model, classes, config, weights)
 
-    best = ModelCheckpoint(run.checkpoints, filename="best", monitor=MONITOR, mode="max",
-                           enable_version_counter=False)
+    best = RunCheckpoint(run.checkpoints, filename="best", monitor=MONITOR, mode="max", enable_version_counter=False)
     # Lightning 2.6 writes save_last only when the best improves, so "last" is its own every-epoch
     # checkpoint: --resume must never lose an epoch.
-    last = ModelCheckpoint(run.checkpoints, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
-                           enable_version_counter=False)
+    last = RunCheckpoint(run.checkpoints, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                         enable_version_counter=False)
     callbacks = [best, last, EpochTable(run, len(train_set)), TQDMProgressBar(refresh_rate=10),
                  EarlyStopping(MONITOR, mode="max", patience=config.patience),
                  SameSplitOnAllRanks(manifest_hash(samples))]
@@ -388,7 +387,40 @@ def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResu
     return _finish(config, run, classes, samples, best, model, val_set, started)
 
 
-class EveryEpochCheckpoint(ModelCheckpoint):
+class RunCheckpoint(ModelCheckpoint):
+    """A checkpoint callback for a run directory that may have been copied or moved since its
+    checkpoints were written: the paths they saved (the best so far, with its score) are read
+    relative to this run's checkpoints/, so a copy resumes as the original would and never reads
+    or writes the original. (Lightning, seeing another folder, forgets the best score, so the next
+    epoch becomes "best" whatever it scores, and keeps best_model_path pointing at the original.)"""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved_dir = state_dict.get("dirpath")
+        if saved_dir and saved_dir != self.dirpath:
+            state_dict = _relocated(state_dict, saved_dir, self.dirpath)
+        super().load_state_dict(state_dict)
+
+    @property
+    def state_key(self) -> str:
+        """ModelCheckpoint's key (Lightning puts the class name in it), so that the checkpoints of
+        runs made before this class still restore into it."""
+        return "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
+
+
+def _relocated(state: dict, old_dir: str, new_dir: str) -> dict:
+    """A ModelCheckpoint state with its paths under `old_dir` moved to the same places under `new_dir`."""
+    def move(path: str) -> str:
+        if not path or not Path(path).is_relative_to(old_dir):
+            return path
+        return str(Path(new_dir) / Path(path).relative_to(old_dir))
+
+    keys = ("best_model_path", "kth_best_model_path", "last_model_path")
+    paths = {key: move(state[key]) for key in keys if key in state}
+    best_k = {move(path): score for path, score in state.get("best_k_models", {}).items()}
+    return {**state, **paths, "best_k_models": best_k, "dirpath": new_dir}
+
+
+class EveryEpochCheckpoint(RunCheckpoint):
     """Keeps every epoch. Its own state key: Lightning refuses two checkpoint callbacks whose
     settings (monitor, frequency) look alike, as this one and "last" do."""
 

@@ -25,6 +25,10 @@ def test_ship_with_binary_and_int8_then_card_then_reship_without_int8(tiny_run, 
         training = bundle.meta.provenance["training"]
         assert training["epochs_run"] == 2 and [c["epoch"] for c in training["curve"]] == [0, 1]
         assert Classifier.load(models / task, backend="int8").classes == classes
+        # the input guard is fitted for each graph on the run's training X-rays: the network's own classes
+        assert set(bundle.meta.guard) == {"fp32", "int8"}
+        assert all(g["class_means"]["shape"][0] == 3 and g["fitted_on"]["train"] > 0 for g in bundle.meta.guard.values())
+        assert Classifier.load(models / task).guard is not None
         test_report = json.loads((docs / "model-card" / task / "test" / "metrics.json").read_text())
         assert test_report["accuracy"] == metrics["internal_test"]["accuracy"]
         assert (docs / "model-card" / task / "test" / "confusion_matrix.png").stat().st_size > 0
@@ -45,6 +49,7 @@ def test_ship_with_binary_and_int8_then_card_then_reship_without_int8(tiny_run, 
     assert main(["ship", "--run", str(tiny_run), "--models-dir", str(models), "--docs-dir", str(docs)]) == 0
     assert not (models / "three" / "model.int8.onnx").exists()  # made from the model it replaced
     assert "int8" not in load_bundle(models / "three").metrics()
+    assert set(load_bundle(models / "three").meta.guard) == {"fp32"}
 
 
 def test_card_of_the_shipped_models_is_the_committed_one(tmp_path):

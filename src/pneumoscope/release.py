@@ -8,6 +8,7 @@ docs/model-card.md. Nothing in the card is typed by hand: every figure comes fro
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 from .artifact import METRICS, ONNX_INT8, load_bundle, save_bundle, write_metrics
@@ -94,15 +95,52 @@ def _ship(model, meta, samples, models_dir: Path, docs_dir: Path, int8_calibrati
     target = models_dir / meta.task
     for stale in (ONNX_INT8, METRICS):  # made from, or measured on, the model this replaces
         (target / stale).unlink(missing_ok=True)
-    save_bundle(model, meta, target)
-    classifier = Classifier.load(target)
+    save_bundle(model, meta.replace(guard=None), target)
     reports = docs_dir / "model-card" / meta.task
-    metrics = {**_measure(classifier, samples, reports, plots=True), "backend": classifier.backend}
     if int8_calibration:
         export_int8(target, samples, int8_calibration)
+    fit_bundle_guard(target, samples)
+    classifier = Classifier.load(target)
+    metrics = {**_measure(classifier, samples, reports, plots=True), "backend": classifier.backend}
+    if int8_calibration:
         metrics["int8"] = _measure(Classifier.load(target, backend="int8"), samples, reports / "int8", plots=False)
     write_metrics(target, metrics)
     return target
+
+
+# Principal components per graph, chosen by benchmarks/guard_rates.py on the tune half of the
+# out-of-distribution set for Lite0's 1280 features (docs/inputs.md); rerun it for another backbone.
+GUARD_DIMS = {"fp32": 256, "int8": 384}
+
+
+def fit_bundle_guard(target: Path, samples) -> dict:
+    """Fits the input guard of each graph the bundle has (fp32, and int8 when written) on the
+    features of the run's TRAINING X-rays, thresholded on its VALIDATION X-rays (guard.fit_guard),
+    and writes it into meta.json. The guard is not part of the fingerprint, so the graphs stay
+    current. A merged read (binary from a 3-class network) has that network's features: its class
+    means are those of the network's own classes."""
+    from .artifact import META
+    from .data import class_indices, load_pixels
+    from .guard import GuardConfig, fit_guard
+    from .predict import Classifier
+
+    meta = load_bundle(target).meta
+    classes, task = (THREE, "three") if meta.merge_outputs else (meta.classes, meta.task)
+    guard = {}
+    for graph, backend in (("fp32", "onnx"), ("int8", "int8")):
+        if graph == "int8" and not (target / ONNX_INT8).is_file():
+            continue
+        classifier = Classifier.load(target, backend=backend)
+        outputs = {}
+        for split in ("train", "val"):
+            pixels, kept, _ = load_pixels([s for s in samples if s.split == split], meta.img_size)
+            outputs[split] = classifier.score_pixels(pixels), class_indices(kept, classes, task)
+        (train, labels), (val, _) = outputs["train"], outputs["val"]
+        guard[graph] = fit_guard(train.features, labels, val.features, val.logits, GuardConfig(dims=GUARD_DIMS[graph]))
+    with atomic_write(target / META, "w") as handle:
+        json.dump(meta.replace(guard=guard).to_json(), handle, indent=2)
+        handle.write("\n")
+    return guard
 
 
 def _measure(classifier, samples, out_dir: Path, plots: bool) -> dict:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,6 +284,34 @@ def test_resuming_a_copied_run_continues_the_copy_alone(tmp_path):
     callback.load_state_dict(state)
     assert callback.best_model_path == str(copy / "checkpoints" / "best.ckpt")
     assert float(callback.best_model_score) == pytest.approx(best_score)  # Lightning alone forgets it
+
+
+@pytest.mark.slow
+def test_a_resumed_run_removes_what_a_killed_write_left_and_nothing_else(tmp_path):
+    """A process killed inside atomic_write leaves its temporary (.<name>.<random>.tmp) beside the
+    file. The next start or resume of the run deletes those in the run's own folders only."""
+    from pneumoscope.files import atomic_write
+    from pneumoscope.train import train
+
+    run = tmp_path / "run"
+    train(tiny_config(FIXTURE_DATA, run, **TINY_STEP))
+    stale = []
+    for path in (run / "status.json", run / "metrics.csv", run / "model" / "meta.json", run / "val" / "metrics.json"):
+        write = atomic_write(path, "w")
+        handle = write.__enter__()  # and never __exit__: as if killed mid-write
+        handle.write("half")
+        handle.close()
+        stale.append(Path(write.tmp))
+    others = [run / "notes.tmp", run / ".hidden.tmp", run / "config.yaml.abcd1234.tmp",
+              run / "external" / ".metrics.json.abcd1234.tmp"]  # not ours, or another command's report
+    for path in others:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("keep")
+    assert all(p.exists() for p in stale)
+
+    train(TrainConfig(data="ignored", out=str(run), resume=True))
+    assert not any(p.exists() for p in stale)
+    assert all(p.read_text() == "keep" for p in others)
 
 
 @pytest.mark.slow

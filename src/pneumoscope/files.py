@@ -3,8 +3,12 @@ NumPy or scikit-learn here): atomic writes and the cache folder."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
+
+# what atomic_write's temporaries are called: "." + the final name + "." + mkstemp's 8 random characters + ".tmp"
+TEMPORARY_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
 def _umask() -> int:
@@ -37,6 +41,19 @@ class atomic_write:
         else:
             os.unlink(self.tmp)
         return False
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Deletes the temporaries that atomic_write left in `folder` (not below it) when its process
+    was killed mid-write, and returns them. Only where no other process is writing: a write in
+    progress has such a file too."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if TEMPORARY_NAME.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def default_cache_dir() -> Path:

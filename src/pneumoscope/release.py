@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 from .artifact import METRICS, ONNX_INT8, load_bundle, save_bundle, write_metrics
+from .backends import openvino_precision
 from .evaluate import evaluate_samples
 from .files import atomic_write
 from .labels import THREE, task_label
 from .metrics import fit_temperature, headline
 from .rundir import RunDir, summarize
 
+log = logging.getLogger(__name__)
 BINARY_GROUPS = ((0,), (1, 2))  # NORMAL | BACTERIA + VIRUS, indices into labels.THREE
-INT8_NOTE = ("; rows marked int8: the quantized graph (`--backend int8`, about 1.8x the folder throughput, "
-             "see benchmarks.md).")
+RUNTIME_NOTES = {
+    "openvino": "rows marked openvino: OpenVINO on the same fp32 graph, the default backend (`auto`) where "
+                "OpenVINO is installed, float layers in {precision} on the CPU measured (bf16 where the CPU has "
+                "AMX or AVX512-BF16)",
+    "int8": "rows marked int8: the quantized graph (`--backend int8`, on request)",
+}
 
 
 def training_facts(run_dir: str | Path) -> dict:
@@ -77,10 +84,16 @@ def measure_external(external: str | Path, models_dir: str | Path = "models", do
         target = models_dir / task
         if not (target / "meta.json").is_file():
             continue
-        classifier = Classifier.load(target)
+        classifier = Classifier.load(target, backend="onnx")
         samples = load_samples(external, task=task)
         report = evaluate_samples(classifier, samples, docs_dir / "model-card" / task / EXTERNAL, plots=True)
-        write_metrics(target, {**load_bundle(target).metrics(), EXTERNAL: headline(report)})
+        metrics = {**load_bundle(target).metrics(), EXTERNAL: headline(report)}
+        for runtime in extra_runtimes(target):  # the card shows them beside fp32 on every group
+            if isinstance(metrics.get(runtime), dict):
+                report = evaluate_samples(Classifier.load(target, backend=runtime), samples,
+                                          docs_dir / "model-card" / task / runtime / EXTERNAL, plots=False)
+                metrics[runtime] = {**metrics[runtime], EXTERNAL: headline(report)}
+        write_metrics(target, metrics)
         measured.append(target)
     if not measured:
         raise FileNotFoundError(f"{models_dir}: no shipped bundle to measure")
@@ -100,12 +113,28 @@ def _ship(model, meta, samples, models_dir: Path, docs_dir: Path, int8_calibrati
     if int8_calibration:
         export_int8(target, samples, int8_calibration)
     fit_bundle_guard(target, samples)
-    classifier = Classifier.load(target)
+    classifier = Classifier.load(target, backend="onnx")  # the fp32 reference every other runtime is read against
     metrics = {**_measure(classifier, samples, reports, plots=True), "backend": classifier.backend}
-    if int8_calibration:
-        metrics["int8"] = _measure(Classifier.load(target, backend="int8"), samples, reports / "int8", plots=False)
-    write_metrics(target, metrics)
+    write_metrics(target, {**metrics, **measure_runtimes(target, samples, reports)})
     return target
+
+
+def measure_runtimes(target: Path, samples, reports: Path) -> dict:
+    """Val and internal test figures of the other runtimes (extra_runtimes) on the bundle, for the
+    card's rows beside fp32."""
+    from .predict import Classifier
+
+    measured = {}
+    for runtime in extra_runtimes(target):
+        try:
+            classifier = Classifier.load(target, backend=runtime)
+        except RuntimeError as err:  # OpenVINO cannot convert a merged binary read's graph: predict falls back too
+            log.warning("%s: no %s rows in the card (%s)", target, runtime, str(err).splitlines()[0])
+            continue
+        measured[runtime] = _measure(classifier, samples, reports / runtime, plots=False)
+    if "openvino" in measured:
+        measured["openvino_precision"] = openvino_precision()
+    return measured
 
 
 # Principal components per graph, as benchmarks/guard_rates.py chose them on the tune half of the
@@ -142,6 +171,15 @@ def fit_bundle_guard(target: Path, samples) -> dict:
         json.dump(meta.replace(guard=guard).to_json(), handle, indent=2)
         handle.write("\n")
     return guard
+
+
+def extra_runtimes(target: Path) -> list[str]:
+    """The runtimes measured beside fp32 ONNX Runtime for the card: the int8 graph when the bundle
+    has one, and OpenVINO (the default backend where it is installed; bf16 on CPUs with native bf16)."""
+    import importlib.util
+
+    runtimes = ["int8"] if (target / ONNX_INT8).is_file() else []
+    return runtimes + (["openvino"] if importlib.util.find_spec("openvino") else [])
 
 
 def _measure(classifier, samples, out_dir: Path, plots: bool) -> dict:
@@ -189,6 +227,13 @@ def write_model_card(models_dir: str | Path = "models", docs_dir: str | Path = "
     return out
 
 
+def _runtime_line(metrics: dict) -> str:
+    notes = [note.format(precision=metrics.get("openvino_precision", "?"))
+             for runtime, note in RUNTIME_NOTES.items() if runtime in metrics]
+    return (f"- Figures below measured with ONNX Runtime fp32 (`--backend {metrics.get('backend', 'onnx')}`), the "
+            "reference" + ("; " + "; ".join(notes) if notes else "") + ". Speeds: benchmarks.md, \"Runtimes\".")
+
+
 def _recipe(config: dict) -> str:
     """Optimiser, schedule and loss in the card's words (runs before these options: AdamW, one-cycle, CE)."""
     loss = (f"focal loss (gamma {config.get('focal_gamma')})" if config.get("loss") == "focal"
@@ -216,8 +261,8 @@ def _task_section(meta, metrics: dict, reports: Path, docs_dir: Path) -> str:
     training = provenance.get("training", {})
     # "env": the models shipped before bundles keep the whole env.json there
     cpu_count = training.get("cpu_count") or training.get("env", {}).get("cpu_count", "?")
-    groups = {k: v for k, v in metrics.items() if k not in ("backend", "int8")}
-    int8 = metrics.get("int8", {})
+    runtimes = {k: metrics[k] for k in ("int8", "openvino") if k in metrics}
+    groups = {k: v for k, v in metrics.items() if isinstance(v, dict) and "accuracy" in v}
     lines = [f"## `{meta.name}` ({meta.task}: {' / '.join(meta.classes)})", ""]
     lines += [
         f"- Architecture: `{meta.arch}`, {meta.params:,} parameters, input {meta.img_size}x{meta.img_size} "
@@ -235,15 +280,15 @@ def _task_section(meta, metrics: dict, reports: Path, docs_dir: Path) -> str:
         + (" Derived from the 3-class model by summing BACTERIA and VIRUS probabilities." if meta.merge_outputs
            else ""),
         _guard_line(meta.guard),
-        f"- Figures below measured with the `{metrics.get('backend', 'onnx')}` backend, the one `predict` "
-        "uses by default" + (INT8_NOTE if int8 else "."),
+        _runtime_line(metrics),
         "",
         "| split | n | accuracy (95% CI) | balanced acc. | macro F1 | macro AUC | ECE before -> after | "
         + " | ".join(f"recall {c}" for c in meta.classes) + " |",
         "|---|---|---|---|---|---|---|" + "---|" * len(meta.classes),
     ]
     rows = [(EXTERNAL_LABEL if k == EXTERNAL else k, m) for k, m in groups.items()]
-    rows += [(f"{k} (int8)", m) for k, m in int8.items()]
+    rows += [(f"{EXTERNAL_LABEL if k == EXTERNAL else k} ({runtime})", m)
+             for runtime, measured in runtimes.items() for k, m in measured.items()]
     for name, m in rows:
         lo, hi = m["accuracy_ci95"]
         lines.append(f"| {name} | {m['n']} | {m['accuracy']:.3f} ({lo:.3f}-{hi:.3f}) | {m['balanced_accuracy']:.3f} | "

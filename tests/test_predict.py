@@ -144,8 +144,9 @@ print(sorted(m for m in heavy if m in sys.modules))
 """
 
 
-def test_one_image_on_the_onnx_path_never_imports_torch():
-    """The shipped bundle's graph is current, so predicting on ONNX Runtime needs no PyTorch."""
+def test_one_image_on_the_default_path_never_imports_torch():
+    """The shipped bundle's graph is current, so predicting on the default backend (OpenVINO, or ONNX
+    Runtime without it) needs no PyTorch."""
     image = next(EXAMPLES.rglob("*.jpeg"))
     done = subprocess.run([sys.executable, "-c", IMPORTS, str(image)], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr

@@ -139,3 +139,18 @@ def test_openvino_writes_nothing_to_the_home_folder(small_bundle, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HOME": str(home)}, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert list(home.iterdir()) == []
+
+
+def test_a_merged_binary_read_never_runs_on_openvino(tmp_path):
+    """OpenVINO 2026.4 gets the merged (binary-from-three) graph wrong (or fails to convert it):
+    auto runs it on ONNX Runtime, an explicit request is a one-line error."""
+    from conftest import small_meta, small_model
+
+    from pneumoscope.artifact import build_model, save_bundle
+
+    meta = small_meta()
+    binary = meta.replace(task="binary", classes=("NORMAL", "PNEUMONIA"), merge_outputs=((0,), (1, 2)))
+    bundle = load_bundle(save_bundle(build_model(binary, small_model().state_dict()), binary, tmp_path / "binary"))
+    assert open_backend(bundle, "auto").name == "onnx"
+    with pytest.raises(ValueError, match="merged"):
+        open_backend(bundle, "openvino")

@@ -236,8 +236,11 @@ def open_backend(bundle: "Bundle", backend: str = "auto") -> Backend:
     if backend == "int8":
         return OnnxBackend(bundle.onnx_path("int8"), name="int8")
     if backend in ("openvino", "openvino-int8"):
+        if not openvino_can_run(bundle.meta):
+            raise ValueError(f"{bundle.path}: OpenVINO does not compute a merged (binary-from-three) graph right; "
+                             "use --backend onnx")
         return OpenVinoBackend(bundle.onnx_path("int8" if backend == "openvino-int8" else "fp32"), name=backend)
-    if backend == "auto":
+    if backend == "auto" and openvino_can_run(bundle.meta):
         try:
             return OpenVinoBackend(bundle.onnx_path("fp32"), name="openvino")
         except Exception as err:  # noqa: BLE001  not installed or unsupported here: the next runtime
@@ -249,6 +252,13 @@ def open_backend(bundle: "Bundle", backend: str = "auto") -> Backend:
             raise
         log.warning("ONNX Runtime backend unavailable (%s: %s); using PyTorch", type(err).__name__, err)
         return TorchBackend(bundle.load_model())
+
+
+def openvino_can_run(meta: "ModelMeta") -> bool:
+    """OpenVINO 2026.4 fails to convert the merged read of a 3-class network (log_softmax ->
+    logsumexp per group); exported with keepdim it converts but returns wrong log-probabilities
+    (positive ones, at f32 too). Such bundles run on ONNX Runtime."""
+    return not meta.merge_outputs
 
 
 def backend_for_model(model, meta: "ModelMeta", backend: str = "onnx", lock: threading.RLock | None = None

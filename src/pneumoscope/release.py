@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from pathlib import Path
 
 from .artifact import METRICS, ONNX_INT8, load_bundle, save_bundle, write_metrics
@@ -20,7 +19,6 @@ from .labels import THREE, task_label
 from .metrics import fit_temperature, headline
 from .rundir import RunDir, summarize
 
-log = logging.getLogger(__name__)
 BINARY_GROUPS = ((0,), (1, 2))  # NORMAL | BACTERIA + VIRUS, indices into labels.THREE
 RUNTIME_NOTES = {
     "openvino": "rows marked openvino: OpenVINO on the same fp32 graph, the default backend (`auto`) where "
@@ -124,14 +122,8 @@ def measure_runtimes(target: Path, samples, reports: Path) -> dict:
     card's rows beside fp32."""
     from .predict import Classifier
 
-    measured = {}
-    for runtime in extra_runtimes(target):
-        try:
-            classifier = Classifier.load(target, backend=runtime)
-        except RuntimeError as err:  # OpenVINO cannot convert a merged binary read's graph: predict falls back too
-            log.warning("%s: no %s rows in the card (%s)", target, runtime, str(err).splitlines()[0])
-            continue
-        measured[runtime] = _measure(classifier, samples, reports / runtime, plots=False)
+    measured = {runtime: _measure(Classifier.load(target, backend=runtime), samples, reports / runtime, plots=False)
+                for runtime in extra_runtimes(target)}
     if "openvino" in measured:
         measured["openvino_precision"] = openvino_precision()
     return measured
@@ -178,8 +170,11 @@ def extra_runtimes(target: Path) -> list[str]:
     has one, and OpenVINO (the default backend where it is installed; bf16 on CPUs with native bf16)."""
     import importlib.util
 
+    from .backends import openvino_can_run
+
     runtimes = ["int8"] if (target / ONNX_INT8).is_file() else []
-    return runtimes + (["openvino"] if importlib.util.find_spec("openvino") else [])
+    openvino = importlib.util.find_spec("openvino") and openvino_can_run(load_bundle(target).meta)
+    return runtimes + (["openvino"] if openvino else [])
 
 
 def _measure(classifier, samples, out_dir: Path, plots: bool) -> dict:

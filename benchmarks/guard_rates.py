@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from pneumoscope.artifact import load_bundle, resolve_model
+from pneumoscope.artifact import load_bundle, resolve_model, write_meta
 from pneumoscope.backends import OnnxBackend, to_batch
 from pneumoscope.data import atomic_write, class_indices, default_cache_dir, load_samples, read_manifest
 from pneumoscope.guard import GuardConfig, all_scores, fit_guard, guard_scores, guard_warnings, load_guard
@@ -204,9 +204,7 @@ def main() -> None:
         with atomic_write(args.stats_out, "w") as handle:
             json.dump(chosen, handle)
     if args.install:
-        with atomic_write(bundle.path / "meta.json", "w") as handle:
-            json.dump(bundle.meta.replace(guard=chosen).to_json(), handle, indent=2)
-            handle.write("\n")
+        write_meta(bundle.path, bundle.meta.replace(guard=chosen))
 
 
 def decode_sets(args, clf: Classifier) -> dict[str, dict]:

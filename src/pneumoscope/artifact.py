@@ -309,14 +309,21 @@ def save_bundle(model, meta: ModelMeta, out: str | os.PathLike, export: bool = T
     data = weights_bytes(model)
     with atomic_write(out / WEIGHTS) as handle:
         handle.write(data)
-    with atomic_write(out / META, "w") as handle:
-        json.dump(meta.to_json(), handle, indent=2)
-        handle.write("\n")
+    write_meta(out, meta)
     if export:
         from .export import export_onnx
 
         export_onnx(model, meta, out / ONNX_FP32)
     return out
+
+
+def write_meta(bundle_dir: str | os.PathLike, meta: ModelMeta) -> Path:
+    """meta.json of a bundle, atomically (also to change what is not in the fingerprint, e.g. the guard)."""
+    path = Path(bundle_dir) / META
+    with atomic_write(path, "w") as handle:
+        json.dump(meta.to_json(), handle, indent=2)
+        handle.write("\n")
+    return path
 
 
 def write_metrics(bundle_dir: str | os.PathLike, metrics: dict) -> Path:

@@ -8,10 +8,9 @@ docs/model-card.md. Nothing in the card is typed by hand: every figure comes fro
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
-from .artifact import METRICS, ONNX_INT8, load_bundle, save_bundle, write_metrics
+from .artifact import METRICS, ONNX_INT8, load_bundle, save_bundle, write_meta, write_metrics
 from .backends import openvino_precision
 from .evaluate import evaluate_samples
 from .files import atomic_write
@@ -85,8 +84,9 @@ def measure_external(external: str | Path, models_dir: str | Path = "models", do
         classifier = Classifier.load(target, backend="onnx")
         samples = load_samples(external, task=task)
         report = evaluate_samples(classifier, samples, docs_dir / "model-card" / task / EXTERNAL, plots=True)
-        metrics = {**load_bundle(target).metrics(), EXTERNAL: headline(report)}
-        for runtime in extra_runtimes(target):  # the card shows them beside fp32 on every group
+        bundle = load_bundle(target)
+        metrics = {**bundle.metrics(), EXTERNAL: headline(report)}
+        for runtime in extra_runtimes(target, bundle.meta):  # the card shows them beside fp32 on every group
             if isinstance(metrics.get(runtime), dict):
                 report = evaluate_samples(Classifier.load(target, backend=runtime), samples,
                                           docs_dir / "model-card" / task / runtime / EXTERNAL, plots=False)
@@ -123,7 +123,7 @@ def measure_runtimes(target: Path, samples, reports: Path) -> dict:
     from .predict import Classifier
 
     measured = {runtime: _measure(Classifier.load(target, backend=runtime), samples, reports / runtime, plots=False)
-                for runtime in extra_runtimes(target)}
+                for runtime in extra_runtimes(target, load_bundle(target).meta)}
     if "openvino" in measured:
         measured["openvino_precision"] = openvino_precision()
     return measured
@@ -141,40 +141,38 @@ def fit_bundle_guard(target: Path, samples) -> dict:
     and writes it into meta.json. The guard is not part of the fingerprint, so the graphs stay
     current. A merged read (binary from a 3-class network) has that network's features: its class
     means are those of the network's own classes."""
-    from .artifact import META
     from .data import class_indices, load_pixels
     from .guard import GuardConfig, fit_guard
     from .predict import Classifier
 
     meta = load_bundle(target).meta
     classes, task = (THREE, "three") if meta.merge_outputs else (meta.classes, meta.task)
+    splits = {}  # decoded once, scored on each graph
+    for split in ("train", "val"):
+        pixels, kept, _ = load_pixels([s for s in samples if s.split == split], meta.img_size)
+        splits[split] = pixels, class_indices(kept, classes, task)
     guard = {}
     for graph, backend in (("fp32", "onnx"), ("int8", "int8")):
         if graph == "int8" and not (target / ONNX_INT8).is_file():
             continue
         classifier = Classifier.load(target, backend=backend)
-        outputs = {}
-        for split in ("train", "val"):
-            pixels, kept, _ = load_pixels([s for s in samples if s.split == split], meta.img_size)
-            outputs[split] = classifier.score_pixels(pixels), class_indices(kept, classes, task)
-        (train, labels), (val, _) = outputs["train"], outputs["val"]
-        guard[graph] = fit_guard(train.features, labels, val.features, val.logits, GuardConfig(dims=GUARD_DIMS[graph]))
-    with atomic_write(target / META, "w") as handle:
-        json.dump(meta.replace(guard=guard).to_json(), handle, indent=2)
-        handle.write("\n")
+        train, val = (classifier.score_pixels(splits[split][0]) for split in ("train", "val"))
+        guard[graph] = fit_guard(train.features, splits["train"][1], val.features, val.logits,
+                                 GuardConfig(dims=GUARD_DIMS[graph]))
+    write_meta(target, meta.replace(guard=guard))
     return guard
 
 
-def extra_runtimes(target: Path) -> list[str]:
-    """The runtimes measured beside fp32 ONNX Runtime for the card: the int8 graph when the bundle
-    has one, and OpenVINO (the default backend where it is installed; bf16 on CPUs with native bf16)."""
+def extra_runtimes(target: Path, meta) -> list[str]:
+    """The runtimes measured beside fp32 ONNX Runtime for the card (the keys of RUNTIME_NOTES): the
+    int8 graph when the bundle has one, and OpenVINO (the default backend where it is installed and
+    can run the graph; bf16 on CPUs with native bf16)."""
     import importlib.util
 
     from .backends import openvino_can_run
 
     runtimes = ["int8"] if (target / ONNX_INT8).is_file() else []
-    openvino = importlib.util.find_spec("openvino") and openvino_can_run(load_bundle(target).meta)
-    return runtimes + (["openvino"] if openvino else [])
+    return runtimes + (["openvino"] if importlib.util.find_spec("openvino") and openvino_can_run(meta) else [])
 
 
 def _measure(classifier, samples, out_dir: Path, plots: bool) -> dict:
@@ -256,7 +254,7 @@ def _task_section(meta, metrics: dict, reports: Path, docs_dir: Path) -> str:
     training = provenance.get("training", {})
     # "env": the models shipped before bundles keep the whole env.json there
     cpu_count = training.get("cpu_count") or training.get("env", {}).get("cpu_count", "?")
-    runtimes = {k: metrics[k] for k in ("int8", "openvino") if k in metrics}
+    runtimes = {k: metrics[k] for k in ("int8", "openvino") if k in metrics}  # the card's row order
     groups = {k: v for k, v in metrics.items() if isinstance(v, dict) and "accuracy" in v}
     lines = [f"## `{meta.name}` ({meta.task}: {' / '.join(meta.classes)})", ""]
     lines += [

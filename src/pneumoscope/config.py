@@ -52,6 +52,8 @@ class TrainConfig:
                         choices=LOSSES)
     focal_gamma: float = _option(2.0, "focal loss focusing parameter (0: weighted cross-entropy)")
     label_smoothing: float = _option(0.1, "cross-entropy label smoothing")
+    mixup: float = _option(0.0, "mixup (Zhang et al. 2018): blend image pairs with a Beta(a, a) weight and their "
+                                "losses alike; a = this, 0 disables it")
     class_weight_power: float = _option(1.0, "loss weights = inverse class frequency ** this (0: unweighted)")
     aug: float = _option(1.0, "augmentation strength, 0 disables it")
     aug_policy: str = _option("strong", "augmentation policy (strong: acquisition changes such as "

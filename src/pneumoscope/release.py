@@ -231,8 +231,9 @@ def _recipe(config: dict) -> str:
     """Optimiser, schedule and loss in the card's words (runs before these options: AdamW, one-cycle, CE)."""
     loss = (f"focal loss (gamma {config.get('focal_gamma')})" if config.get("loss") == "focal"
             else f"cross-entropy with label smoothing {config.get('label_smoothing')}")
+    mixup = f", mixup alpha {config['mixup']}" if config.get("mixup") else ""
     return (f"{config.get('optimizer', 'adamw')} lr {config.get('lr')} with a {config.get('schedule', 'onecycle')} "
-            f"schedule, {loss}")
+            f"schedule, {loss}{mixup}")
 
 
 def _frozen(config: dict) -> str:

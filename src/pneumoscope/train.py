@@ -83,12 +83,23 @@ class LitClassifier(L.LightningModule):
         for module in self.frozen:  # Lightning puts everything in train mode; frozen BN stays in eval
             module.eval()
         x, y = batch
-        logits = self(x)
-        loss = self.loss(logits, y)
+        if self.config.mixup > 0:
+            loss, logits = self._mixup_step(x, y)
+        else:
+            logits = self(x)
+            loss = self.loss(logits, y)
         self.train_acc(logits, y)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
+
+    def _mixup_step(self, x, y):
+        """Mixup: each image blended with another of the batch by lam ~ Beta(a, a), the loss blended
+        the same way (so class weights and label smoothing still apply to each target)."""
+        lam = float(np.random.beta(self.config.mixup, self.config.mixup))
+        partner = torch.randperm(len(y), device=y.device)
+        logits = self(lam * x + (1 - lam) * x[partner])
+        return lam * self.loss(logits, y) + (1 - lam) * self.loss(logits, y[partner]), logits
 
     def validation_step(self, batch, _):
         x, y = batch

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,6 +121,26 @@ def test_focal_loss_is_weighted_cross_entropy_at_gamma_0_and_forgives_confident_
     confident = torch.nn.functional.one_hot(target, 3).float() * 6  # p(true class) about 0.995
     focal = FocalLoss(weights, gamma=2)(confident, target)
     assert 0 < focal < torch.nn.functional.cross_entropy(confident, target, weight=weights) / 100
+
+
+def test_mixup_blends_image_pairs_and_their_losses_by_the_same_weight(monkeypatch):
+    from pneumoscope.models import create_model
+    from pneumoscope.train import LitClassifier, with_defaults
+
+    model = create_model("simple_cnn", 3).eval()  # eval: BN uses running statistics, so outputs are comparable
+    weights = torch.tensor([0.5, 1.2, 1.3])
+    lit = LitClassifier(model, ("NORMAL", "BACTERIA", "VIRUS"), with_defaults(tiny_config("d", "o", arch="simple_cnn", mixup=0.4)),
+                        weights)
+    x, y = torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0, 1, 2])
+    partner = torch.tensor([3, 4, 5, 0, 1, 2])
+    monkeypatch.setattr(torch, "randperm", lambda n, device=None: partner)
+    monkeypatch.setattr(np.random, "beta", lambda a, b: 0.3)
+    loss, logits = lit._mixup_step(x, y)
+    blended = lit(0.3 * x + 0.7 * x[partner])
+    assert torch.allclose(logits, blended)
+    expected = 0.3 * lit.loss(blended, y) + 0.7 * lit.loss(blended, y[partner])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss.item() != pytest.approx(lit.loss(lit(x), y).item(), rel=1e-3)  # not the plain loss
 
 
 # ---------------------------------------------------------------- real runs

@@ -39,6 +39,8 @@ GRAPH_KINDS = {"fp32": ONNX_FP32, "int8": ONNX_INT8}
 FINGERPRINT_KEY = "pneumoscope_fingerprint"  # ONNX metadata_props: the fingerprint a graph was made from
 META_KEY = "pneumoscope_meta"  # ONNX metadata_props: the ModelMeta, so a graph explains itself
 SHAPING = ("arch", "classes", "img_size", "mean", "std", "temperature", "merge_outputs", "adaptation")
+LATER_SHAPING = ("members",)  # shape predictions too, but count only when set: older bundles keep their fingerprint
+ENSEMBLE = "ensemble"  # ModelMeta.arch of an ensemble; its `members` name the architectures
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"  # a source checkout's models/
 
 
@@ -65,11 +67,16 @@ class ModelMeta:
     provenance: dict = field(default_factory=dict)
     adaptation: dict | None = None  # e.g. {"method": "adabn", "images": 312, "source": "...", "priors": [...]}
     guard: dict | None = None  # feature-space statistics for the input guard
+    members: tuple[str, ...] | None = None  # arch "ensemble": the members' architectures (models.Ensemble)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
         # JSON gives lists; the dataclass is frozen and hashable-minded, so keep tuples
         object.__setattr__(self, "classes", tuple(self.classes))
+        if self.members is not None:
+            object.__setattr__(self, "members", tuple(self.members))
+        if (self.arch == ENSEMBLE) != bool(self.members):
+            raise BundleError(f"{self.name}: arch {ENSEMBLE!r} goes with a list of members, and only it")
         if self.merge_outputs is not None:
             object.__setattr__(self, "merge_outputs", tuple(tuple(int(i) for i in g) for g in self.merge_outputs))
             if len(self.merge_outputs) != len(self.classes):
@@ -93,6 +100,7 @@ class ModelMeta:
         out = dataclasses.asdict(self)
         out["classes"] = list(self.classes)
         out["merge_outputs"] = [list(g) for g in self.merge_outputs] if self.merge_outputs else None
+        out["members"] = list(self.members) if self.members else None
         return json.loads(json.dumps(out))  # plain JSON types all the way down
 
     @classmethod
@@ -140,7 +148,9 @@ def _registry_normalization(arch: str) -> dict:
 def fingerprint(weights_sha256: str, meta: ModelMeta) -> str:
     """The content fingerprint: the weights (sha256 of weights.pt) and the meta that shapes predictions."""
     as_json = meta.to_json()
-    shaping = json.dumps({k: as_json[k] for k in SHAPING}, sort_keys=True)
+    shaping = {k: as_json[k] for k in SHAPING}
+    shaping.update({k: as_json[k] for k in LATER_SHAPING if as_json[k] is not None})
+    shaping = json.dumps(shaping, sort_keys=True)
     return hashlib.sha256(f"{weights_sha256}\n{shaping}".encode()).hexdigest()
 
 
@@ -245,8 +255,16 @@ class Bundle:
 
 def build_model(meta: ModelMeta, state_dict: dict):
     """Rebuilds the architecture `meta` names and loads `state_dict` into it (strict)."""
-    from .models import MergeOutputs, Normalize, create_model
+    from .models import MergeOutputs, Normalize, create_ensemble, create_model
 
+    if meta.members:
+        if meta.merge_outputs:
+            raise BundleError(f"{meta.name}: an ensemble cannot merge outputs; ship each task's own ensemble")
+        model = create_ensemble(meta.members, num_classes=meta.n_outputs)
+        model.load_state_dict(state_dict, strict=True)
+        for member in model.members:  # one normalisation for all (ensemble.py checks the members share it)
+            member.normalize = Normalize(meta.mean, meta.std)
+        return model.eval()
     model = create_model(meta.arch, num_classes=meta.n_outputs, pretrained=False)
     model.load_state_dict(state_dict, strict=True)
     model.normalize = Normalize(meta.mean, meta.std)  # the meta's normalisation, not today's registry default

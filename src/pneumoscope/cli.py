@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K-fold cross-validation by patient: runs <out>/fold-<i>/ and cv_summary.json/.csv")
     p.set_defaults(handler=cmd_train)
 
+    p = sub.add_parser("ensemble", help="average finished runs in logit space into one model (a run directory "
+                                        "that ship, evaluate and compare take)")
+    p.add_argument("--runs", nargs="+", required=True, metavar="RUN",
+                   help="finished run directories trained on the same manifest")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.set_defaults(handler=cmd_ensemble)
+
     p = sub.add_parser("runs", help="list the runs under a folder, with status and scores")
     p.add_argument("root", nargs="?", default="runs", help="default runs")
     p.set_defaults(handler=cmd_runs)
@@ -248,6 +255,20 @@ def cmd_train(args) -> int:
     for split, numbers in result.metrics.items():
         recall = ", ".join(f"{c} {v:.3f}" for c, v in numbers["recall"].items())
         print(f"  {split}: accuracy {numbers['accuracy']:.4f} (n={numbers['n']}), recall {recall}")
+    return EXIT_OK
+
+
+def cmd_ensemble(args) -> int:
+    from .ensemble import build_ensemble
+    from .rundir import RunDir
+
+    bundle = build_ensemble(args.runs, args.out)
+    print(f"model bundle: {bundle}")
+    for split in ("val", "test"):
+        report = RunDir(args.out).report(split)
+        if report:
+            recall = ", ".join(f"{c} {v['recall']:.3f}" for c, v in report["per_class"].items())
+            print(f"  {split}: accuracy {report['accuracy']:.4f} (n={report['n']}), recall {recall}")
     return EXIT_OK
 
 

@@ -48,6 +48,13 @@ def target_layer(model: torch.nn.Module, size: int) -> torch.nn.Module:
     return _target_layers[model]
 
 
+def target_layers(model: torch.nn.Module, size: int) -> list[torch.nn.Module]:
+    """Grad-CAM's layers: the network's target layer, or each ensemble member's (grad-cam scales each
+    member's map to [0, 1] and averages them)."""
+    members = getattr(model, "members", None)
+    return [target_layer(member, size) for member in members] if members is not None else [target_layer(model, size)]
+
+
 def cam_heatmap(classifier: Classifier, pixels: np.ndarray, target: int | None = None) -> np.ndarray:
     """Grad-CAM of `target` (default: the predicted class) for img_size x img_size uint8 `pixels`
     (`Classifier.decode(...).pixels`): float32 H x W in [0, 1]."""
@@ -62,7 +69,7 @@ def cam_heatmaps(classifier: Classifier, pixels: np.ndarray, targets: list[int] 
     targets = None if targets is None else [ClassifierOutputTarget(int(t)) for t in targets]
     with classifier.torch_lock, torch.inference_mode(False), torch.enable_grad():
         model = classifier.model
-        cam = GradCAM(model, [target_layer(model, classifier.img_size)])
+        cam = GradCAM(model, target_layers(model, classifier.img_size))
         try:
             heat = cam(batch, targets=targets)
         finally:

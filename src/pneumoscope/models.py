@@ -100,6 +100,26 @@ class MergeOutputs(nn.Module):
         return torch.stack([torch.logsumexp(log_probs[:, g], dim=1) for g in self.groups], dim=1)
 
 
+class Ensemble(nn.Module):
+    """Networks averaged in logit space, each with its own normalisation: one module, so one state
+    dict, one ONNX graph, one Grad-CAM pass (a target layer per member) and one input guard (the
+    members' pooled features side by side)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(x) for member in self.members]).mean(dim=0)
+
+
+def create_ensemble(archs: list[str] | tuple[str, ...], num_classes: int) -> Ensemble:
+    """An Ensemble of registered architectures with random weights (for loading a state dict)."""
+    if len(archs) < 2:
+        raise ValueError(f"an ensemble needs at least two members, not {len(archs)}")
+    return Ensemble([create_model(arch, num_classes, pretrained=False) for arch in archs])
+
+
 class PretrainedUnavailable(RuntimeError):
     pass
 
@@ -480,20 +500,29 @@ def last_linear(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
+def classifier_layers(model: nn.Module) -> list[nn.Linear]:
+    """The classifier layer of a network, or of each member of an Ensemble."""
+    members = model.members if isinstance(model, Ensemble) else [model]
+    return [last_linear(member) for member in members]
+
+
 class LogitsAndFeatures(nn.Module):
     """One forward pass giving (logits, features): the features are the input of the classifier
-    layer, the pooled penultimate features (N x F) the input guard measures. Calls must not overlap
-    on one model (the hook is per call); callers serialise PyTorch forwards anyway."""
+    layer (of each member of an ensemble, side by side), the pooled penultimate features (N x F)
+    the input guard measures. Calls must not overlap on one model (the hooks are per call); callers
+    serialise PyTorch forwards anyway."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model, self.head = model, last_linear(model)
+        self.model, self.heads = model, classifier_layers(model)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        seen: list[torch.Tensor] = []
-        hook = self.head.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+        seen: dict[int, torch.Tensor] = {}
+        hooks = [head.register_forward_pre_hook(lambda _, args, i=i: seen.__setitem__(i, args[0]))
+                 for i, head in enumerate(self.heads)]
         try:
             logits = self.model(x)
         finally:
-            hook.remove()
-        return logits, seen[-1].flatten(1)
+            for hook in hooks:
+                hook.remove()
+        return logits, torch.cat([seen[i].flatten(1) for i in range(len(self.heads))], dim=1)

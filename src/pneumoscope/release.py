@@ -227,6 +227,36 @@ def _runtime_line(metrics: dict) -> str:
             "reference" + ("; " + "; ".join(notes) if notes else "") + ". Speeds: benchmarks.md, \"Runtimes\".")
 
 
+def _architecture(meta) -> str:
+    return f"ensemble of {' + '.join(f'`{a}`' for a in meta.members)}" if meta.members else f"`{meta.arch}`"
+
+
+def _training_line(meta, training: dict, config: dict, cpu_count) -> str:
+    if meta.members:
+        return _ensemble_line(meta, training, cpu_count)
+    return (f"- Training: {training.get('epochs_run', '?')} epochs, {training.get('train_seconds', '?')} s in training "
+            f"epochs ({training.get('wall_seconds') or '?'} s wall in all) on "
+            f"{cpu_count} CPU cores (peak memory "
+            f"{training.get('peak_memory_mb', '?')} MB); {_recipe(config)}, batch {config.get('batch_size')}, "
+            f"augmentation {config.get('aug_policy', 'standard')} at strength {config.get('aug')}, EMA decay "
+            f"{config.get('ema_decay')} from epoch {config.get('ema_start_epoch', 0)}, {_frozen(config)}, "
+            f"at most {config.get('epochs')} epochs (early stopping patience {config.get('patience')}), "
+            f"seed {meta.provenance.get('seed')}.")
+
+
+def _ensemble_line(meta, training: dict, cpu_count) -> str:
+    """An ensemble's members, each with its recipe, and what the whole cost to build."""
+    members = meta.provenance.get("members", [])
+    described = "; ".join(
+        f"`{m['arch']}` seed {m.get('seed')} ({m['training'].get('epochs_run', '?')} epochs, "
+        f"{m['training'].get('wall_seconds') or '?'} s wall, {_recipe(m.get('train_config', {}))}, augmentation "
+        f"{m.get('train_config', {}).get('aug_policy', 'standard')}, {_frozen(m.get('train_config', {}))})"
+        for m in members)
+    return (f"- Training: an ensemble of {len(members)} networks averaged in logit space, one graph, one "
+            f"temperature fitted on validation: {described}. "
+            f"{training.get('wall_seconds') or '?'} s wall in all on {cpu_count} CPU cores, members' training included.")
+
+
 def _recipe(config: dict) -> str:
     """Optimiser, schedule and loss in the card's words (runs before these options: AdamW, one-cycle, CE)."""
     loss = (f"focal loss (gamma {config.get('focal_gamma')})" if config.get("loss") == "focal"
@@ -259,16 +289,9 @@ def _task_section(meta, metrics: dict, reports: Path, docs_dir: Path) -> str:
     groups = {k: v for k, v in metrics.items() if isinstance(v, dict) and "accuracy" in v}
     lines = [f"## `{meta.name}` ({meta.task}: {' / '.join(meta.classes)})", ""]
     lines += [
-        f"- Architecture: `{meta.arch}`, {meta.params:,} parameters, input {meta.img_size}x{meta.img_size} "
+        f"- Architecture: {_architecture(meta)}, {meta.params:,} parameters, input {meta.img_size}x{meta.img_size} "
         f"gray, normalisation mean {meta.mean} std {meta.std}.",
-        f"- Training: {training.get('epochs_run', '?')} epochs, {training.get('train_seconds', '?')} s in training "
-        f"epochs ({training.get('wall_seconds') or '?'} s wall in all) on "
-        f"{cpu_count} CPU cores (peak memory "
-        f"{training.get('peak_memory_mb', '?')} MB); {_recipe(config)}, batch {config.get('batch_size')}, "
-        f"augmentation {config.get('aug_policy', 'standard')} at strength {config.get('aug')}, EMA decay "
-        f"{config.get('ema_decay')} from epoch {config.get('ema_start_epoch', 0)}, {_frozen(config)}, "
-        f"at most {config.get('epochs')} epochs (early stopping patience {config.get('patience')}), "
-        f"seed {provenance.get('seed')}.",
+        _training_line(meta, training, config, cpu_count),
         f"- Data: manifest hash `{provenance.get('manifest_hash')}`, git commit `{provenance.get('git_commit')}`; "
         f"temperature {meta.temperature:.3f}."
         + (" Derived from the 3-class model by summing BACTERIA and VIRUS probabilities." if meta.merge_outputs

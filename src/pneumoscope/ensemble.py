@@ -1,0 +1,102 @@
+"""Ensembles: finished runs averaged in logit space into one model bundle (`pneumoscope ensemble`).
+
+The members must have been trained on the same manifest (same patients in train/val/test), for the
+same task and input size. The result is a run directory like a training run's, so `ship`, `runs`,
+`compare` and `evaluate` take it as they take any other: its model is one `models.Ensemble` (one
+weights file, one ONNX graph), its temperature fitted on the members' shared validation split (the
+members' own temperatures are not used: averaging logits changes the scale), val and internal test
+reports beside it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from . import __version__
+from .rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Averages the finished runs `run_dirs` into the run directory `out`; returns its bundle path."""
+    from .artifact import ENSEMBLE, ModelMeta, load_bundle, save_bundle
+    from .data import class_indices, load_pixels
+    from .evaluate import evaluate_samples
+    from .metrics import fit_temperature, headline
+    from .models import Ensemble, count_parameters
+    from .predict import Classifier
+    from .train import git_commit
+
+    started = time.perf_counter()
+    runs = [RunDir(path) for path in run_dirs]
+    bundles = [load_bundle(_finished_model(run)) for run in runs]
+    first = bundles[0].meta
+    _check_compatible(runs, [b.meta for b in bundles])
+    model = Ensemble([bundle.load_model() for bundle in bundles]).eval()
+    samples = runs[0].samples()
+    members = [_member(run, bundle.meta) for run, bundle in zip(runs, bundles)]
+    meta = ModelMeta(
+        name=f"pneumoscope-ensemble{len(runs)}-{first.task}", task=first.task, classes=first.classes, arch=ENSEMBLE,
+        members=tuple(b.meta.arch for b in bundles), img_size=first.img_size, mean=first.mean, std=first.std,
+        params=count_parameters(model),
+        provenance={"pneumoscope": __version__, "git_commit": git_commit(), "manifest_hash":
+                    first.provenance.get("manifest_hash"), "members": members,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    run = RunDir(out)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_status("running", fresh=True, started=time.strftime("%Y-%m-%dT%H:%M:%S"), pid=os.getpid())
+    run.write_manifest(samples)
+    val = [s for s in samples if s.split == "val"]
+    pixels, val, _ = load_pixels(val, meta.img_size)
+    logits = Classifier.from_model(model, meta, backend="torch").score_pixels(pixels).logits
+    meta = meta.replace(temperature=fit_temperature(logits, class_indices(val, meta.classes, meta.task)))
+    save_bundle(model, meta, run.bundle)
+    classifier = Classifier.load(run.bundle)
+    for split in ("val", "test"):
+        chosen = [s for s in samples if s.split == split]
+        if chosen:
+            report = headline(evaluate_samples(classifier, chosen, run.report_dir(split), plots=split == "test"))
+            log.info("%s: accuracy %.4f (n=%d)", split, report["accuracy"], report["n"])
+    wall = round(time.perf_counter() - started, 1)
+    members_wall = sum(m["training"].get("wall_seconds") or 0 for m in members)
+    run.write_env({"pneumoscope": __version__, "cpu_count": os.cpu_count(), "ensemble_seconds": wall})
+    # wall_seconds: what the ensemble cost from scratch, the members' training included
+    run.write_status("finished", wall_seconds=round(members_wall + wall, 1), ensemble_seconds=wall)
+    return run.bundle
+
+
+def _finished_model(run: RunDir) -> Path:
+    path = run.model_path()
+    if path is None:
+        raise FileNotFoundError(f"{run.path}: no model yet; is the run finished?")
+    return path
+
+
+def _check_compatible(runs: list[RunDir], metas: list) -> None:
+    """One-line errors for members that cannot be averaged or compared on one validation split."""
+    if len(metas) < 2:
+        raise ValueError(f"an ensemble needs at least two runs, not {len(metas)}")
+    first = metas[0]
+    for run, meta in zip(runs, metas):
+        if meta.members or meta.merge_outputs or meta.adaptation:
+            raise ValueError(f"{run.path}: members must be plain trained models (not an ensemble, a merged "
+                             "or an adapted one)")
+        for field in ("task", "classes", "img_size", "mean", "std"):
+            if getattr(meta, field) != getattr(first, field):
+                raise ValueError(f"{run.path}: {field} {getattr(meta, field)} differs from {runs[0].path}'s "
+                                 f"{getattr(first, field)}")
+        if meta.provenance.get("manifest_hash") != first.provenance.get("manifest_hash"):
+            raise ValueError(f"{run.path}: trained on another manifest than {runs[0].path}; members must share "
+                             "their train/val/test patients")
+
+
+def _member(run: RunDir, meta) -> dict:
+    """What the card and provenance say of one member."""
+    from .release import training_facts
+
+    return {"run": run.path.name, "arch": meta.arch, "seed": meta.provenance.get("seed"),
+            "best_epoch": meta.provenance.get("best_epoch"), "temperature": meta.temperature,
+            "train_config": meta.provenance.get("train_config", {}), "training": training_facts(run.path)}

@@ -16,6 +16,9 @@ from .experiments import TUNED
 from .labels import TASKS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+BACKEND_HELP = ("auto: OpenVINO (bf16 where the CPU has AMX or AVX512-BF16), else ONNX Runtime, else PyTorch; "
+                "onnx: ONNX Runtime fp32, the reference the model card reports; int8: the quantized graph "
+                "made by `export --int8` (faster, slightly less accurate)")
 MODEL_HELP = "a model bundle directory (or a legacy model.pt); default: the shipped model for --task"
 
 
@@ -108,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
     p.add_argument("--task", choices=tuple(TASKS), default="three")
     p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify image files and folders")
@@ -120,9 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", metavar="FILE", default=None,
                    help="write records to FILE as they are produced (csv or json), with a progress bar")
     p.add_argument("--resume", action="store_true", help="with --output: skip the inputs already in FILE")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto: ONNX Runtime when it works, else PyTorch; int8: the quantized graph made by "
-                        "`export --int8` (faster, slightly less accurate)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     p.add_argument("--cam", metavar="DIR", default=None, help="write a Grad-CAM overlay <stem>_cam.png per image")
     p.set_defaults(handler=cmd_predict)
 
@@ -322,7 +324,10 @@ def cmd_evaluate(args) -> int:
 
     is_manifest = Path(args.data).suffix.lower() == ".csv"
     samples = load_samples(args.data, split=args.split or ("test" if is_manifest else None))
-    metrics = evaluate_samples(args.checkpoint, samples, args.out, task=args.task)
+    from .predict import Classifier
+
+    classifier = Classifier.load(args.checkpoint, task=args.task, backend=args.backend)
+    metrics = evaluate_samples(classifier, samples, args.out, task=args.task)
     print(summary_table(metrics))
     print(f"\nreport written to {args.out}/ (metrics.json, predictions.csv, confusion_matrix.png, roc.png, "
           "reliability.png, prediction_grid.png, cam_grid.png)")

@@ -54,7 +54,7 @@ def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike) ->
     logits = Classifier.from_model(model, meta, backend="torch").score_pixels(pixels).logits
     meta = meta.replace(temperature=fit_temperature(logits, class_indices(val, meta.classes, meta.task)))
     save_bundle(model, meta, run.bundle)
-    classifier = Classifier.load(run.bundle)
+    classifier = Classifier.load(run.bundle, backend="onnx")  # the fp32 reference: the same figures on every CPU
     for split in ("val", "test"):
         chosen = [s for s in samples if s.split == split]
         if chosen:
@@ -94,9 +94,11 @@ def _check_compatible(runs: list[RunDir], metas: list) -> None:
 
 
 def _member(run: RunDir, meta) -> dict:
-    """What the card and provenance say of one member."""
+    """What the card and provenance say of one member. A shipped bundle placed in a run directory
+    brings its training facts in its provenance (`ship` put them there)."""
     from .release import training_facts
 
+    facts = meta.provenance.get("training") or training_facts(run.path)
     return {"run": run.path.name, "arch": meta.arch, "seed": meta.provenance.get("seed"),
             "best_epoch": meta.provenance.get("best_epoch"), "temperature": meta.temperature,
-            "train_config": meta.provenance.get("train_config", {}), "training": training_facts(run.path)}
+            "train_config": meta.provenance.get("train_config", {}), "training": facts}

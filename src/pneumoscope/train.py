@@ -554,7 +554,7 @@ def _finish(config, run: RunDir, classes, samples, best, model, val_set, started
     val_logits = Classifier.from_model(model, meta, backend="torch").score_pixels(val_set.pixels.numpy()).logits
     meta = meta.replace(temperature=fit_temperature(val_logits, val_set.targets))
     save_bundle(model, meta, run.bundle)
-    classifier = Classifier.load(run.bundle)
+    classifier = Classifier.load(run.bundle, backend="onnx")  # the fp32 reference: the same figures on every CPU
     metrics = {}
     for split, name in (("val", "val"), ("test", "internal_test")):
         chosen = [s for s in samples if s.split == split]

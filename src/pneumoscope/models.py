@@ -101,9 +101,9 @@ class MergeOutputs(nn.Module):
 
 
 class Ensemble(nn.Module):
-    """Networks averaged in logit space, each with its own normalisation: one module, so one state
-    dict, one ONNX graph, one Grad-CAM pass (a target layer per member) and one input guard (the
-    members' pooled features side by side)."""
+    """Networks averaged in logit space (each XrayNet normalises its own input): one module, so one
+    state dict, one ONNX graph, one Grad-CAM pass (a target layer per member) and one input guard
+    (the members' pooled features side by side). A bundle's members share one normalisation."""
 
     def __init__(self, members: list[nn.Module]):
         super().__init__()

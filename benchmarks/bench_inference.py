@@ -1,7 +1,7 @@
 """Inference runtimes side by side on this CPU, in one process, interleaved (not a unit test).
 
-Runtimes on the same bundle graphs: ONNX Runtime fp32 (the default) and int8 (QDQ), OpenVINO fp32
-graph (at the CPU's precision: bf16 where it has AMX / AVX512-BF16, else f32; and forced f32) and
+Runtimes on the same bundle graphs: ONNX Runtime fp32 (the reference) and int8 (QDQ), OpenVINO fp32
+graph (at the CPU's precision: bf16 where it has AMX / AVX512-BF16, else f32; what `auto` runs; and forced f32) and
 int8 graph, PyTorch eager (--torch). Per runtime:
 - model only: single-image latency p50/p95 (one 1 x 1 x S x S batch), folder images/s at batch 32
   (batches side by side on the runtime's one-stream siblings, as `predict_many` runs them);
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscope.artifact import load_bundle, resolve_model
-from pneumoscope.backends import (OnnxBackend, OpenVinoBackend, TorchBackend, describe_machine, openvino_precision,
-                                  side_by_side, to_batch)
+from pneumoscope.backends import (OnnxBackend, OpenVinoBackend, TorchBackend, describe_machine, openvino_can_run,
+                                  openvino_precision, side_by_side, to_batch)
 from pneumoscope.metrics import bootstrap_ci
 from pneumoscope.predict import Classifier, expand_inputs
 
@@ -40,11 +40,12 @@ def runtimes(bundle, with_torch: bool) -> dict:
     import openvino
 
     ort, ov = f"ONNX Runtime {onnxruntime.__version__}", f"OpenVINO {openvino.__version__}"
-    out = {f"{ort} fp32 (`onnx`, default)": OnnxBackend(bundle.onnx_path("fp32"))}
+    out = {f"{ort} fp32 (`onnx`, the reference)": OnnxBackend(bundle.onnx_path("fp32"))}
     has_int8 = bundle.graph_location("int8").is_file()
     if has_int8:
         out[f"{ort} int8 QDQ (`int8`)"] = OnnxBackend(bundle.onnx_path("int8"), name="int8")
-    out[f"{ov} fp32 graph, {openvino_precision()} (`openvino`)"] = OpenVinoBackend(bundle.onnx_path("fp32"))
+    auto = ", `auto`" if openvino_can_run(bundle.meta) else ""  # what the default backend runs
+    out[f"{ov} fp32 graph, {openvino_precision()} (`openvino`{auto})"] = OpenVinoBackend(bundle.onnx_path("fp32"))
     if openvino_precision() != "f32":
         out[f"{ov} fp32 graph, f32"] = OpenVinoBackend(bundle.onnx_path("fp32"), precision="f32")
     if has_int8:

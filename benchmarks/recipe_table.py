@@ -27,6 +27,10 @@ def run_row(path: str) -> dict:
         return {"variant": Path(path).name, "arch": "ensemble", "img": meta.img_size,
                 "recipe": " + ".join(m["run"] for m in meta.provenance["members"]),
                 "wall_min": (s["wall_seconds"] or 0) / 60, "reports": s["reports"]}
+    if not run.raw_config() and meta is not None:  # a shipped bundle placed in a run directory
+        config, wall = meta.provenance.get("train_config", {}), meta.provenance.get("training", {}).get("wall_seconds")
+        return {"variant": Path(path).name, "arch": meta.arch, "img": meta.img_size, "recipe": recipe(config),
+                "wall_min": (wall or 0) / 60, "reports": s["reports"]}
     return {"variant": Path(path).name, "arch": s["arch"], "img": s["img_size"], "recipe": recipe(run.raw_config()),
             "wall_min": (s["wall_seconds"] or 0) / 60, "reports": s["reports"]}
 

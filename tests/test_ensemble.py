@@ -11,7 +11,7 @@ from conftest import EXAMPLES, SMALL_SIZE, small_meta, small_model
 
 from pneumoscope.artifact import ENSEMBLE, REPO_MODELS, BundleError, graph_fingerprint, load_bundle, save_bundle
 from pneumoscope.models import Ensemble, LogitsAndFeatures
-from pneumoscope.rundir import RunDir
+from pneumoscope.rundir import RunDir, summarize
 
 
 def small_ensemble() -> tuple[Ensemble, object]:
@@ -90,6 +90,7 @@ def test_ensemble_of_two_runs_is_a_run_that_ship_and_cam_take(tiny_run, tmp_path
     assert 0.05 < meta.temperature < 20 and run.report("test")["accuracy"] == RunDir(tiny_run).report("test")["accuracy"]
     assert run.status()["status"] == "finished" and run.report("val")["n"] > 0 and run.report("test")["n"] > 0
     assert run.samples() == RunDir(tiny_run).samples()
+    assert (summarize(out)["arch"], summarize(out)["test_acc"]) == (ENSEMBLE, run.report("test")["accuracy"])
     classifier = Classifier.load(run.bundle)
     decoded = classifier.decode(sorted(EXAMPLES.rglob("*.jpeg"))[0])
     heat = cam_heatmap(classifier, decoded.pixels)

@@ -245,8 +245,10 @@ def summarize(path: str | os.PathLike) -> dict:
     recall = reports[recall_split]["recall"] if recall_split else {}
     seconds, speed = _column(rows, "seconds"), _column(rows, "images_per_s")
     return {
-        "dir": str(run.path), "status": run.live_status(), "arch": config.get("arch"), "task": config.get("task"),
-        "img_size": config.get("img_size"), "seed": config.get("seed"), "epochs": len(rows),
+        # an ensemble run has no config.yaml: its model says what it is
+        "dir": str(run.path), "status": run.live_status(), "arch": config.get("arch") or (meta and meta.arch),
+        "task": config.get("task") or (meta and meta.task), "img_size": config.get("img_size") or (meta and meta.img_size),
+        "seed": config.get("seed"), "epochs": len(rows),
         "params": meta.params if meta else None,
         "trainable_params": meta.provenance.get("trainable_params") if meta else None,  # the ones not frozen
         "best_epoch": meta.provenance.get("best_epoch") if meta else None,

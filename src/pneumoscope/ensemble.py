@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -47,7 +48,9 @@ def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike) ->
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     run = RunDir(out)
     run.path.mkdir(parents=True, exist_ok=True)
-    run.write_status("running", fresh=True, started=time.strftime("%Y-%m-%dT%H:%M:%S"), pid=os.getpid())
+    # pid and host: `pneumoscope runs` tells a build that died from one still going
+    run.write_status("running", fresh=True, started=time.strftime("%Y-%m-%dT%H:%M:%S"), pid=os.getpid(),
+                     hostname=socket.gethostname())
     run.write_manifest(samples)
     val = [s for s in samples if s.split == "val"]
     pixels, val, _ = load_pixels(val, meta.img_size)

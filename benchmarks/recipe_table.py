@@ -20,19 +20,18 @@ SPLITS = ("val", "test", "external")
 
 
 def run_row(path: str) -> dict:
-    """A training run's row, or an ensemble run's (`pneumoscope ensemble`: its members named)."""
+    """A training run's row; an ensemble run's (`pneumoscope ensemble`) names its members; a shipped
+    bundle placed in a run directory (no config.yaml) is described by its provenance."""
     s, run = summarize(path), RunDir(path)
-    meta = run.model_meta()
+    meta, config, wall = run.model_meta(), run.raw_config(), s["wall_seconds"]
     if meta is not None and meta.members:
-        return {"variant": Path(path).name, "arch": "ensemble", "img": meta.img_size,
-                "recipe": " + ".join(m["run"] for m in meta.provenance["members"]),
-                "wall_min": (s["wall_seconds"] or 0) / 60, "reports": s["reports"]}
-    if not run.raw_config() and meta is not None:  # a shipped bundle placed in a run directory
-        config, wall = meta.provenance.get("train_config", {}), meta.provenance.get("training", {}).get("wall_seconds")
-        return {"variant": Path(path).name, "arch": meta.arch, "img": meta.img_size, "recipe": recipe(config),
-                "wall_min": (wall or 0) / 60, "reports": s["reports"]}
-    return {"variant": Path(path).name, "arch": s["arch"], "img": s["img_size"], "recipe": recipe(run.raw_config()),
-            "wall_min": (s["wall_seconds"] or 0) / 60, "reports": s["reports"]}
+        described = " + ".join(m["run"] for m in meta.provenance["members"])
+    else:
+        if not config and meta is not None:
+            config, wall = meta.provenance.get("train_config", {}), meta.provenance.get("training", {}).get("wall_seconds")
+        described = recipe(config)
+    return {"variant": Path(path).name, "arch": s["arch"], "img": s["img_size"], "recipe": described,
+            "wall_min": (wall or 0) / 60, "reports": s["reports"]}
 
 
 def recipe(config: dict) -> str:

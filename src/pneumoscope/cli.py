@@ -253,24 +253,21 @@ def cmd_train(args) -> int:
         return EXIT_OK
     if result.resumed:
         print(f"resumed {result.run_dir} with its saved configuration", file=sys.stderr)
-    print(f"model bundle: {result.bundle}")
-    for split, numbers in result.metrics.items():
-        recall = ", ".join(f"{c} {v:.3f}" for c, v in numbers["recall"].items())
-        print(f"  {split}: accuracy {numbers['accuracy']:.4f} (n={numbers['n']}), recall {recall}")
-    return EXIT_OK
+    return _print_result(result)
 
 
 def cmd_ensemble(args) -> int:
     from .ensemble import build_ensemble
-    from .rundir import RunDir
 
-    bundle = build_ensemble(args.runs, args.out)
-    print(f"model bundle: {bundle}")
-    for split in ("val", "test"):
-        report = RunDir(args.out).report(split)
-        if report:
-            recall = ", ".join(f"{c} {v['recall']:.3f}" for c, v in report["per_class"].items())
-            print(f"  {split}: accuracy {report['accuracy']:.4f} (n={report['n']}), recall {recall}")
+    return _print_result(build_ensemble(args.runs, args.out))
+
+
+def _print_result(result) -> int:
+    """A train.TrainResult: its bundle, then each evaluated split's accuracy and recalls."""
+    print(f"model bundle: {result.bundle}")
+    for split, numbers in result.metrics.items():
+        recall = ", ".join(f"{c} {v:.3f}" for c, v in numbers["recall"].items())
+        print(f"  {split}: accuracy {numbers['accuracy']:.4f} (n={numbers['n']}), recall {recall}")
     return EXIT_OK
 
 

@@ -9,7 +9,6 @@ reports beside it.
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import time
@@ -18,18 +17,13 @@ from pathlib import Path
 from . import __version__
 from .rundir import RunDir
 
-log = logging.getLogger(__name__)
-
-
-def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """Averages the finished runs `run_dirs` into the run directory `out`; returns its bundle path."""
-    from .artifact import ENSEMBLE, ModelMeta, load_bundle, save_bundle
+def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike):
+    """Averages the finished runs `run_dirs` into the run directory `out`; returns a train.TrainResult
+    (its bundle and the val / internal test headlines)."""
+    from .artifact import ENSEMBLE, ModelMeta, load_bundle
     from .data import class_indices, load_pixels
-    from .evaluate import evaluate_samples
-    from .metrics import fit_temperature, headline
     from .models import Ensemble, count_parameters
-    from .predict import Classifier
-    from .train import git_commit
+    from .train import TrainResult, git_commit, save_calibrated
 
     started = time.perf_counter()
     runs = [RunDir(path) for path in run_dirs]
@@ -52,23 +46,14 @@ def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike) ->
     run.write_status("running", fresh=True, started=time.strftime("%Y-%m-%dT%H:%M:%S"), pid=os.getpid(),
                      hostname=socket.gethostname())
     run.write_manifest(samples)
-    val = [s for s in samples if s.split == "val"]
-    pixels, val, _ = load_pixels(val, meta.img_size)
-    logits = Classifier.from_model(model, meta, backend="torch").score_pixels(pixels).logits
-    meta = meta.replace(temperature=fit_temperature(logits, class_indices(val, meta.classes, meta.task)))
-    save_bundle(model, meta, run.bundle)
-    classifier = Classifier.load(run.bundle, backend="onnx")  # the fp32 reference: the same figures on every CPU
-    for split in ("val", "test"):
-        chosen = [s for s in samples if s.split == split]
-        if chosen:
-            report = headline(evaluate_samples(classifier, chosen, run.report_dir(split), plots=split == "test"))
-            log.info("%s: accuracy %.4f (n=%d)", split, report["accuracy"], report["n"])
+    pixels, val, _ = load_pixels([s for s in samples if s.split == "val"], meta.img_size)
+    metrics = save_calibrated(model, meta, run, samples, pixels, class_indices(val, meta.classes, meta.task))
     wall = round(time.perf_counter() - started, 1)
     members_wall = sum(m["training"].get("wall_seconds") or 0 for m in members)
     run.write_env({"pneumoscope": __version__, "cpu_count": os.cpu_count(), "ensemble_seconds": wall})
     # wall_seconds: what the ensemble cost from scratch, the members' training included
     run.write_status("finished", wall_seconds=round(members_wall + wall, 1), ensemble_seconds=wall)
-    return run.bundle
+    return TrainResult(run.path, run.bundle, metrics)
 
 
 def _finished_model(run: RunDir) -> Path:

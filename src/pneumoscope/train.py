@@ -59,6 +59,26 @@ class TrainResult:
     best_epoch: int | None = None
 
 
+def save_calibrated(model, meta, run: RunDir, samples, val_pixels, val_targets, evaluate_test: bool = True) -> dict:
+    """Temperature from one pass over the val pixels -> the bundle, written once -> val (and internal
+    test) reports from that bundle, through the Classifier users load, on the fp32 reference (ONNX
+    Runtime: the same figures on every CPU). Returns the headlines {"val", "internal_test"}."""
+    from .artifact import save_bundle
+    from .evaluate import evaluate_samples
+    from .metrics import fit_temperature, headline
+    from .predict import Classifier
+
+    val_logits = Classifier.from_model(model, meta, backend="torch").score_pixels(val_pixels).logits
+    save_bundle(model, meta.replace(temperature=fit_temperature(val_logits, val_targets)), run.bundle)
+    classifier = Classifier.load(run.bundle, backend="onnx")
+    metrics = {}
+    for split, name in (("val", "val"), ("test", "internal_test")):
+        chosen = [s for s in samples if s.split == split]
+        if chosen and (split == "val" or evaluate_test):
+            metrics[name] = headline(evaluate_samples(classifier, chosen, run.report_dir(split), plots=split == "test"))
+    return metrics
+
+
 # ---------------------------------------------------------------- Lightning module
 class LitClassifier(L.LightningModule):
     def __init__(self, model: XrayNet, classes: tuple[str, ...], config: TrainConfig, weights: torch.Tensor):
@@ -533,12 +553,8 @@ class _ContinuedWriter(ExperimentWriter):
 
 
 def _finish(config, run: RunDir, classes, samples, best, model, val_set, started) -> TrainResult:
-    """Best weights -> temperature from one pass over the val pixels -> the bundle, written once ->
-    val and test reports from that bundle, through the same Classifier users load."""
-    from .artifact import ModelMeta, save_bundle
-    from .evaluate import evaluate_samples
-    from .metrics import fit_temperature, headline
-    from .predict import Classifier
+    """Best weights -> the meta that names them -> `save_calibrated` -> env and status."""
+    from .artifact import ModelMeta
 
     state, best_epoch = rundir.checkpoint_weights(best.best_model_path)
     model.load_state_dict(state)
@@ -551,16 +567,8 @@ def _finish(config, run: RunDir, classes, samples, best, model, val_set, started
                     "trainable_params": trainable_parameters(model),
                     "manifest_hash": manifest_hash(samples), "best_epoch": best_epoch, "train_config": config.to_dict(),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    val_logits = Classifier.from_model(model, meta, backend="torch").score_pixels(val_set.pixels.numpy()).logits
-    meta = meta.replace(temperature=fit_temperature(val_logits, val_set.targets))
-    save_bundle(model, meta, run.bundle)
-    classifier = Classifier.load(run.bundle, backend="onnx")  # the fp32 reference: the same figures on every CPU
-    metrics = {}
-    for split, name in (("val", "val"), ("test", "internal_test")):
-        chosen = [s for s in samples if s.split == split]
-        if chosen and (split == "val" or config.evaluate_test):
-            report = evaluate_samples(classifier, chosen, run.report_dir(split), plots=split == "test")
-            metrics[name] = headline(report)
+    metrics = save_calibrated(model, meta, run, samples, val_set.pixels.numpy(), val_set.targets,
+                               evaluate_test=config.evaluate_test)
     wall = time.perf_counter() - started
     run.write_env(environment(config, wall))
     run.write_status("finished", wall_seconds=round(wall, 1),

@@ -239,6 +239,38 @@ def test_training_really_learns(tmp_path):
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
 
 
+def test_lightning_csv_log_is_replaced_whole_so_a_crash_mid_save_keeps_the_rows_before(tmp_path, monkeypatch):
+    """logs/metrics.csv: each save writes a new file and renames it into place; a new column rewrites
+    it with the rows kept. A save that dies half-way leaves the previous whole file (Lightning's own
+    writer appends and rewrites in place, so a kill there left it empty or torn: a CI failure)."""
+    from pneumoscope.train import AtomicCSVLogger
+
+    logger = AtomicCSVLogger(tmp_path)
+    logger.log_metrics({"epoch": 0, "train_loss": 1.0}, step=0)
+    logger.save()
+    logger.log_metrics({"epoch": 0, "val_acc": 0.5}, step=1)  # a new column
+    logger.save()
+    path = tmp_path / "logs" / "metrics.csv"
+    saved = list(csv.DictReader(open(path)))
+    assert [(r["step"], r["train_loss"], r["val_acc"]) for r in saved] == [("0", "1.0", ""), ("1", "", "0.5")]
+
+    def die(*_):
+        raise KeyboardInterrupt("killed mid-save")
+
+    logger.log_metrics({"epoch": 1, "train_loss": 0.5, "lr": 0.1}, step=2)
+    monkeypatch.setattr(csv.DictWriter, "writerows", die)
+    with pytest.raises(KeyboardInterrupt):
+        logger.save()
+    monkeypatch.undo()
+    assert list(csv.DictReader(open(path))) == saved
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.csv"]  # no temporary left behind
+
+    resumed = AtomicCSVLogger(tmp_path, resumed_epoch=0)  # continues the file, dropping nothing before it
+    resumed.log_metrics({"epoch": 1, "train_loss": 0.4}, step=2)
+    resumed.save()
+    assert [r["step"] for r in csv.DictReader(open(path))] == ["0", "1", "2"]
+
+
 @pytest.mark.slow
 def test_killed_run_is_interrupted_then_resumes_from_python_with_its_saved_configuration(tmp_path):
     """SIGKILL after the first epoch's checkpoint: the files are whole, `runs` sees the run as

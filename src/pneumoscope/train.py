@@ -485,13 +485,10 @@ class _Loaders(L.LightningDataModule):
 
 
 def _loggers(run_dir: Path, resumed_epoch: int | None = None) -> list:
-    """Lightning's standard loggers: CSV always (continuing its file when the run resumes from a
-    checkpoint of `resumed_epoch`); TensorBoard and MLflow when they are installed (optional:
-    neither is a dependency). Loggers write on rank 0 only."""
-    if resumed_epoch is None:
-        loggers = [CSVLogger(run_dir, name="logs", version="")]
-    else:
-        loggers = [ContinuedCSVLogger(run_dir, resumed_epoch)]
+    """Lightning's standard loggers: CSV always (whole-file atomic writes, continuing its file when
+    the run resumes from a checkpoint of `resumed_epoch`); TensorBoard and MLflow when they are
+    installed (optional: neither is a dependency). Loggers write on rank 0 only."""
+    loggers = [AtomicCSVLogger(run_dir, resumed_epoch)]
     try:
         import tensorboard  # noqa: F401
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -515,11 +512,13 @@ def _loggers(run_dir: Path, resumed_epoch: int | None = None) -> list:
     return loggers
 
 
-class ContinuedCSVLogger(CSVLogger):
-    """Lightning's CSV logger for a resumed run: it continues logs/metrics.csv, where Lightning's
-    own writer would delete the file and every row logged before the interruption."""
+class AtomicCSVLogger(CSVLogger):
+    """Lightning's CSV logger (logs/metrics.csv) writing each save as a whole new file put in place by
+    rename. Lightning's own writer appends in place and rewrites the file in place when a column
+    appears, so a kill mid-write leaves it empty or torn and its rows are lost. For a resumed run
+    (`resumed_epoch` set) it continues the file, where Lightning's writer would delete it."""
 
-    def __init__(self, run_dir: Path, resumed_epoch: int):
+    def __init__(self, run_dir: Path, resumed_epoch: int | None = None):
         super().__init__(run_dir, name="logs", version="")
         self.resumed_epoch = resumed_epoch
 
@@ -527,26 +526,47 @@ class ContinuedCSVLogger(CSVLogger):
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
-            self._experiment = _ContinuedWriter(self.log_dir, self.resumed_epoch)
+            self._experiment = _AtomicWriter(self.log_dir, self.resumed_epoch)
         return self._experiment
 
 
-class _ContinuedWriter(ExperimentWriter):
-    def __init__(self, log_dir: str, resumed_epoch: int):
+class _AtomicWriter(ExperimentWriter):
+    def __init__(self, log_dir: str, resumed_epoch: int | None):
         self.resumed_epoch = resumed_epoch
         super().__init__(log_dir)
 
     def _check_log_dir_exists(self) -> None:
-        """(Where Lightning deletes metrics.csv.) Keeps its rows up to the checkpoint's epoch (the
-        resumed run logs the later ones again) and its columns, which save() then appends to."""
+        """(Where Lightning deletes metrics.csv.) A fresh run starts the file anew, as Lightning does;
+        a resumed one keeps its rows up to the checkpoint's epoch (the run logs the later ones again)."""
         path = Path(self.metrics_file_path)
         if not path.is_file():
             return
+        if self.resumed_epoch is None:
+            path.unlink()
+            return
+        rows, self.metrics_keys = self._saved_rows()
+        self._write([row for row in rows if not row.get("epoch") or int(float(row["epoch"])) <= self.resumed_epoch])
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        rows, _ = self._saved_rows()
+        self._record_new_keys()
+        self._write(rows + self.metrics)
+        self.metrics = []
+
+    def _saved_rows(self) -> tuple[list[dict], list[str]]:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return [], []
         with open(path, newline="") as handle:
             reader = csv.DictReader(handle)
-            rows = [row for row in reader if not row.get("epoch") or int(float(row["epoch"])) <= self.resumed_epoch]
-        self.metrics_keys = list(reader.fieldnames or [])
-        with atomic_write(path, "w", newline="") as handle:
+            rows = list(reader)
+        return rows, list(reader.fieldnames or [])
+
+    def _write(self, rows: list[dict]) -> None:
+        os.makedirs(self.log_dir, exist_ok=True)
+        with atomic_write(Path(self.metrics_file_path), "w", newline="") as handle:
             writer = csv.DictWriter(handle, self.metrics_keys)
             writer.writeheader()
             writer.writerows(rows)

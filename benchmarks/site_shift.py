@@ -25,7 +25,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from pneumoscope.adapt import adapt_batchnorm, add_logit_bias, estimate_priors, prior_shift_bias
 from pneumoscope.data import discover, read_manifest
-from pneumoscope.images import read_xray, resize_square
+from pneumoscope.images import input_step, read_xray, resize_square
 from pneumoscope.labels import task_label
 from pneumoscope.metrics import compute_metrics
 
@@ -98,7 +98,7 @@ def evaluate_variants(bundle_loader, pixels, y, groups, classes, source_priors):
     halves = two_halves(y, groups)
     for fit_half, score_half in ((halves[0], halves[1]), (halves[1], halves[0])):
         adapted = bundle_loader()
-        adapt_batchnorm(adapted.torch_model, pixels[fit_half])
+        adapt_batchnorm(adapted.torch_model, input_step(pixels[fit_half], adapted.meta.preprocess))
         adapted.refresh()
         cross["adabn"][score_half] = adapted.probabilities(pixels[score_half])
         priors = estimate_priors(adapted.probabilities(pixels[fit_half]), source_priors)

@@ -82,3 +82,22 @@ def test_shipped_graphs_are_current_and_small(task):
         assert bundle.onnx_path(kind) == bundle.graph_location(kind)  # no re-export needed, none refused
     for path in bundle.path.iterdir():
         assert path.stat().st_size <= 20 * 2**20, path
+
+
+def test_int8_calibration_images_pass_the_models_input_step(fixture_data, monkeypatch, tmp_path):
+    """A model trained with CLAHE is calibrated on what it will see: stepped pixels."""
+    import numpy as np
+
+    from conftest import small_meta
+    from pneumoscope import export
+    from pneumoscope.data import discover
+    from pneumoscope.images import input_step
+
+    samples = discover(fixture_data)[0]
+    plain = export.calibration_pixels(samples, 64, n=4)
+    assert (export.calibration_pixels(samples, 64, n=4, preprocess="clahe") == input_step(plain, "clahe")).all()
+    seen = []
+    monkeypatch.setattr(export, "quantize_int8", lambda fp32, out, pixels: seen.append(pixels) or out)
+    bundle = save_bundle(small_model(), small_meta(preprocess="clahe"), tmp_path / "clahe")
+    export.export_int8(bundle, samples, n_calibration=4)
+    assert (seen[0] == input_step(plain, "clahe")).all()

@@ -153,3 +153,31 @@ def test_one_image_on_the_default_path_never_imports_torch():
     record_line, imported = done.stdout.strip().splitlines()
     assert json.loads(record_line)["status"] == "ok"
     assert imported == "[]"
+
+
+def test_a_model_with_an_input_step_gets_it_on_every_path(tmp_path):
+    """meta.preprocess "clahe": decoding applies it after resizing, score_pixels applies it to the
+    resized arrays training caches, the saved bundle's ONNX graph gives what the network gives on
+    stepped pixels, and the step counts in the fingerprint (a bundle without it keeps its own)."""
+    from pneumoscope.artifact import BundleError, fingerprint, load_bundle, save_bundle
+    from pneumoscope.images import input_step, resize_square
+
+    model, plain = small_model(), small_meta()
+    meta = small_meta(preprocess="clahe")
+    paths = sorted(EXAMPLES.rglob("*.jpeg"))[:3]
+    raw = np.stack([resize_square(read_xray(p), meta.img_size) for p in paths])
+    stepped = input_step(raw, "clahe")
+    with_step = Classifier.from_model(model, meta, backend="torch")
+    assert all((with_step.decode(p).pixels == s).all() for p, s in zip(paths, stepped))
+    expected = Classifier.from_model(model, plain, backend="torch").score_pixels(stepped).logits
+    np.testing.assert_allclose(with_step.scores(paths).logits, expected, atol=1e-5)
+    np.testing.assert_allclose(with_step.score_pixels(raw).logits, expected, atol=1e-5)
+    assert not np.allclose(Classifier.from_model(model, plain, backend="torch").score_pixels(raw).logits, expected,
+                           atol=1e-3)  # the step changes what the network sees
+
+    bundle = load_bundle(save_bundle(model, meta, tmp_path / "clahe"))
+    assert bundle.meta.preprocess == "clahe" and fingerprint("w", meta) != fingerprint("w", plain)
+    assert fingerprint("w", small_meta(preprocess="none")) == fingerprint("w", plain)  # "none" is no step
+    np.testing.assert_allclose(Classifier.load(bundle, backend="onnx").scores(paths).logits, expected, atol=1e-4)
+    with pytest.raises(BundleError, match="unknown input step 'hist'"):
+        small_meta(preprocess="hist")

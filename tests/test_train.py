@@ -272,6 +272,34 @@ def test_lightning_csv_log_is_replaced_whole_so_a_crash_mid_save_keeps_the_rows_
 
 
 @pytest.mark.slow
+def test_an_input_step_is_trained_with_and_recorded_for_every_prediction(tmp_path, monkeypatch):
+    """--preprocess clahe: every training and validation image passes the step, the temperature is
+    fitted on the logits of stepped validation pixels, and the bundle records the step (so every
+    prediction applies it: tests/test_predict.py)."""
+    from pneumoscope import data, metrics
+    from pneumoscope.images import input_step
+    from pneumoscope.predict import Classifier
+    from pneumoscope.rundir import RunDir
+    from pneumoscope.train import train
+
+    stepped, fitted_on = [], []
+    step, fit = data.InputStep.forward, metrics.fit_temperature
+    monkeypatch.setattr(data.InputStep, "forward", lambda self, image: stepped.append(self.method) or step(self, image))
+    monkeypatch.setattr(metrics, "fit_temperature", lambda logits, targets: fitted_on.append(logits) or fit(logits, targets))
+    result = train(tiny_config(FIXTURE_DATA, tmp_path / "clahe", arch="simple_cnn", epochs=1, img_size=48,
+                               preprocess="clahe", evaluate_test=False))
+    classifier = Classifier.load(result.bundle, backend="torch")
+    assert classifier.meta.preprocess == "clahe"
+    samples = RunDir(result.run_dir).samples()
+    n_train, n_val = (sum(s.split == split for s in samples) for split in ("train", "val"))
+    assert set(stepped) == {"clahe"} and len(stepped) >= n_train + n_val
+    val_pixels, _, _ = data.load_pixels([s for s in samples if s.split == "val"], 48)
+    plain = Classifier.from_model(classifier.model, classifier.meta.replace(preprocess=None), backend="torch")
+    np.testing.assert_allclose(fitted_on[0], plain.score_pixels(input_step(val_pixels, "clahe")).logits, atol=1e-4)
+    assert not np.allclose(fitted_on[0], plain.score_pixels(val_pixels).logits, atol=1e-3)
+
+
+@pytest.mark.slow
 def test_killed_run_is_interrupted_then_resumes_from_python_with_its_saved_configuration(tmp_path):
     """SIGKILL after the first epoch's checkpoint: the files are whole, `runs` sees the run as
     interrupted, and train(TrainConfig(resume=True)) from Python continues it exactly as --resume

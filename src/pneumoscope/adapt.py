@@ -119,7 +119,7 @@ def adapt_bundle(checkpoint, images, out, priors: bool = False, task: str = "thr
 
     from .artifact import load_bundle, resolve_model, save_bundle
     from .files import atomic_write
-    from .images import ImageReadError, read_xray, resize_square
+    from .images import ImageReadError, input_step, read_xray, resize_square
     from .predict import Classifier, expand_inputs
 
     bundle = load_bundle(checkpoint or resolve_model(task))
@@ -138,7 +138,7 @@ def adapt_bundle(checkpoint, images, out, priors: bool = False, task: str = "thr
     pixels = np.stack(pixels)
     classes = tuple(meta.classes)
     before = Classifier.from_model(model, meta, backend="torch").scores(list(pixels)).probabilities
-    layers = adapt_batchnorm(model, pixels)
+    layers = adapt_batchnorm(model, input_step(pixels, meta.preprocess))  # Classifier.scores applies it itself
     applied = {"method": "adabn", "batchnorm_layers": layers, "images": int(len(pixels)),
                "source": str(images), "date": time.strftime("%Y-%m-%d")}
     if priors:

@@ -29,6 +29,7 @@ from functools import cached_property
 from pathlib import Path
 
 from .files import atomic_write, default_cache_dir
+from .images import INPUT_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ GRAPH_KINDS = {"fp32": ONNX_FP32, "int8": ONNX_INT8}
 FINGERPRINT_KEY = "pneumoscope_fingerprint"  # ONNX metadata_props: the fingerprint a graph was made from
 META_KEY = "pneumoscope_meta"  # ONNX metadata_props: the ModelMeta, so a graph explains itself
 SHAPING = ("arch", "classes", "img_size", "mean", "std", "temperature", "merge_outputs", "adaptation")
-LATER_SHAPING = ("members",)  # shape predictions too, but count only when set: older bundles keep their fingerprint
+LATER_SHAPING = ("members", "preprocess")  # shape predictions too, but count only when set: older bundles keep their fingerprint
 ENSEMBLE = "ensemble"  # ModelMeta.arch of an ensemble; its `members` name the architectures
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"  # a source checkout's models/
 
@@ -68,6 +69,7 @@ class ModelMeta:
     adaptation: dict | None = None  # e.g. {"method": "adabn", "images": 312, "source": "...", "priors": [...]}
     guard: dict | None = None  # feature-space statistics for the input guard
     members: tuple[str, ...] | None = None  # arch "ensemble": the members' architectures (models.Ensemble)
+    preprocess: str | None = None  # the input step after resizing (images.input_step); None: none
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -77,6 +79,11 @@ class ModelMeta:
             object.__setattr__(self, "members", tuple(self.members))
         if (self.arch == ENSEMBLE) != bool(self.members):
             raise BundleError(f"{self.name}: arch {ENSEMBLE!r} goes with a list of members, and only it")
+        if self.preprocess in ("none", ""):  # one spelling of "no step", so fingerprints agree
+            object.__setattr__(self, "preprocess", None)
+        if self.preprocess is not None and self.preprocess not in INPUT_STEPS:
+            raise BundleError(f"{self.name}: unknown input step {self.preprocess!r}; this pneumoscope knows "
+                              f"{', '.join(INPUT_STEPS)}")
         if self.merge_outputs is not None:
             object.__setattr__(self, "merge_outputs", tuple(tuple(int(i) for i in g) for g in self.merge_outputs))
             if len(self.merge_outputs) != len(self.classes):

@@ -12,6 +12,7 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from .images import INPUT_STEPS
 from .labels import TASKS
 
 DEFAULT_ARCH = "efficientnet_lite0"
@@ -58,6 +59,8 @@ class TrainConfig:
     aug: float = _option(1.0, "augmentation strength, 0 disables it")
     aug_policy: str = _option("strong", "augmentation policy (strong: acquisition changes such as "
                                           "equalisation, JPEG, shear)", choices=AUG_POLICIES)
+    preprocess: str = _option("none", "fixed input step after resizing, in training and in every prediction "
+                                      "(clahe: adaptive histogram equalisation)", choices=INPUT_STEPS)
     freeze: str | None = _option(None, "weights kept as they start: none, base (all but the classifier head) or N "
                                        "(the stem and the first N stages); default: the architecture's (2 on "
                                        "efficientnet_lite*, none on the others)")

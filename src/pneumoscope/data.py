@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 
 from .config import AUG_POLICIES
 from .files import atomic_write, default_cache_dir  # noqa: F401  (re-exported: older imports use data.atomic_write)
-from .images import ImageReadError, read_xray, resize_square
+from .images import ImageReadError, input_step, read_xray, resize_square
 from .labels import (classes_for, is_image_file, is_kermany_tree, kermany_patient, label_from_path,
                      task_label)
 
@@ -381,13 +381,29 @@ class RandomGamma(torch.nn.Module):
         return v2.functional.adjust_gamma(image, gamma)
 
 
-def train_transform(size: int, strength: float = 1.0, policy: str = "standard") -> v2.Compose:
+class InputStep(torch.nn.Module):
+    """The model's fixed input step (images.input_step) on a 1 x S x S uint8 tensor: last in the
+    training augmentation, so the network sees it after every simulated acquisition change, as
+    it will after a real one."""
+
+    def __init__(self, method: str | None):
+        super().__init__()
+        self.method = method
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.method in (None, "none"):
+            return image
+        return torch.from_numpy(input_step(image[0].numpy(), self.method))[None]
+
+
+def train_transform(size: int, strength: float = 1.0, policy: str = "standard", preprocess: str | None = None
+                    ) -> v2.Compose:
     """Augmentation for radiographs. `standard`: crop, small rotations and shifts, exposure,
     contrast, gamma, blur and noise. `strong` adds what changes between hospitals' machines and
     post-processing: wider crops, shear, histogram equalisation, JPEG re-compression, sharpening
     and stronger exposure changes. No horizontal flip: the heart is on the left in every chest film."""
     if strength <= 0:
-        return eval_transform()
+        return eval_transform(preprocess)
     if policy not in AUG_POLICIES:
         raise ValueError(f"unknown augmentation policy {policy!r}; choose from {', '.join(AUG_POLICIES)}")
     s = strength
@@ -402,6 +418,7 @@ def train_transform(size: int, strength: float = 1.0, policy: str = "standard") 
             v2.RandomApply([v2.JPEG((40, 95))], p=0.3 * s),
             v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.3 * s),
             v2.RandomAdjustSharpness(2.0, p=0.2 * s),
+            InputStep(preprocess),
             v2.ToDtype(torch.float32, scale=True),
             v2.RandomApply([v2.GaussianNoise(sigma=0.03 * s, clip=True)], p=0.3 * s),
         ])
@@ -412,13 +429,14 @@ def train_transform(size: int, strength: float = 1.0, policy: str = "standard") 
         v2.RandomApply([RandomGamma(1 + 0.5 * s)], p=0.5),
         v2.RandomAutocontrast(p=0.2 * s),
         v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.3 * s),
+        InputStep(preprocess),
         v2.ToDtype(torch.float32, scale=True),
         v2.RandomApply([v2.GaussianNoise(sigma=0.02 * s, clip=True)], p=0.3 * s),
     ])
 
 
-def eval_transform() -> v2.Compose:
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True)])
+def eval_transform(preprocess: str | None = None) -> v2.Compose:
+    return v2.Compose([InputStep(preprocess), v2.ToDtype(torch.float32, scale=True)])
 
 
 class XrayDataset(Dataset):

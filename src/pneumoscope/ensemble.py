@@ -36,6 +36,7 @@ def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike):
     meta = ModelMeta(
         name=f"pneumoscope-ensemble{len(runs)}-{first.task}", task=first.task, classes=first.classes, arch=ENSEMBLE,
         members=tuple(b.meta.arch for b in bundles), img_size=first.img_size, mean=first.mean, std=first.std,
+        preprocess=first.preprocess,
         params=count_parameters(model),
         provenance={"pneumoscope": __version__, "git_commit": git_commit(), "manifest_hash":
                     first.provenance.get("manifest_hash"), "members": members,
@@ -72,7 +73,7 @@ def _check_compatible(runs: list[RunDir], metas: list) -> None:
         if meta.members or meta.merge_outputs or meta.adaptation:
             raise ValueError(f"{run.path}: members must be plain trained models (not an ensemble, a merged "
                              "or an adapted one)")
-        for field in ("task", "classes", "img_size", "mean", "std"):
+        for field in ("task", "classes", "img_size", "mean", "std", "preprocess"):  # one input for all
             if getattr(meta, field) != getattr(first, field):
                 raise ValueError(f"{run.path}: {field} {getattr(meta, field)} differs from {runs[0].path}'s "
                                  f"{getattr(first, field)}")

@@ -81,16 +81,16 @@ class _PixelBatches:
         return next(self.feeds, None)
 
 
-def calibration_pixels(samples, size: int, n: int = 256, seed: int = 0):
+def calibration_pixels(samples, size: int, n: int = 256, seed: int = 0, preprocess: str | None = None):
     """`n` images drawn (seeded) from the samples' train split, or from all of them when there is
-    none, decoded at the model's input size: N x size x size uint8."""
+    none, decoded at the model's input size and through its input step: N x size x size uint8."""
     import numpy as np
 
-    from .images import read_xray, resize_square
+    from .images import input_step, read_xray, resize_square
 
     pool = [s for s in samples if s.split == "train"] or list(samples)
     chosen = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)
-    return np.stack([resize_square(read_xray(pool[i].path), size) for i in sorted(chosen)])
+    return input_step(np.stack([resize_square(read_xray(pool[i].path), size) for i in sorted(chosen)]), preprocess)
 
 
 def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, pixels) -> Path:
@@ -124,7 +124,8 @@ def export_int8(checkpoint: str | os.PathLike, calibration_samples, n_calibratio
     """Bundle (or legacy model.pt) -> int8 graph, calibrated on `n_calibration` of the samples (see
     calibration_pixels); by default the bundle's own `model.int8.onnx`, where backend "int8" looks."""
     bundle = load_bundle(checkpoint)
-    pixels = calibration_pixels(calibration_samples, bundle.meta.img_size, n_calibration)
+    pixels = calibration_pixels(calibration_samples, bundle.meta.img_size, n_calibration,
+                                preprocess=bundle.meta.preprocess)
     out = out or bundle.graph_location("int8")
     if opset == OPSET:  # the bundle's own fp32 graph (fingerprint-checked; exported only if missing or stale)
         return quantize_int8(bundle.onnx_path("fp32"), out, pixels)

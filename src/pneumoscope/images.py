@@ -381,6 +381,26 @@ def _stretch(values: np.ndarray) -> np.ndarray:
     return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
+INPUT_STEPS = ("none", "clahe")  # ModelMeta.preprocess / train --preprocess
+
+
+def input_step(pixels: np.ndarray, method: str | None) -> np.ndarray:
+    """The model's fixed input step after resizing, on S x S or N x S x S uint8 pixels. "clahe":
+    contrast-limited adaptive histogram equalisation (OpenCV; clip limit 2, 8 x 8 tiles), which
+    evens out the exposure and contrast that differ between sites' machines and post-processing.
+    None or "none": the pixels as they are."""
+    if method in (None, "none"):
+        return pixels
+    if method != "clahe":
+        raise ValueError(f"unknown input step {method!r}; choose from {', '.join(INPUT_STEPS)}")
+    import cv2  # opencv comes with grad-cam
+
+    clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+    if pixels.ndim == 2:
+        return clahe.apply(np.ascontiguousarray(pixels, np.uint8))
+    return np.stack([clahe.apply(np.ascontiguousarray(p, np.uint8)) for p in pixels]) if len(pixels) else pixels
+
+
 def resize_square(gray: np.ndarray, size: int) -> np.ndarray:
     """Squashes to size x size, as the training data was (its aspect ratio was not kept)."""
     if gray.shape == (size, size):

@@ -1,6 +1,7 @@
 """Prediction: the Python API (`Classifier.load().predict(path)`), scores as arrays, records for people.
 
-One image goes file -> `images.read_xray` (gray uint8) -> `images.resize_square` -> [0, 1] batch ->
+One image goes file -> `images.read_xray` (gray uint8) -> `images.resize_square` -> the model's input
+step (`images.input_step`, none unless it was trained with one) -> [0, 1] batch ->
 a `backends.Backend` (the network normalises itself; ONNX Runtime or PyTorch) -> logits, features ->
 logits / temperature -> softmax. `Classifier.scores` returns those as arrays (`Scores`); a `Record`
 (rounded, for the CLI and the web) is made from a row of them at the edge and never read back.
@@ -22,7 +23,7 @@ from .artifact import Bundle, ModelMeta, load_bundle, resolve_model
 from .backends import (BACKENDS, Backend, TorchBackend, backend_for_model, cpu_threads, open_backend,
                        side_by_side, to_batch)
 from .guard import NOT_XRAY, guard_warnings, load_guard, stats_for
-from .images import ImageReadError, ImageTooLargeError, read_xray_with_info, resize_square
+from .images import ImageReadError, ImageTooLargeError, input_step, read_xray_with_info, resize_square
 from .labels import is_image_file
 
 __all__ = ["BACKENDS", "Classifier", "Decoded", "Record", "Scores", "expand_inputs", "image_warnings",
@@ -114,6 +115,7 @@ class Classifier:
         self.workers = cpu_threads()
         self.classes: tuple[str, ...] = meta.classes
         self.img_size: int = meta.img_size
+        self.preprocess: str | None = meta.preprocess
         self.temperature: float = meta.temperature
         stats = stats_for(meta.guard, runtime.name)  # statistics of this backend's own features, or none
         self.guard = load_guard(stats) if stats else None
@@ -165,7 +167,8 @@ class Classifier:
         except ImageReadError as err:
             return Decoded(label, None, error=str(err), too_large=isinstance(err, ImageTooLargeError))
         warnings = [*info.get("warnings", []), *image_warnings(gray, info)]  # the decoder's (first frame used)
-        return Decoded(label, resize_square(gray, self.img_size), warnings, gray=gray if keep_gray else None)
+        pixels = input_step(resize_square(gray, self.img_size), self.preprocess)
+        return Decoded(label, pixels, warnings, gray=gray if keep_gray else None)
 
     def score_decoded(self, decoded: list[Decoded], runtime: Backend | None = None) -> Scores:
         """Runs the decoded inputs through the network in one batch."""
@@ -191,10 +194,11 @@ class Classifier:
                       [d.error for d in decoded], warnings)
 
     def score_pixels(self, pixels: np.ndarray, names: list[str] | None = None, batch_size: int = 64) -> Scores:
-        """Scores N x S x S uint8 pixels already at img_size (e.g. training's decoded arrays), a
-        batch at a time: one batch of thousands of images would hold gigabytes of activations."""
+        """Scores N x S x S uint8 pixels already at img_size, before the input step (as
+        `data.load_pixels` gives them), a batch at a time: one batch of thousands of images would
+        hold gigabytes of activations."""
         names = names or [f"<array {i}>" for i in range(len(pixels))]
-        decoded = [Decoded(n, p) for n, p in zip(names, pixels)]
+        decoded = [Decoded(n, input_step(p, self.preprocess)) for n, p in zip(names, pixels)]
         parts = [self.score_decoded(decoded[i:i + batch_size]) for i in range(0, len(decoded), batch_size)]
         return Scores.concat(parts) if parts else self.score_decoded([])
 

@@ -257,6 +257,10 @@ def _ensemble_line(meta, training: dict, cpu_count) -> str:
             f"{training.get('wall_seconds') or '?'} s wall in all on {cpu_count} CPU cores, members' training included.")
 
 
+def _input_step(meta) -> str:
+    return {"clahe": " through CLAHE (clip 2, 8x8 tiles)"}.get(meta.preprocess, "")
+
+
 def _recipe(config: dict) -> str:
     """Optimiser, schedule and loss in the card's words (runs before these options: AdamW, one-cycle, CE)."""
     loss = (f"focal loss (gamma {config.get('focal_gamma')})" if config.get("loss") == "focal"
@@ -290,7 +294,7 @@ def _task_section(meta, metrics: dict, reports: Path, docs_dir: Path) -> str:
     lines = [f"## `{meta.name}` ({meta.task}: {' / '.join(meta.classes)})", ""]
     lines += [
         f"- Architecture: {_architecture(meta)}, {meta.params:,} parameters, input {meta.img_size}x{meta.img_size} "
-        f"gray, normalisation mean {meta.mean} std {meta.std}.",
+        f"gray{_input_step(meta)}, normalisation mean {meta.mean} std {meta.std}.",
         _training_line(meta, training, config, cpu_count),
         f"- Data: manifest hash `{provenance.get('manifest_hash')}`, git commit `{provenance.get('git_commit')}`; "
         f"temperature {meta.temperature:.3f}."

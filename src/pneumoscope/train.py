@@ -377,8 +377,8 @@ def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResu
         if not chosen:
             raise ValueError(f"the {split} split is empty; give more data or other fractions")
         pixels, kept, _ = load_pixels(chosen, config.img_size, cache)
-        transform = (train_transform(config.img_size, config.aug, config.aug_policy) if split == "train"
-                     else eval_transform())
+        transform = (train_transform(config.img_size, config.aug, config.aug_policy, config.preprocess)
+                     if split == "train" else eval_transform(config.preprocess))
         datasets[split] = XrayDataset(pixels, kept, classes, config.task, transform)
     train_set, val_set = datasets["train"], datasets["val"]
     weights = class_weights(train_set.targets, len(classes)) ** config.class_weight_power
@@ -583,6 +583,7 @@ def _finish(config, run: RunDir, classes, samples, best, model, val_set, started
     meta = ModelMeta(
         name=f"pneumoscope-{config.arch}-{config.task}", task=config.task, classes=tuple(classes),
         arch=config.arch, img_size=config.img_size, mean=spec.mean, std=spec.std, params=count_parameters(model),
+        preprocess=config.preprocess,
         provenance={"pneumoscope": __version__, "git_commit": git_commit(), "seed": config.seed,
                     "trainable_params": trainable_parameters(model),
                     "manifest_hash": manifest_hash(samples), "best_epoch": best_epoch, "train_config": config.to_dict(),

@@ -41,6 +41,8 @@ def recipe(config: dict) -> str:
         words.append(f"mixup {config['mixup']}")
     if config.get("freeze") not in (None, "2"):
         words.append(f"freeze {config['freeze']}")
+    if config.get("preprocess", "none") != "none":
+        words.append(f"input step {config['preprocess']}")
     return ", ".join(words)
 
 

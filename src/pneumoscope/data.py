@@ -382,9 +382,9 @@ class RandomGamma(torch.nn.Module):
 
 
 class InputStep(torch.nn.Module):
-    """The model's fixed input step (images.input_step) on a 1 x S x S uint8 tensor: last in the
-    training augmentation, so the network sees it after every simulated acquisition change, as
-    it will after a real one."""
+    """The model's fixed input step (images.input_step) on a 1 x S x S uint8 tensor: after every
+    simulated acquisition change of the training augmentation (only float noise follows it), as it
+    will come after a real one."""
 
     def __init__(self, method: str | None):
         super().__init__()

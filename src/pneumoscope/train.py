@@ -531,8 +531,11 @@ class AtomicCSVLogger(CSVLogger):
 
 
 class _AtomicWriter(ExperimentWriter):
+    """Keeps every row in memory (a run logs a few hundred) and writes them all on each save."""
+
     def __init__(self, log_dir: str, resumed_epoch: int | None):
         self.resumed_epoch = resumed_epoch
+        self.rows: list[dict] = []
         super().__init__(log_dir)
 
     def _check_log_dir_exists(self) -> None:
@@ -544,25 +547,20 @@ class _AtomicWriter(ExperimentWriter):
         if self.resumed_epoch is None:
             path.unlink()
             return
-        rows, self.metrics_keys = self._saved_rows()
-        self._write([row for row in rows if not row.get("epoch") or int(float(row["epoch"])) <= self.resumed_epoch])
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            self.rows = [row for row in reader
+                         if not row.get("epoch") or int(float(row["epoch"])) <= self.resumed_epoch]
+        self.metrics_keys = list(reader.fieldnames or [])
+        self._write(self.rows)
 
     def save(self) -> None:
         if not self.metrics:
             return
-        rows, _ = self._saved_rows()
         self._record_new_keys()
-        self._write(rows + self.metrics)
+        self._write(self.rows + self.metrics)
+        self.rows += self.metrics  # only once the file holds them
         self.metrics = []
-
-    def _saved_rows(self) -> tuple[list[dict], list[str]]:
-        path = Path(self.metrics_file_path)
-        if not path.is_file():
-            return [], []
-        with open(path, newline="") as handle:
-            reader = csv.DictReader(handle)
-            rows = list(reader)
-        return rows, list(reader.fieldnames or [])
 
     def _write(self, rows: list[dict]) -> None:
         os.makedirs(self.log_dir, exist_ok=True)

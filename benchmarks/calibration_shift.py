@@ -15,22 +15,11 @@ import argparse
 import sys
 
 import numpy as np
-import torch
-
 from pneumoscope.artifact import load_bundle
-from pneumoscope.data import class_indices, discover, load_pixels, read_manifest, train_transform
+from pneumoscope.data import augmented_views, class_indices, discover, load_pixels, read_manifest
 from pneumoscope.metrics import compute_metrics, fit_temperature, softmax
 from pneumoscope.predict import Classifier
 from pneumoscope.rundir import RunDir
-
-
-def augmented(pixels: np.ndarray, size: int, passes: int = 2) -> np.ndarray:
-    torch.manual_seed(0)
-    np.random.seed(0)
-    aug = train_transform(size, 1.0, "strong")
-    views = [aug(torch.from_numpy(x)[None]).mul(255).round().clamp(0, 255).byte()[0].numpy()
-             for _ in range(passes) for x in pixels]
-    return np.stack(views)
 
 
 def patient_halves(samples, seed: int = 0) -> list[np.ndarray]:
@@ -81,7 +70,7 @@ def main(argv=None) -> int:
         pe, kept_e, _ = load_pixels(external, size)
         yv, ye = class_indices(kept_v, classes, meta.task), class_indices(kept_e, classes, meta.task)
         zv, ze = classifier.score_pixels(pv).logits, classifier.score_pixels(pe).logits
-        za = classifier.score_pixels(augmented(pv, size)).logits
+        za = classifier.score_pixels(augmented_views(pv, size)).logits
         for name, t in (("T on val", fit_temperature(zv, yv)),
                         ("T on strong-augmented val", fit_temperature(za, np.concatenate([yv, yv])))):
             ece_val = compute_metrics(yv, softmax(zv, t), classes)["ece"]

@@ -3,6 +3,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -287,7 +288,7 @@ def test_an_input_step_is_trained_with_and_recorded_for_every_prediction(tmp_pat
     monkeypatch.setattr(data.InputStep, "forward", lambda self, image: stepped.append(self.method) or step(self, image))
     monkeypatch.setattr(metrics, "fit_temperature", lambda logits, targets: fitted_on.append(logits) or fit(logits, targets))
     result = train(tiny_config(FIXTURE_DATA, tmp_path / "clahe", arch="simple_cnn", epochs=1, img_size=48,
-                               preprocess="clahe", evaluate_test=False))
+                               preprocess="clahe", evaluate_test=False, calibration="val"))
     classifier = Classifier.load(result.bundle, backend="torch")
     assert classifier.meta.preprocess == "clahe"
     samples = RunDir(result.run_dir).samples()
@@ -433,3 +434,54 @@ def test_kept_epochs_hold_the_ema_average_from_its_start_epoch(tmp_path):
     assert torch.equal(head[0], head[1])  # no average before epoch 2: still the initial weights
     assert not torch.allclose(head[1], head[2])
     assert all("current_model_state" in torch.load(path, weights_only=True) for _, path in kept)  # live weights too
+
+
+def test_augmented_views_are_seeded_strong_augmentations_that_leave_the_global_random_state_alone(fixture_data):
+    from pneumoscope.data import augmented_views, discover, load_pixels
+
+    pixels, _, _ = load_pixels(discover(fixture_data)[0][:6], 64)
+    numpy_state, torch_state = np.random.get_state()[1].copy(), torch.random.get_rng_state().clone()
+    views = augmented_views(pixels, 64)
+    assert views.shape == (12, 64, 64) and views.dtype == np.uint8
+    assert np.array_equal(views, augmented_views(pixels, 64))  # the same views on every call
+    assert not np.array_equal(views[:6], views[6:])  # the second pass draws other changes
+    assert np.abs(views[:6].astype(int) - pixels).mean() > 5
+    assert np.array_equal(np.random.get_state()[1], numpy_state)
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+
+
+def test_calibrate_fits_the_temperature_again_and_leaves_the_weights(tiny_run, tmp_path, capsys):
+    """A run is calibrated on augmented validation views by default; `pneumoscope calibrate RUN --on
+    val` refits on the validation images as they are, rewrites the bundle and the val report, and
+    keeps the weights."""
+    from pneumoscope.artifact import load_bundle
+    from pneumoscope.cli import main
+    from pneumoscope.data import augmented_views, class_indices, load_pixels
+    from pneumoscope.metrics import fit_temperature
+    from pneumoscope.predict import Classifier
+    from pneumoscope.rundir import RunDir
+
+    run = RunDir(shutil.copytree(tiny_run, tmp_path / "run"))
+    before = load_bundle(run.model_path())
+    weights = before.load_model().state_dict()
+    val_report = (run.report_dir("val") / "metrics.json").read_text()
+    assert before.meta.provenance["calibration"] == "augmented"
+
+    assert main(["calibrate", str(run.path), "--on", "val"]) == 0
+    after = load_bundle(run.model_path())
+    assert after.meta.provenance["calibration"] == "val" and after.meta.replace(temperature=1, provenance={}) == \
+        before.meta.replace(temperature=1, provenance={})
+    assert all(torch.equal(value, weights[name]) for name, value in after.load_model().state_dict().items())
+    assert (run.report_dir("val") / "metrics.json").read_text() != val_report
+
+    size = before.meta.img_size
+    pixels, val, _ = load_pixels([s for s in run.samples() if s.split == "val"], size)
+    targets = class_indices(val, before.meta.classes, before.meta.task)
+    scorer = Classifier.from_model(after.load_model(), after.meta.replace(temperature=1.0), backend="torch")
+    assert after.meta.temperature == pytest.approx(fit_temperature(scorer.score_pixels(pixels).logits, targets),
+                                                   rel=1e-3)
+    augmented = scorer.score_pixels(augmented_views(pixels, size)).logits
+    assert before.meta.temperature == pytest.approx(fit_temperature(augmented, np.tile(targets, 2)), rel=1e-3)
+
+    assert main(["calibrate", str(tmp_path / "missing")]) != 0
+    assert "missing" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .backends import BACKENDS
-from .config import add_train_arguments, config_from_args
+from .config import CALIBRATIONS, add_train_arguments, config_from_args
 from .experiments import TUNED
 from .labels import TASKS
 
@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="finished run directories trained on the same manifest")
     p.add_argument("--out", required=True, help="run directory to write")
     p.set_defaults(handler=cmd_ensemble)
+
+    p = sub.add_parser("calibrate", help="fit a finished run's temperature again and rewrite its val and internal "
+                                         "test reports (the weights are untouched)")
+    p.add_argument("run", help="a finished run directory")
+    p.add_argument("--on", dest="calibration", choices=CALIBRATIONS, default=CALIBRATIONS[0],
+                   help="augmented (default): the validation images seen twice through the strong augmentation; "
+                        "val: as they are")
+    p.set_defaults(handler=cmd_calibrate)
 
     p = sub.add_parser("runs", help="list the runs under a folder, with status and scores")
     p.add_argument("root", nargs="?", default="runs", help="default runs")
@@ -260,6 +268,14 @@ def cmd_ensemble(args) -> int:
     from .ensemble import build_ensemble
 
     return _print_result(build_ensemble(args.runs, args.out))
+
+
+def cmd_calibrate(args) -> int:
+    from .train import recalibrate
+
+    result = recalibrate(args.run, args.calibration)
+    print(f"temperature fitted on {args.calibration} validation images", file=sys.stderr)
+    return _print_result(result)
 
 
 def _print_result(result) -> int:

@@ -20,6 +20,7 @@ AUG_POLICIES = ("standard", "strong")  # data.train_transform
 OPTIMIZERS = ("adamw", "adam", "sgd")  # train.make_optimizer
 SCHEDULES = ("onecycle", "cosine", "step", "plateau")  # train.make_schedule
 LOSSES = ("ce", "focal")  # train.make_loss
+CALIBRATIONS = ("augmented", "val")  # train.calibration_temperature
 
 
 def _option(default, help: str, **cli):
@@ -67,6 +68,11 @@ class TrainConfig:
     ema_decay: float = _option(0.998, "decay of the moving average of weights (EMA); 0 disables it")
     # an average that starts at step 0 remembers the random head
     ema_start_epoch: int = _option(1, "average weights from this epoch on")
+    # augmented: lower external-group ECE than plain validation for every model measured
+    # (docs/benchmarks.md#calibration-under-shift)
+    calibration: str = _option("augmented", "the temperature is fitted on the validation images: augmented = seen "
+                                            "twice through the strong augmentation (a simulated change of "
+                                            "acquisition), val = as they are", choices=CALIBRATIONS)
     patience: int = _option(4, "early stopping: epochs without a better validation balanced accuracy")
     val_fraction: float = _option(0.15, "validation share of the patients (data folders only)")
     test_fraction: float = _option(0.15, "internal test share of the patients (data folders only)")

@@ -439,6 +439,23 @@ def eval_transform(preprocess: str | None = None) -> v2.Compose:
     return v2.Compose([InputStep(preprocess), v2.ToDtype(torch.float32, scale=True)])
 
 
+def augmented_views(pixels: np.ndarray, size: int, passes: int = 2, seed: int = 0) -> np.ndarray:
+    """`passes` strong-augmentation views of every N x S x S uint8 image (pass-major: the targets of
+    the result are the originals' repeated `passes` times), seeded and without touching the global
+    random state: the same views on every call."""
+    augment = train_transform(size, 1.0, "strong")
+    numpy_state = np.random.get_state()  # RandomGamma draws from NumPy
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            views = [augment(torch.from_numpy(image)[None]).mul(255).round().clamp(0, 255).byte()[0].numpy()
+                     for _ in range(passes) for image in pixels]
+    finally:
+        np.random.set_state(numpy_state)
+    return np.stack(views) if views else pixels[:0]
+
+
 class XrayDataset(Dataset):
     """Cached uint8 pixels -> (1 x S x S float tensor in [0, 1], class index)."""
 

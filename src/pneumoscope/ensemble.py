@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from pathlib import Path
 
 from . import __version__
 from .rundir import RunDir
@@ -27,7 +26,7 @@ def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike):
 
     started = time.perf_counter()
     runs = [RunDir(path) for path in run_dirs]
-    bundles = [load_bundle(_finished_model(run)) for run in runs]
+    bundles = [load_bundle(run.finished_model()) for run in runs]
     first = bundles[0].meta
     _check_compatible(runs, [b.meta for b in bundles])
     model = Ensemble([bundle.load_model() for bundle in bundles]).eval()
@@ -55,13 +54,6 @@ def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike):
     # wall_seconds: what the ensemble cost from scratch, the members' training included
     run.write_status("finished", wall_seconds=round(members_wall + wall, 1), ensemble_seconds=wall)
     return TrainResult(run.path, run.bundle, metrics)
-
-
-def _finished_model(run: RunDir) -> Path:
-    path = run.model_path()
-    if path is None:
-        raise FileNotFoundError(f"{run.path}: no model yet; is the run finished?")
-    return path
 
 
 def _check_compatible(runs: list[RunDir], metas: list) -> None:

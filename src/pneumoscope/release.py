@@ -194,7 +194,8 @@ def _ship_binary(model, meta, samples, models_dir: Path, docs_dir: Path, int8_ca
 
     binary = meta.replace(task="binary", classes=("NORMAL", "PNEUMONIA"), merge_outputs=BINARY_GROUPS,
                           temperature=1.0, name=meta.name.replace("-three", "-binary"),
-                          provenance={**meta.provenance, "derived_from": meta.name, "source_classes": list(THREE)})
+                          provenance={**meta.provenance, "derived_from": meta.name, "source_classes": list(THREE),
+                                      "calibration": "val"})
     model = build_model(binary, model.state_dict())  # the same weights behind a merge of the outputs
     val = [s for s in samples if s.split == "val"]
     scores = Classifier.from_model(model, binary, backend="torch").scores([s.path for s in val])
@@ -253,8 +254,15 @@ def _ensemble_line(meta, training: dict, cpu_count) -> str:
         f"{m.get('train_config', {}).get('aug_policy', 'standard')}, {_frozen(m.get('train_config', {}))})"
         for m in members)
     return (f"- Training: an ensemble of {len(members)} networks averaged in logit space, one graph, one "
-            f"temperature fitted on validation: {described}. "
+            f"temperature {_calibration(meta)}: {described}. "
             f"{training.get('wall_seconds') or '?'} s wall in all on {cpu_count} CPU cores, members' training included.")
+
+
+def _calibration(meta) -> str:
+    """Where the temperature came from (train.calibration_temperature; bundles before it: plain validation)."""
+    if meta.provenance.get("calibration") == "augmented":
+        return "fitted on the validation images seen twice through the strong augmentation"
+    return "fitted on the validation images"
 
 
 def _input_step(meta) -> str:
@@ -297,7 +305,7 @@ def _task_section(meta, metrics: dict, reports: Path, docs_dir: Path) -> str:
         f"gray{_input_step(meta)}, normalisation mean {meta.mean} std {meta.std}.",
         _training_line(meta, training, config, cpu_count),
         f"- Data: manifest hash `{provenance.get('manifest_hash')}`, git commit `{provenance.get('git_commit')}`; "
-        f"temperature {meta.temperature:.3f}."
+        f"temperature {meta.temperature:.3f}, {_calibration(meta)}."
         + (" Derived from the 3-class model by summing BACTERIA and VIRUS probabilities." if meta.merge_outputs
            else ""),
         _guard_line(meta.guard),

@@ -69,6 +69,13 @@ class RunDir:
                 return candidate
         return None
 
+    def finished_model(self) -> Path:
+        """`model_path`, or a one-line FileNotFoundError naming the run when it has none."""
+        path = self.model_path()
+        if path is None:
+            raise FileNotFoundError(f"{self.path}: no model yet; is the run finished?")
+        return path
+
     def report_dir(self, split: str) -> Path:
         """The evaluation report of a split: val/, test/ (the internal test split) or external/."""
         return self.path / REPORTS[split]

@@ -125,6 +125,7 @@ def test_the_shipped_bundles_are_the_default_recipe_on_one_split():
         assert config["task"] == task and bundle.meta.img_size == default.img_size == config["img_size"]
         assert (config["arch"], config["aug_policy"], config["ema_decay"]) == \
             (default.arch, default.aug_policy, default.ema_decay)
+        assert bundle.meta.provenance["calibration"] == default.calibration
         assert {"val", "internal_test", "external"} <= set(bundle.metrics())
         assert set(bundle.meta.guard) == {"fp32", "int8"}
     x = torch.rand(3, 1, default.img_size, default.img_size)

@@ -1,7 +1,9 @@
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from pneumoscope.data import (XrayDataset, atomic_write, class_weights, discover, eval_transform, load_pixels,
                               load_samples, manifest_hash, patient_folds, read_manifest, split_by_patient,
@@ -63,6 +65,20 @@ def test_split_on_real_data_has_no_patient_leak_and_keeps_balance(full_data):
     again = split_by_patient(discover(full_data)[0], 0.15, 0.15, seed=0)
     assert manifest_hash(again) == manifest_hash(samples)
     assert manifest_hash(split_by_patient(discover(full_data)[0], 0.15, 0.15, seed=1)) != manifest_hash(samples)
+
+
+def test_default_split_keeps_the_internal_test_of_the_15_percent_split(full_data):
+    """The default split (5% validation) cuts the same internal test split as the 15% one the
+    earlier models were measured on (the test fold is cut first), so their figures stay comparable
+    and examples/ stays inside it; the rest is cut again, with a third of the validation images."""
+    pool = discover(full_data)[0]
+    default, old = split_by_patient(pool), split_by_patient(pool, 0.15, 0.15, seed=0)
+    _assert_no_leak(default)
+    side = lambda samples, split: {s.path for s in samples if s.split == split}  # noqa: E731
+    assert side(default, "test") == side(old, "test") and len(side(default, "test")) == 748
+    assert 0.04 < len(side(default, "val")) / len(pool) < 0.06 and len(side(default, "train")) > len(side(old, "train"))
+    examples = {p.name for p in (ROOT / "examples").rglob("*.jpeg")}
+    assert len(examples) == 30 and examples <= {Path(p).name for p in side(default, "test")}
 
 
 def test_patient_folds_do_not_share_patients(fixture_data):

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .backends import BACKENDS
-from .config import CALIBRATIONS, add_train_arguments, config_from_args
+from .config import CALIBRATIONS, TEST_FRACTION, VAL_FRACTION, add_train_arguments, config_from_args
 from .experiments import TUNED
 from .labels import TASKS
 
@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("split", help="cut train/val/test out of a dataset by patient")
     p.add_argument("--data", required=True, help="dataset root or split folder")
     p.add_argument("--out", required=True, help="manifest CSV to write")
-    p.add_argument("--val-fraction", type=float, default=0.15)
-    p.add_argument("--test-fraction", type=float, default=0.15)
+    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
+    p.add_argument("--test-fraction", type=float, default=TEST_FRACTION)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_split)
 

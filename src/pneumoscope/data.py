@@ -15,7 +15,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from .config import AUG_POLICIES
+from .config import AUG_POLICIES, TEST_FRACTION, VAL_FRACTION
 from .files import atomic_write, default_cache_dir  # noqa: F401  (re-exported: older imports use data.atomic_write)
 from .images import ImageReadError, input_step, read_xray, resize_square
 from .labels import (classes_for, is_image_file, is_kermany_tree, kermany_patient, label_from_path,
@@ -228,7 +228,7 @@ def class_indices(samples: list[Sample], classes: tuple[str, ...], task: str) ->
 
 
 # ---------------------------------------------------------------- splitting
-def split_by_patient(samples: list[Sample], val_fraction: float = 0.15, test_fraction: float = 0.15,
+def split_by_patient(samples: list[Sample], val_fraction: float = VAL_FRACTION, test_fraction: float = TEST_FRACTION,
                      seed: int = 0) -> list[Sample]:
     """Assigns train/val/test so that no patient (group) is on two sides, stratified by label.
 

@@ -39,10 +39,11 @@ GRAPH_OF_BACKEND = {"torch": "fp32", "onnx": "fp32", "int8": "int8", "openvino":
 @dataclass(frozen=True)
 class GuardConfig:
     method: str = "mahalanobis"  # the score that decides; the other one is stored for comparison
-    # Chosen by benchmarks/guard_rates.py on Lite0's 1280 features (docs/inputs.md): the fewest
-    # components that flag all of the tune half, and half the 1% budget of real X-rays as a margin.
+    # Chosen by benchmarks/guard_rates.py on Lite0's 1280 features (docs/inputs.md). max_flagged:
+    # 0.5% of the 264 validation X-rays of the 80/5/15 split is one image, too coarse a threshold
+    # (92% of the non-X-rays flagged against 97% at 1%, with 0.6% of the external group).
     dims: int = 256  # principal components of the features kept for the Mahalanobis distance
-    max_flagged: float = 0.005  # share of validation X-rays allowed above the threshold
+    max_flagged: float = 0.01  # share of validation X-rays allowed above the threshold
     temperature: float = 1.0  # of the energy score (Liu et al. use 1)
 
 

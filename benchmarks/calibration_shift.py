@@ -15,6 +15,7 @@ import argparse
 import sys
 
 import numpy as np
+
 from pneumoscope.artifact import load_bundle
 from pneumoscope.data import augmented_views, class_indices, discover, load_pixels, read_manifest
 from pneumoscope.metrics import compute_metrics, fit_temperature, softmax

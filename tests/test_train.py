@@ -485,3 +485,54 @@ def test_calibrate_fits_the_temperature_again_and_leaves_the_weights(tiny_run, t
 
     assert main(["calibrate", str(tmp_path / "missing")]) != 0
     assert "missing" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_from_the_live_weights_and_the_ema_average_it_was_stopped_with(tmp_path, monkeypatch):
+    """A run stopped after epoch 0 and resumed must start epoch 1 from the weights training had
+    reached (the checkpoint's current_model_state), with the EMA average carried over (its
+    state_dict), the averaging count and the learning-rate schedule where they were. Were the
+    average loaded as the live weights, or the average restarted, the resumed run would train on
+    from other weights than the uninterrupted run, and nothing else would show it."""
+    import pneumoscope.train as training
+    from pneumoscope.train import train
+
+    seen = {}
+
+    class Recording(training.EMAWeightAveraging):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                seen["live"] = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+                seen["average"] = {k[len("module.model."):]: v.detach().clone()
+                                   for k, v in self._average_model.state_dict().items()
+                                   if k.startswith("module.model.")}
+                seen["n_averaged"] = int(self._average_model.n_averaged)
+                seen["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    monkeypatch.setattr(training, "EMAWeightAveraging", Recording)
+    options = dict(arch="simple_cnn", img_size=32, epochs=2, ema_decay=0.9, ema_start_epoch=0, keep_epochs=True,
+                   evaluate_test=False)
+    whole = tmp_path / "whole"
+    train(tiny_config(FIXTURE_DATA, whole, **options))
+    uninterrupted = dict(seen)
+
+    stopped = tmp_path / "stopped"  # the same run as it stood when killed after epoch 0's checkpoint
+    shutil.copytree(whole, stopped)
+    shutil.rmtree(stopped / "model")
+    epoch0 = stopped / "checkpoints" / "epoch-0.ckpt"
+    for later in (stopped / "checkpoints").glob("*.ckpt"):
+        if later != epoch0:
+            later.unlink()
+    for name in ("last.ckpt", "best.ckpt"):  # after one epoch, both were epoch 0's
+        shutil.copy(epoch0, stopped / "checkpoints" / name)
+    seen.clear()
+    train(TrainConfig(data="ignored", out=str(stopped), resume=True))
+
+    saved = torch.load(epoch0, weights_only=True)
+    for name, value in uninterrupted["live"].items():
+        assert torch.equal(seen["live"][name], value), name  # what training had reached, not the average
+        assert torch.equal(seen["live"][name], saved["current_model_state"]["model." + name]), name
+        assert torch.equal(seen["average"][name], uninterrupted["average"][name]), name
+    assert any(not torch.equal(seen["live"][n], seen["average"][n]) for n in seen["live"])  # two distinct states
+    assert seen["n_averaged"] == uninterrupted["n_averaged"] > 0
+    assert seen["lr"] == pytest.approx(uninterrupted["lr"])

@@ -7,7 +7,9 @@ import pytest
 from conftest import FIXTURE_DATA, ROOT
 from pneumoscope.artifact import load_bundle
 from pneumoscope.cli import main
-from pneumoscope.metrics import softmax
+from pneumoscope.data import class_indices
+from pneumoscope.metrics import fit_temperature, softmax
+from pneumoscope.rundir import RunDir
 from pneumoscope.predict import Classifier
 
 pytestmark = pytest.mark.slow
@@ -45,6 +47,13 @@ def test_ship_with_binary_and_int8_then_card_then_reship_without_int8(tiny_run, 
     p2 = softmax(binary.scores([image]).logits)[0]
     assert p2 == pytest.approx([p3[0], p3[1] + p3[2]], abs=1e-5)
     assert binary.meta.merge_outputs == ((0,), (1, 2)) and binary.meta.temperature != three.meta.temperature
+    # its temperature is fitted the way the 3-class run fitted its own (augmented validation views),
+    # not on the plain validation logits
+    assert binary.meta.provenance["calibration"] == three.meta.provenance["calibration"] == "augmented"
+    val = [s for s in RunDir(tiny_run).samples() if s.split == "val"]
+    on_plain_val = fit_temperature(binary.scores([s.path for s in val]).logits,
+                                   class_indices(val, binary.classes, "binary"))
+    assert binary.meta.temperature != pytest.approx(on_plain_val, rel=1e-3)
 
     card = (docs / "model-card.md").read_text()
     assert f"{load_bundle(models / 'three').metrics()['internal_test']['accuracy']:.3f}" in card

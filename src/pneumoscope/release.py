@@ -14,8 +14,8 @@ from .artifact import METRICS, ONNX_INT8, load_bundle, save_bundle, write_meta, 
 from .backends import openvino_precision
 from .evaluate import evaluate_samples
 from .files import atomic_write
-from .labels import THREE, task_label
-from .metrics import fit_temperature, headline
+from .labels import THREE
+from .metrics import headline
 from .rundir import RunDir, summarize
 
 BINARY_GROUPS = ((0,), (1, 2))  # NORMAL | BACTERIA + VIRUS, indices into labels.THREE
@@ -188,21 +188,23 @@ def _measure(classifier, samples, out_dir: Path, plots: bool) -> dict:
 
 def _ship_binary(model, meta, samples, models_dir: Path, docs_dir: Path, int8_calibration: int = 0) -> Path:
     """The 3-class network read through a merge of its outputs (NORMAL | BACTERIA + VIRUS), with
-    its own temperature fitted on the validation logits of that merged output."""
+    its own temperature fitted on the validation images of that merged output, the way the 3-class
+    run fitted its own (`provenance.calibration`; runs from before it was recorded fitted on `val`)."""
     from .artifact import build_model
+    from .data import class_indices, load_pixels
     from .predict import Classifier
+    from .train import calibration_temperature
 
+    calibration = meta.provenance.get("calibration", "val")
     binary = meta.replace(task="binary", classes=("NORMAL", "PNEUMONIA"), merge_outputs=BINARY_GROUPS,
                           temperature=1.0, name=meta.name.replace("-three", "-binary"),
                           provenance={**meta.provenance, "derived_from": meta.name, "source_classes": list(THREE),
-                                      "calibration": "val"})
+                                      "calibration": calibration})
     model = build_model(binary, model.state_dict())  # the same weights behind a merge of the outputs
-    val = [s for s in samples if s.split == "val"]
-    scores = Classifier.from_model(model, binary, backend="torch").scores([s.path for s in val])
-    ok = [i for i, error in enumerate(scores.errors) if error is None]
-    targets = [binary.classes.index(task_label(val[i].label, "binary")) for i in ok]
-    binary = binary.replace(temperature=fit_temperature(scores.logits[ok], targets))
-    return _ship(model, binary, samples, models_dir, docs_dir, int8_calibration)
+    pixels, val, _ = load_pixels([s for s in samples if s.split == "val"], binary.img_size)
+    temperature = calibration_temperature(Classifier.from_model(model, binary, backend="torch"), pixels,
+                                          class_indices(val, binary.classes, binary.task), calibration)
+    return _ship(model, binary.replace(temperature=temperature), samples, models_dir, docs_dir, int8_calibration)
 
 
 # ---------------------------------------------------------------- the card

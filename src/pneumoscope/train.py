@@ -30,7 +30,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from . import __version__, rundir
 from .config import CALIBRATIONS, TrainConfig  # noqa: F401  (TrainConfig re-exported for older imports)
@@ -119,9 +119,11 @@ def recalibrate(run_dir, calibration: str = "augmented") -> TrainResult:
 
 # ---------------------------------------------------------------- Lightning module
 class LitClassifier(L.LightningModule):
-    def __init__(self, model: XrayNet, classes: tuple[str, ...], config: TrainConfig, weights: torch.Tensor):
+    def __init__(self, model: XrayNet, classes: tuple[str, ...], config: TrainConfig, weights: torch.Tensor,
+                 first_epoch: int = 0):
         super().__init__()
         self.model, self.classes, self.config = model, classes, config
+        self.first_epoch = first_epoch  # the epoch this process trains first: after the one it resumes from
         self.loss = make_loss(config, weights)
         n = len(classes)
         self.train_acc = torchmetrics.classification.MulticlassAccuracy(n, average="micro")
@@ -136,6 +138,22 @@ class LitClassifier(L.LightningModule):
 
     def forward(self, x):
         return self.model(x.contiguous(memory_format=torch.channels_last))
+
+    # Each epoch draws its shuffle, augmentation and dropout from (seed, epoch) alone, so a run
+    # resumed after epoch k trains epoch k+1 exactly as the uninterrupted run would (a restart
+    # seeds once, from the seed, and would replay epoch 0's draws). Seeded before Lightning builds
+    # the epoch's iterator, which takes the shuffle and prefetches a batch: the first epoch of the
+    # process at fit start (when Lightning has not yet restored its epoch count), the others at the
+    # end of the epoch before.
+    def on_fit_start(self):
+        self._seed_epoch(self.first_epoch)
+
+    def on_train_epoch_end(self):
+        self._seed_epoch(self.current_epoch + 1)
+
+    def _seed_epoch(self, epoch: int) -> None:
+        L.seed_everything(int(np.random.SeedSequence([self.config.seed, epoch]).generate_state(1)[0]),
+                          workers=True, verbose=False)
 
     def training_step(self, batch, _):
         for module in self.frozen:  # Lightning puts everything in train mode; frozen BN stays in eval
@@ -422,7 +440,6 @@ def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResu
     weights = class_weights(train_set.targets, len(classes)) ** config.class_weight_power
     weights = weights / weights.mean()
     model = create_model(config.arch, len(classes), config.pretrained).to(memory_format=torch.channels_last)
-    module = LitClassifier(model, classes, config, weights)
 
     best = RunCheckpoint(run.checkpoints, filename="best", monitor=MONITOR, mode="max", enable_version_counter=False)
     # Lightning 2.6 writes save_last only when the best improves, so "last" is its own every-epoch
@@ -446,6 +463,8 @@ def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResu
     if config.resume and resume_from is None:
         log.warning("--resume: no %s yet; starting from the beginning", run.last_checkpoint)
     resumed_epoch = rundir.checkpoint_epoch(resume_from) if resume_from else None
+    first_epoch = 0 if resumed_epoch is None else resumed_epoch + 1
+    module = LitClassifier(model, classes, config, weights, first_epoch)
     trainer = L.Trainer(max_epochs=config.epochs, **trainer_devices(), callbacks=callbacks,
                         default_root_dir=run.path, logger=_loggers(run.path, resumed_epoch), deterministic=False,
                         log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)
@@ -512,7 +531,11 @@ class _Loaders(L.LightningDataModule):
     def train_dataloader(self):
         # drop a ragged last batch, unless that would leave a rank (its share of the set) no batch
         drop_last = len(self.train_set) // self.trainer.world_size > self.batch_size
-        return DataLoader(self.train_set, self.batch_size, shuffle=True, num_workers=0, drop_last=drop_last)
+        # The shuffle draws from the global generator, which the module seeds for each epoch; the
+        # loader's own seed draw for each new iterator goes to a private generator so that it
+        # cannot shift the shuffle (Lightning builds the first iterator before fit starts).
+        return DataLoader(self.train_set, self.batch_size, sampler=RandomSampler(self.train_set),
+                          generator=torch.Generator(), num_workers=0, drop_last=drop_last)
 
     def val_dataloader(self):
         sampler = None

@@ -20,9 +20,8 @@ def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike):
     """Averages the finished runs `run_dirs` into the run directory `out`; returns a train.TrainResult
     (its bundle and the val / internal test headlines)."""
     from .artifact import ENSEMBLE, ModelMeta, load_bundle
-    from .data import class_indices, load_pixels
     from .models import Ensemble, count_parameters
-    from .train import TrainResult, git_commit, save_calibrated
+    from .train import TrainResult, git_commit, save_calibrated, validation_pixels
 
     started = time.perf_counter()
     runs = [RunDir(path) for path in run_dirs]
@@ -46,8 +45,7 @@ def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike):
     run.write_status("running", fresh=True, started=time.strftime("%Y-%m-%dT%H:%M:%S"), pid=os.getpid(),
                      hostname=socket.gethostname())
     run.write_manifest(samples)
-    pixels, val, _ = load_pixels([s for s in samples if s.split == "val"], meta.img_size)
-    metrics = save_calibrated(model, meta, run, samples, pixels, class_indices(val, meta.classes, meta.task))
+    metrics = save_calibrated(model, meta, run, samples, *validation_pixels(samples, meta))
     wall = round(time.perf_counter() - started, 1)
     members_wall = sum(m["training"].get("wall_seconds") or 0 for m in members)
     run.write_env({"pneumoscope": __version__, "cpu_count": os.cpu_count(), "ensemble_seconds": wall})

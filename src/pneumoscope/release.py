@@ -191,9 +191,8 @@ def _ship_binary(model, meta, samples, models_dir: Path, docs_dir: Path, int8_ca
     its own temperature fitted on the validation images of that merged output, the way the 3-class
     run fitted its own (`provenance.calibration`; runs from before it was recorded fitted on `val`)."""
     from .artifact import build_model
-    from .data import class_indices, load_pixels
     from .predict import Classifier
-    from .train import calibration_temperature
+    from .train import calibration_temperature, validation_pixels
 
     calibration = meta.provenance.get("calibration", "val")
     binary = meta.replace(task="binary", classes=("NORMAL", "PNEUMONIA"), merge_outputs=BINARY_GROUPS,
@@ -201,9 +200,8 @@ def _ship_binary(model, meta, samples, models_dir: Path, docs_dir: Path, int8_ca
                           provenance={**meta.provenance, "derived_from": meta.name, "source_classes": list(THREE),
                                       "calibration": calibration})
     model = build_model(binary, model.state_dict())  # the same weights behind a merge of the outputs
-    pixels, val, _ = load_pixels([s for s in samples if s.split == "val"], binary.img_size)
-    temperature = calibration_temperature(Classifier.from_model(model, binary, backend="torch"), pixels,
-                                          class_indices(val, binary.classes, binary.task), calibration)
+    temperature = calibration_temperature(Classifier.from_model(model, binary, backend="torch"),
+                                          *validation_pixels(samples, binary), calibration)
     return _ship(model, binary.replace(temperature=temperature), samples, models_dir, docs_dir, int8_calibration)
 
 

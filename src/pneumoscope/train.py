@@ -99,21 +99,29 @@ def calibration_temperature(classifier, val_pixels: np.ndarray, val_targets, met
     return fit_temperature(classifier.score_pixels(views).logits, np.tile(targets, 2))
 
 
+def validation_pixels(samples, meta) -> tuple[np.ndarray, np.ndarray]:
+    """The readable validation images of a manifest at the model's input size, and their class
+    indices for the model's task: what a temperature is fitted on."""
+    from .data import class_indices, load_pixels
+
+    pixels, val, _ = load_pixels([s for s in samples if s.split == "val"], meta.img_size)
+    return pixels, class_indices(val, meta.classes, meta.task)
+
+
 def recalibrate(run_dir, calibration: str = "augmented") -> TrainResult:
     """A finished run's temperature fitted again (`calibration_temperature`), its bundle and its val
     and internal test reports rewritten; the weights are untouched."""
     from .artifact import load_bundle
-    from .data import class_indices, load_pixels
 
     run = RunDir(run_dir)
     bundle = load_bundle(run.finished_model())
     meta, samples = bundle.meta, run.samples()
-    pixels, val, _ = load_pixels([s for s in samples if s.split == "val"], meta.img_size)
-    if not val:
+    pixels, targets = validation_pixels(samples, meta)
+    if not len(targets):
         raise ValueError(f"{run.path}: no readable validation image to fit a temperature on")
     evaluate_test = meta.provenance.get("train_config", {}).get("evaluate_test", True)
-    metrics = save_calibrated(bundle.load_model().eval(), meta, run, samples, pixels,
-                              class_indices(val, meta.classes, meta.task), evaluate_test, calibration)
+    metrics = save_calibrated(bundle.load_model().eval(), meta, run, samples, pixels, targets, evaluate_test,
+                              calibration)
     return TrainResult(run.path, run.bundle, metrics)
 
 

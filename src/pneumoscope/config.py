@@ -42,7 +42,7 @@ class TrainConfig:
     arch: str = _option(DEFAULT_ARCH, "architecture, see `pneumoscope models`")
     pretrained: bool | None = _option(None, "start from pretrained weights (default: only where they ship, "
                                             "efficientnet_lite*); --no-pretrained trains from scratch")
-    epochs: int = _option(8, "at most this many epochs (8: the 20-minute budget on 2 cores at 224 px)")
+    epochs: int = _option(8, "at most this many epochs (8 at 224 px: 17-25 min on the idle 2-core CPUs measured)")
     # The default recipe (224 px, strong augmentation, EMA 0.998) was chosen on the external group
     # over 192 px / standard: docs/benchmarks.md#recipes-side-by-side.
     img_size: int = _option(224, "input side in pixels")

@@ -434,6 +434,10 @@ _CARD_HEAD = """# Model card: pneumoscope shipped models
   fitted) was chosen on the external group; the checkpoint (best validation balanced accuracy) and
   the temperature are fitted on the validation split; the internal test split is reported once per
   shipped model and chose nothing.
+- Each model below is one training seed. Other seeds of the same recipe move both groups' figures by
+  several points, and the seed best on the external group was the worst on the internal test split
+  ([benchmarks.md, seeds](benchmarks.md#seeds-of-the-shipped-recipe-and-resuming-session-8-2026-11-30)):
+  read one seed's figures as one draw of the recipe.
 
 ## Calibration
 Temperature scaling (NLL, LBFGS) fitted on the validation split: by default on its images seen twice

@@ -435,7 +435,7 @@ _CARD_HEAD = """# Model card: pneumoscope shipped models
   the temperature are fitted on the validation split; the internal test split is reported once per
   shipped model and chose nothing.
 - Each model below is one training seed. Other seeds of the same recipe move both groups' figures by
-  several points, and the seed best on the external group was the worst on the internal test split
+  several points, and the seed best on the external group was the worst on its internal test split
   ([benchmarks.md, seeds](benchmarks.md#seeds-of-the-shipped-recipe-and-resuming-session-8-2026-11-30)):
   read one seed's figures as one draw of the recipe.
 

@@ -19,18 +19,16 @@ from pathlib import Path
 
 from pneumoscope.backends import describe_machine
 from pneumoscope.data import load_samples, read_manifest
+from pneumoscope.guard import MESSAGE
 from pneumoscope.predict import NOT_XRAY, Classifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ood_set import read_ood_manifest  # noqa: E402
 
-LEARNED = ("feature distance", "energy score")  # the learned check's words in its warning
-
-
 def flagged_shares(clf: Classifier, paths: list[str]) -> tuple[float, float]:
     """(share flagged by the learned check, share with any not-an-X-ray warning)."""
     warnings = clf.scores(paths).warnings
-    learned = sum(any(w.startswith(NOT_XRAY) and any(k in w for k in LEARNED) for w in ws) for ws in warnings)
+    learned = sum(any(w.startswith(NOT_XRAY + MESSAGE) for w in ws) for ws in warnings)  # guard.guard_warnings
     any_check = sum(any(w.startswith(NOT_XRAY) for w in ws) for ws in warnings)
     return learned / len(paths), any_check / len(paths)
 

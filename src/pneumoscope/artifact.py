@@ -303,11 +303,16 @@ def _torch_load(path: Path):
     """torch.load(weights_only=True: tensors and plain data, no pickled code); a file it cannot
     read is a one-line BundleError."""
     import pickle
+    import warnings
 
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # a file pickled with another protocol (not torch.save's) makes the safe unpickler warn
+            # before it refuses or reads it: the one-line error, or the data, says all there is
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
         raise BundleError(f"{path}: not a pneumoscope model bundle or checkpoint ({type(err).__name__})") from None
 

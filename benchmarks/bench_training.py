@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pneumoscope.backends import describe_machine
-from pneumoscope.data import XrayDataset, discover, load_pixels, train_transform
+from pneumoscope.data import XrayDataset, load_pixels, read_dataset, train_transform
 from pneumoscope.labels import THREE
 from pneumoscope.models import DEFAULT_ARCH, create_model, freeze_model, model_spec
 from pneumoscope.train import TrainConfig
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
 
-    samples = discover(args.data)[0][: args.images]
+    samples = read_dataset(args.data).samples[: args.images]
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
         pixels, kept, _ = load_pixels(samples, args.img_size, Path(cache))

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from pneumoscope.artifact import load_bundle
-from pneumoscope.data import augmented_views, class_indices, discover, load_pixels, read_manifest
+from pneumoscope.data import augmented_views, class_indices, load_pixels, read_dataset, read_manifest
 from pneumoscope.metrics import compute_metrics, fit_temperature, softmax
 from pneumoscope.predict import Classifier
 from pneumoscope.rundir import RunDir
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("--manifest", help="validation split from here (default: each run's own manifest)")
     parser.add_argument("--external", required=True)
     args = parser.parse_args(argv)
-    external = discover(args.external)[0]
+    external = read_dataset(args.external).samples
     for run in args.runs:
         bundle = load_bundle(RunDir(run).model_path())
         meta = bundle.meta

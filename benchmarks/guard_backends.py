@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from pneumoscope.backends import describe_machine
-from pneumoscope.data import load_samples, read_manifest
+from pneumoscope.data import read_dataset, read_manifest
 from pneumoscope.guard import MESSAGE
 from pneumoscope.predict import NOT_XRAY, Classifier
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         "OOD report half": [r["path"] for r in read_ood_manifest(Path(args.ood) / "manifest.csv")
                             if r["split"] == "report"],
         "internal test": [s.path for s in read_manifest(args.manifest) if s.split == "test"],
-        "external (used for selection)": [s.path for s in load_samples(args.external)],
+        "external (used for selection)": [s.path for s in read_dataset(args.external).samples],
     }
     head = ["runtime"] + [f"{g} (n={len(p)}): learned / any" for g, p in groups.items()]
     lines = [f"Machine: {describe_machine()}; model {args.model}.", "",

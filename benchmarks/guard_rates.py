@@ -33,7 +33,7 @@ from sklearn.metrics import roc_auc_score
 
 from pneumoscope.artifact import load_bundle, resolve_model, write_meta
 from pneumoscope.backends import OnnxBackend, to_batch
-from pneumoscope.data import atomic_write, class_indices, default_cache_dir, load_samples, read_manifest
+from pneumoscope.data import atomic_write, class_indices, default_cache_dir, read_dataset, read_manifest
 from pneumoscope.guard import GuardConfig, all_scores, fit_guard, guard_scores, guard_warnings, load_guard
 from pneumoscope.predict import NOT_XRAY, Classifier, Decoded
 
@@ -216,7 +216,7 @@ def decode_sets(args, clf: Classifier) -> dict[str, dict]:
         chosen = [s for s in samples if s.split == split]
         sets[split] = {"decoded": decode_cached(clf, split, [s.path for s in chosen]),
                        "labels": class_indices(chosen, clf.classes, clf.meta.task)}
-    external = sorted(s.path for s in load_samples(args.external))
+    external = sorted(s.path for s in read_dataset(args.external).samples)
     sets["external"] = {"decoded": decode_cached(clf, "external", external)}
     ood = read_ood_manifest(args.ood / "manifest.csv")
     sets["ood"] = {"decoded": decode_cached(clf, "ood", [r["path"] for r in ood]), "rows": ood}

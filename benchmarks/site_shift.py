@@ -24,7 +24,7 @@ from scipy.ndimage import gaussian_filter
 from sklearn.model_selection import StratifiedGroupKFold
 
 from pneumoscope.adapt import adapt_batchnorm, add_logit_bias, estimate_priors, prior_shift_bias
-from pneumoscope.data import discover, read_manifest
+from pneumoscope.data import read_dataset, read_manifest
 from pneumoscope.images import input_step, read_xray, resize_square
 from pneumoscope.labels import task_label
 from pneumoscope.metrics import compute_metrics
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     labels = np.array([classes.index(task_label(s.label, meta.task)) for s in train if s.split == "val"])
     source_priors = np.bincount(labels, minlength=len(classes)) / len(labels)  # what T was fitted under
     groups = {"internal test": [s for s in read_manifest(args.manifest) if s.split == "test"],
-              "external (used for selection)": discover(args.external)[0]}
+              "external (used for selection)": read_dataset(args.external).samples}
     rng = np.random.default_rng(0)
     report = {"cpu": platform.processor() or platform.machine(), "checkpoint": str(args.checkpoint), "rows": []}
     for group, samples in groups.items():

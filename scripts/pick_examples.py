@@ -40,10 +40,10 @@ def main() -> None:
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--out", default=str(ROOT / "examples"))
     args = parser.parse_args()
-    from pneumoscope.data import load_samples, manifest_hash  # here: keeps --help fast
+    from pneumoscope.data import manifest_hash, read_dataset  # here: keeps --help fast
 
     expected = json.loads((ROOT / "models" / "three" / "meta.json").read_text())["provenance"]["manifest_hash"]
-    samples = load_samples(args.manifest)
+    samples = read_dataset(args.manifest).samples
     if manifest_hash(samples) != expected:
         raise SystemExit(f"{args.manifest}: not the shipped models' split (hash {expected} expected)")
     out = Path(args.out)

@@ -5,28 +5,29 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from pneumoscope.data import (XrayDataset, atomic_write, class_weights, discover, eval_transform, load_pixels,
-                              load_samples, manifest_hash, patient_folds, read_manifest, split_by_patient,
+from pneumoscope.data import (XrayDataset, atomic_write, class_weights, eval_transform, load_pixels, manifest_hash,
+                              patient_folds, read_dataset, read_manifest, split_by_patient,
                               train_transform, write_manifest)
 
 
-def test_discover_fixture_layout(fixture_data):
-    samples, skipped = discover(fixture_data)
+def test_read_dataset_fixture_layout(fixture_data):
+    dataset = read_dataset(fixture_data)
+    samples, skipped = dataset.samples, dataset.skipped
     assert len(samples) == 80 and not skipped
     assert Counter(s.label for s in samples) == Counter({"NORMAL": 28, "BACTERIA": 28, "VIRUS": 24})
 
 
-def test_discover_single_split_and_three_class_folders(tmp_path, fixture_data):
+def test_read_dataset_single_split_and_three_class_folders(tmp_path, fixture_data):
     for label in ("BACTERIA", "VIRUS"):
         (tmp_path / label).mkdir()
     src = sorted((fixture_data / "train" / "PNEUMONIA").iterdir())
     (tmp_path / "BACTERIA" / "a.jpeg").write_bytes(src[0].read_bytes())
     (tmp_path / "VIRUS" / "b.jpeg").write_bytes(src[1].read_bytes())
     (tmp_path / "VIRUS" / "notes.txt").write_text("not an image")
-    samples, _ = discover(tmp_path)
+    samples = read_dataset(tmp_path).samples
     # names that are not Kermany's: each image is its own group, named by its path under the root
     assert [(s.label, s.patient_id) for s in samples] == [("BACTERIA", "BACTERIA/a.jpeg"), ("VIRUS", "VIRUS/b.jpeg")]
-    single, _ = discover(fixture_data / "train")
+    single = read_dataset(fixture_data / "train").samples
     assert len(single) == 72
 
 
@@ -35,7 +36,8 @@ def test_unlabelled_pneumonia_file_is_reported_not_guessed(tmp_path, fixture_dat
     image = next((fixture_data / "train" / "NORMAL").iterdir()).read_bytes()
     (tmp_path / "PNEUMONIA" / "person1_bacteria_1.jpeg").write_bytes(image)
     (tmp_path / "PNEUMONIA" / "person2_mystery_1.jpeg").write_bytes(image)
-    samples, skipped = discover(tmp_path)
+    dataset = read_dataset(tmp_path)
+    samples, skipped = dataset.samples, dataset.skipped
     assert [s.label for s in samples] == ["BACTERIA"]
     assert len(skipped) == 1 and "person2_mystery_1.jpeg" in skipped[0] and "--task binary" in skipped[0]
 
@@ -48,7 +50,7 @@ def _assert_no_leak(samples):
 
 
 def test_split_on_real_data_has_no_patient_leak_and_keeps_balance(full_data):
-    samples = split_by_patient(discover(full_data)[0], 0.15, 0.15, seed=0)
+    samples = split_by_patient(read_dataset(full_data).samples, 0.15, 0.15, seed=0)
     assert len(samples) == 5232
     _assert_no_leak(samples)
     # personN with both bacteria and virus files: one patient, one side
@@ -62,16 +64,16 @@ def test_split_on_real_data_has_no_patient_leak_and_keeps_balance(full_data):
         for label, total in overall.items():  # class shares within 3 points of the pool's
             assert abs(counts[label] / len(part) - total / len(samples)) < 0.03
     # same seed, same split; another seed, another split
-    again = split_by_patient(discover(full_data)[0], 0.15, 0.15, seed=0)
+    again = split_by_patient(read_dataset(full_data).samples, 0.15, 0.15, seed=0)
     assert manifest_hash(again) == manifest_hash(samples)
-    assert manifest_hash(split_by_patient(discover(full_data)[0], 0.15, 0.15, seed=1)) != manifest_hash(samples)
+    assert manifest_hash(split_by_patient(read_dataset(full_data).samples, 0.15, 0.15, seed=1)) != manifest_hash(samples)
 
 
 def test_default_split_keeps_the_internal_test_of_the_15_percent_split(full_data):
     """The default split (5% validation) cuts the same internal test split as the 15% one the
     earlier models were measured on (the test fold is cut first), so their figures stay comparable
     and examples/ stays inside it; the rest is cut again, with a third of the validation images."""
-    pool = discover(full_data)[0]
+    pool = read_dataset(full_data).samples
     default, old = split_by_patient(pool), split_by_patient(pool, 0.15, 0.15, seed=0)
     _assert_no_leak(default)
     side = lambda samples, split: {s.path for s in samples if s.split == split}  # noqa: E731
@@ -82,7 +84,7 @@ def test_default_split_keeps_the_internal_test_of_the_15_percent_split(full_data
 
 
 def test_patient_folds_do_not_share_patients(fixture_data):
-    samples, _ = discover(fixture_data)
+    samples = read_dataset(fixture_data).samples
     folds = patient_folds(samples, 4, seed=0)
     assert sorted(np.concatenate(folds).tolist()) == list(range(len(samples)))
     owners = [{samples[i].patient_id for i in fold} for fold in folds]
@@ -102,7 +104,7 @@ def test_manifest_round_trip_and_cli(tmp_path, fixture_data):
     assert len(samples) == 80 and {s.split for s in samples} == {"train", "val", "test"}
     _assert_no_leak(samples)
     assert all((tmp_path / "sub" / s.path).exists() or __import__("os").path.exists(s.path) for s in samples)
-    assert len(load_samples(out, split="test")) == sum(s.split == "test" for s in samples)
+    assert len(read_dataset(out).select("test")) == sum(s.split == "test" for s in samples)
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
@@ -130,7 +132,7 @@ def test_atomic_write_gives_the_mode_open_would(tmp_path):
 
 
 def test_pixels_cached_once_and_bad_files_dropped(tmp_path, fixture_data):
-    samples = [s for s in discover(fixture_data)[0]][:6]
+    samples = [s for s in read_dataset(fixture_data).samples][:6]
     bad = tmp_path / "NORMAL" / "IM-9999-0001.jpeg"
     bad.parent.mkdir()
     bad.write_bytes(b"\xff\xd8\xff garbage")
@@ -148,7 +150,7 @@ def test_pixels_cached_once_and_bad_files_dropped(tmp_path, fixture_data):
 def test_dataset_and_augmentation(fixture_data):
     import torch
 
-    samples = discover(fixture_data)[0][:8]
+    samples = read_dataset(fixture_data).samples[:8]
     pixels, kept, _ = load_pixels(samples, 64)
     plain = XrayDataset(pixels, kept, ("NORMAL", "PNEUMONIA"), "binary", eval_transform())
     x, y = plain[0]
@@ -162,7 +164,7 @@ def test_dataset_and_augmentation(fixture_data):
 
 
 def test_too_few_groups_per_class_is_one_clear_line(fixture_data):
-    samples, _ = discover(fixture_data)
+    samples = read_dataset(fixture_data).samples
     with pytest.raises(ValueError) as err:
         patient_folds(samples, 25)
     assert str(err.value) == ("cannot make 25-fold cross-validation by patient/group: it needs at least 25 groups in "

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscope.data import load_samples
+from pneumoscope.data import read_dataset
 from pneumoscope.evaluate import REPORT_FILES, evaluate_samples
 from pneumoscope.labels import THREE
 from pneumoscope.metrics import expected_calibration_error, softmax
@@ -31,7 +31,7 @@ def test_report_from_one_pass_of_arrays(untrained, fixture_data, tmp_path):
 
     broken = tmp_path / "broken.jpeg"
     broken.write_bytes(b"not an image")
-    samples = load_samples(fixture_data / "val") + [Sample(str(broken), "NORMAL", "x")]
+    samples = read_dataset(fixture_data / "val").samples + [Sample(str(broken), "NORMAL", "x")]
     out = tmp_path / "report"
     metrics = evaluate_samples(untrained, samples, out)
     for name in REPORT_FILES:

@@ -90,10 +90,10 @@ def test_int8_calibration_images_pass_the_models_input_step(fixture_data, monkey
 
     from conftest import small_meta
     from pneumoscope import export
-    from pneumoscope.data import discover
+    from pneumoscope.data import read_dataset
     from pneumoscope.images import input_step
 
-    samples = discover(fixture_data)[0]
+    samples = read_dataset(fixture_data).samples
     plain = export.calibration_pixels(samples, 64, n=4)
     assert (export.calibration_pixels(samples, 64, n=4, preprocess="clahe") == input_step(plain, "clahe")).all()
     seen = []

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscope.data import discover, split_by_patient
+from pneumoscope.data import read_dataset, split_by_patient
 
 from conftest import ROOT
 
@@ -22,7 +22,7 @@ def test_external_group_never_reaches_a_training_split(full_data):
     external = _external().resolve()
     external_names = {p.name for p in external.rglob("*.jpeg")}
     assert len(external_names) == 312
-    samples = split_by_patient(discover(full_data)[0], 0.15, 0.15, seed=0)
+    samples = split_by_patient(read_dataset(full_data).samples, 0.15, 0.15, seed=0)
     paths = [Path(s.path).resolve() for s in samples]
     assert not [p for p in paths if external in p.parents]
     # the same files under another name would be the same leak: none of the training data's file
@@ -30,5 +30,5 @@ def test_external_group_never_reaches_a_training_split(full_data):
     assert not external_names & {p.name for p in paths}
     # and the external children are not training children either: NORMAL ids (IM-xxxx) are global;
     # the official release numbers personN afresh in each split, so those cannot be compared
-    external_patients = {s.patient_id for s in discover(external)[0]}
+    external_patients = {s.patient_id for s in read_dataset(external).samples}
     assert not external_patients & {s.patient_id for s in samples if s.label == "NORMAL"}

@@ -437,9 +437,9 @@ def test_kept_epochs_hold_the_ema_average_from_its_start_epoch(tmp_path):
 
 
 def test_augmented_views_are_seeded_strong_augmentations_that_leave_the_global_random_state_alone(fixture_data):
-    from pneumoscope.data import augmented_views, discover, load_pixels
+    from pneumoscope.data import augmented_views, load_pixels, read_dataset
 
-    pixels, _, _ = load_pixels(discover(fixture_data)[0][:6], 64)
+    pixels, _, _ = load_pixels(read_dataset(fixture_data).samples[:6], 64)
     numpy_state, torch_state = np.random.get_state()[1].copy(), torch.random.get_rng_state().clone()
     views = augmented_views(pixels, 64)
     assert views.shape == (12, 64, 64) and views.dtype == np.uint8

@@ -106,6 +106,22 @@ def predicted_mix(probabilities: np.ndarray, classes) -> dict[str, float]:
     return {c: round(float(n) / max(len(probabilities), 1), 4) for c, n in zip(classes, counts)}
 
 
+def site_images(inputs) -> list[str]:
+    """The image files of the new site: files as given, folders walked, and a manifest CSV read as
+    every dataset is (data.read_dataset; its labels are not used)."""
+    from .predict import expand_inputs
+
+    files = []
+    for item in inputs:
+        if str(item).lower().endswith(".csv"):
+            from .data import read_dataset
+
+            files += [s.path for s in read_dataset(item).samples]
+        else:
+            files += list(expand_inputs([item]))
+    return files
+
+
 def adapt_bundle(checkpoint, images, out, priors: bool = False, task: str = "three") -> dict:
     """Writes to `out` a copy of the model (a bundle, or the shipped model for `task`) adapted to
     the unlabelled images under `images` (files or folders): BatchNorm statistics re-estimated
@@ -120,11 +136,11 @@ def adapt_bundle(checkpoint, images, out, priors: bool = False, task: str = "thr
     from .artifact import load_bundle, resolve_model, save_bundle
     from .files import atomic_write
     from .images import ImageReadError, input_step, read_xray, resize_square
-    from .predict import Classifier, expand_inputs
+    from .predict import Classifier
 
     bundle = load_bundle(checkpoint or resolve_model(task))
     meta, model = bundle.meta, bundle.load_model()
-    files = list(expand_inputs(images if isinstance(images, (list, tuple)) else [images]))
+    files = site_images(images if isinstance(images, (list, tuple)) else [images])
     if not files:
         raise ValueError(f"{images}: no images found; adaptation needs unlabelled X-rays from the new site")
     pixels, skipped = [], []

@@ -20,13 +20,19 @@ BACKEND_HELP = ("auto: OpenVINO (bf16 where the CPU has AMX or AVX512-BF16), els
                 "onnx: ONNX Runtime fp32, the reference the model card reports; int8: the quantized graph "
                 "made by `export --int8` (faster, slightly less accurate)")
 MODEL_HELP = "a model bundle directory (or a legacy model.pt); default: the shipped model for --task"
+DATA_HELP = "a manifest CSV, or a tree of class folders (plain, or train/ val/ test/ each holding them)"
+GROUPS_HELP = ("CSV of image -> group (patient) id: columns path (or filename) and group; images of one group "
+               "never straddle a split")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(message)s")
+    console = logging.StreamHandler()
+    console.setFormatter(ConsoleFormat())
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[console])
+    # a training run always reports its split, trainable parameters and the epoch it kept
+    logging.getLogger("pneumoscope.train").setLevel(logging.INFO)
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
@@ -38,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pneumoscope: interrupted", file=sys.stderr)
         return 130
+
+
+class ConsoleFormat(logging.Formatter):
+    """Progress lines as they are; warnings and errors with their level in front."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno <= logging.INFO else f"{record.levelname} {message}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,9 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first measure the shipped models on this external group (reported as used for selection)")
     p.set_defaults(handler=cmd_card)
 
-    p = sub.add_parser("split", help="cut train/val/test out of a dataset by patient")
-    p.add_argument("--data", required=True, help="dataset root or split folder")
+    p = sub.add_parser("split", help="cut train/val/test out of a dataset by patient: the manifest train would use")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--out", required=True, help="manifest CSV to write")
+    p.add_argument("--task", choices=tuple(TASKS), default=None,
+                   help="on a Kermany tree: three (default) or binary; other trees have their folder names as classes")
+    p.add_argument("--groups", default=None, metavar="CSV", help=GROUPS_HELP)
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
     p.add_argument("--test-fraction", type=float, default=TEST_FRACTION)
     p.add_argument("--seed", type=int, default=0)
@@ -114,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_tune)
 
     p = sub.add_parser("evaluate", help="metrics, confusion matrix, ROC and prediction grid")
-    p.add_argument("--data", required=True, help="dataset folder or manifest CSV")
-    p.add_argument("--split", default=None, help="with a manifest: which split (default test)")
+    p.add_argument("--data", required=True, help=DATA_HELP)
+    p.add_argument("--split", default=None,
+                   help="a manifest's split (default test), or a tree's train/ val/ test/ folder (default: all images)")
+    p.add_argument("--groups", default=None, metavar="CSV", help=GROUPS_HELP + " (predictions.csv lists them)")
     p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
     p.add_argument("--task", choices=tuple(TASKS), default="three")
     p.add_argument("--out", required=True, help="report directory")
@@ -233,19 +252,13 @@ def cmd_card(args) -> int:
 
 
 def cmd_split(args) -> int:
-    from collections import Counter
+    from .data import read_dataset, split_dataset, split_summary, write_manifest
 
-    from .data import discover, split_by_patient, write_manifest
-
-    samples = split_by_patient(discover(args.data)[0], args.val_fraction, args.test_fraction, args.seed)
+    dataset = read_dataset(args.data, args.task, args.groups)
+    samples, notes = split_dataset(dataset, args.val_fraction, args.test_fraction, args.seed)
     write_manifest(samples, args.out)
-    counts = Counter((s.split, s.label) for s in samples)
-    patients = Counter(s.split for s in {(s.patient_id, s.split): s for s in samples}.values())
-    print(f"wrote {args.out}: {len(samples)} images")
-    for split in ("train", "val", "test"):
-        per_class = ", ".join(f"{label} {counts[(split, label)]}" for label in ("NORMAL", "BACTERIA", "VIRUS"))
-        print(f"  {split:<6}{sum(v for (s, _), v in counts.items() if s == split):>6} images, "
-              f"{patients[split]:>5} patients ({per_class})")
+    print(f"wrote {args.out}: " + "\n".join(split_summary(samples, dataset.classes, dataset.task, dataset.grouping)
+                                          + [f"  {note}" for note in notes]))
     return EXIT_OK
 
 
@@ -332,15 +345,12 @@ def cmd_tune(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .data import load_samples
-    from .evaluate import evaluate_samples, summary_table
-
-    is_manifest = Path(args.data).suffix.lower() == ".csv"
-    samples = load_samples(args.data, split=args.split or ("test" if is_manifest else None))
+    from .evaluate import evaluate_samples, samples_for, summary_table
     from .predict import Classifier
 
     classifier = Classifier.load(args.checkpoint, task=args.task, backend=args.backend)
-    metrics = evaluate_samples(classifier, samples, args.out, task=args.task)
+    samples = samples_for(args.data, classifier.meta, args.split, args.groups)
+    metrics = evaluate_samples(classifier, samples, args.out)
     print(summary_table(metrics))
     print(f"\nreport written to {args.out}/ (metrics.json, predictions.csv, confusion_matrix.png, roc.png, "
           "reliability.png, prediction_grid.png, cam_grid.png)")
@@ -385,9 +395,13 @@ def cmd_export(args) -> int:
     if args.int8:
         if not args.calibration:
             raise ValueError("--int8 needs --calibration DATA (real X-rays to calibrate the int8 ranges)")
-        from .data import load_samples
+        from .artifact import load_bundle
+        from .data import read_dataset
+        from .labels import TASKS
 
-        out = export_int8(model, load_samples(args.calibration), args.calibration_n, args.out, args.opset)
+        task = load_bundle(model).meta.task
+        samples = read_dataset(args.calibration, task if task in TASKS else None).samples
+        out = export_int8(model, samples, args.calibration_n, args.out, args.opset)
     else:
         out = export_checkpoint(model, args.out, args.opset)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {args.opset}, dynamic batch)")

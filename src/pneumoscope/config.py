@@ -33,12 +33,17 @@ def _option(default, help: str, **cli):
 
 @dataclass
 class TrainConfig:
-    data: str = field(metadata={"help": "dataset folder or manifest CSV"})
+    data: str = field(metadata={"help": "dataset: a manifest CSV, or a tree of class folders (plain, or train/ val/ "
+                                        "test/ each holding them)"})
+    groups: str | None = _option(None, "CSV of image -> group (patient) id, columns path or filename, and group: no "
+                                       "split puts one group on two sides (default: Kermany file names, else per image)")
     out: str | None = _option(None, "run directory; default <root>/<project>/<name>")
     project: str = _option("default", "experiment group: runs go to <root>/<project>/")
     name: str | None = _option(None, "experiment name (default <task>-<arch>-<timestamp>)")
     root: str = _option("runs", "folder of all projects")
-    task: str = _option("three", "classes to learn", choices=tuple(TASKS))
+    task: str | None = _option(None, "on a Kermany tree (NORMAL/ PNEUMONIA/ ...): three (NORMAL/BACTERIA/VIRUS, the "
+                                     "default) or binary (NORMAL/PNEUMONIA); any other tree learns its folder names "
+                                     "as classes", choices=tuple(TASKS))
     arch: str = _option(DEFAULT_ARCH, "architecture, see `pneumoscope models`")
     pretrained: bool | None = _option(None, "start from pretrained weights (default: only where they ship, "
                                             "efficientnet_lite*); --no-pretrained trains from scratch")
@@ -205,8 +210,11 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
             values.pop("out", None)  # --name on the command line beats the file's run directory
     values.update(given)
     values.update(overrides)
+    if "data" not in values and values.get("resume"):
+        values["data"] = ""  # the run's own config.yaml names it (train.train)
     if "data" not in values:
-        parser.error("the following arguments are required: --data (on the command line or in --config)")
+        parser.error("the following arguments are required: --data (on the command line or in --config; "
+                     "--resume reads it from the run)")
     try:
         return TrainConfig.from_dict(values, source=args.config or "command line")
     except ValueError as err:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import math
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +19,14 @@ from torchvision.transforms import v2
 from .config import AUG_POLICIES, TEST_FRACTION, VAL_FRACTION
 from .files import atomic_write, default_cache_dir  # noqa: F401  (re-exported: older imports use data.atomic_write)
 from .images import ImageReadError, input_step, read_xray, resize_square
-from .labels import (classes_for, is_image_file, is_kermany_tree, kermany_patient, label_from_path,
+from .labels import (FOLDERS, classes_for, is_image_file, is_kermany_tree, kermany_patient, label_from_path,
                      task_label)
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("path", "label", "patient_id", "split")
-_SPLIT_FOLDERS = {"train", "val", "valid", "validation", "test"}
+_SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
 @dataclass(frozen=True)
@@ -39,70 +40,75 @@ class Sample:
 
 @dataclass(frozen=True)
 class DatasetDescription:
-    """What a folder or manifest holds for a task: the classes and every usable sample."""
+    """What a folder or manifest holds: the task it is read for, its classes and every usable sample."""
+    source: Path
+    task: str  # "three" or "binary" (a Kermany reading), or FOLDERS (the classes are the folder or manifest labels)
     classes: tuple[str, ...]
-    samples: list[Sample]
+    samples: list[Sample]  # split: the manifest's, the train/ val/ test/ folder's, or "" (a plain tree)
     layout: str  # "kermany" (3-class labels from folders and file names) or "folders" (class = folder or manifest label)
     grouping: dict[str, int]  # images per source of their group: "file names", "groups CSV", "per image", "manifest"
     skipped: list[str]  # files left out, each with its reason
 
+    @property
+    def is_manifest(self) -> bool:
+        return self.source.suffix.lower() == ".csv"
 
-# ---------------------------------------------------------------- discovery
-def describe_dataset(source: str | os.PathLike, task: str = "three", groups: str | os.PathLike | None = None
-                     ) -> tuple[list[Sample], tuple[str, ...]]:
-    """The samples of a folder or manifest CSV and the classes they are trained on (see describe)."""
-    description = describe(source, task, groups)
-    return description.samples, description.classes
+    def select(self, split: str | None) -> list[Sample]:
+        """The samples of one split (a manifest's rows, or a train/ val/ test/ folder), or all of them."""
+        if not split:
+            return self.samples
+        chosen = [s for s in self.samples if s.split == split]
+        if not chosen:
+            raise ValueError(f"{self.source}: no samples in split {split!r} (a manifest's split column or a "
+                             f"train/ val/ test/ folder assigns them; it has {_sides(self.samples) or 'none'})")
+        return chosen
 
 
-def describe(source: str | os.PathLike, task: str = "three", groups: str | os.PathLike | None = None
-             ) -> DatasetDescription:
-    """Reads a dataset: a manifest CSV (path,label,patient_id,split), or any tree of class folders
-    (`train/ val/ test/` each holding class folders, a single split, or class folders alone).
+# ---------------------------------------------------------------- reading a dataset
+def read_dataset(source: str | os.PathLike, task: str | None = None, groups: str | os.PathLike | None = None
+                 ) -> DatasetDescription:
+    """Reads a dataset, the one way every command does: a manifest CSV (path,label,patient_id,split),
+    or any tree of class folders (class folders alone, or `train/ val/ test/` each holding them).
 
-    A Kermany tree (NORMAL/, PNEUMONIA/, BACTERIA/, VIRUS/) is read for `task`: 3-class labels from
-    the file names, or in the binary task NORMAL/PNEUMONIA when some pneumonia file names do not
-    tell bacteria from virus. Any other tree has one class per folder name (sorted, as torchvision's
-    ImageFolder) whatever the task. Groups (patients) come from the `groups` CSV, else Kermany file
-    names, else one per image, with a warning: then splits are per image and may leak a patient.
+    A Kermany tree (NORMAL/, PNEUMONIA/, BACTERIA/, VIRUS/) is read for `task` (default three):
+    3-class labels from the file names, or in the binary task NORMAL/PNEUMONIA when some pneumonia
+    file names do not tell bacteria from virus. Any other tree (or manifest) has one class per folder
+    name (label), sorted as torchvision's ImageFolder does, and the task FOLDERS; a `task` given for
+    it must agree with the number of classes (binary: 2, three: 3), else a one-line error. Groups
+    (patients) come from the `groups` CSV, else Kermany file names, else one per image.
     """
     source = Path(source)
+    if task is not None:
+        classes_for(task)  # a one-line error for an unknown task
     if source.is_file() and source.suffix.lower() == ".csv":
-        return _describe_manifest(source, task)
+        return _read_manifest_dataset(source, task, groups)
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: no such data folder or manifest")
     files, skipped = _image_files(source)
     folders = {p.parent.name for p in files}
     if is_kermany_tree(folders):
-        classes, labelled, unlabelled = classes_for(task), *_kermany_labels(files, task, source)
+        task = task or "three"
+        classes, (labelled, unlabelled) = classes_for(task), _kermany_labels(files, task, source)
         skipped += unlabelled
         layout = "kermany"
     else:
         classes, labelled, layout = tuple(sorted(folders)), [(p, p.parent.name) for p in files], "folders"
+        _check_task(source, classes, task, "class folders")
+        task = FOLDERS
     if not labelled:
         raise ValueError(f"{source}: no labelled images found (expected class folders, e.g. NORMAL/ PNEUMONIA/, "
                          "holding the images)")
     _warn_skipped(source, skipped)
     samples, grouping = _grouped(labelled, source, groups)
-    return DatasetDescription(classes, samples, layout, grouping, skipped)
+    return DatasetDescription(source, task, classes, samples, layout, grouping, skipped)
 
 
-def discover(root: str | os.PathLike, task: str = "three", groups: str | os.PathLike | None = None
-             ) -> tuple[list[Sample], list[str]]:
-    """All labelled images under a folder (see describe) and the files skipped, each with a reason."""
-    description = describe(root, task, groups)
-    return description.samples, description.skipped
-
-
-def load_samples(data: str | os.PathLike, split: str | None = None, task: str = "three",
-                 groups: str | os.PathLike | None = None) -> list[Sample]:
-    """Samples from a folder (every labelled image) or a manifest CSV (optionally one split)."""
-    samples = describe(data, task, groups).samples
-    if split:
-        samples = [s for s in samples if s.split == split]
-        if not samples:
-            raise ValueError(f"{data}: no samples in split {split!r} (only a manifest assigns splits)")
-    return samples
+def _check_task(source: Path, classes: tuple[str, ...], task: str | None, what: str) -> None:
+    """A --task given for a dataset that is not Kermany's must not contradict its classes."""
+    if task is not None and len(classes) != len(classes_for(task)):
+        raise ValueError(f"{source}: --task {task} means {len(classes_for(task))} classes "
+                         f"({' / '.join(classes_for(task))}), but its {what} are {len(classes)} classes "
+                         f"({', '.join(classes)}); leave --task out to learn them")
 
 
 def _image_files(root: Path) -> tuple[list[Path], list[str]]:
@@ -120,6 +126,12 @@ def _image_files(root: Path) -> tuple[list[Path], list[str]]:
         else:
             files.append(path)
     return files, skipped
+
+
+def _folder_split(path: Path, root: Path) -> str:
+    """train, val or test when the image sits in <root>/<split folder>/<class>/, else ""."""
+    parts = path.relative_to(root).parts
+    return _SPLIT_FOLDERS.get(parts[0].lower(), "") if len(parts) >= 3 else ""
 
 
 def _kermany_labels(files: list[Path], task: str, root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
@@ -148,19 +160,13 @@ def _warn_skipped(root: Path, skipped: list[str]) -> None:
 
 def _grouped(labelled: list[tuple[Path, str]], root: Path, groups: str | os.PathLike | None
              ) -> tuple[list[Sample], dict[str, int]]:
-    """Samples with their groups, and how many images got their group from where; warns when some
-    images are their own group (per-image splits)."""
+    """Samples with their groups and folder splits, and how many images got their group from where."""
     group_of = read_groups(groups, root) if groups else {}
     samples, grouping = [], Counter()
     for path, label in labelled:
         group, how = _group(path, root, group_of)
         grouping[how] += 1
-        samples.append(Sample(str(path), label, group))
-    if grouping["per image"]:
-        log.warning("%s: %d of %d images have no patient or group id (not Kermany file names%s): each is its own "
-                    "group, so splits are per image and one patient's images can land in both train and test "
-                    "(leakage); give --groups CSV with columns path (or filename) and group", root,
-                    grouping["per image"], len(samples), ", not in the groups CSV" if groups else ", no --groups CSV")
+        samples.append(Sample(str(path), label, group, _folder_split(path, root)))
     return samples, dict(grouping)
 
 
@@ -200,18 +206,27 @@ def read_groups(path: str | os.PathLike, root: str | os.PathLike | None = None) 
     return mapping
 
 
-def _describe_manifest(path: Path, task: str) -> DatasetDescription:
+def _read_manifest_dataset(path: Path, task: str | None, groups: str | os.PathLike | None) -> DatasetDescription:
     samples = read_manifest(path)
+    grouping = {"manifest": len(samples)}
+    if groups:  # the CSV's groups replace the manifest's where it names the file
+        group_of = read_groups(groups, path.parent)
+        regrouped = [(s, group_of.get(os.path.normpath(Path(s.path).resolve())) or group_of.get(Path(s.path).name))
+                     for s in samples]
+        samples = [replace(s, patient_id=group) if group else s for s, group in regrouped]
+        n = sum(group is not None for _, group in regrouped)
+        grouping = {k: v for k, v in {"groups CSV": n, "manifest": len(samples) - n}.items() if v}
     labels = {s.label for s in samples}
     if is_kermany_tree(labels):
-        classes, layout = classes_for(task), "kermany"
         unlabelled = sum(s.label == "PNEUMONIA" for s in samples)
+        task = task or ("binary" if unlabelled else "three")  # PNEUMONIA rows have no 3-class label
         if unlabelled and task != "binary":
             raise ValueError(f"{path}: {unlabelled} rows are labelled PNEUMONIA, which has no 3-class label; "
                              "use --task binary")
-    else:
-        classes, layout = tuple(sorted(labels)), "folders"
-    return DatasetDescription(classes, samples, layout, {"manifest": len(samples)}, [])
+        return DatasetDescription(path, task, classes_for(task), samples, "kermany", grouping, [])
+    classes = tuple(sorted(labels))
+    _check_task(path, classes, task, "labels")
+    return DatasetDescription(path, FOLDERS, classes, samples, "folders", grouping, [])
 
 
 def class_indices(samples: list[Sample], classes: tuple[str, ...], task: str) -> np.ndarray:
@@ -228,6 +243,98 @@ def class_indices(samples: list[Sample], classes: tuple[str, ...], task: str) ->
 
 
 # ---------------------------------------------------------------- splitting
+# A tree's own val/ or test/ is used when every class has at least this many images there, and at
+# least half of what the fraction would give it (Kermany's official val/, 8 + 8 of 5,232 images, is
+# not enough for validation: it joins the pool, as it always did).
+MIN_SPLIT_IMAGES = 2
+
+
+def split_dataset(dataset: DatasetDescription, val_fraction: float = VAL_FRACTION,
+                  test_fraction: float = TEST_FRACTION, seed: int = 0) -> tuple[list[Sample], list[str]]:
+    """The samples with train/val/test assigned, and one line per side saying how it was formed.
+
+    A manifest keeps its splits. A tree's own val/ and test/ folders are used when they hold enough
+    images of every class (`own_sides`); the sides still missing are cut from the rest (train/, the
+    plain tree, and any val/ or test/ too small to use) by group, stratified by class
+    (`split_by_patient`: test is test_fraction of the pool's groups, val val_fraction)."""
+    if dataset.is_manifest:
+        return dataset.samples, [f"train, val and test as {dataset.source.name} assigns them"]
+    kept, notes = own_sides(dataset, val_fraction, test_fraction)
+    pool = [s for s in dataset.samples if s.path not in kept]
+    missing = {side: fraction for side, fraction in (("val", val_fraction), ("test", test_fraction))
+               if fraction > 0 and side not in kept.values()}
+    if missing:
+        warn_per_image_groups(dataset)
+        joined = any(s.split in ("val", "test") for s in pool)
+        where = "the pool" if joined else "train/" if any(s.split for s in pool) else "the images"
+        how = _grouping_words(dataset.grouping)
+        notes += [f"{side}: cut from {where} by {how}, {fraction:g} of its groups" for side, fraction in missing.items()]
+        cut = split_by_patient(pool, missing.get("val", 0.0), missing.get("test", 0.0), seed)
+        assigned = {s.path: s.split for s in cut}
+    else:
+        assigned = {s.path: "train" for s in pool}
+    assigned.update(kept)
+    return [replace(s, split=assigned[s.path]) for s in dataset.samples], notes
+
+
+def own_sides(dataset: DatasetDescription, val_fraction: float = VAL_FRACTION, test_fraction: float = TEST_FRACTION
+              ) -> tuple[dict[str, str], list[str]]:
+    """{path: "val" | "test"} of the tree's own val/ and test/ folders that hold enough images of
+    every class (MIN_SPLIT_IMAGES, and half what the fraction would give it), and why each was or was
+    not used."""
+    totals = Counter(task_label(s.label, dataset.task) for s in dataset.samples)
+    kept, notes = {}, []
+    for side, fraction in (("val", val_fraction), ("test", test_fraction)):
+        held = [s for s in dataset.samples if s.split == side]
+        if not held:
+            continue
+        counts = Counter(task_label(s.label, dataset.task) for s in held)
+        needed = {c: max(MIN_SPLIT_IMAGES, math.ceil(fraction / 2 * totals[c])) for c in dataset.classes if totals[c]}
+        short = {c: n for c, n in needed.items() if counts[c] < n}
+        if short:
+            lacking = ", ".join(f"{c} {counts[c]}, needs {n}" for c, n in short.items())
+            notes.append(f"{side}/: {len(held)} images, too few ({lacking}); they join the pool")
+        else:
+            kept.update({s.path: side for s in held})
+            notes.append(f"{side}: the tree's own {side}/ folder, {len(held)} images")
+    return kept, notes
+
+
+def warn_per_image_groups(dataset: DatasetDescription) -> None:
+    """Splits by group where images have no group id are per image: one patient can land on two sides."""
+    alone = dataset.grouping.get("per image", 0)
+    if alone:
+        log.warning("%s: %d of %d images have no patient or group id (not Kermany file names%s): each is its own "
+                    "group, so splits are per image and one patient's images can land in both train and test "
+                    "(leakage); give --groups CSV with columns path (or filename) and group", dataset.source,
+                    alone, len(dataset.samples), ", not in the groups CSV" if "groups CSV" in dataset.grouping
+                    else ", no --groups CSV")
+
+
+def _grouping_words(grouping: dict[str, int]) -> str:
+    words = {"file names": "patient (from file names)", "groups CSV": "group (--groups CSV)",
+             "per image": "image (no group ids)", "manifest": "the manifest's patient ids"}
+    return " and ".join(words[how] for how in grouping)
+
+
+def split_summary(samples: list[Sample], classes: tuple[str, ...], task: str, grouping: dict[str, int]) -> list[str]:
+    """Lines for the console: images and groups per side, per class, and where the groups came from."""
+    counts = Counter((s.split, task_label(s.label, task)) for s in samples)
+    groups = Counter(split for split, _ in {(s.split, s.patient_id) for s in samples})
+    sources = ", ".join(f"{how} {n}" for how, n in grouping.items())
+    lines = [f"{len(samples)} images, {len(classes)} classes ({', '.join(classes)}); groups from: {sources}"]
+    for side in SPLITS:
+        n = sum(v for (split, _), v in counts.items() if split == side)
+        if n:
+            per_class = ", ".join(f"{c} {counts[(side, c)]}" for c in classes)
+            lines.append(f"  {side:<6}{n:>6} images {groups[side]:>6} groups   {per_class}")
+    return lines
+
+
+def _sides(samples: list[Sample]) -> str:
+    return ", ".join(side for side in SPLITS if any(s.split == side for s in samples))
+
+
 def split_by_patient(samples: list[Sample], val_fraction: float = VAL_FRACTION, test_fraction: float = TEST_FRACTION,
                      seed: int = 0) -> list[Sample]:
     """Assigns train/val/test so that no patient (group) is on two sides, stratified by label.
@@ -237,8 +344,8 @@ def split_by_patient(samples: list[Sample], val_fraction: float = VAL_FRACTION, 
     whose files carry two labels (personN bacteria + virus) is stratified by its first label.
     Every label needs at least as many groups as folds, else a one-line error says which has too few.
     """
-    if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise ValueError("need 0 < val_fraction, 0 <= test_fraction and val + test < 1")
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ValueError("need 0 <= val_fraction, 0 <= test_fraction and val + test < 1")
     splits = np.array(["train"] * len(samples), dtype=object)
     remaining = np.arange(len(samples))
     for name, fraction, asked in (("test", test_fraction, test_fraction),

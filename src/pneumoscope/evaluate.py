@@ -15,12 +15,30 @@ from pathlib import Path
 import numpy as np
 
 from .files import atomic_write
-from .labels import task_label
+from .labels import TASKS, task_label
 from .metrics import ECE_BINS, compute_metrics, expected_calibration_error, softmax
 
 log = logging.getLogger(__name__)
 REPORT_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "reliability.png",
                 "prediction_grid.png", "cam_grid.png")
+
+
+def samples_for(data: str | os.PathLike, meta, split: str | None = None, groups: str | os.PathLike | None = None
+                ) -> list:
+    """The labelled images of a dataset (data.read_dataset: a Kermany tree read for the model's task)
+    to evaluate a model on: a manifest's `split` (default test), a tree's own split folder when
+    `split` names one, else every image. Labels the model does not know: a one-line error."""
+    from .data import read_dataset
+
+    dataset = read_dataset(data, None, groups)
+    if dataset.layout == "kermany" and meta.task in TASKS and meta.task != dataset.task:
+        dataset = read_dataset(data, meta.task, groups)
+    samples = dataset.select(split or ("test" if dataset.is_manifest else None))
+    unknown = sorted({task_label(s.label, meta.task) for s in samples} - set(meta.classes))
+    if unknown:
+        raise ValueError(f"{data}: its classes {', '.join(unknown)} are not the model's ({meta.name}: "
+                         f"{', '.join(meta.classes)}); give --checkpoint the model trained on this data")
+    return samples
 
 
 def evaluate_samples(model, samples: list, out_dir: str | os.PathLike, task: str = "three",
@@ -38,16 +56,21 @@ def evaluate_samples(model, samples: list, out_dir: str | os.PathLike, task: str
             log.warning("%s; left out of the metrics", error)
     if not ok:
         raise ValueError("no image could be classified; nothing to evaluate")
-    classes, task = classifier.classes, classifier.meta.task
-    targets = np.array([classes.index(task_label(samples[i].label, task)) for i in ok])
-    return write_report(out_dir, classifier, [samples[i].path for i in ok], targets, scores.logits[ok],
-                        scores.probabilities[ok], failed=len(samples) - len(ok), plots=plots)
+    from .data import class_indices
+
+    kept = [samples[i] for i in ok]
+    targets = class_indices(kept, classifier.classes, classifier.meta.task)
+    return write_report(out_dir, classifier, [s.path for s in kept], targets, scores.logits[ok],
+                        scores.probabilities[ok], failed=len(samples) - len(ok), plots=plots,
+                        groups=[s.patient_id for s in kept])
 
 
 def write_report(out_dir: str | os.PathLike, classifier, paths: list[str], targets: np.ndarray,
-                 logits: np.ndarray, probs: np.ndarray, failed: int = 0, plots: bool = True) -> dict:
+                 logits: np.ndarray, probs: np.ndarray, failed: int = 0, plots: bool = True,
+                 groups: list[str] | None = None) -> dict:
     """metrics.json, predictions.csv and (with plots) the figures, from one pass's arrays:
-    `probs` calibrated, `logits` before the temperature (for the before/after reliability)."""
+    `probs` calibrated, `logits` before the temperature (for the before/after reliability);
+    `groups` (each image's patient or group) go into predictions.csv."""
     out_dir = Path(out_dir)
     classes, meta = classifier.classes, classifier.meta
     uncalibrated = softmax(logits)
@@ -55,7 +78,7 @@ def write_report(out_dir: str | os.PathLike, classifier, paths: list[str], targe
                "temperature": meta.temperature, "ece_uncalibrated": expected_calibration_error(uncalibrated, targets),
                "checkpoint": str(classifier.bundle.path) if classifier.bundle else None,  # None: in memory
                "model": classifier.name, "failed": failed}
-    _write_predictions(out_dir / "predictions.csv", paths, targets, probs, classes)
+    _write_predictions(out_dir / "predictions.csv", paths, targets, probs, classes, groups)
     with atomic_write(out_dir / "metrics.json", "w") as handle:
         json.dump(metrics, handle, indent=2)
     if plots:
@@ -78,12 +101,13 @@ def _figures(out_dir: Path, classifier, paths, targets, probs, uncalibrated, met
     plots.cam_grid_png(*cam_cases(classifier, paths, targets, probs), out_dir / "cam_grid.png")
 
 
-def _write_predictions(path: Path, paths, targets, probs, classes) -> None:
+def _write_predictions(path: Path, paths, targets, probs, classes, groups=None) -> None:
     with atomic_write(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "true", "predicted", *[f"p_{c}" for c in classes]])
-        for file, target, p in zip(paths, targets, probs):
-            writer.writerow([file, classes[target], classes[int(p.argmax())], *[f"{v:.6f}" for v in p]])
+        writer.writerow(["path", "true", "predicted", *[f"p_{c}" for c in classes], *(["group"] if groups else [])])
+        for i, (file, target, p) in enumerate(zip(paths, targets, probs)):
+            writer.writerow([file, classes[target], classes[int(p.argmax())], *[f"{v:.6f}" for v in p],
+                             *([groups[i]] if groups else [])])
 
 
 def summary_table(metrics: dict) -> str:

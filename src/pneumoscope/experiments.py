@@ -28,8 +28,8 @@ def list_runs(root: str | os.PathLike = "runs") -> list[dict]:
 
 
 RUNS_COLUMNS = (("project", "project"), ("experiment", "experiment"), ("status", "status"), ("arch", "arch"),
-                ("task", "task"), ("img_size", "img"), ("epochs", "epochs"), ("best_val_acc", "best val acc"),
-                ("test_acc", "test acc"), ("wall_seconds", "wall"))
+                ("task", "task"), ("img_size", "img"), ("epochs", "epochs"), ("val_acc", "val acc"),
+                ("val_bacc", "val bal. acc"), ("test_acc", "test acc"), ("wall_seconds", "wall"))
 
 
 def format_table(rows: list[dict], columns=RUNS_COLUMNS) -> str:
@@ -52,8 +52,8 @@ def _cell(key: str, value) -> str:
 
 # ---------------------------------------------------------------- `pneumoscope compare`
 def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """comparison.csv, curves.png, train_time.png, peak_memory.png (process RAM), best_val_acc.png,
-    gpu_memory.png (when a run trained on CUDA) and report.md for the given runs. Unfinished and
+    """comparison.csv, curves.png, train_time.png, peak_memory.png (process RAM), val_acc.png (the
+    saved models' validation accuracy), gpu_memory.png (when a run trained on CUDA) and report.md for the given runs. Unfinished and
     failed runs are kept, labelled with their status."""
     from . import plots
 
@@ -75,7 +75,7 @@ def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     plots.runs_curves_png([RunDir(d).epochs() for d in run_dirs], tagged, out / "curves.png")
     figures = {"train_time.png": ("train_seconds", "training time (s, sum of epochs)"),
                "peak_memory.png": ("peak_memory_mb", "peak process RAM (MB)"),
-               "best_val_acc.png": ("best_val_acc", "best validation accuracy")}
+               "val_acc.png": ("val_acc", "validation accuracy of the saved model")}
     if any(row.get("cuda_peak_memory_mb") is not None for row in rows):
         figures["gpu_memory.png"] = ("cuda_peak_memory_mb", "peak GPU memory allocated (MB)")
     for name, (key, title) in figures.items():
@@ -94,13 +94,14 @@ def _labels(run_dirs: list[Path]) -> list[str]:
 def _report(rows: list[dict], figures: dict) -> str:
     columns = (("run", "run"), ("status", "status"), ("arch", "arch"), ("task", "task"), ("img_size", "img"),
                ("epochs", "epochs"), ("params", "params"), ("trainable_params", "trainable"),
-               ("best_val_acc", "best val acc"), ("best_val_bacc", "best val bal. acc"), ("test_acc", "internal test acc"),
+               ("val_acc", "val acc"), ("val_bacc", "val bal. acc"), ("test_acc", "internal test acc"),
                ("train_seconds", "train time"), ("wall_seconds", "wall time"), ("images_per_s", "images/s"),
                ("peak_memory_mb", "peak RAM MB"))
     if "gpu_memory.png" in figures:
         columns += (("cuda_peak_memory_mb", "peak GPU MB"),)
     lines = ["# Run comparison", "", f"{len(rows)} runs; numbers in `comparison.csv` (per-class recall too).",
-             "A run that did not finish is listed with its status and its numbers so far.", "",
+             "A run that did not finish is listed with its status and its numbers so far.",
+             "Validation figures are the saved model's (its val/ report), not the best epoch's of metrics.csv.", "",
              "| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(k, row.get(k)) for k, _ in columns) + " |" for row in rows]
     lines += ["", "## Training curves", "", "![train and val accuracy and loss](curves.png)", ""]
@@ -118,10 +119,15 @@ def cross_validate(config, n_folds: int) -> dict:
     cv_summary.json/.csv. With resume, folds that already finished are kept."""
     from .train import is_main_process, train
 
+    from .data import read_dataset
+    from .train import with_defaults
+
     if n_folds < 2:
         raise ValueError("--folds needs at least 2 folds")
+    dataset = read_dataset(config.data, config.task, config.groups)
+    config = with_defaults(config, dataset)  # the dataset's task names the folder
     root = resolve(config)
-    manifests = write_fold_manifests(config, root, n_folds)
+    manifests = write_fold_manifests(config, root, n_folds, dataset)
     for fold, manifest in enumerate(manifests):
         fold_dir = root / f"fold-{fold}"
         if config.resume and RunDir(fold_dir).live_status() == "finished":
@@ -130,16 +136,25 @@ def cross_validate(config, n_folds: int) -> dict:
     return write_cv_summary(root, n_folds) if is_main_process() else {}
 
 
-def write_fold_manifests(config, root: Path, n_folds: int) -> list[Path]:
-    """One manifest per fold: that fold's patients as val, the other folds as train. Seeded, so
-    every rank of a multi-process run writes the same files (atomically); a resumed run keeps its own."""
-    from .data import load_samples, patient_folds, write_manifest
+def write_fold_manifests(config, root: Path, n_folds: int, dataset=None) -> list[Path]:
+    """One manifest per fold: that fold's patients as val, the other folds as train. The pool is
+    the data but its test side (a manifest's test rows, a tree's own test/ folder when it holds
+    enough images: data.own_sides). Seeded, so every rank of a multi-process run writes the same
+    files (atomically); a resumed run keeps its own."""
+    from .data import own_sides, patient_folds, read_dataset, warn_per_image_groups, write_manifest
     from .train import subsample_by_patient
 
     paths = [root / "folds" / f"fold-{fold}.csv" for fold in range(n_folds)]
     if all(p.is_file() for p in paths):
         return paths
-    pool = [s for s in load_samples(config.data) if s.split != "test"]
+    dataset = dataset or read_dataset(config.data, config.task, config.groups)
+    if dataset.is_manifest:
+        pool = [s for s in dataset.samples if s.split != "test"]
+    else:
+        held = {path for path, side in own_sides(dataset, config.val_fraction, config.test_fraction)[0].items()
+                if side == "test"}
+        pool = [s for s in dataset.samples if s.path not in held]
+    warn_per_image_groups(dataset)
     if config.max_images:
         pool = subsample_by_patient(pool, config.max_images, config.seed)
     for fold, held in enumerate(patient_folds(pool, n_folds, config.seed)):
@@ -179,7 +194,7 @@ TUNED = ("lr", "aug", "img_size", "label_smoothing", "class_weight_power")  # wh
 
 
 def tune(base, n_trials: int, study_name: str, img_sizes=(128, 160, 192)):
-    """Optuna search maximizing the best validation balanced accuracy. The study lives in
+    """Optuna search maximizing the saved model's validation balanced accuracy. The study lives in
     <root>/<project>/optuna.db (base.root, base.project), so running the same command again adds
     trials to it; each trial is a normal run in <root>/<project>/<study>-trial-<n>/. Trials never
     evaluate the internal test split: choosing among them must not look at it."""
@@ -207,7 +222,7 @@ def tune(base, n_trials: int, study_name: str, img_sizes=(128, 160, 192)):
             label_smoothing=trial.suggest_float("label_smoothing", 0.0, 0.2),
             class_weight_power=trial.suggest_float("class_weight_power", 0.0, 1.0))
         train(config)
-        return summarize(out)["best_val_bacc"]
+        return summarize(out)["val_bacc"]
 
     study.optimize(objective, n_trials=n_trials, catch=(ValueError, RuntimeError))
     return study

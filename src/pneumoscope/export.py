@@ -38,13 +38,27 @@ def onnx_bytes(model: torch.nn.Module, meta: ModelMeta, opset: int = OPSET) -> b
         # The TorchScript exporter (dynamo=False) is deprecated but needs no onnxscript and handles
         # every registered CNN; the dynamo exporter would add a dependency for no gain here.
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.rand(1, 1, size, size),), buffer, dynamo=False,
-                          opset_version=opset, input_names=["pixels"], output_names=["logits", "features"],
-                          dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}})
-    model.train(was_training)
+        try:
+            torch.onnx.export(net, (torch.rand(1, 1, size, size),), buffer, dynamo=False,
+                              opset_version=opset, input_names=["pixels"], output_names=["logits", "features"],
+                              dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}})
+        except Exception as err:  # noqa: BLE001  the exporter's message carries the whole Torch IR graph
+            raise ExportError(f"{meta.name}: {meta.arch} at {size} px does not export to ONNX "
+                              f"({type(err).__name__}: {_first_line(err)})") from None
+        finally:
+            model.train(was_training)
     proto = onnx.load_from_string(buffer.getvalue())
     set_metadata(proto, {META_KEY: json.dumps(meta.to_json()), FINGERPRINT_KEY: model_fingerprint(model, meta)})
     return proto.SerializeToString()
+
+
+class ExportError(ValueError):
+    """A network the ONNX exporter refuses; one line (the exporter's own message holds its graph)."""
+
+
+def _first_line(err: Exception, limit: int = 200) -> str:
+    line = (str(err).strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def export_onnx(model: torch.nn.Module, meta: ModelMeta, out: str | os.PathLike, opset: int = OPSET) -> Path:

@@ -4,7 +4,8 @@ Two readings of an image-classification tree, chosen by its class folders:
 - Kermany chest X-rays (class folders NORMAL, PNEUMONIA, BACTERIA, VIRUS in any case): the 3-class
   label comes from the folder and, in PNEUMONIA/, from 'bacteria' or 'virus' in the file name;
   the patient from the file name (personN_..., IM-NNNN-..., NORMAL2-IM-NNNN-...).
-- Any other tree (ImageFolder): the class is the name of the folder that holds the image.
+- Any other tree (ImageFolder): the class is the name of the folder that holds the image; such a
+  dataset's task is FOLDERS, and a model trained on it carries those classes in its bundle.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 THREE = ("NORMAL", "BACTERIA", "VIRUS")
 BINARY = ("NORMAL", "PNEUMONIA")
 TASKS = {"three": THREE, "binary": BINARY}
+FOLDERS = "folders"  # the task of any other dataset: its classes are its folder names (or manifest labels)
 KERMANY_FOLDERS = frozenset(THREE) | {"PNEUMONIA"}
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}

@@ -20,7 +20,9 @@ import timm
 import torch
 import torchvision
 from timm.models import adapt_input_conv, get_pretrained_cfg, group_parameters
+from timm.models.vgg import ConvMlp
 from torch import nn
+from torch.nn import functional as F
 
 from .config import DEFAULT_ARCH, parse_freeze  # noqa: F401  (defined torch-free for the CLI)
 
@@ -40,19 +42,21 @@ class ModelSpec:
     description: str
     source: str = ""  # the timm model name, or the torchvision weights ("AlexNet_Weights.IMAGENET1K_V1")
     freeze: str = "none"  # what training freezes unless told (TrainConfig.freeze; see freeze_model)
+    min_size: int = 32  # the smallest --img-size its layers take (training refuses less before it starts)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, mean: float = IMAGENET_MEAN, std: float = IMAGENET_STD,
-                   pretrained: str = "timm", description: str = "", source: str = "", freeze: str = "none"):
+                   pretrained: str = "timm", description: str = "", source: str = "", freeze: str = "none",
+                   min_size: int = 32):
     if pretrained not in WEIGHT_SOURCES:
         raise ValueError(f"{name}: pretrained must be one of {WEIGHT_SOURCES}")
 
     def decorator(build: Callable[[int], nn.Module]):
         _REGISTRY[name] = ModelSpec(name, build, mean, std, pretrained, description or build.__doc__ or "", source,
-                                    str(parse_freeze(freeze)))
+                                    str(parse_freeze(freeze)), min_size)
         return build
     return decorator
 
@@ -145,7 +149,7 @@ def create_model(name: str, num_classes: int, pretrained: bool | None = None) ->
         backbone = _torchvision_pretrained(spec, num_classes)
     else:
         raise PretrainedUnavailable(f"{name} has no pretrained weights; train it with --no-pretrained")
-    return XrayNet(backbone, spec.mean, spec.std)
+    return XrayNet(exportable_pools(backbone), spec.mean, spec.std)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -370,6 +374,57 @@ def _timm(name: str) -> Callable[[int], nn.Module]:
     return build
 
 
+# ---------------------------------------------------------------- adaptive pools ONNX can hold
+def adaptive_pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """The n_out x n_in weights of adaptive average pooling along one axis: output i averages
+    PyTorch's bin [floor(i n_in / n_out), ceil((i + 1) n_in / n_out))."""
+    weights = torch.zeros(n_out, n_in)
+    for i in range(n_out):
+        start, end = i * n_in // n_out, -(-(i + 1) * n_in // n_out)
+        weights[i, start:end] = 1.0 / (end - start)
+    return weights
+
+
+def exportable_adaptive_avg_pool2d(x: torch.Tensor, output_size) -> torch.Tensor:
+    """F.adaptive_avg_pool2d, exactly, in a form the ONNX exporter takes at every input size: it
+    exports only bins of one size (an output that divides the input), so other sizes (VGG's 7 x 7
+    and AlexNet's 6 x 6 pools at --img-size other than 224) become two matrix products with weights
+    fixed by the traced size."""
+    height, width = int(x.shape[-2]), int(x.shape[-1])
+    out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
+    out_h, out_w = out_h or height, out_w or width  # None keeps that side
+    if height % out_h == 0 and width % out_w == 0:
+        return F.adaptive_avg_pool2d(x, (out_h, out_w))
+    rows, cols = adaptive_pool_matrix(height, out_h).to(x), adaptive_pool_matrix(width, out_w).to(x)
+    return rows @ x @ cols.T
+
+
+class ExportableAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return exportable_adaptive_avg_pool2d(x, self.output_size)
+
+
+class ExportableConvMlp(ConvMlp):
+    """timm's VGG head, whose forward pools a feature map smaller than its 7 x 7 kernel up to 7 x 7."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] < self.input_kernel_size or x.shape[-1] < self.input_kernel_size:
+            x = exportable_adaptive_avg_pool2d(x, (max(self.input_kernel_size, x.shape[-2]),
+                                                   max(self.input_kernel_size, x.shape[-1])))
+        return self.act2(self.fc2(self.drop(self.act1(self.fc1(x)))))
+
+
+def exportable_pools(model: nn.Module) -> nn.Module:
+    """The network with its adaptive average pools to more than one cell made exportable at every
+    input size (in place; the classes change, no parameter or state-dict key does)."""
+    for module in model.modules():
+        if type(module) is nn.AdaptiveAvgPool2d and module.output_size not in (1, (1, 1)):
+            module.__class__ = ExportableAdaptiveAvgPool2d
+        elif type(module) is ConvMlp:
+            module.__class__ = ExportableConvMlp
+    return model
+
+
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
@@ -476,7 +531,8 @@ register_model("residual_vgg_seed", mean=0.5, std=0.25, pretrained="none",
                description="the seed's residual VGG: 4 VGG blocks (64-512, two conv3x3-BN-ReLU) with a 3x3 conv "
                            "shortcut each, 3-FC head (256-128-classes, ReLU, dropout 0.5)"
                )(lambda num_classes: ResidualVGG(num_classes, (64, 128, 256, 512), shortcut_kernel=3, hidden=SEED_HEAD))
-register_model("alexnet", pretrained="torchvision", source="AlexNet_Weights.IMAGENET1K_V1",
+# AlexNet's three 3/2 max-pools after a stride-4 conv leave nothing of an image under 63 px
+register_model("alexnet", pretrained="torchvision", source="AlexNet_Weights.IMAGENET1K_V1", min_size=63,
                description="torchvision AlexNet (seed 000), 1-channel first conv; ImageNet weights from torchvision"
                )(AlexNet)
 for _name in ("vgg16_bn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",

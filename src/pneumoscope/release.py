@@ -72,7 +72,7 @@ def measure_external(external: str | Path, models_dir: str | Path = "models", do
     acquisition batch, never trained on and never used to fit a parameter) into
     docs/model-card/<task>/external/ and adds its headline to the bundle's metrics.json. These
     figures guide choices, so the card labels them "used for selection"."""
-    from .data import load_samples
+    from .data import read_dataset
     from .predict import Classifier
 
     models_dir, docs_dir = Path(models_dir), Path(docs_dir)
@@ -82,7 +82,7 @@ def measure_external(external: str | Path, models_dir: str | Path = "models", do
         if not (target / "meta.json").is_file():
             continue
         classifier = Classifier.load(target, backend="onnx")
-        samples = load_samples(external, task=task)
+        samples = read_dataset(external, task).samples
         report = evaluate_samples(classifier, samples, docs_dir / "model-card" / task / EXTERNAL, plots=True)
         bundle = load_bundle(target)
         metrics = {**bundle.metrics(), EXTERNAL: headline(report)}

@@ -140,9 +140,10 @@ class RunDir:
         return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
     def samples(self):
-        from .data import read_manifest
+        """The run's split (manifest.csv), read as the run read its data (data.read_dataset)."""
+        from .data import read_dataset
 
-        return read_manifest(self.path / "manifest.csv")
+        return read_dataset(self.path / "manifest.csv", self.raw_config().get("task")).samples
 
     def status(self) -> dict:
         """status.json as recorded ({} when missing)."""
@@ -203,19 +204,22 @@ def checkpoint_epoch(path: str | os.PathLike) -> int:
 
 # ---------------------------------------------------------------- where a run goes
 def resolve(config: TrainConfig) -> Path:
-    """config.out; else <root>/<project>/<name>; without a name `<task>-<arch>-<timestamp>`, or with
-    resume the newest run of that task and architecture in the project."""
+    """config.out; else <root>/<project>/<name>; without a name `<task>-<arch>-<timestamp>` (task
+    `folders` for a dataset that is not Kermany's), or with resume the newest run of that task (any
+    task when none is given) and architecture in the project."""
+    from .labels import FOLDERS
+
     if config.out:
         return Path(config.out)
     project_dir = Path(config.root) / config.project
     if config.name:
         return project_dir / config.name
     if config.resume:
-        previous = sorted(project_dir.glob(f"{config.task}-{config.arch}-*/config.yaml"),
+        previous = sorted(project_dir.glob(f"{config.task or '*'}-{config.arch}-*/config.yaml"),
                           key=lambda p: p.stat().st_mtime)
         if previous:
             return previous[-1].parent
-    return project_dir / default_name(config.task, config.arch)
+    return project_dir / default_name(config.task or FOLDERS, config.arch)
 
 
 def default_name(task: str, arch: str) -> str:
@@ -259,9 +263,10 @@ def summarize(path: str | os.PathLike) -> dict:
         "params": meta.params if meta else None,
         "trainable_params": meta.provenance.get("trainable_params") if meta else None,  # the ones not frozen
         "best_epoch": meta.provenance.get("best_epoch") if meta else None,
-        "best_val_acc": max(_column(rows, "val_acc"), default=None),
-        "best_val_bacc": max(_column(rows, "val_bacc"), default=None),
-        "val_acc": reports.get("val", {}).get("accuracy"),  # of the saved (best) model, from its report
+        # the saved model's (its val report), not the best of metrics.csv's epochs: the model kept is
+        # the epoch of best balanced accuracy, whose plain accuracy may be far from the best epoch's
+        "val_acc": reports.get("val", {}).get("accuracy"),
+        "val_bacc": reports.get("val", {}).get("balanced_accuracy"),
         "test_acc": reports.get("test", {}).get("accuracy"),
         "external_acc": reports.get("external", {}).get("accuracy"),
         **{f"recall_{c}": v for c, v in recall.items()}, "recall_split": recall_split,

@@ -27,11 +27,11 @@ import threading
 import time
 from importlib import resources
 from pathlib import PurePath
-from typing import Iterator
+from typing import Iterator, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
@@ -87,6 +87,16 @@ class Prediction(BaseModel):
     reliable: bool = Field(description="false when a warning says the input is probably not a chest X-ray")
     model: ModelName
     cam: str | None = Field(None, description="with cam=true: a Grad-CAM overlay, as a PNG data URL")
+
+
+def prediction_model(classes: tuple[str, ...]) -> type[Prediction]:
+    """`Prediction` for one model: `label` is one of its classes and `probabilities` are keyed by
+    them, so /openapi.json names the bundle's own classes (a flower model's, not NORMAL/BACTERIA/VIRUS)."""
+    label = Literal[tuple(classes)]
+    return create_model("Prediction", __base__=Prediction, __doc__=Prediction.__doc__,
+                        label=(label, Field(description="the most probable class")),
+                        probabilities=(dict[label, float], Field(description="calibrated probability per class, "
+                                                                             "in class order")))
 
 
 class ModelCard(BaseModel):
@@ -176,17 +186,18 @@ def create_app(classifier: Classifier | None = None, task: str = "three", max_up
     async def model_card() -> ModelCard:
         return card
 
+    answer_model = prediction_model(classifier.classes)
+
     @app.post("/v1/predict", openapi_extra={"requestBody": _UPLOAD_BODY}, responses=_ERRORS,
-              response_model_exclude_unset=True)
-    async def predict(request: Request, cam: bool = Query(False, description="add a Grad-CAM overlay PNG")
-                      ) -> Prediction:
+              response_model=answer_model, response_model_exclude_unset=True)
+    async def predict(request: Request, cam: bool = Query(False, description="add a Grad-CAM overlay PNG")):
         name, data = await read_upload(request, limit, body_timeout)
         record, png = await run_in_threadpool(_infer, classifier, data, name, cam)
         if record.status != "ok":
             raise HTTPException(422, record.error or f"{name}: not a readable image")
-        answer = Prediction(filename=name, label=record.label, probabilities=record.probabilities,
-                            warnings=record.warnings, reliable=record.reliable,
-                            model=ModelName(name=meta.name, version=meta.version, arch=meta.arch))
+        answer = answer_model(filename=name, label=record.label, probabilities=record.probabilities,
+                              warnings=record.warnings, reliable=record.reliable,
+                              model=ModelName(name=meta.name, version=meta.version, arch=meta.arch))
         if cam:  # set only on request: without cam=true the field is left out of the answer
             answer.cam = "data:image/png;base64," + base64.b64encode(png).decode() if png else None
         return answer

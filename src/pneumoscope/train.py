@@ -15,6 +15,7 @@ import resource
 import socket
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -34,14 +35,32 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from . import __version__, rundir
 from .config import CALIBRATIONS, TrainConfig  # noqa: F401  (TrainConfig re-exported for older imports)
-from .data import (XrayDataset, class_weights, discover, eval_transform, load_pixels, load_samples, manifest_hash,
-                   split_by_patient, train_transform)
+from .labels import TASKS
+from .data import (XrayDataset, class_weights, eval_transform, load_pixels, manifest_hash, read_dataset,
+                   split_dataset, split_summary, train_transform)
 from .files import atomic_write
-from .labels import classes_for
 from .models import XrayNet, count_parameters, create_model, freeze_model, model_spec, trainable_parameters
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
+
+
+def _quiet_lightning() -> None:
+    """Lightning's console, once per message and without adverts: `lightning` adds its own console
+    handler and propagates to the application's too (every line twice under the CLI), sets INFO on
+    its loggers whatever the application asked, and logs tips for its cloud services. Its records
+    now go through the application's logging alone, at the application's level (-v shows them)."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡 Tip"))
+
+
+_quiet_lightning()
 MONITOR = "val_bacc"  # the validation metric that picks the best checkpoint, stops early and drives `plateau`
 
 
@@ -252,9 +271,14 @@ class FocalLoss(nn.Module):
         return (-alpha * (1 - log_p.exp()) ** self.gamma * log_p).sum() / alpha.sum()
 
 
-def with_defaults(config: TrainConfig) -> TrainConfig:
-    """The architecture's defaults made explicit, so that config.yaml says what ran."""
-    return replace(config, freeze=config.freeze or model_spec(config.arch).freeze)
+def with_defaults(config: TrainConfig, dataset=None) -> TrainConfig:
+    """The architecture's defaults (and a Kermany dataset's task) made explicit, so that config.yaml
+    says what ran; also fails fast on an unknown architecture or an image size it cannot take."""
+    spec = model_spec(config.arch)
+    if config.img_size < spec.min_size:
+        raise ValueError(f"--img-size {config.img_size}: {config.arch} needs at least {spec.min_size} px")
+    task = config.task or (dataset.task if dataset is not None and dataset.task in TASKS else None)
+    return replace(config, freeze=config.freeze or spec.freeze, task=task)
 
 
 # ---------------------------------------------------------------- run bookkeeping callbacks
@@ -366,17 +390,18 @@ class SameSplitOnAllRanks(Callback):
 
 
 # ---------------------------------------------------------------- the run
-def prepare_split(config: TrainConfig):
-    """The run's samples with train/val/test assigned: from a manifest as given (cross-validation
-    folds are manifests too), or split by patient."""
-    data = Path(config.data)
-    if data.suffix.lower() == ".csv":
-        samples = load_samples(data)
-    else:
-        samples = split_by_patient(discover(data)[0], config.val_fraction, config.test_fraction, config.seed)
+def prepare_split(config: TrainConfig, dataset=None):
+    """The run's samples with train/val/test assigned (data.split_dataset: a manifest as given,
+    cross-validation folds are manifests too; a tree by its own val/ test/ folders or cut by
+    patient), and the lines that say how, for the console."""
+    dataset = dataset or read_dataset(config.data, config.task, config.groups)
+    if len(dataset.classes) < 2:
+        raise ValueError(f"{dataset.source}: one class ({dataset.classes[0]}); a model needs at least 2 class folders")
+    samples, notes = split_dataset(dataset, config.val_fraction, config.test_fraction, config.seed)
     if config.max_images:
         samples = subsample_by_patient(samples, config.max_images, config.seed)
-    return samples
+        notes.append(f"capped at about {config.max_images} images (--max-images), whole patients")
+    return samples, [*split_summary(samples, dataset.classes, dataset.task, dataset.grouping), *notes]
 
 
 def subsample_by_patient(samples, max_images: int, seed: int):
@@ -398,16 +423,22 @@ def subsample_by_patient(samples, max_images: int, seed: int):
 def train(config: TrainConfig) -> TrainResult:
     """Trains one model into its run directory and returns the result. With `resume`, a run whose
     directory already holds a configuration continues from its last checkpoint with that saved
-    configuration (the given one only locates the run), as `pneumoscope train --resume` does."""
+    configuration (the given one only locates the run, so it needs no data), as
+    `pneumoscope train --resume` does. The classes are the dataset's (data.read_dataset)."""
     started = time.perf_counter()
+    saved = RunDir(rundir.resolve(config)).config() if config.resume else None
+    if saved is not None:
+        config = replace(saved, resume=True)
+    elif not config.data:
+        raise FileNotFoundError(f"{rundir.resolve(config)}: no run to resume there (no config.yaml); give --data "
+                                "to start one")
+    dataset = read_dataset(config.data, config.task, config.groups)  # a bad --data: one line, no run directory
+    config = with_defaults(config, dataset)
     run = RunDir(rundir.resolve(config))
-    saved = run.config() if config.resume else None
     if saved is not None:
         log.info("resuming %s with its saved configuration", run.path)
-        config = replace(saved, resume=True)
-    config = with_defaults(replace(config, out=str(run.path)))  # also fails fast on an unknown architecture
+    config = replace(config, out=str(run.path))
     L.seed_everything(config.seed, workers=True, verbose=False)
-    classes = classes_for(config.task)
     main = is_main_process()
     if main:
         for path in run.remove_stale_temporaries():  # before this run writes any of its own
@@ -418,7 +449,7 @@ def train(config: TrainConfig) -> TrainResult:
         run.write_status("running", fresh=not config.resume, started=time.strftime("%Y-%m-%dT%H:%M:%S"),
                          error=None, pid=os.getpid(), hostname=socket.gethostname(), world_size=world_size())
     try:
-        result = _fit(config, run, classes, started)
+        result = _fit(config, run, dataset, started)
     except KeyboardInterrupt:
         if main:
             run.write_status("interrupted")
@@ -430,10 +461,13 @@ def train(config: TrainConfig) -> TrainResult:
     return replace(result, config=config, resumed=saved is not None)
 
 
-def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResult:
-    samples = prepare_split(config)
+def _fit(config: TrainConfig, run: RunDir, dataset, started: float) -> TrainResult:
+    samples, summary = prepare_split(config, dataset)
+    classes = dataset.classes
     if is_main_process():
         run.write_manifest(samples)
+        for line in summary:
+            log.info("%s", line)
     cache = Path(config.cache_dir) if config.cache_dir else None
     datasets = {}
     for split in ("train", "val"):
@@ -443,7 +477,7 @@ def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResu
         pixels, kept, _ = load_pixels(chosen, config.img_size, cache)
         transform = (train_transform(config.img_size, config.aug, config.aug_policy, config.preprocess)
                      if split == "train" else eval_transform(config.preprocess))
-        datasets[split] = XrayDataset(pixels, kept, classes, config.task, transform)
+        datasets[split] = XrayDataset(pixels, kept, classes, dataset.task, transform)
     train_set, val_set = datasets["train"], datasets["val"]
     weights = class_weights(train_set.targets, len(classes)) ** config.class_weight_power
     weights = weights / weights.mean()
@@ -478,11 +512,18 @@ def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResu
                         log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)
     for logger in trainer.loggers:  # the configuration, so MLflow/TensorBoard can filter runs by it
         logger.log_hyperparams(config.to_dict())
-    trainer.fit(module, datamodule=_Loaders(train_set, val_set, config.batch_size), ckpt_path=resume_from,
-                weights_only=True)
+    with warnings.catch_warnings():
+        # notes about Lightning itself, not the run: torch deprecating a pytree class it builds, and a
+        # hint to log more often that small datasets raise (metrics.csv records every epoch anyway)
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+        warnings.filterwarnings("ignore", message="The number of training batches")
+        trainer.fit(module, datamodule=_Loaders(train_set, val_set, config.batch_size), ckpt_path=resume_from,
+                    weights_only=True)
     if not trainer.is_global_zero:
         return TrainResult(run.path, None)
-    return _finish(config, run, classes, samples, best, model, val_set, started)
+    stopper = trainer.early_stopping_callback
+    return _finish(config, run, dataset.task, classes, samples, best, model, val_set, started,
+                   stopped_early_at=stopper.stopped_epoch if stopper and stopper.stopped_epoch else None)
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -639,16 +680,19 @@ class _AtomicWriter(ExperimentWriter):
             writer.writerows(rows)
 
 
-def _finish(config, run: RunDir, classes, samples, best, model, val_set, started) -> TrainResult:
+def _finish(config, run: RunDir, task: str, classes, samples, best, model, val_set, started,
+            stopped_early_at: int | None = None) -> TrainResult:
     """Best weights -> the meta that names them -> `save_calibrated` -> env and status."""
     from .artifact import ModelMeta
 
     state, best_epoch = rundir.checkpoint_weights(best.best_model_path)
+    kept = f"kept epoch {best_epoch} (val balanced accuracy {float(best.best_model_score):.3f})"
+    log.info("%s", f"stopped early at epoch {stopped_early_at}, {kept}" if stopped_early_at is not None else kept)
     model.load_state_dict(state)
     model.eval()
     spec = model_spec(config.arch)
     meta = ModelMeta(
-        name=f"pneumoscope-{config.arch}-{config.task}", task=config.task, classes=tuple(classes),
+        name=f"pneumoscope-{config.arch}-{task}", task=task, classes=tuple(classes),
         arch=config.arch, img_size=config.img_size, mean=spec.mean, std=spec.std, params=count_parameters(model),
         preprocess=config.preprocess,
         provenance={"pneumoscope": __version__, "git_commit": git_commit(), "seed": config.seed,

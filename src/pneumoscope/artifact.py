@@ -343,7 +343,8 @@ def save_bundle(model, meta: ModelMeta, out: str | os.PathLike, export: bool = T
     if export:
         from .export import export_onnx
 
-        export_onnx(model, meta, out / ONNX_FP32)
+        # the fingerprint from the bytes just written: serializing a large network twice costs seconds
+        export_onnx(model, meta, out / ONNX_FP32, fingerprint=fingerprint(hashlib.sha256(data).hexdigest(), meta))
     return out
 
 

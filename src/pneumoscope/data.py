@@ -6,6 +6,7 @@ import hashlib
 import logging
 import math
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -274,7 +275,22 @@ def split_dataset(dataset: DatasetDescription, val_fraction: float = VAL_FRACTIO
     else:
         assigned = {s.path: "train" for s in pool}
     assigned.update(kept)
-    return [replace(s, split=assigned[s.path]) for s in dataset.samples], notes
+    samples = [replace(s, split=assigned[s.path]) for s in dataset.samples]
+    if kept:
+        _warn_straddling(dataset.source, samples)
+    return samples, notes
+
+
+def _warn_straddling(source: Path, samples: list[Sample]) -> None:
+    """The tree's own folders are used as they are: say so when they put one patient on two sides."""
+    sides: dict[str, set[str]] = {}
+    for s in samples:
+        sides.setdefault(s.patient_id, set()).add(s.split)
+    straddling = sorted(group for group, where in sides.items() if len(where) > 1)
+    if straddling:
+        log.warning("%s: %d patient(s) or group(s) have images in more than one of its train/ val/ test/ folders "
+                    "(e.g. %s): its own split is used as it is, so they straddle it", source, len(straddling),
+                    straddling[0])
 
 
 def own_sides(dataset: DatasetDescription, val_fraction: float = VAL_FRACTION, test_fraction: float = TEST_FRACTION
@@ -488,6 +504,17 @@ class RandomGamma(torch.nn.Module):
         return v2.functional.adjust_gamma(image, gamma)
 
 
+class JPEG(v2.JPEG):
+    """torchvision's JPEG re-compression, without the warning on every call that torchvision's
+    codecs are deprecated in favour of TorchCodec (a dependency for this one transform)."""
+
+    def forward(self, *inputs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                                    category=DeprecationWarning)
+            return super().forward(*inputs)
+
+
 class InputStep(torch.nn.Module):
     """The model's fixed input step (images.input_step) on a 1 x S x S uint8 tensor: after every
     simulated acquisition change of the training augmentation (only float noise follows it), as it
@@ -522,7 +549,7 @@ def train_transform(size: int, strength: float = 1.0, policy: str = "standard", 
             v2.RandomApply([RandomGamma(1 + 0.6 * s)], p=0.5),
             v2.RandomAutocontrast(p=0.3 * s),
             v2.RandomEqualize(p=0.3 * s),
-            v2.RandomApply([v2.JPEG((40, 95))], p=0.3 * s),
+            v2.RandomApply([JPEG((40, 95))], p=0.3 * s),
             v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.3 * s),
             v2.RandomAdjustSharpness(2.0, p=0.2 * s),
             InputStep(preprocess),

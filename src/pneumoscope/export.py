@@ -25,8 +25,9 @@ OPSET = 17
 QUANTIZATION_KEY = "pneumoscope_quantization"
 
 
-def onnx_bytes(model: torch.nn.Module, meta: ModelMeta, opset: int = OPSET) -> bytes:
-    """The serialized graph of `model` with a dynamic batch axis, its meta and fingerprint embedded."""
+def onnx_bytes(model: torch.nn.Module, meta: ModelMeta, opset: int = OPSET, fingerprint: str | None = None) -> bytes:
+    """The serialized graph of `model` with a dynamic batch axis, its meta and fingerprint embedded
+    (`fingerprint`: the model's, when the caller has it: computing it serializes every weight)."""
     import onnx
 
     size = meta.img_size
@@ -48,7 +49,8 @@ def onnx_bytes(model: torch.nn.Module, meta: ModelMeta, opset: int = OPSET) -> b
         finally:
             model.train(was_training)
     proto = onnx.load_from_string(buffer.getvalue())
-    set_metadata(proto, {META_KEY: json.dumps(meta.to_json()), FINGERPRINT_KEY: model_fingerprint(model, meta)})
+    set_metadata(proto, {META_KEY: json.dumps(meta.to_json()),
+                         FINGERPRINT_KEY: fingerprint or model_fingerprint(model, meta)})
     return proto.SerializeToString()
 
 
@@ -61,10 +63,11 @@ def _first_line(err: Exception, limit: int = 200) -> str:
     return line if len(line) <= limit else line[:limit] + "..."
 
 
-def export_onnx(model: torch.nn.Module, meta: ModelMeta, out: str | os.PathLike, opset: int = OPSET) -> Path:
+def export_onnx(model: torch.nn.Module, meta: ModelMeta, out: str | os.PathLike, opset: int = OPSET,
+                fingerprint: str | None = None) -> Path:
     """Writes `model`'s graph to `out`, atomically."""
     with atomic_write(out) as handle:
-        handle.write(onnx_bytes(model, meta, opset))
+        handle.write(onnx_bytes(model, meta, opset, fingerprint))
     return Path(out)
 
 

@@ -43,8 +43,8 @@ def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     assert cli("train", *TINY, "--root", root, "--project", "demo", "--name", "a", "--epochs", "1") == 0
     assert cli("train", *TINY, "--root", root, "--project", "demo", "--name", "b", "--epochs", "2", "--no-test") == 0
-    empty = tmp_path_factory.mktemp("no_images")  # fails inside the run, after status.json is written
-    assert cli("train", "--data", empty, *COMMON, "--root", root, "--project", "demo", "--name", "broken") == 1
+    # no validation side: fails inside the run, after status.json is written
+    assert cli("train", *TINY, "--root", root, "--project", "demo", "--name", "broken", "--val-fraction", "0") == 1
     return root
 
 
@@ -85,20 +85,21 @@ def test_compare_runs_of_different_lengths_and_a_failed_one(root, tmp_path):
     assert list(rows) == ["a", "b", "broken"]
     a, b, broken = rows["a"], rows["b"], rows["broken"]
     assert (a["epochs"], b["epochs"], broken["epochs"]) == ("1", "2", "0")
-    assert broken["status"] == "failed" and broken["best_val_acc"] == "" and broken["arch"] == "simple_cnn"
+    assert broken["status"] == "failed" and broken["val_acc"] == "" and broken["arch"] == "simple_cnn"
     test_a = json.loads((root / "demo" / "a" / "test" / "metrics.json").read_text())
     assert float(a["test_acc"]) == test_a["accuracy"] and b["test_acc"] == ""
     assert float(a["recall_VIRUS"]) == test_a["per_class"]["VIRUS"]["recall"]
     for name, row in (("a", a), ("b", b)):
         epochs = read_csv(root / "demo" / name / "metrics.csv")
-        assert float(row["best_val_acc"]) == max(float(r["val_acc"]) for r in epochs)
+        val = json.loads((root / "demo" / name / "val" / "metrics.json").read_text())  # the saved model's
+        assert (float(row["val_acc"]), float(row["val_bacc"])) == (val["accuracy"], val["balanced_accuracy"])
         assert float(row["train_seconds"]) == pytest.approx(sum(float(r["seconds"]) for r in epochs), abs=0.051)
         assert float(row["train_seconds"]) <= float(row["wall_seconds"])
         assert int(row["params"]) == json.loads((root / "demo" / name / "model" / "meta.json").read_text())["params"]
         assert float(row["images_per_s"]) > 0 and float(row["peak_memory_mb"]) > 0
     assert (a["recall_split"], b["recall_split"]) == ("test", "val")
     report = (tmp_path / "cmp" / "report.md").read_text()
-    for figure in ("curves.png", "train_time.png", "peak_memory.png", "best_val_acc.png"):
+    for figure in ("curves.png", "train_time.png", "peak_memory.png", "val_acc.png"):
         assert (tmp_path / "cmp" / figure).stat().st_size > 5000, figure
         assert f"]({figure})" in report
     assert "| broken | failed |" in report
@@ -220,8 +221,8 @@ def test_tune_runs_trials_as_runs_and_resumes_the_study(tmp_path):
     for trial in study.trials:
         run = tmp_path / "p" / f"s-trial-{trial.number}"
         assert trial.user_attrs["run_dir"] == str(run)
-        best = max(float(r["val_bacc"]) for r in read_csv(run / "metrics.csv"))
-        assert trial.value == pytest.approx(best)
+        saved = json.loads((run / "val" / "metrics.json").read_text())["balanced_accuracy"]
+        assert trial.value == pytest.approx(saved)  # the saved model's, from its val report
         assert not (run / "test").exists()  # trials never look at the internal test split
     runs = [tmp_path / "p" / f"s-trial-{n}" for n in range(3)]
     assert cli("compare", *runs, "--out", tmp_path / "cmp") == 0

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FIXTURE_DATA, tiny_config
+from conftest import FIXTURE_DATA, ROOT, tiny_config
 from pneumoscope.config import TrainConfig, add_train_arguments, config_from_args
 
 
@@ -416,6 +416,46 @@ def test_cli_train_from_manifest_uses_its_split_and_prints_the_result(tmp_path, 
     val = json.loads((run / "val" / "metrics.json").read_text())
     assert f"model bundle: {run / 'model'}" in out
     assert f"val: accuracy {val['accuracy']:.4f} (n={val['n']})" in out and "internal_test" not in out
+
+
+@pytest.mark.slow
+def test_training_console_says_each_thing_once_then_resume_needs_no_data(tmp_path, capsys):
+    """Issue 22: Lightning's lines came twice (its own console handler and the CLI's), with a
+    litlogger advert; the split, the trainable parameters (only with -v) and early stopping were not
+    said. `train --out RUN --resume` then failed for want of --data. At lr 0 nothing improves, so
+    early stopping (patience 1) stops at epoch 1 and keeps epoch 0, whatever the data."""
+    from collections import Counter
+
+    from pneumoscope.cli import main
+
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "pneumoscope.cli", "train", "--data", str(FIXTURE_DATA), "--out", str(run),
+               "--arch", "simple_cnn", "--img-size", "32", "--epochs", "3", "--patience", "1", "--lr", "0",
+               "--ema-decay", "0", "--val-fraction", "0.2", "--test-fraction", "0.2", "--no-test"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line.strip() for line in done.stderr.replace("\r", "\n").splitlines()]
+    messages = [line for line in lines if line and "it/s" not in line and "|" not in line and line != "[A"]
+    assert all(n == 1 for n in Counter(messages).values()), Counter(messages).most_common(3)
+    assert not any("Tip" in line or "litlogger" in line or "litmodels" in line for line in lines)
+    val = json.loads((run / "val" / "metrics.json").read_text())
+    assert messages[:4] == ["80 images, 3 classes (NORMAL, BACTERIA, VIRUS); groups from: file names 80",
+                            "train     48 images     48 groups   NORMAL 16, BACTERIA 18, VIRUS 14",
+                            "val       16 images     16 groups   NORMAL 6, BACTERIA 5, VIRUS 5",
+                            "test      16 images     15 groups   NORMAL 6, BACTERIA 5, VIRUS 5"]
+    assert "val/: 8 images, too few (VIRUS 0, needs 3); they join the pool" in messages
+    assert "freeze none: 1,551,363 of 1,551,363 parameters trainable" in messages
+    assert f"stopped early at epoch 1, kept epoch 0 (val balanced accuracy {val['balanced_accuracy']:.3f})" \
+        in messages
+    assert "model bundle: " + str(run / "model") in done.stdout
+
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume"]) == 0  # the run's config.yaml names the data
+    assert f"resumed {run} with its saved configuration" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "never-started"), "--resume"]) == 2
+    assert capsys.readouterr().err == (f"pneumoscope: error: {tmp_path / 'never-started'}: no run to resume there "
+                                       "(no config.yaml); give --data to start one\n")
 
 
 @pytest.mark.slow

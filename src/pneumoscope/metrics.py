@@ -90,7 +90,9 @@ def fit_temperature(logits, targets) -> float:
     logits = torch.as_tensor(logits, dtype=torch.float32).detach().clone()
     targets = torch.as_tensor(targets).long()
     log_t = torch.zeros(1, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200)
+    # the line search keeps each step downhill: fixed steps diverged to NaN on the near-zero logits
+    # of an barely trained model (6 of 8 validation images right, best T 0.26)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()

@@ -35,10 +35,10 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from . import __version__, rundir
 from .config import CALIBRATIONS, TrainConfig  # noqa: F401  (TrainConfig re-exported for older imports)
-from .labels import TASKS
 from .data import (XrayDataset, class_weights, eval_transform, load_pixels, manifest_hash, read_dataset,
                    split_dataset, split_summary, train_transform)
 from .files import atomic_write
+from .labels import TASKS
 from .models import XrayNet, count_parameters, create_model, freeze_model, model_spec, trainable_parameters
 from .rundir import RunDir
 
@@ -704,5 +704,5 @@ def _finish(config, run: RunDir, task: str, classes, samples, best, model, val_s
     wall = time.perf_counter() - started
     run.write_env(environment(config, wall))
     run.write_status("finished", wall_seconds=round(wall, 1),
-                     best_val_bacc=best.best_model_score and float(best.best_model_score))
+                     best_val_bacc=None if best.best_model_score is None else float(best.best_model_score))
     return TrainResult(run.path, run.bundle, metrics, best_epoch=best_epoch)

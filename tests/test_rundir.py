@@ -80,8 +80,9 @@ def test_where_a_run_goes(tmp_path, monkeypatch):
     base = dict(data="d", root=str(tmp_path), project="p", arch="simple_cnn")
     assert resolve(TrainConfig(**base, out="elsewhere", name="n")) == Path("elsewhere")
     assert resolve(TrainConfig(**base, name="mine", resume=True)) == tmp_path / "p" / "mine"
-    fresh = resolve(TrainConfig(**base))
+    fresh = resolve(TrainConfig(**base, task="three"))  # train gives a Kermany dataset's task
     assert fresh.parent == tmp_path / "p" and fresh.name.startswith("three-simple_cnn-20")
+    assert resolve(TrainConfig(**base)).name.startswith("folders-simple_cnn-20")  # any other dataset
     older, newer = tmp_path / "p" / "three-simple_cnn-1", tmp_path / "p" / "three-simple_cnn-2"
     for i, run in enumerate((older, newer)):
         run.mkdir(parents=True)

@@ -112,7 +112,7 @@ class TrainConfig:
         coerced = {k: _coerce(k, v, hints[k], source) for k, v in values.items() if k in known}
         for name, value in coerced.items():
             choices = known[name].metadata.get("choices")
-            if choices and value not in choices:
+            if choices and value is not None and value not in choices:
                 raise ValueError(f"{source}: {name} must be one of {', '.join(choices)}, not {value!r}")
         try:
             return cls(**coerced)

@@ -95,7 +95,7 @@ def test_where_a_run_goes(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="give --name or --out"):
         resolve(TrainConfig(**base))
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc123-x")
-    assert resolve(TrainConfig(**base)).name == "three-simple_cnn-abc123"
+    assert resolve(TrainConfig(**base, task="three")).name == "three-simple_cnn-abc123"
 
 
 def test_a_running_status_whose_process_is_gone_reads_interrupted(tmp_path):

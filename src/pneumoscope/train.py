@@ -426,12 +426,12 @@ def train(config: TrainConfig) -> TrainResult:
     configuration (the given one only locates the run, so it needs no data), as
     `pneumoscope train --resume` does. The classes are the dataset's (data.read_dataset)."""
     started = time.perf_counter()
-    saved = RunDir(rundir.resolve(config)).config() if config.resume else None
-    if saved is not None:
-        config = replace(saved, resume=True)
+    located = rundir.resolve(config)
+    saved = RunDir(located).config() if config.resume else None
+    if saved is not None:  # the folder given is the run (a copied run resumes as itself)
+        config = replace(saved, resume=True, out=str(located))
     elif not config.data:
-        raise FileNotFoundError(f"{rundir.resolve(config)}: no run to resume there (no config.yaml); give --data "
-                                "to start one")
+        raise FileNotFoundError(f"{located}: no run to resume there (no config.yaml); give --data to start one")
     dataset = read_dataset(config.data, config.task, config.groups)  # a bad --data: one line, no run directory
     config = with_defaults(config, dataset)
     run = RunDir(rundir.resolve(config))
@@ -517,6 +517,8 @@ def _fit(config: TrainConfig, run: RunDir, dataset, started: float) -> TrainResu
         # hint to log more often that small datasets raise (metrics.csv records every epoch anyway)
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
         warnings.filterwarnings("ignore", message="The number of training batches")
+        if resume_from:  # of course it holds checkpoints: the one resumed from
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
         trainer.fit(module, datamodule=_Loaders(train_set, val_set, config.batch_size), ckpt_path=resume_from,
                     weights_only=True)
     if not trainer.is_global_zero:

@@ -15,12 +15,14 @@ after, so memory follows what the model and the input guard need, not what the f
 The work is bounded too, since a small file can ask for much of it: JPEG scans are counted before
 decoding (MAX_JPEG_SCANS, MAX_SCAN_PIXELS), pages are counted only up to MAX_COUNTED_FRAMES,
 Pillow's decoders written in Python get at most SLOW_DECODER_PIXELS, and parsing in Python (Pillow's
-and pydicom's) may read the file only so many times (`_ReadBudget`). At most DECODE_SLOTS decodes
+and pydicom's) may read the file only so many times (`_Budget`). At most DECODE_SLOTS decodes
 run at once in a process, so the bound on one file's memory does not multiply with threads.
 Any exception a decoder raises on a crafted or broken file becomes an ImageReadError naming it.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import io
 import math
 import os
@@ -48,9 +50,10 @@ MAX_JPEG_SCANS = 100  # libjpeg writes 6-10 scans, other encoders ~20; each scan
 MAX_SCAN_PIXELS = 16 * MAX_PIXELS  # scans x pixels: 100 refinement scans over 50 MP took 3.1 s in libjpeg
 MAX_COUNTED_FRAMES = 100  # pages counted for the "first frame used" warning; past it "over 100"
 SLOW_DECODER_PIXELS = 2048 * 2048  # Pillow's decoders written in Python (BMP RLE, plain PPM): ~100 ns a pixel
-BASE_READS = 10_000  # parsing may read a file this many times, plus once per READ_BYTES of it (`_ReadBudget`):
+BASE_READS = 10_000  # parsing may read a file this many times, plus once per READ_BYTES of it (`_Budget`):
 READ_BYTES = {"pillow": 64, "dicom": 512}  # pydicom's reads cost ~8 us, Pillow's 0.3-1 us; real files use < 300
 DECODE_SLOTS = 2  # decodes at once in one process; more threads wait, so memory is bounded by 2 files' worth
+TRIM_BYTES = 32 * 2**20  # after a decode estimated over this, freed memory goes back to the system (malloc_trim)
 MAX_INFLATE_RATIO = 50  # deflated DICOM: a 12-bit X-ray deflates ~2.4x, zeros ~1000x
 DECODE_PIXELS = 2048 * 2048  # larger images are reduced to this while decoding: the model needs 224 px,
 #   the guard's statistics keep >= 1024 px on the short side up to a 4:1 aspect ratio
@@ -72,27 +75,29 @@ class ImageTooLargeError(ImageReadError):
     """An image refused by one of the size or work limits above (a server answers 413, not 422)."""
 
 
-class _ReadBudget:
-    """How many more times the parsers may read the file. Pillow's JPEG, PNG, GIF and TIFF header
-    parsers and pydicom's element reader loop in Python over the pieces of a file (a byte of JPEG
-    junk, a GIF sub-block, a PNG chunk, a TIFF tag, a DICOM element): a file crafted of tiny pieces
-    costs microseconds a byte (1 MiB of junk bytes in a JPEG header: about a second), while a real
-    file takes a few hundred reads (decoders pull 64 KiB at a time). Past the budget a read raises,
-    and the decode is refused whatever the parser turned that into."""
+class _Budget:
+    """What one decode may spend. Reads of the file: Pillow's JPEG, PNG, GIF and TIFF parsers and
+    pydicom's element reader loop in Python over the pieces of a file (a byte of JPEG junk, a GIF
+    sub-block, a PNG chunk, a TIFF tag, a DICOM element), so a file crafted of tiny pieces costs
+    microseconds a byte (20 MiB of empty JPEG comments: 5.3 s), while a real file takes a few hundred
+    reads (decoders pull 64 KiB at a time). Past the budget a read raises, and the decode is refused
+    whatever the parser made of that. Also the bytes the decode was estimated to allocate."""
 
     def __init__(self, size: int, parser: str = "pillow"):
         self.bytes_per_read = READ_BYTES[parser]
         self.allowed = BASE_READS + size // self.bytes_per_read
         self.left = self.allowed
+        self.decoded_bytes = 0  # set by _check_decoded_bytes
 
     @property
     def exceeded(self) -> bool:
         return self.left < 0
 
-    def grant(self, size: int) -> None:
-        """More reads, for data that the file expands into (a deflated DICOM's inflated bytes)."""
-        self.allowed += size // self.bytes_per_read
-        self.left += size // self.bytes_per_read
+    def grant(self, size: int = 0, reads: int = 0) -> None:
+        """More reads: for data the file expands into (a deflated DICOM's inflated bytes), or for a
+        decoder in Python, whose reads are bounded by its pixels (SLOW_DECODER_PIXELS)."""
+        self.allowed += size // self.bytes_per_read + reads
+        self.left += size // self.bytes_per_read + reads
 
     def stream(self, data: bytes) -> io.BytesIO:
         budget = self
@@ -112,7 +117,7 @@ class _ReadBudget:
 
 
 class _TooManyReads(Exception):
-    """Raised inside Pillow or pydicom by a stream of `_ReadBudget`."""
+    """Raised inside Pillow or pydicom by a stream of `_Budget`."""
 
 
 _decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
@@ -138,26 +143,48 @@ def read_xray_with_info(source: str | os.PathLike | bytes | np.ndarray, name: st
     """
     info = {"colour": 0.0, "size": None, "frames": 1, "warnings": []}
     label = name or _describe(source)
-    budget = _ReadBudget(0)
+    budget = _Budget(0)
     try:
         with _decode_slots:  # the file's bytes and every buffer decoding them are held inside a slot
-            if isinstance(source, np.ndarray):
-                return to_uint8_gray(source, label, info), info
-            data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else _read_file(Path(source), label)
-            if len(data) > MAX_FILE_BYTES:
-                raise ImageTooLargeError(label, _over("file is", len(data), MAX_FILE_BYTES))
-            if not data:
-                raise ImageReadError(label, "empty file")
-            if _looks_like_dicom(data, label):
-                budget = _ReadBudget(len(data), "dicom")
-                return _read_dicom(data, label, info, budget), info
-            budget = _ReadBudget(len(data), "pillow")
-            return _read_pillow(data, label, info, budget), info
+            try:
+                if isinstance(source, np.ndarray):
+                    return to_uint8_gray(source, label, info), info
+                data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else _read_file(Path(source), label)
+                if len(data) > MAX_FILE_BYTES:
+                    raise ImageTooLargeError(label, _over("file is", len(data), MAX_FILE_BYTES))
+                if not data:
+                    raise ImageReadError(label, "empty file")
+                if _looks_like_dicom(data, label):
+                    budget = _Budget(len(data), "dicom")
+                    return _read_dicom(data, label, info, budget), info
+                budget = _Budget(len(data), "pillow")
+                return _read_pillow(data, label, info, budget), info
+            finally:
+                if budget.decoded_bytes > TRIM_BYTES:
+                    _return_freed_memory()
     except Exception as err:  # pydicom and Pillow raise anything (NotImplementedError, KeyError, struct.error...) on crafted files
         raise _image_error(err, label, budget) from None
 
 
-def _image_error(err: Exception, label: str, budget: _ReadBudget) -> ImageReadError:
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):  # another C library: nothing to call
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Gives the memory a large decode freed back to the system. glibc keeps freed blocks below 32
+    MiB (Pillow's image blocks are 16 MiB) in the heap of the thread's arena, one arena per thread
+    up to 8 per core, so without this the peak of N threads' decodes, one slot at a time, grew with
+    N: 16 threads, 2 slots, 16 MP 16-bit PNGs: 3.2 decodes' worth, 2.0 with it (~0.5 ms a call)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _image_error(err: Exception, label: str, budget: _Budget) -> ImageReadError:
     if budget.exceeded:  # whatever a parser made of the refused read
         return budget.error(label)
     if isinstance(err, ImageReadError):
@@ -244,8 +271,9 @@ def _check_shape(label: str, width: int, height: int) -> None:
         raise ImageTooLargeError(label, f"image is {width}x{height}, over the {MAX_ASPECT_RATIO}:1 aspect ratio limit")
 
 
-def _check_decoded_bytes(label: str, width: int, height: int, decoded: int, what: str) -> None:
+def _check_decoded_bytes(label: str, width: int, height: int, decoded: int, what: str, budget: _Budget) -> None:
     """Refuses, before decoding, a frame whose decoding would allocate over MAX_DECODED_BYTES."""
+    budget.decoded_bytes = max(budget.decoded_bytes, decoded)
     if decoded > MAX_DECODED_BYTES:
         raise ImageTooLargeError(label, _over(f"image is {width}x{height} ({what}): decoding it takes", decoded,
                                               MAX_DECODED_BYTES))
@@ -288,7 +316,7 @@ def _pillow_bytes_per_pixel(mode: str) -> int:
     return 2 if mode.startswith("I;16") else 4
 
 
-def _read_pillow(data: bytes, label: str, info: dict, budget: _ReadBudget) -> np.ndarray:
+def _read_pillow(data: bytes, label: str, info: dict, budget: _Budget) -> np.ndarray:
     try:
         image = Image.open(budget.stream(data), formats=PILLOW_FORMATS)  # lazy: reads the header only
     except UnidentifiedImageError:
@@ -305,10 +333,10 @@ def _read_pillow(data: bytes, label: str, info: dict, budget: _ReadBudget) -> np
         image.draft(None, _reduced_size(*stored))  # JPEG: decoded at 1/2, 1/4 or 1/8 scale; others: no-op
     except Exception as err:
         raise ImageReadError(label, f"cannot open image ({_one_line(err)})") from None
-    _check_decoding_work(label, image, data, stored)
+    _check_decoding_work(label, image, data, stored, budget)
     decoded = _pillow_decoding_bytes(image, data, stored) + _resize_bytes(
         image.size, _reduced_size(*image.size), _pillow_bytes_per_pixel(image.mode))
-    _check_decoded_bytes(label, *stored, decoded, f"{image.mode} decoded at {image.size[0]}x{image.size[1]}")
+    _check_decoded_bytes(label, *stored, decoded, f"{image.mode} decoded at {image.size[0]}x{image.size[1]}", budget)
     try:
         image.load()
         image = _shrink(image)
@@ -346,15 +374,20 @@ def _tiff_pages(data: bytes, limit: int) -> int:
     return max(1, len(seen))
 
 
-def _check_decoding_work(label: str, image: Image.Image, data: bytes, stored: tuple[int, int]) -> None:
+def _check_decoding_work(label: str, image: Image.Image, data: bytes, stored: tuple[int, int],
+                         budget: _Budget) -> None:
     """Refuses, before decoding, an image whose decoding costs far more CPU than its pixels: a
-    JPEG of many scans (each one a pass over the whole image), or one for a decoder in Python."""
+    JPEG of many scans (each one a pass over the whole image), or a large one for a decoder in
+    Python, which may then read twice a pixel (RLE reads a byte pair at a time)."""
     if isinstance(image, JpegImagePlugin.JpegImageFile):
         _check_jpeg_scans(label, data, *stored)
     slow = [tile[0] for tile in image.tile if tile[0] in Image.DECODERS]  # registered by plugins in Python
-    if slow and image.size[0] * image.size[1] > SLOW_DECODER_PIXELS:
-        raise ImageTooLargeError(label, f"image is {image.size[0]}x{image.size[1]} for Pillow's '{slow[0]}' decoder, "
-                                        f"written in Python: over its {SLOW_DECODER_PIXELS:,}-pixel limit")
+    if slow:
+        pixels = image.size[0] * image.size[1]
+        if pixels > SLOW_DECODER_PIXELS:
+            raise ImageTooLargeError(label, f"image is {image.size[0]}x{image.size[1]} for Pillow's '{slow[0]}' "
+                                            f"decoder, written in Python: over its {SLOW_DECODER_PIXELS:,}-pixel limit")
+        budget.grant(reads=2 * pixels)
 
 
 def _check_jpeg_scans(label: str, data: bytes, width: int, height: int) -> None:
@@ -433,7 +466,7 @@ def _to_luminance(image: Image.Image, info: dict | None = None) -> Image.Image:
 
 
 # ------------------------------------------------------------------ DICOM
-def _read_dicom(data: bytes, label: str, info: dict, budget: _ReadBudget) -> np.ndarray:
+def _read_dicom(data: bytes, label: str, info: dict, budget: _Budget) -> np.ndarray:
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 
     ds = _dicom_dataset(data, label, budget)
@@ -445,7 +478,7 @@ def _read_dicom(data: bytes, label: str, info: dict, budget: _ReadBudget) -> np.
     info["size"] = (cols, rows)
     _check_shape(label, cols, rows)
     _check_decoded_bytes(label, cols, rows, _dicom_decoding_bytes(cols, rows, samples, bits),
-                         f"{samples} x {bits}-bit sample{'s' if samples > 1 else ''} a pixel")
+                         f"{samples} x {bits}-bit sample{'s' if samples > 1 else ''} a pixel", budget)
     _note_frames(info, int(ds.get("NumberOfFrames") or 1))
     _check_compressed_frame(ds, rows, cols, samples, info["frames"], label, budget)
     if photometric == "PALETTE COLOR":
@@ -489,7 +522,7 @@ def _check_palette(ds, label: str) -> None:
                                     "Lookup Table Descriptor and Data)")
 
 
-def _dicom_dataset(data: bytes, label: str, budget: _ReadBudget):
+def _dicom_dataset(data: bytes, label: str, budget: _Budget):
     """pydicom's dcmread, except that a deflated dataset is inflated here, with a bound: pydicom
     inflates it in one unbounded zlib call (a 1 MiB upload inflated to 1 GiB: +2 GiB of memory)."""
     import pydicom
@@ -527,7 +560,7 @@ def _inflate(deflated: bytes, label: str) -> bytes:
 
 
 def _check_compressed_frame(ds, rows: int, cols: int, samples: int, frames: int, label: str,
-                            budget: _ReadBudget) -> None:
+                            budget: _Budget) -> None:
     """A JPEG or JPEG 2000 frame is decoded (by pydicom, with Pillow) at the size and with the
     components its own header states, which need not be the DICOM header's: read that header
     (Pillow opens lazily) and refuse a frame larger than Rows x Columns, with other components
@@ -552,10 +585,10 @@ def _check_compressed_frame(ds, rows: int, cols: int, samples: int, frames: int,
     if len(image.getbands()) != samples:
         raise ImageReadError(label, f"compressed frame has {len(image.getbands())} components ({image.mode}), the "
                                     f"DICOM header says {samples} sample{'s' if samples > 1 else ''} a pixel")
-    _check_decoding_work(label, image, frame, image.size)
+    _check_decoding_work(label, image, frame, image.size, budget)
     copy = width * height * _pillow_bytes_per_pixel(image.mode)  # pydicom's tobytes()
     _check_decoded_bytes(label, width, height, _pillow_decoding_bytes(image, frame, image.size) + copy,
-                         f"{image.mode} frame decoded at full size")
+                         f"{image.mode} frame decoded at full size", budget)
 
 
 def _shrink_array(pixels: np.ndarray, sample: bool = False) -> np.ndarray:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -728,3 +729,29 @@ def test_palette_color_dicom_is_read_through_its_palette(xray, tmp_path):
 def test_palette_color_dicom_without_a_palette_is_refused(xray, tmp_path):
     with pytest.raises(ImageReadError, match="bare.dcm: PALETTE COLOR DICOM without its palette"):
         read_xray(palette_dicom(xray[1], tmp_path / "bare.dcm", None))
+
+
+def test_predict_refuses_hostile_files_in_one_line_and_classifies_the_rest(small_bundle, xray, tmp_path, capsys):
+    """What a user types: `pneumoscope predict` over a folder of the issue 26 files next to a real
+    X-ray and a PALETTE COLOR DICOM: one line naming each refused file, the others classified."""
+    from pneumoscope.cli import main
+
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    files = {"thin.png": blank_png(1, 50_000_000), "cmyk.jpeg": progressive_jpeg(7071, 7071, components=4),
+             "scans.jpeg": progressive_jpeg(4000, 4000, ac_scans=2000), "chain.tif": chained_tiff(20_000),
+             "rle.bmp": rle_bmp(7000, 7000, b"\x01\x00\x00\x00" * 7000 + b"\x00\x01"), "xray.jpeg": xray[0].read_bytes()}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    palette_dicom(xray[1], folder / "palette.dcm", np.repeat(np.arange(256), 3).reshape(256, 3))
+    palette_dicom(xray[1], folder / "bare.dcm", None)
+    code = main(["predict", str(folder), "--checkpoint", str(small_bundle), "--format", "json"])
+    records = {Path(r["path"]).name: r for r in map(json.loads, capsys.readouterr().out.strip().splitlines())}
+    assert code == 1 and len(records) == 8
+    assert {name for name, r in records.items() if r["status"] == "ok"} == {"xray.jpeg", "palette.dcm", "chain.tif"}
+    assert records["chain.tif"]["warnings"][0] == "first frame used (over 100 frames)"
+    reasons = {"thin.png": "aspect ratio", "cmyk.jpeg": "decoding it takes", "scans.jpeg": "2001 scans",
+               "rle.bmp": "written in Python", "bare.dcm": "without its palette"}
+    for name, reason in reasons.items():
+        error = records[name]["error"]
+        assert name in error and reason in error and "\n" not in error, (name, error)

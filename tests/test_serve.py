@@ -521,10 +521,11 @@ def test_the_servers_own_400_carries_the_security_headers(served, request_bytes)
 
 
 def test_healthz_is_answered_at_the_request_cap_and_the_503_has_the_security_headers(served):
-    """MAX_REQUESTS uploads stall mid-body (held until the body timeout): before, uvicorn's
-    limit_concurrency counted them and answered 503, without security headers, to everything
-    else, liveness probes included (8 of 30 /healthz during a 64-client run). Now the app refuses
-    other requests (503, Retry-After, its headers) and /healthz, GET or HEAD, still answers."""
+    """More uploads than MAX_REQUESTS stall mid-body (held until the body timeout): before,
+    uvicorn's limit_concurrency counted connections and answered 503, without security headers,
+    to whatever came past 32, liveness probes included (8 of 30 /healthz during a 64-client run).
+    Now the app holds MAX_REQUESTS of them, refuses the rest and any other request (503,
+    Retry-After, its headers), and /healthz, GET or HEAD, still answers."""
     from pneumoscope.serve import MAX_REQUESTS
 
     url = served[0]
@@ -533,9 +534,10 @@ def test_healthz_is_answered_at_the_request_cap_and_the_503_has_the_security_hea
             "Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n").encode()
     stalled = []
     try:
-        for _ in range(MAX_REQUESTS):
+        for _ in range(MAX_REQUESTS + 8):  # a client at a time, as they come in a real run
             stalled.append(socket.create_connection((host, int(port)), timeout=30))
             stalled[-1].sendall(head)
+            time.sleep(0.02)
         with httpx.Client(base_url=url, timeout=30) as http:
             for _ in range(200):  # until the stalled uploads have all reached the app
                 busy = http.get("/v1/model")

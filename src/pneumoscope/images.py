@@ -38,7 +38,7 @@ from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 # The limits. A chest radiograph is at most ~18.5 megapixels (a 43 x 43 cm detector at 0.1 mm),
 # 12-16 bits a sample, one frame, a few to ~40 MiB on disk. Each limit keeps the worst file it
-# lets through under ~350 MiB of peak memory (measured: tests/test_images.py, docs/inputs.md).
+# lets through under 400 MiB of peak memory (measured: tests/test_images.py, docs/inputs.md).
 MAX_FILE_BYTES = 128 * 2**20  # bytes read from a file (also the most a deflated DICOM may inflate to)
 MAX_PIXELS = 50_000_000  # pixels of a frame, read from the header: 2.7x the largest radiograph
 MAX_ASPECT_RATIO = 10  # longer side / shorter side (a stitched long-leg film is ~3.6): Pillow keeps a pointer a
@@ -100,16 +100,8 @@ class _Budget:
         self.left += size // self.bytes_per_read + reads
 
     def stream(self, data: bytes) -> io.BytesIO:
-        budget = self
-
-        class Stream(io.BytesIO):
-            def read(self, size: int | None = -1) -> bytes:
-                budget.left -= 1
-                if budget.left < 0:
-                    raise _TooManyReads
-                return super().read(size)
-
-        return Stream(data)
+        """The data as a file for a parser, each read spending one of the budget's."""
+        return _BudgetedStream(data, self)
 
     def error(self, label: str) -> ImageTooLargeError:
         return ImageTooLargeError(label, f"parsing takes over {self.allowed:,} reads of the file ({BASE_READS:,} + "
@@ -117,7 +109,19 @@ class _Budget:
 
 
 class _TooManyReads(Exception):
-    """Raised inside Pillow or pydicom by a stream of `_Budget`."""
+    """Raised inside Pillow or pydicom by a `_BudgetedStream`: none of the exceptions they catch."""
+
+
+class _BudgetedStream(io.BytesIO):
+    def __init__(self, data: bytes, budget: _Budget):
+        super().__init__(data)
+        self.budget = budget
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.budget.left -= 1
+        if self.budget.left < 0:
+            raise _TooManyReads
+        return super().read(size)
 
 
 _decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
@@ -484,8 +488,8 @@ def _read_dicom(data: bytes, label: str, info: dict, budget: _Budget) -> np.ndar
     if photometric == "PALETTE COLOR":
         _check_palette(ds, label)
     try:
-        # The first frame only; uncompressed, as a read-only view of the pixel data (no copy of it).
-        pixels = pixel_array(ds, index=0, view_only=True)
+        # The first frame only; uncompressed, where pydicom can, as a read-only view of the pixel data.
+        pixels = pixel_array(ds, index=0, view_only=_viewable(ds, bits, photometric))
         if photometric == "PALETTE COLOR":  # indices into the palette: sampled, never averaged, then looked up
             pixels = apply_color_lut(_shrink_array(pixels, sample=True), ds)
         else:
@@ -501,6 +505,12 @@ def _read_dicom(data: bytes, label: str, info: dict, budget: _Budget) -> np.ndar
     if photometric == "MONOCHROME1":  # white means low attenuation: invert to look like MONOCHROME2
         gray = 255 - gray
     return gray
+
+
+def _viewable(ds, bits: int, photometric: str) -> bool:
+    """Whether pydicom can give the frame as a view of its pixel data, without a copy (and without
+    logging a warning that it cannot): all bits stored, no colour conversion (YBR to RGB)."""
+    return int(ds.get("BitsStored") or bits) == bits and not photometric.startswith("YBR")
 
 
 def _dicom_decoding_bytes(width: int, height: int, samples: int, bits: int) -> int:

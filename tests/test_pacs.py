@@ -66,7 +66,7 @@ def make_dx(path: Path, xray: Path, study: str, series: str, photometric: str = 
     pixels = np.asarray(Image.open(xray).convert("L")).astype(np.uint16) * 16
     if photometric == "MONOCHROME1":
         pixels = 4095 - pixels
-    sop_class = tags.pop("sop_class", DX)
+    sop_class, compress = tags.pop("sop_class", DX), tags.pop("compress", None)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -84,8 +84,22 @@ def make_dx(path: Path, xray: Path, study: str, series: str, photometric: str = 
     ds.PixelData = pixels.tobytes()
     for keyword, value in tags.items():
         setattr(ds, keyword, value)
+    if compress:
+        ds.compress(compress)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def hold_associations(port: int, n: int) -> list:
+    """n open associations to the node, from an SCU calling itself ORTHANC (as another client would)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="ORTHANC")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", port, ae_title="PNEUMOSCOPE") for _ in range(n)]
+    assert all(assoc.is_established for assoc in held)
+    return held
 
 
 def example(name: str) -> Path:
@@ -129,12 +143,8 @@ class Orthanc:
             return False
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        self.process.kill()  # its storage is thrown away with tmp_path: no need for its 3-second clean stop
+        self.process.wait()
 
     def upload(self, path: Path) -> str:
         answer = requests.post(f"{self.url}/instances", data=path.read_bytes(), timeout=30)
@@ -207,14 +217,14 @@ class Node:
 @pytest.fixture(scope="module")
 def xrays(tmp_path_factory) -> dict[str, Path]:
     """The DX files the tests send, made once (UIDs fixed for the module)."""
-    from pydicom.uid import generate_uid
+    from pydicom.uid import JPEGLSLossless, generate_uid
 
     root = tmp_path_factory.mktemp("dx")
     studies = {name: (generate_uid(), generate_uid()) for name in ("pair", "kill", "good", "web1", "web2", "refuse")}
     files = {
         "m2": make_dx(root / "m2.dcm", example("IM-0203-0001.jpeg"), *studies["pair"], number=1),
         "m1": make_dx(root / "m1.dcm", example("person267_bacteria_1250.jpeg"), *studies["pair"], "MONOCHROME1",
-                      number=2),
+                      number=2, compress=JPEGLSLossless),
         "good": make_dx(root / "good.dcm", example("person1009_virus_1694.jpeg"), *studies["good"]),
         "web1": make_dx(root / "web1.dcm", example("IM-0305-0001.jpeg"), *studies["web1"]),
         "web2": make_dx(root / "web2.dcm", example("person1338_bacteria_3395.jpeg"), *studies["web2"], "MONOCHROME1"),
@@ -284,8 +294,9 @@ def check_sr(sr, source, record: dict) -> None:
 
 # ---------------------------------------------------------------- the tests
 def test_listen_reads_what_orthanc_sends_and_stores_the_report_back(orthanc, xrays, predicted, tmp_path):
-    """MONOCHROME2 and MONOCHROME1 DX sent by Orthanc: one SR (and with --overlay one Secondary
-    Capture) each, back in Orthanc; C-ECHO answered; an AE title not accepted is rejected."""
+    """A MONOCHROME2 DX and a JPEG-LS compressed MONOCHROME1 DX sent by Orthanc: one SR (and with
+    --overlay one Secondary Capture) each, back in Orthanc; C-ECHO answered; an AE title not
+    accepted is rejected."""
     node = Node(orthanc, tmp_path / "spool", tmp_path / "node.log",
                 "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom}", "--overlay")
     try:
@@ -306,10 +317,11 @@ def test_listen_reads_what_orthanc_sends_and_stores_the_report_back(orthanc, xra
         sr = next(sr for sr in reports if sr_facts(sr)["references"] == [source.SOPInstanceUID])
         check_sr(sr, source, predicted[name])
     assert {predicted["m2"]["label"], predicted["m1"]["label"]} == {"NORMAL", "BACTERIA"}  # both read as predict does
+    assert node.lines("JPEG-LS Lossless Image Compression")  # Orthanc sent it compressed, as stored
     for capture in map(orthanc.dataset, orthanc.instances_of(ids["m2"], "OT")):
         assert capture.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and capture.BurnedInAnnotation == "YES"
         assert capture.PhotometricInterpretation == "RGB" and capture.pixel_array.shape == (224, 224, 3)
-        assert capture.StudyInstanceUID == source.StudyInstanceUID
+        assert capture.StudyInstanceUID == pydicom.dcmread(xrays["m2"]).StudyInstanceUID
         assert capture.SourceImageSequence[0].ReferencedSOPInstanceUID in {pydicom.dcmread(xrays[n]).SOPInstanceUID
                                                                            for n in ids}
         heat = capture.pixel_array.astype(int)
@@ -317,9 +329,9 @@ def test_listen_reads_what_orthanc_sends_and_stores_the_report_back(orthanc, xra
 
 
 def test_refusals_answer_their_status_and_the_next_image_is_still_read(orthanc, xrays, predicted, tmp_path):
-    """A CT, a truncated DX, a lateral and a hand radiograph are refused with their C-STORE status
-    (Orthanc reports it) and a logged reason; an instance over --max-instance-mb aborts its
-    association; the good one sent after them is read."""
+    """Associations past --max-associations are rejected; a CT, a truncated DX, a lateral and a
+    hand radiograph are refused with their C-STORE status (Orthanc reports it) and a logged reason;
+    an instance over --max-instance-mb aborts its association; the good one sent after them is read."""
     from pydicom.uid import generate_uid
 
     study, series = generate_uid(), generate_uid()
@@ -339,8 +351,14 @@ def test_refusals_answer_their_status_and_the_next_image_is_still_read(orthanc, 
     large.PixelData = tiles.astype(np.uint16).tobytes()  # 2 MiB
     large.save_as(big)
     node = Node(orthanc, tmp_path / "spool", tmp_path / "node.log",
-                "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom}", "--max-instance-mb", "1")
+                "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom}", "--max-instance-mb", "1", "--max-associations", "2")
     try:
+        held = hold_associations(orthanc.node_port, 2)  # a third is one too many
+        assert not orthanc.echo("pneumoscope").ok
+        assert node.lines("associations are already open")
+        for assoc in held:
+            assoc.release()
+        wait_for(lambda: orthanc.echo("pneumoscope").ok, "the node to accept associations again", log=node.log)
         expected = {ct: ("0x0122", "CT Image Storage: only CR and DX radiographs are read"),
                     corrupt: ("0xC000", "cannot decode DICOM pixel data"),
                     lateral: ("0xA900", "not a frontal view (ViewPosition LL"),

@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calling-ae", action="append", required=True, type=ae_title, metavar="AET",
                    help="accept associations from this AE title (repeatable; others are rejected)")
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--send-to", metavar="AET@HOST:PORT", help="store the results by C-STORE at this AE")
+    target.add_argument("--send-to", metavar="AET@HOST:PORT", type=ae_address,
+                        help="store the results by C-STORE at this AE")
     target.add_argument("--stow", metavar="URL", help="store the results by STOW-RS at this DICOMweb service root")
     p.add_argument("--spool", default="pneumoscope-spool", metavar="DIR",
                    help="received instances wait here until their read is stored (default pneumoscope-spool)")
@@ -485,27 +486,32 @@ def node_log() -> None:
         logger.propagate = False
 
 
+def ae_address(text: str) -> tuple[str, str, int]:
+    """argparse type: AET@HOST:PORT."""
+    from .pacs.destinations import parse_ae_address
+
+    try:
+        return parse_ae_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def cmd_listen(args) -> int:
-    from .pacs.destinations import CStoreDestination, StowDestination, parse_ae_address
+    from .pacs.destinations import CStoreDestination, StowDestination
     from .pacs.node import NodeConfig, listen
     from .predict import Classifier
 
     if args.max_associations < 1:
         raise ValueError("--max-associations must be at least 1")
     if args.send_to:
-        destination = CStoreDestination(*parse_ae_address(args.send_to), calling_aet=args.ae_title)
+        destination = CStoreDestination(*args.send_to, calling_aet=args.ae_title)
     else:
         destination = StowDestination(args.stow)
     config = NodeConfig(ae_title=args.ae_title, host=args.host, port=args.port, calling_aets=tuple(args.calling_ae),
                         destination=destination, spool=Path(args.spool), overlay=args.overlay,
                         max_associations=args.max_associations, max_instance_mb=args.max_instance_mb)
     node_log()
-    classifier = Classifier.load(args.checkpoint, task=args.task, backend=args.backend)
-    try:
-        listen(config, classifier)
-    except OSError as err:  # the port is taken, or the address cannot be bound
-        print(f"pneumoscope: error: cannot listen on {args.host}:{args.port} ({err.strerror or err})", file=sys.stderr)
-        return EXIT_FAILED
+    listen(config, Classifier.load(args.checkpoint, task=args.task, backend=args.backend))
     return EXIT_OK
 
 

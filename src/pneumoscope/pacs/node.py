@@ -127,7 +127,10 @@ class Node:
 
     def __init__(self, config: NodeConfig, classifier):
         self.config, self.classifier = config, classifier
-        self.spool = Spool(config.spool)
+        try:
+            self.spool = Spool(config.spool)
+        except OSError as err:
+            raise ValueError(f"{config.spool}: cannot use it as the spool ({err.strerror or err})") from None
         self.queue: queue.Queue[str] = queue.Queue()
         self.stop = threading.Event()
         self.max_bytes = int(config.max_instance_mb * 2**20) + COMMAND_OVERHEAD
@@ -160,7 +163,10 @@ class Node:
 
             prepare_overlay(self.classifier)
         ae, handlers = self.application_entity()
-        self.server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        try:
+            self.server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        except OSError as err:  # the port is taken, or the address is not this machine's
+            raise ValueError(f"cannot listen on {self.config.host}:{self.config.port} ({err.strerror or err})") from None
 
     def count_received(self, event) -> None:
         """Aborts an association whose current C-STORE passes the size limit while it arrives:
@@ -206,7 +212,8 @@ class Node:
             log.error("refused %s from %s: 0x%04X cannot write the spool (%s)", uid, calling, OUT_OF_RESOURCES, err)
             return status_dataset(OUT_OF_RESOURCES, "cannot write the spool")
         self.queue.put(uid)
-        log.info("received %s from %s (study %s)", uid, calling, ds.get("StudyInstanceUID", "?"))
+        log.info("received %s from %s (study %s, %s)", uid, calling, ds.get("StudyInstanceUID", "?"),
+                 ds.file_meta.TransferSyntaxUID.name)
         return SUCCESS
 
     # ------------------------------------------------------------------ reading
@@ -305,6 +312,8 @@ def listen(config: NodeConfig, classifier) -> None:
         node.start()
         node.run()
     finally:
+        started = node.server is not None
         node.shutdown()
         signal.signal(signal.SIGTERM, previous)
-        log.info("pneumoscope listen: stopped")
+        if started:
+            log.info("pneumoscope listen: stopped")

@@ -135,6 +135,7 @@ class Node:
         self.stop = threading.Event()
         self.max_bytes = int(config.max_instance_mb * 2**20) + COMMAND_OVERHEAD
         self._received: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # association -> bytes of this message
+        self._received_lock = threading.Lock()  # associations run in threads of their own
         self.server = None
 
     # ------------------------------------------------------------------ receiving
@@ -174,23 +175,29 @@ class Node:
         data = event.data
         if not data or data[0] != 0x04:  # P-DATA-TF PDUs carry the messages
             return
-        total = self._received.get(event.assoc, 0) + len(data)
-        self._received[event.assoc] = total
+        with self._received_lock:
+            total = self._received.get(event.assoc, 0) + len(data)
+            self._received[event.assoc] = total
         if total > self.max_bytes and total - len(data) <= self.max_bytes:
             log.warning("aborted the association from %s: an instance over the %g MiB limit (--max-instance-mb)",
                         _calling(event), self.config.max_instance_mb)
             event.assoc.abort()
 
     def log_rejected(self, event) -> None:
-        calling = _calling(event)
-        why = (f"calling AE title {calling} is not accepted (--calling-ae)" if calling not in self.config.calling_aets
-               else f"called AE title is not {self.config.ae_title}, or {self.config.max_associations} "
-                    "associations are already open")
+        calling, limit = _calling(event), self.config.max_associations
+        open_now = sum(1 for assoc in event.assoc.ae.active_associations if assoc.is_acceptor)
+        if calling not in self.config.calling_aets:
+            why = f"calling AE title {calling} is not accepted (--calling-ae)"
+        elif open_now > limit:
+            why = f"{limit} associations are already open (--max-associations)"
+        else:
+            why = f"it did not call this node's AE title {self.config.ae_title}"
         log.warning("rejected an association from %s (%s:%s): %s", calling, *_peer(event), why)
 
     def handle_store(self, event):
         """C-STORE: check, spool, acknowledge. Never raises (an exception would answer 0xC211)."""
-        self._received[event.assoc] = 0
+        with self._received_lock:
+            self._received[event.assoc] = 0  # the next message starts from nothing
         uid, calling = str(event.request.AffectedSOPInstanceUID or ""), _calling(event)
         try:
             if valid_uid(uid) and self.spool.is_done(uid):

@@ -479,11 +479,16 @@ def node_log() -> None:
     for a node that runs for months, its log is the record."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    for name, level in (("pneumoscope.pacs", logging.INFO), ("pynetdicom", logging.WARNING)):
+    for name, level in (("pneumoscope.pacs", logging.INFO), ("pynetdicom", logging.WARNING), ("pydicom", logging.ERROR)):
         logger = logging.getLogger(name)
         logger.setLevel(level)
         logger.addHandler(handler)
         logger.propagate = False
+    # pydicom warns (and logs) about every odd header it still reads; a refused instance's reason is in
+    # the node's own log line, so the warning would only repeat it without saying which instance
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 
 def ae_address(text: str) -> tuple[str, str, int]:

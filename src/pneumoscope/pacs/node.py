@@ -220,7 +220,7 @@ class Node:
             return status_dataset(OUT_OF_RESOURCES, "cannot write the spool")
         self.queue.put(uid)
         log.info("received %s from %s (study %s, %s)", uid, calling, ds.get("StudyInstanceUID", "?"),
-                 ds.file_meta.TransferSyntaxUID.name)
+                 _syntax_name(event))
         return SUCCESS
 
     # ------------------------------------------------------------------ reading
@@ -298,6 +298,15 @@ class Node:
 def _calling(event) -> str:
     try:
         return str(event.assoc.requestor.ae_title).strip() or "?"
+    except Exception:
+        return "?"
+
+
+def _syntax_name(event) -> str:
+    from pydicom.uid import UID
+
+    try:
+        return UID(event.context.transfer_syntax).name
     except Exception:
         return "?"
 

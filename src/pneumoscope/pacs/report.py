@@ -137,11 +137,12 @@ def structured_report(source, record: Record, classifier: Classifier):
 
 
 def prepare_overlay(classifier: Classifier) -> None:
-    """Loads PyTorch and the network and runs Grad-CAM once, so that a node started with --overlay
-    fails at start-up when it cannot, and its first image is not slower than the others."""
-    from ..explain import cam_heatmap
+    """Loads PyTorch, grad-cam and the network and finds Grad-CAM's layer (one traced forward), so
+    that a node started with --overlay fails at start-up when it cannot, and its first image does
+    not wait for them."""
+    from ..explain import target_layers
 
-    cam_heatmap(classifier, np.zeros((classifier.img_size, classifier.img_size), np.uint8), 0)
+    target_layers(classifier.model, classifier.img_size)
 
 
 def overlay_capture(source, record: Record, classifier: Classifier, decoded: Decoded):

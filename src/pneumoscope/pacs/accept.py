@@ -44,15 +44,19 @@ class Refusal(Exception):
 
 def readable_transfer_syntaxes() -> list[UID]:
     """The transfer syntaxes whose pixel data pydicom can decode with what is installed here
-    (uncompressed ones always; JPEG, JPEG-LS, JPEG 2000, RLE where a decoder plugin is present)."""
+    (uncompressed ones always; JPEG, JPEG-LS, JPEG 2000, RLE where a decoder plugin is present).
+    A syntax left out is not negotiated, so a sender transcodes (Orthanc does) instead of sending
+    what would be refused."""
     from pydicom.pixels import get_decoder
-    from pydicom.uid import AllTransferSyntaxes
+    from pydicom.uid import AllTransferSyntaxes, JPEGExtended12Bit
 
     def decodes(uid: UID) -> bool:
         try:
-            return get_decoder(uid).is_available
+            plugins = get_decoder(uid).available_plugins
         except NotImplementedError:  # MPEG, HTJ2K, ...: no decoder in pydicom at all
             return False
+        # Pillow decodes 8-bit JPEG only, and JPEG Extended is there for 12-bit radiographs
+        return bool(plugins) and not (uid == JPEGExtended12Bit and set(plugins) == {"pillow"})
 
     uncompressed = list(UncompressedTransferSyntaxes)
     return uncompressed + [uid for uid in AllTransferSyntaxes if uid not in uncompressed and decodes(uid)]

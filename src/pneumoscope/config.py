@@ -21,6 +21,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd")  # train.make_optimizer
 SCHEDULES = ("onecycle", "cosine", "step", "plateau")  # train.make_schedule
 LOSSES = ("ce", "focal")  # train.make_loss
 CALIBRATIONS = ("augmented", "val")  # train.calibration_temperature
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")  # Lightning's names; 16-mixed is for CUDA
 # Patients' shares of a dataset folder (data.split_by_patient), test first. 5% validation (not 15%)
 # gives training 13% more images; chosen on the external group: docs/benchmarks.md, session 7.
 VAL_FRACTION, TEST_FRACTION = 0.05, 0.15
@@ -87,6 +88,12 @@ class TrainConfig:
                                   flag="--test")
     resume: bool = _option(False, "continue the run from its last checkpoint, with its saved configuration")
     cache_dir: str | None = _option(None, "pixel cache folder (default $PNEUMOSCOPE_CACHE or ~/.cache/pneumoscope)")
+    # 32 by default: bf16 autocast made no step faster on the AVX512-BF16 EPYC measured
+    # (docs/benchmarks.md, "Training under load and in bf16")
+    precision: str = _option("32", "arithmetic (Lightning's names): 32, bf16-mixed (autocast to bfloat16; "
+                                   "CPUs with AVX512-BF16/AMX, recent GPUs), 16-mixed (CUDA)", choices=PRECISIONS)
+    threads: int = _option(0, "CPU threads for training; 0: one per core, one fewer for each core other "
+                              "processes keep busy (checked every few steps)")
 
     def __post_init__(self):
         if self.freeze is not None:  # one spelling: 2 and "2" are the same

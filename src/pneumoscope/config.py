@@ -21,7 +21,8 @@ OPTIMIZERS = ("adamw", "adam", "sgd")  # train.make_optimizer
 SCHEDULES = ("onecycle", "cosine", "step", "plateau")  # train.make_schedule
 LOSSES = ("ce", "focal")  # train.make_loss
 CALIBRATIONS = ("augmented", "val")  # train.calibration_temperature
-PRECISIONS = ("32", "bf16-mixed", "16-mixed")  # Lightning's names; 16-mixed is for CUDA
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+HEAD_INITS = ("random", "zero")  # train.init_head  # Lightning's names; 16-mixed is for CUDA
 # Patients' shares of a dataset folder (data.split_by_patient), test first. 5% validation (not 15%)
 # gives training 13% more images; chosen on the external group: docs/benchmarks.md, session 7.
 VAL_FRACTION, TEST_FRACTION = 0.05, 0.15
@@ -69,6 +70,9 @@ class TrainConfig:
     freeze: str | None = _option(None, "weights kept as they start: none, base (all but the classifier head) or N "
                                        "(the stem and the first N stages); default: the architecture's (2 on "
                                        "efficientnet_lite*, none on the others)")
+    head_init: str = _option("random", "classifier head at the start: random (the architecture's own) or zero "
+                                       "(every seed then starts from the same weights, so runs can be averaged "
+                                       "with `pneumoscope soup`)", choices=HEAD_INITS)
     ema_decay: float = _option(0.998, "decay of the moving average of weights (EMA); 0 disables it")
     # an average that starts at step 0 remembers the random head
     ema_start_epoch: int = _option(1, "average weights from this epoch on")

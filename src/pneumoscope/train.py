@@ -254,6 +254,16 @@ class FocalLoss(nn.Module):
         return (-alpha * (1 - log_p.exp()) ** self.gamma * log_p).sum() / alpha.sum()
 
 
+def init_head(model: XrayNet, how: str) -> None:
+    """`zero`: the last classifier layer starts at zero (as BiT fine-tunes), so that with a pretrained
+    body every seed starts from identical weights and differs only in its draws of data and
+    augmentation: the setting in which fine-tuned runs average well in weight space (model soups,
+    Wortsman et al. 2022). `random`: as the architecture made it."""
+    if how == "zero":
+        for parameter in model.backbone.get_classifier().parameters():
+            nn.init.zeros_(parameter)
+
+
 def with_defaults(config: TrainConfig) -> TrainConfig:
     """The architecture's defaults made explicit, so that config.yaml says what ran."""
     return replace(config, freeze=config.freeze or model_spec(config.arch).freeze)
@@ -488,6 +498,7 @@ def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResu
     weights = class_weights(train_set.targets, len(classes)) ** config.class_weight_power
     weights = weights / weights.mean()
     model = create_model(config.arch, len(classes), config.pretrained).to(memory_format=torch.channels_last)
+    init_head(model, config.head_init)
 
     best = RunCheckpoint(run.checkpoints, filename="best", monitor=MONITOR, mode="max", enable_version_counter=False)
     # Lightning 2.6 writes save_last only when the best improves, so "last" is its own every-epoch

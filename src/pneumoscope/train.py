@@ -525,8 +525,9 @@ def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResu
     first_epoch = 0 if resumed_epoch is None else resumed_epoch + 1
     module = LitClassifier(model, classes, config, weights, first_epoch)
     trainer = L.Trainer(max_epochs=config.epochs, **trainer_devices(), precision=config.precision,
-                        callbacks=callbacks, default_root_dir=run.path, logger=_loggers(run.path, resumed_epoch), deterministic=False,
-                        log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)
+                        callbacks=callbacks, default_root_dir=run.path, logger=_loggers(run.path, resumed_epoch),
+                        deterministic=False, log_every_n_steps=log_interval(len(train_set), config.batch_size),
+                        num_sanity_val_steps=0, enable_model_summary=False)
     for logger in trainer.loggers:  # the configuration, so MLflow/TensorBoard can filter runs by it
         logger.log_hyperparams(config.to_dict())
     trainer.fit(module, datamodule=_Loaders(train_set, val_set, config.batch_size), ckpt_path=resume_from,
@@ -534,6 +535,11 @@ def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResu
     if not trainer.is_global_zero:
         return TrainResult(run.path, None)
     return _finish(config, run, classes, samples, best, model, val_set, started)
+
+
+def log_interval(n_train: int, batch_size: int) -> int:
+    """Every 10 steps, or once per epoch when an epoch has fewer (Lightning warns otherwise)."""
+    return max(1, min(10, n_train // world_size() // batch_size))
 
 
 class RunCheckpoint(ModelCheckpoint):

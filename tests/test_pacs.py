@@ -95,7 +95,11 @@ class Orthanc:
         self.log = root / "orthanc.log"
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-        wait_for(self._up, "Orthanc to answer on its REST port", 30, self.log)
+        try:
+            wait_for(self._up, "Orthanc to answer on its REST port", 60, self.log)
+        except BaseException:
+            self.stop()
+            raise
 
     def _up(self) -> bool:
         assert self.process.poll() is None, f"Orthanc exited:\n{self.log.read_text()[-3000:]}"
@@ -157,7 +161,12 @@ class Node:
                               "--calling-ae", "ORTHANC", "--spool", spool, *options)
         with open(log, "ab") as handle:
             self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
-        wait_for(self._ready, "the node to listen", log=log)
+        try:
+            wait_for(self._ready, "the node to listen", log=log)
+        except BaseException:  # no test owns it yet: never leave it running
+            self.process.kill()
+            self.process.wait()
+            raise
 
     def _ready(self) -> bool:
         assert self.process.poll() is None, f"the node exited:\n{self.log.read_text()[-3000:]}"

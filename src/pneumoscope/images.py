@@ -532,6 +532,17 @@ def _check_palette(ds, label: str) -> None:
                                     "Lookup Table Descriptor and Data)")
 
 
+def open_dicom(data: bytes, label: str):
+    """The pydicom dataset of a DICOM file's bytes (pixels not decoded; a deflated dataset inflated
+    with a bound; parsed within a read budget), or an ImageReadError naming `label`. For callers
+    that check attributes first (the DICOM node); the pixels still go through `read_xray`."""
+    budget = _Budget(len(data), "dicom")
+    try:
+        return _dicom_dataset(data, label, budget)
+    except ImageReadError as err:
+        raise _image_error(err, label, budget) from None
+
+
 def _dicom_dataset(data: bytes, label: str, budget: _Budget):
     """pydicom's dcmread, except that a deflated dataset is inflated here, with a bound: pydicom
     inflates it in one unbounded zlib call (a 1 MiB upload inflated to 1 GiB: +2 GiB of memory)."""

@@ -554,6 +554,32 @@ def test_healthz_is_answered_at_the_request_cap_and_the_503_has_the_security_hea
     assert probe.status_code == 200 and probe.content == b""
 
 
+def test_connections_past_the_cap_are_closed_and_the_server_answers_again(served):
+    """MAX_CONNECTIONS idle sockets are held (they are not requests, so nothing answers 503); one
+    more is closed unanswered; once they go, the server answers again."""
+    from pneumoscope.serve import MAX_CONNECTIONS
+
+    url = served[0]
+    host, port = url.removeprefix("http://").split(":")
+    idle = [socket.create_connection((host, int(port)), timeout=30) for _ in range(MAX_CONNECTIONS)]
+    try:
+        with socket.create_connection((host, int(port)), timeout=30) as extra:
+            try:
+                extra.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                answer = extra.recv(65536)
+            except ConnectionResetError:
+                answer = b""
+    finally:
+        for sock in idle:
+            sock.close()
+    assert answer == b""
+    for _ in range(100):  # the server sees the idle sockets close
+        if httpx.get(f"{url}/healthz", timeout=30).status_code == 200:
+            break
+        time.sleep(0.05)
+    assert httpx.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
+
+
 # ------------------------------------------------------------------ schemathesis
 def test_schemathesis_no_server_errors(app):
     """Schema-driven fuzzing, up to 30 examples per operation plus 30 schema-violating uploads (random

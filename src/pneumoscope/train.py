@@ -38,7 +38,8 @@ from .data import (XrayDataset, class_weights, discover, eval_transform, load_pi
                    split_by_patient, train_transform)
 from .files import atomic_write
 from .labels import classes_for
-from .models import XrayNet, count_parameters, create_model, freeze_model, model_spec, trainable_parameters
+from .models import (XrayNet, count_parameters, create_model, ensure_pretrained, freeze_model, model_spec,
+                     trainable_parameters)
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,10 @@ class FocalLoss(nn.Module):
 
 
 def with_defaults(config: TrainConfig) -> TrainConfig:
-    """The architecture's defaults made explicit, so that config.yaml says what ran."""
+    """The architecture's defaults made explicit, so that config.yaml says what ran. Also fails fast,
+    before any data is read: an unknown architecture, or --pretrained weights that are neither cached
+    nor fetchable (models.ensure_pretrained downloads them when the hub answers)."""
+    ensure_pretrained(config.arch, config.pretrained)
     return replace(config, freeze=config.freeze or model_spec(config.arch).freeze)
 
 

@@ -378,10 +378,11 @@ def output_problem(output: str | None, inputs: list[str], cam: str | None) -> st
 
 
 def cmd_export(args) -> int:
-    from .artifact import resolve_model
+    from .artifact import load_bundle, refuse_shipped, resolve_model
     from .export import export_checkpoint, export_int8
 
-    model = args.checkpoint or resolve_model(args.task)
+    refuse_shipped(args.out)
+    model = load_bundle(args.checkpoint or resolve_model(args.task))
     if args.int8:
         if not args.calibration:
             raise ValueError("--int8 needs --calibration DATA (real X-rays to calibrate the int8 ranges)")
@@ -391,12 +392,16 @@ def cmd_export(args) -> int:
     else:
         out = export_checkpoint(model, args.out, args.opset)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {args.opset}, dynamic batch)")
+    if not args.out and not model.users_own:
+        print(f"  {model.path} is shipped or read-only, so it is left as it is; predict finds this graph in the "
+              "cache (--out FILE writes it elsewhere)")
     return EXIT_OK
 
 
 def cmd_bundle(args) -> int:
-    from .artifact import convert_legacy, load_bundle
+    from .artifact import convert_legacy, load_bundle, refuse_shipped
 
+    refuse_shipped(args.out)
     out = convert_legacy(args.checkpoint, args.out, export=args.export)
     bundle = load_bundle(out)
     print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))}); fingerprint {bundle.fingerprint[:16]}")
@@ -405,7 +410,9 @@ def cmd_bundle(args) -> int:
 
 def cmd_adapt(args) -> int:
     from .adapt import adapt_bundle
+    from .artifact import refuse_shipped
 
+    refuse_shipped(args.out)
     images = args.images[0] if len(args.images) == 1 else args.images
     report = adapt_bundle(args.checkpoint, images, args.out, priors=args.priors, task=args.task)
     print(f"wrote {args.out}: {report['method']} on {report['images']} images from {report['source']}")

@@ -127,10 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
     p.add_argument("--task", choices=tuple(TASKS), default="three")
     p.add_argument("--format", choices=("table", "csv", "json"), default=None,
-                   help="default: table on stdout, json with --output")
+                   help="default: from --output's extension (.csv; .json, .jsonl, .ndjson: JSON lines; others: "
+                        "table), table on stdout")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--output", "-o", metavar="FILE", default=None,
-                   help="write records to FILE as they are produced (csv or json), with a progress bar")
+                   help="write records to FILE as they are produced, with a progress bar (format: see --format)")
     p.add_argument("--resume", action="store_true", help="with --output: skip the inputs already in FILE")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     p.add_argument("--cam", metavar="DIR", default=None, help="write a Grad-CAM overlay <stem>_cam.png per image")
@@ -348,12 +349,17 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .batch import predict_paths
+    from .batch import output_format, predict_paths
     from .predict import Classifier
 
-    fmt = args.format or ("json" if args.output else "table")
-    if (args.output and fmt == "table") or (args.resume and not args.output):
-        print("pneumoscope: error: --output writes --format csv or json; --resume needs --output", file=sys.stderr)
+    try:
+        fmt = output_format(args.format, args.output)
+    except ValueError as err:
+        print(f"pneumoscope: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.resume and (not args.output or fmt == "table"):
+        print("pneumoscope: error: --resume needs --output FILE in csv or json (.csv, .json, .jsonl, .ndjson)",
+              file=sys.stderr)
         return EXIT_USAGE
     problem = output_problem(args.output, args.paths, args.cam)
     if problem:

@@ -19,7 +19,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 BACKEND_HELP = ("auto: OpenVINO (bf16 where the CPU has AMX or AVX512-BF16), else ONNX Runtime, else PyTorch; "
                 "onnx: ONNX Runtime fp32, the reference the model card reports; int8: the quantized graph "
                 "made by `export --int8` (faster, slightly less accurate)")
-MODEL_HELP = "a model bundle directory (or a legacy model.pt); default: the shipped model for --task"
+MODEL_HELP = ("a model bundle directory or a file in one, a run directory or its checkpoints/best.ckpt or last.ckpt "
+              "(the run's model/), or a legacy model.pt; default: the shipped model for --task")
 
 
 def main(argv: list[str] | None = None) -> int:

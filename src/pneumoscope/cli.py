@@ -89,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to write")
     p.set_defaults(handler=cmd_ensemble)
 
+    p = sub.add_parser("soup", help="average finished runs in weight space into one network (a model soup; a run "
+                                    "directory that ship, evaluate and compare take)")
+    p.add_argument("--runs", nargs="+", required=True, metavar="RUN",
+                   help="finished runs of one architecture on one manifest (best from `train --head-init zero`)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--method", choices=("uniform", "greedy"), default="uniform",
+                   help="uniform: the mean of all; greedy: add runs by validation accuracy while it does not fall")
+    p.add_argument("--bn-images", type=int, default=1024, metavar="N",
+                   help="training images to re-estimate the trained BatchNorm layers on (0: keep the averages)")
+    p.set_defaults(handler=cmd_soup)
+
     p = sub.add_parser("calibrate", help="fit a finished run's temperature again and rewrite its val and internal "
                                          "test reports (the weights are untouched)")
     p.add_argument("run", help="a finished run directory")
@@ -270,6 +281,12 @@ def cmd_ensemble(args) -> int:
     from .ensemble import build_ensemble
 
     return _print_result(build_ensemble(args.runs, args.out))
+
+
+def cmd_soup(args) -> int:
+    from .soup import build_soup
+
+    return _print_result(build_soup(args.runs, args.out, args.method, args.bn_images))
 
 
 def cmd_calibrate(args) -> int:

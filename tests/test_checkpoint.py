@@ -33,7 +33,7 @@ def test_every_command_resolves_the_same_way(tiny_run, fixture_data, tmp_path, c
     best = str(tiny_run / "checkpoints" / "best.ckpt")
     assert main(["export", "--checkpoint", best, "--out", str(tmp_path / "m.onnx")]) == 0
     assert (tmp_path / "m.onnx").is_file()
-    assert main(["evaluate", "--data", str(fixture_data / "val"), "--checkpoint", str(tiny_run), "--out",
+    assert main(["evaluate", "--data", str(fixture_data), "--checkpoint", str(tiny_run), "--out",
                  str(tmp_path / "report"), "--backend", "onnx"]) == 0
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["checkpoint"] == str(tiny_run / "model")
     assert main(["adapt", "--images", str(fixture_data / "val"), "--checkpoint", str(tiny_run / "model" / "model.onnx"),

@@ -102,7 +102,7 @@ class Figures:
 
 def test_the_grids_say_how_to_read_them(small_bundle, fixture_data, tmp_path, monkeypatch):
     figures = Figures(monkeypatch)
-    assert main(["evaluate", "--data", str(fixture_data / "val"), "--checkpoint", str(small_bundle),
+    assert main(["evaluate", "--data", str(fixture_data), "--checkpoint", str(small_bundle),  # all 3 classes
                  "--out", str(tmp_path / "report"), "--backend", "onnx"]) == 0
     for grid in ("prediction_grid.png", "cam_grid.png"):
         assert "[true class] in brackets; red: wrong" in figures.saved[grid]["title"]

@@ -263,10 +263,14 @@ def cmd_split(args) -> int:
 
 
 def cmd_train(args) -> int:
+    config = config_from_args(args)
+    if config.pretrained and not config.resume:  # unavailable weights: one line before Lightning even loads
+        from .models import ensure_pretrained
+
+        ensure_pretrained(config.arch, config.pretrained)
     from .experiments import cross_validate
     from .train import is_main_process, train
 
-    config = config_from_args(args)
     if args.folds:
         return _print_cv(cross_validate(config, args.folds))
     result = train(config)

@@ -55,7 +55,8 @@ def test_resume_after_an_interruption_mid_line(small_bundle, folder, tmp_path, f
 
 
 def test_output_usage_errors(small_bundle, folder, tmp_path):
-    assert run(small_bundle, folder, tmp_path / "x", "--format", "table") == 2
+    assert run(small_bundle, folder, tmp_path / "x.csv", "--format", "table") == 2  # the extension says csv
+    assert run(small_bundle, folder, tmp_path / "x", "--format", "table", "--resume") == 2  # a table cannot resume
     assert main(["predict", str(folder), "--checkpoint", str(small_bundle), "--resume"]) == 2
 
 

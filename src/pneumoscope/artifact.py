@@ -253,7 +253,17 @@ class Bundle:
             sidecar = self.path.with_suffix(".json")
             return json.loads(sidecar.read_text()).get("metrics", {}) if sidecar.is_file() else {}
         path = self.path / METRICS
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return json.loads(path.read_text()) if path.is_file() else self._run_reports()
+
+    def _run_reports(self) -> dict:
+        """The headlines of the val/test reports its run wrote, for RUN/model bundles made before
+        training wrote metrics.json ({} for any other bundle)."""
+        if self.legacy or self.path.name != "model":
+            return {}
+        from .metrics import headline
+
+        reports = {"val": self.path.parent / "val" / METRICS, "internal_test": self.path.parent / "test" / METRICS}
+        return {name: headline(json.loads(p.read_text())) for name, p in reports.items() if p.is_file()}
 
     def graph_location(self, kind: str = "fp32") -> Path:
         """Where this bundle's graph of `kind` lives (it may be missing or stale)."""
@@ -263,18 +273,40 @@ class Bundle:
             return self.path.with_suffix(".int8.onnx" if kind == "int8" else ".onnx")
         return self.path / GRAPH_KINDS[kind]
 
+    @property
+    def users_own(self) -> bool:
+        """A bundle the user made: not shipped or installed (`is_shipped`) and in a folder they can
+        write. Only then does a command write beside it (export's default); else into the cache."""
+        return not is_shipped(self.path) and os.access(self.path.parent if self.legacy else self.path, os.W_OK)
+
+    def cached_graph(self, kind: str = "fp32") -> Path:
+        """The cache's graph of `kind` for exactly these weights and meta (keyed by fingerprint):
+        where graphs of bundles that are not the user's own go (`export_location`, `onnx_path`)."""
+        if kind not in GRAPH_KINDS:
+            raise ValueError(f"unknown graph kind {kind!r}; choose fp32 or int8")
+        return default_cache_dir() / "onnx" / f"{self.fingerprint[:24]}{'.int8' if kind == 'int8' else ''}.onnx"
+
+    def export_location(self, kind: str = "fp32") -> Path:
+        """Where `export` writes the graph of `kind` when not told: the bundle's own graph file for a
+        bundle of the user's own, else the cache, where prediction finds it too. A shipped or
+        installed bundle is never rewritten (`pneumoscope ship` is the only writer of models/)."""
+        return self.graph_location(kind) if self.users_own else self.cached_graph(kind)
+
     def onnx_path(self, kind: str = "fp32") -> Path:
-        """A graph of `kind` made from exactly these weights and meta. fp32: the bundle's own, or,
-        when it is missing or stale, one exported into the cache (keyed by fingerprint, so the
-        same content is exported once). int8: the bundle's own, else a one-line error."""
+        """A graph of `kind` made from exactly these weights and meta: the bundle's own, else the
+        cache's (`cached_graph`). A missing or stale fp32 graph is exported into the cache (so the
+        same content is exported once, and a shipped bundle is never written); a missing or stale
+        int8 graph is a one-line error."""
         path = self.graph_location(kind)
         if path.is_file() and graph_fingerprint(path) == self.fingerprint:
             return path
+        cached = self.cached_graph(kind)
         if kind == "int8":
+            if cached.is_file() and graph_fingerprint(cached) == self.fingerprint:
+                return cached
             why = "was made from other weights or meta" if path.is_file() else "does not exist"
             raise BundleError(f"{path}: {why}; make it with `pneumoscope export --int8 "
                               f"--checkpoint {self.path} --calibration DATA`")
-        cached = default_cache_dir() / "onnx" / f"{self.fingerprint[:24]}.onnx"
         if not cached.is_file() or graph_fingerprint(cached) != self.fingerprint:
             from .export import export_onnx
 
@@ -303,10 +335,13 @@ def build_model(meta: ModelMeta, state_dict: dict):
     return model.eval()
 
 
-def load_bundle(path: str | os.PathLike) -> Bundle:
-    """A bundle directory, or a legacy `model.pt` (read-only). FileNotFoundError / BundleError
-    with a one-line reason otherwise."""
-    path = Path(path)
+def load_bundle(path: "str | os.PathLike | Bundle") -> Bundle:
+    """The model at what a user points to (`resolve_checkpoint`: a bundle directory or a file in
+    one, a run directory or its best/last checkpoint, a legacy `model.pt`, read-only); a Bundle is
+    returned as it is. FileNotFoundError / BundleError with a one-line reason otherwise."""
+    if isinstance(path, Bundle):
+        return path
+    path = resolve_checkpoint(path)
     if path.is_dir():
         meta_file, weights = path / META, path / WEIGHTS
         for needed in (meta_file, weights):
@@ -320,6 +355,89 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     if path.is_file():
         return _load_legacy(path)
     raise FileNotFoundError(f"{path}: no such model bundle or checkpoint")
+
+
+# ---------------------------------------------------------------- what --checkpoint points at
+BUNDLE_FILES = (WEIGHTS, META, ONNX_FP32, ONNX_INT8, METRICS)
+RUN_CHECKPOINTS = ("best.ckpt", "last.ckpt")  # Lightning's training state; the run's model is RUN/model
+LEGACY_SUFFIXES = (".pt", ".pth")
+RUN_MARKERS = ("config.yaml", "status.json", "checkpoints")  # rundir.py's files: a training run's directory
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The bundle directory (or legacy model.pt) meant by what a user points --checkpoint at:
+
+    - a bundle directory, or any file in one (weights.pt, meta.json, model.onnx, ...): the bundle;
+    - a run directory, or its checkpoints/best.ckpt or last.ckpt: the run's model (RUN/model; a
+      run from before bundles: RUN/model.pt);
+    - a `.pt` file: itself (a legacy model.pt; load_bundle reads or refuses it).
+
+    Anything else is a one-line FileNotFoundError (nothing there) or BundleError (not a model)
+    that names the nearest bundle found around it."""
+    path = Path(path)
+    if path.is_dir() and _looks_like_bundle(path):
+        return path
+    if path.is_file() and path.name in BUNDLE_FILES and _looks_like_bundle(path.parent):
+        return path.parent
+    run = path if path.is_dir() else path.parent.parent if path.name in RUN_CHECKPOINTS and \
+        path.parent.name == "checkpoints" else None
+    if run is not None and (any((run / m).exists() for m in RUN_MARKERS) or (run / "model").is_dir()):
+        for model in (run / "model", run / "model.pt"):
+            if (model.is_dir() and _looks_like_bundle(model)) or model.is_file():
+                return model
+        raise FileNotFoundError(f"{path}: the run {run} has no model yet; is the run finished? "
+                                f"(its model will be {run / 'model'})")
+    if path.is_file() and path.suffix.lower() in LEGACY_SUFFIXES:
+        return path
+    nearest = nearest_bundle(path)
+    hint = f"; the nearest model bundle is {nearest} (--checkpoint {nearest})" if nearest else \
+        "; no model bundle (a folder with meta.json and weights.pt) found near it"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model bundle, run or file{hint}")
+    what = "folder" if path.is_dir() else "file"
+    raise BundleError(f"{path}: this {what} is not a model bundle, a file of one, a run or its best/last "
+                      f"checkpoint{hint}")
+
+
+def _looks_like_bundle(folder: Path) -> bool:
+    """A bundle, or an incomplete one (load_bundle says what is missing)."""
+    return (folder / META).is_file() or (folder / WEIGHTS).is_file()
+
+
+def nearest_bundle(path: str | os.PathLike, max_folders: int = 2000) -> Path | None:
+    """The closest complete bundle around `path`: inside it (3 levels down), else inside each of its
+    first 3 parents (2 levels down); the fewest levels first. Bounded (`max_folders` looked at), so a
+    mistyped path under a large tree answers at once."""
+    start = Path(path)
+    while not start.is_dir() and start != start.parent:
+        start = start.parent
+    budget = [max_folders]
+    for level, base in enumerate([start, *list(start.parents)[:3]]):
+        found = _bundles_below(base, 3 if level == 0 else 2, budget)
+        if found:
+            return min(found, key=lambda p: (len(p.parts), str(p)))
+    return None
+
+
+def _bundles_below(base: Path, depth: int, budget: list[int]) -> list[Path]:
+    found, level = [], [base]
+    for _ in range(depth + 1):
+        below = []
+        for folder in level:
+            budget[0] -= 1
+            if budget[0] < 0:
+                return found
+            if (folder / META).is_file() and (folder / WEIGHTS).is_file():
+                found.append(folder)
+                continue
+            try:
+                below += sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            except OSError:  # unreadable: not ours to search
+                continue
+        if found:
+            return found
+        level = below
+    return found
 
 
 def _torch_load(path: Path):
@@ -420,6 +538,27 @@ def resolve_model(task: str = "three") -> Path:
             return candidate
     raise FileNotFoundError(f"{candidates[0]}: no shipped model for task {task!r} "
                             "(train one with `pneumoscope train`, or set PNEUMOSCOPE_MODELS)")
+
+
+def shipped_roots() -> list[Path]:
+    """Every place shipped or installed models live (resolve_model's locations, all of them):
+    $PNEUMOSCOPE_MODELS when set, the installed package data, this checkout's models/."""
+    override = os.environ.get("PNEUMOSCOPE_MODELS")
+    return [Path(p) for p in ([override] if override else [])] + [p for p in (_package_models(), REPO_MODELS)
+                                                                  if p is not None]
+
+
+def is_shipped(path: str | os.PathLike) -> bool:
+    """True for a path in or under a shipped-model location (links resolved)."""
+    real = Path(path).resolve()
+    return any(real.is_relative_to(root.resolve()) for root in shipped_roots())
+
+
+def refuse_shipped(path: str | os.PathLike, option: str = "--out") -> None:
+    """A user command never writes into the shipped or installed models: a one-line ValueError."""
+    if path is not None and is_shipped(path):
+        raise ValueError(f"{option} {path} is inside the shipped models; `pneumoscope ship` is the only writer "
+                         "there: choose another path")
 
 
 def _package_models() -> Path | None:

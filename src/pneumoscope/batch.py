@@ -14,9 +14,20 @@ from typing import Callable, TextIO
 
 from tqdm import tqdm
 
-from .predict import Classifier, Record, expand_inputs
+from .predict import Classifier, Record, Skipped, expand_inputs
 
 FORMATS = ("table", "csv", "json")
+EXTENSION_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json"}  # others: table
+
+
+def output_format(given: str | None, output: str | None) -> str:
+    """--format, else what --output's extension says (.csv; .json, .jsonl, .ndjson; table for any
+    other file and on stdout). A --format that contradicts the extension is a ValueError."""
+    implied = EXTENSION_FORMATS.get(Path(output).suffix.lower(), "table") if output else "table"
+    if given and output and Path(output).suffix.lower() in EXTENSION_FORMATS and given != implied:
+        raise ValueError(f"--format {given} conflicts with --output {output} (a {Path(output).suffix} file holds "
+                         f"{implied}); drop --format or rename the file")
+    return given or implied
 
 
 def predict_paths(classifier: Classifier, paths: list[str], fmt: str = "json", output: str | None = None,
@@ -28,10 +39,17 @@ def predict_paths(classifier: Classifier, paths: list[str], fmt: str = "json", o
     done, any_failed = read_done(output, fmt) if resume else (set(), False)
     empty = [p for p in paths if os.path.isdir(p) and next(expand_inputs([p]), None) is None]
 
-    def todo():  # a fresh generator each time: the inputs are never listed in memory
+    def todo(skipped: Skipped | None = None):  # a fresh generator each time: the inputs are never listed in memory
         if not done:  # realpath costs ~0.1 ms a file: ~8% of a folder's time at 500 images/s
-            return expand_inputs(paths)
-        return (p for p in expand_inputs(paths) if os.path.realpath(p) not in done)
+            return expand_inputs(paths, skipped)
+        return (p for p in expand_inputs(paths, skipped) if os.path.realpath(p) not in done)
+
+    skipped = Skipped()
+    total = sum(1 for _ in todo(skipped))  # the one counting pass: the progress bar's total and the summary's
+    already = len(done)
+    if resume and output:
+        print(f"pneumoscope: resuming {output}: {already} input(s) already recorded there are skipped, "
+              f"{total} to do", file=sys.stderr)
 
     # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes
     stream = open(output, "a" if resume else "w", newline="", encoding="utf-8", errors="surrogateescape") \
@@ -41,8 +59,9 @@ def predict_paths(classifier: Classifier, paths: list[str], fmt: str = "json", o
         from .explain import CamWriter
 
         cams = CamWriter(classifier, cam_dir)
-    progress = tqdm(total=sum(1 for _ in todo()), unit="img", file=sys.stderr, disable=not output,
+    progress = tqdm(total=total, unit="img", file=sys.stderr, disable=not output,
                     desc=f"predict -> {output}", dynamic_ncols=True)
+    counts = {"ok": 0, "error": 0}
     try:
         write = record_writer(fmt, classifier.classes, stream, header=stream.tell() == 0 if output else True)
         for folder in empty:  # an explicitly given folder with nothing to classify is a failed input
@@ -54,6 +73,7 @@ def predict_paths(classifier: Classifier, paths: list[str], fmt: str = "json", o
         for decoded, scores in classifier.score_batches(todo(), batch_size=batch_size, keep_gray=cams is not None):
             for record, item in zip(classifier.records(scores), decoded):
                 any_failed |= record.status != "ok"
+                counts[record.status] += 1
                 write(record)
                 stream.flush()  # a record on disk is a record --resume will not redo
                 if cams:
@@ -63,7 +83,21 @@ def predict_paths(classifier: Classifier, paths: list[str], fmt: str = "json", o
         progress.close()
         if output:
             stream.close()
+    if output or skipped.count:
+        print(summary(counts, already if resume else 0, skipped, output), file=sys.stderr)
     return any_failed
+
+
+def summary(counts: dict[str, int], already: int, skipped: Skipped, output: str | None) -> str:
+    """One line: what was classified, what failed, what was skipped and why."""
+    parts = [f"{counts['ok']} classified", f"{counts['error']} failed"]
+    if already:
+        parts.append(f"{already} skipped as already in {output} (--resume)")
+    if skipped.count:
+        more = ", ..." if skipped.count > len(skipped.examples) else ""
+        parts.append(f"{skipped.count} file(s) in the folders skipped as not images "
+                     f"({', '.join(skipped.examples)}{more})")
+    return "pneumoscope: predict: " + "; ".join(parts) + (f"; records in {output}" if output else "")
 
 
 def read_done(output: str | None, fmt: str) -> tuple[set[str], bool]:

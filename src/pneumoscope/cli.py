@@ -19,7 +19,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 BACKEND_HELP = ("auto: OpenVINO (bf16 where the CPU has AMX or AVX512-BF16), else ONNX Runtime, else PyTorch; "
                 "onnx: ONNX Runtime fp32, the reference the model card reports; int8: the quantized graph "
                 "made by `export --int8` (faster, slightly less accurate)")
-MODEL_HELP = "a model bundle directory (or a legacy model.pt); default: the shipped model for --task"
+MODEL_HELP = ("a model bundle directory or a file in one, a run directory or its checkpoints/best.ckpt or last.ckpt "
+              "(the run's model/), or a legacy model.pt; default: the shipped model for --task")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,10 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
     p.add_argument("--task", choices=tuple(TASKS), default="three")
     p.add_argument("--format", choices=("table", "csv", "json"), default=None,
-                   help="default: table on stdout, json with --output")
+                   help="default: from --output's extension (.csv; .json, .jsonl, .ndjson: JSON lines; others: "
+                        "table), table on stdout")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--output", "-o", metavar="FILE", default=None,
-                   help="write records to FILE as they are produced (csv or json), with a progress bar")
+                   help="write records to FILE as they are produced, with a progress bar (format: see --format)")
     p.add_argument("--resume", action="store_true", help="with --output: skip the inputs already in FILE")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     p.add_argument("--cam", metavar="DIR", default=None, help="write a Grad-CAM overlay <stem>_cam.png per image")
@@ -310,10 +312,14 @@ def cmd_split(args) -> int:
 
 
 def cmd_train(args) -> int:
+    config = config_from_args(args)
+    if config.pretrained and not config.resume:  # unavailable weights: one line before Lightning even loads
+        from .models import ensure_pretrained
+
+        ensure_pretrained(config.arch, config.pretrained)
     from .experiments import cross_validate
     from .train import is_main_process, train
 
-    config = config_from_args(args)
     if args.folds:
         return _print_cv(cross_validate(config, args.folds))
     result = train(config)
@@ -414,12 +420,17 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .batch import predict_paths
+    from .batch import output_format, predict_paths
     from .predict import Classifier
 
-    fmt = args.format or ("json" if args.output else "table")
-    if (args.output and fmt == "table") or (args.resume and not args.output):
-        print("pneumoscope: error: --output writes --format csv or json; --resume needs --output", file=sys.stderr)
+    try:
+        fmt = output_format(args.format, args.output)
+    except ValueError as err:
+        print(f"pneumoscope: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.resume and (not args.output or fmt == "table"):
+        print("pneumoscope: error: --resume needs --output FILE in csv or json (.csv, .json, .jsonl, .ndjson)",
+              file=sys.stderr)
         return EXIT_USAGE
     problem = output_problem(args.output, args.paths, args.cam)
     if problem:
@@ -444,10 +455,11 @@ def output_problem(output: str | None, inputs: list[str], cam: str | None) -> st
 
 
 def cmd_export(args) -> int:
-    from .artifact import resolve_model
+    from .artifact import load_bundle, refuse_shipped, resolve_model
     from .export import export_checkpoint, export_int8
 
-    model = args.checkpoint or resolve_model(args.task)
+    refuse_shipped(args.out)
+    model = load_bundle(args.checkpoint or resolve_model(args.task))
     if args.int8:
         if not args.calibration:
             raise ValueError("--int8 needs --calibration DATA (real X-rays to calibrate the int8 ranges)")
@@ -457,12 +469,16 @@ def cmd_export(args) -> int:
     else:
         out = export_checkpoint(model, args.out, args.opset)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {args.opset}, dynamic batch)")
+    if not args.out and not model.users_own:
+        print(f"  {model.path} is shipped or read-only, so it is left as it is; predict finds this graph in the "
+              "cache (--out FILE writes it elsewhere)")
     return EXIT_OK
 
 
 def cmd_bundle(args) -> int:
-    from .artifact import convert_legacy, load_bundle
+    from .artifact import convert_legacy, load_bundle, refuse_shipped
 
+    refuse_shipped(args.out)
     out = convert_legacy(args.checkpoint, args.out, export=args.export)
     bundle = load_bundle(out)
     print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))}); fingerprint {bundle.fingerprint[:16]}")
@@ -471,7 +487,9 @@ def cmd_bundle(args) -> int:
 
 def cmd_adapt(args) -> int:
     from .adapt import adapt_bundle
+    from .artifact import refuse_shipped
 
+    refuse_shipped(args.out)
     images = args.images[0] if len(args.images) == 1 else args.images
     report = adapt_bundle(args.checkpoint, images, args.out, priors=args.priors, task=args.task)
     print(f"wrote {args.out}: {report['method']} on {report['images']} images from {report['source']}")

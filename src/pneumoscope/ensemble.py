@@ -14,7 +14,7 @@ import socket
 import time
 
 from . import __version__
-from .rundir import RunDir
+from .rundir import RunDir, model_name
 
 def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike):
     """Averages the finished runs `run_dirs` into the run directory `out`; returns a train.TrainResult
@@ -32,7 +32,7 @@ def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike):
     samples = runs[0].samples()
     members = [member_facts(run, bundle.meta) for run, bundle in zip(runs, bundles)]
     meta = ModelMeta(
-        name=f"pneumoscope-ensemble{len(runs)}-{first.task}", task=first.task, classes=first.classes, arch=ENSEMBLE,
+        name=model_name(out), task=first.task, classes=first.classes, arch=ENSEMBLE,
         members=tuple(b.meta.arch for b in bundles), img_size=first.img_size, mean=first.mean, std=first.std,
         preprocess=first.preprocess,
         params=count_parameters(model),

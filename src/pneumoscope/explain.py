@@ -108,8 +108,10 @@ def overlay_image(gray: np.ndarray, heatmap: np.ndarray, text: str) -> Image.Ima
 
 
 def caption(record: Record) -> str:
-    text = f"{record.label} {record.probabilities[record.label]:.2f}"
-    return text + " (not a chest X-ray?)" if record.reliable is False else text
+    """The overlay's text, "BACTERIA (p 0.90)": PIL's default font draws a space a fifth of an em
+    wide, so a bare space read as `BACTERIA0.90`."""
+    text = f"{record.label} (p {record.probabilities[record.label]:.2f})"
+    return text + " - not a chest X-ray?" if record.reliable is False else text
 
 
 def explain(classifier: Classifier, source, name: str | None = None) -> tuple[Record, bytes | None]:

@@ -46,9 +46,9 @@ from . import __version__
 from .predict import Classifier, Record
 
 INTENDED_USE = ("Research, teaching and second-reader use only. pneumoscope is not a medical device and its "
-                "output is not a diagnosis: a qualified clinician must read every X-ray. Trained on pediatric "
-                "(age 1-5) anterior-posterior chest X-rays from one hospital; other populations, views and "
-                "devices are outside what it was tested on.")
+                "output is not a diagnosis: a qualified clinician must read every X-ray.")
+SHIPPED_DATA = ("Trained on pediatric (age 1-5) anterior-posterior chest X-rays from one hospital; other "
+                "populations, views and devices are outside what it was tested on.")  # the shipped models' data
 INPUT = "1-channel grayscale in [0, 1], squashed to img_size x img_size"
 METRIC_GROUPS = ("val", "internal_test", "external")  # what the model card shows of metrics.json
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and part headers on top of the file itself
@@ -110,6 +110,7 @@ class ModelCard(BaseModel):
     params: int
     input: str
     metrics: dict = Field(description="headline metrics per evaluation group (val, internal_test, ...)")
+    training_data: str = Field(description="what this model was trained on, from its bundle's provenance")
     intended_use: str
     max_upload_mb: float
 
@@ -206,11 +207,12 @@ def create_app(classifier: Classifier | None = None, task: str = "three", max_up
     page = resources.files("pneumoscope").joinpath("static/index.html").read_text(encoding="utf-8")
     meta = classifier.meta
     metrics = classifier.bundle.metrics() if classifier.bundle else {}
+    data = training_data(classifier)
     card = ModelCard(name=meta.name, version=meta.version, task=meta.task, arch=meta.arch,
                      classes=list(classifier.classes), img_size=classifier.img_size,
                      temperature=classifier.temperature, params=meta.params, input=INPUT,
-                     metrics={k: v for k, v in metrics.items() if k in METRIC_GROUPS},
-                     intended_use=INTENDED_USE, max_upload_mb=max_upload_mb)
+                     metrics={k: v for k, v in metrics.items() if k in METRIC_GROUPS}, training_data=data,
+                     intended_use=f"{INTENDED_USE} {data}", max_upload_mb=max_upload_mb)
     app = FastAPI(title="pneumoscope", version=__version__,
                   description="Pediatric chest X-ray classifier. " + INTENDED_USE,
                   docs_url=None, redoc_url=None)  # both load scripts and fonts from CDNs
@@ -248,6 +250,22 @@ def create_app(classifier: Classifier | None = None, task: str = "three", max_up
         return answer
 
     return app
+
+
+def training_data(classifier: Classifier) -> str:
+    """One sentence on the model's own data for the card and the page footer: its provenance's split
+    sizes and source (rundir.data_facts); for a shipped model also what population that was."""
+    from .artifact import is_shipped
+    from .rundir import describe_data, recorded_data
+
+    bundle = classifier.bundle
+    described = describe_data(recorded_data(classifier.meta, bundle.metrics() if bundle else {}))
+    shipped = bundle is not None and is_shipped(bundle.path)
+    if shipped:
+        return SHIPPED_DATA + (f" Its split: {described}." if described else "")
+    if described:
+        return f"Trained and measured on {described}; other data are outside what it was tested on."
+    return "Its training data are not recorded in this model's bundle; treat its answers as untested."
 
 
 def _infer(classifier: Classifier, data: bytes, name: str, cam: bool) -> tuple[Record, bytes | None]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .rundir import RunDir
+from .rundir import RunDir, model_name
 
 SOUPS = ("uniform", "greedy")
 BN_IMAGES = 1024  # training images the trained BatchNorm layers' statistics are re-estimated on
@@ -62,7 +62,7 @@ def build_soup(run_dirs: list[str | os.PathLike], out: str | os.PathLike, method
     chosen, soup_accuracy = _cook(model, states, method, freeze, bn_pixels, val_pixels, val_targets, first)
     members = [{**member_facts(runs[i], metas[i]), "in_soup": i in chosen} for i in range(len(runs))]
     meta = first.replace(
-        name=f"pneumoscope-soup{len(chosen)}-{first.arch}-{first.task}", temperature=1.0,
+        name=model_name(out), temperature=1.0,  # a run of the user's own: named after it (ship renames)
         provenance={"pneumoscope": __version__, "git_commit": git_commit(), "soup": method,
                     "manifest_hash": first.provenance.get("manifest_hash"), "members": members,
                     "train_config": first.provenance.get("train_config", {}), "bn_images": len(bn_pixels),

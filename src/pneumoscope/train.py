@@ -40,7 +40,8 @@ from .data import (XrayDataset, class_weights, discover, eval_transform, load_pi
                    split_by_patient, train_transform)
 from .files import atomic_write
 from .labels import classes_for
-from .models import XrayNet, count_parameters, create_model, freeze_model, model_spec, trainable_parameters
+from .models import (XrayNet, count_parameters, create_model, ensure_pretrained, freeze_model, model_spec,
+                     trainable_parameters)
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -66,21 +67,23 @@ def save_calibrated(model, meta, run: RunDir, samples, val_pixels, val_targets, 
     """Temperature from the val pixels (`calibration_temperature`) -> the bundle, written once -> val
     (and internal test) reports from that bundle, through the Classifier users load, on the fp32
     reference (ONNX Runtime: the same figures on every CPU). Returns the headlines {"val", "internal_test"}."""
-    from .artifact import save_bundle
+    from .artifact import save_bundle, write_metrics
     from .evaluate import evaluate_samples
     from .metrics import headline
     from .predict import Classifier
 
     temperature = calibration_temperature(Classifier.from_model(model, meta.replace(temperature=1.0), backend="torch"),
                                           val_pixels, val_targets, calibration)
-    save_bundle(model, meta.replace(temperature=temperature, provenance={**meta.provenance, "calibration": calibration}),
-                run.bundle)
+    source = meta.provenance.get("train_config", {}).get("data")
+    save_bundle(model, meta.replace(temperature=temperature, provenance={
+        **meta.provenance, "calibration": calibration, "data": rundir.data_facts(samples, source)}), run.bundle)
     classifier = Classifier.load(run.bundle, backend="onnx")
     metrics = {}
     for split, name in (("val", "val"), ("test", "internal_test")):
         chosen = [s for s in samples if s.split == split]
         if chosen and (split == "val" or evaluate_test):
             metrics[name] = headline(evaluate_samples(classifier, chosen, run.report_dir(split), plots=split == "test"))
+    write_metrics(run.bundle, {**metrics, "backend": classifier.backend})  # what the web page and card show of it
     return metrics
 
 
@@ -265,7 +268,10 @@ def init_head(model: XrayNet, how: str) -> None:
 
 
 def with_defaults(config: TrainConfig) -> TrainConfig:
-    """The architecture's defaults made explicit, so that config.yaml says what ran."""
+    """The architecture's defaults made explicit, so that config.yaml says what ran. Also fails fast,
+    before any data is read: an unknown architecture, or --pretrained weights that are neither cached
+    nor fetchable (models.ensure_pretrained downloads them when the hub answers)."""
+    ensure_pretrained(config.arch, config.pretrained)
     return replace(config, freeze=config.freeze or model_spec(config.arch).freeze)
 
 
@@ -705,7 +711,7 @@ def _finish(config, run: RunDir, classes, samples, best, model, val_set, started
     model.eval()
     spec = model_spec(config.arch)
     meta = ModelMeta(
-        name=f"pneumoscope-{config.arch}-{config.task}", task=config.task, classes=tuple(classes),
+        name=rundir.model_name(run.path, config.project), task=config.task, classes=tuple(classes),
         arch=config.arch, img_size=config.img_size, mean=spec.mean, std=spec.std, params=count_parameters(model),
         preprocess=config.preprocess,
         provenance={"pneumoscope": __version__, "git_commit": git_commit(), "seed": config.seed,

@@ -1,6 +1,7 @@
 """The model bundle: typed meta, the fingerprint rule, save/load, legacy model.pt, shipped models."""
 import base64
 import json
+import math
 import shutil
 
 import numpy as np
@@ -137,7 +138,7 @@ def test_the_shipped_bundles_are_the_default_recipe_on_one_split():
 
 # ------------------------------------------------------------------ hostile meta.json (issue 26)
 GOOD_GUARD = {"method": "mahalanobis", "threshold": 1.0,  # for the 1280 features of the small bundle's graph
-              **{k: {"dtype": "float32", "shape": shape, "base64": base64.b64encode(bytes(4 * int(np.prod(shape)))).decode()}
+              **{k: {"dtype": "float32", "shape": shape, "base64": base64.b64encode(bytes(4 * math.prod(shape))).decode()}
                  for k, shape in (("center", [1280]), ("whiten", [1280, 1]), ("class_means", [3, 1]))}}
 HOSTILE_META = {  # change to meta.json -> what the one-line error says
     "temperature -1": ({"temperature": -1}, "temperature must be a finite number above 0"),
@@ -180,7 +181,8 @@ def test_hostile_meta_is_a_one_line_error_naming_the_file(small_bundle, tmp_path
     assert str(bundle) in err and reason in err, err
 
 
-@pytest.mark.parametrize("text", ["[1, 2]", "[" * 100_000 + "]" * 100_000, '{"schema_version": 1, "x": ' + "[" * 100_000])
+@pytest.mark.parametrize("text", ["[1, 2]", "[" * 100_000 + "]" * 100_000,
+                                  '{"schema_version": 1, "x": ' + "[" * 100_000])
 def test_a_meta_that_is_no_object_or_nested_without_end(small_bundle, tmp_path, text):
     bundle = tmp_path / "bundle"
     shutil.copytree(small_bundle, bundle)

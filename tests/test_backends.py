@@ -209,7 +209,8 @@ def test_hostile_graphs_are_one_line_errors_and_auto_falls_back(small_bundle, tm
     if backend == "openvino":
         pytest.importorskip("openvino")
     image = str(next(Path(__file__).parent.joinpath("fixtures").rglob("*.jpeg")))
-    reasons = {"truncated": "not a readable ONNX graph", "renamed": "scores; pneumoscope runs graphs from pixels to logits",
+    reasons = {"truncated": "not a readable ONNX graph",
+               "renamed": "scores; pneumoscope runs graphs from pixels to logits",
                "five-logits": "5 logits for the 3 classes", "external": "outside"}
     for case, bundle in hostile_graphs(small_bundle, tmp_path).items():
         assert main(["predict", image, "--checkpoint", str(bundle), "--backend", backend]) == 1, case

@@ -220,7 +220,8 @@ def test_folds_are_sklearns_bit_for_bit():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sklearn: "the least populated class has only ... members"
             try:
-                expected = [t.tolist() for _, t in Sklearn(n_folds, shuffle=True, random_state=seed).split(labels, labels, groups)]
+                expected = [t.tolist() for _, t in Sklearn(n_folds, shuffle=True, random_state=seed).split(
+                    labels, labels, groups)]
             except ValueError:  # fewer groups than folds
                 continue
             got = [t.tolist() for _, t in folds.StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed).split(

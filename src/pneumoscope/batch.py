@@ -270,9 +270,9 @@ def record_writer(fmt: str, classes, stream: TextIO = sys.stdout, header: bool =
 
         def row(r: Record) -> None:
             r = _escaped(r)
-            writer.writerow([
-                r.path, r.status, r.label or "", *[f"{r.probabilities[c]:.4f}" if r.probabilities else "" for c in classes],
-                r.error or "", "" if r.reliable is None else str(r.reliable).lower(), "; ".join(r.warnings)])
+            probabilities = [f"{r.probabilities[c]:.4f}" if r.probabilities else "" for c in classes]
+            writer.writerow([r.path, r.status, r.label or "", *probabilities, r.error or "",
+                             "" if r.reliable is None else str(r.reliable).lower(), "; ".join(r.warnings)])
         return row
     print(f"{'label':<10}" + "".join(f"{c:>11}" for c in classes) + "  path", file=stream)
 

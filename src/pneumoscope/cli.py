@@ -104,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to write")
     p.set_defaults(handler=cmd_ensemble)
 
+    p = sub.add_parser("soup", help="average finished runs in weight space into one network (a model soup; a run "
+                                    "directory that ship, evaluate and compare take)")
+    p.add_argument("--runs", nargs="+", required=True, metavar="RUN",
+                   help="finished runs of one architecture on one manifest (best from `train --head-init zero`)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--method", choices=("uniform", "greedy"), default="uniform",
+                   help="uniform: the mean of all; greedy: add runs by validation accuracy while it does not fall")
+    p.add_argument("--bn-images", type=int, default=1024, metavar="N",
+                   help="training images to re-estimate the trained BatchNorm layers on (0: keep the averages)")
+    p.set_defaults(handler=cmd_soup)
+
     p = sub.add_parser("calibrate", help="fit a finished run's temperature again and rewrite its val and internal "
                                          "test reports (the weights are untouched)")
     p.add_argument("run", help="a finished run directory")
@@ -149,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write records to FILE as they are produced (csv or json), with a progress bar")
     p.add_argument("--resume", action="store_true", help="with --output: skip the inputs already in FILE")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
-    p.add_argument("--cam", metavar="DIR", default=None, help="write a Grad-CAM overlay <stem>_<hash>_cam.png per image (the hash of its path: the same on --resume)")
+    p.add_argument("--cam", metavar="DIR", default=None,
+                   help="write a Grad-CAM overlay <stem>_<hash>_cam.png per image (hash: of its path, so the same "
+                        "on --resume)")
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("export", help="write a model's ONNX graph (with its meta and fingerprint) for ONNX Runtime")
@@ -192,7 +205,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-timeout", type=positive_number, default=30, metavar="SECONDS",
                    help="time allowed to receive an upload after its headers; a slower one gets 408")
     p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("listen", help="DICOM node: read the chest radiographs a PACS sends (C-STORE), send the "
+                                      "reads back as DICOM SR (docs/pacs.md)")
+    p.add_argument("--ae-title", default="PNEUMOSCOPE", type=ae_title, help="this node's AE title (default PNEUMOSCOPE)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
+    p.add_argument("--port", type=port_number, default=11112)
+    p.add_argument("--calling-ae", action="append", required=True, type=ae_title, metavar="AET",
+                   help="accept associations from this AE title (repeatable; others are rejected)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--send-to", metavar="AET@HOST:PORT", type=ae_address,
+                        help="store the results by C-STORE at this AE")
+    target.add_argument("--stow", metavar="URL", help="store the results by STOW-RS at this DICOMweb service root")
+    p.add_argument("--spool", default="pneumoscope-spool", metavar="DIR",
+                   help="received instances wait here until their read is stored (default pneumoscope-spool)")
+    p.add_argument("--overlay", action="store_true",
+                   help="also send a Secondary Capture with the Grad-CAM heat map and the label burned in")
+    add_model_arguments(p)
+    p.add_argument("--max-associations", type=int, default=4, metavar="N", help="associations at once (default 4)")
+    p.add_argument("--max-instance-mb", type=positive_number, default=64,
+                   help="largest instance accepted, MiB (default 64); a larger one aborts its association")
+    p.set_defaults(handler=cmd_listen)
+
+    p = sub.add_parser("pacs", help="read the chest radiographs of a DICOMweb archive (QIDO-RS, WADO-RS), store the "
+                                    "reads back (STOW-RS); resumable (docs/pacs.md)")
+    p.add_argument("--dicomweb", required=True, metavar="URL", help="the archive's DICOMweb service root")
+    p.add_argument("--stow", default=None, metavar="URL", help="store the results here instead (default: --dicomweb)")
+    p.add_argument("--state", default="pneumoscope-pacs-state.json", metavar="FILE",
+                   help="what was read already (default pneumoscope-pacs-state.json); a new run goes on from it")
+    p.add_argument("--once", action="store_true", help="one pass over the archive, then exit")
+    p.add_argument("--interval", type=positive_number, default=60, metavar="SECONDS",
+                   help="seconds between passes (default 60)")
+    p.add_argument("--overlay", action="store_true",
+                   help="also store a Secondary Capture with the Grad-CAM heat map and the label burned in")
+    add_model_arguments(p)
+    p.set_defaults(handler=cmd_pacs)
     return parser
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=tuple(TASKS), default="three")
+    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+
+
+def ae_title(text: str) -> str:
+    """argparse type: a DICOM AE title (1-16 characters of printable ASCII, no backslash)."""
+    title = text.strip()
+    if not 0 < len(title) <= 16 or not all(32 <= ord(c) < 127 and c != "\\" for c in title):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an AE title (1-16 printable ASCII characters)")
+    return title
 
 
 def positive_number(text: str) -> float:
@@ -284,6 +346,12 @@ def cmd_ensemble(args) -> int:
     from .ensemble import build_ensemble
 
     return _print_result(build_ensemble(args.runs, args.out))
+
+
+def cmd_soup(args) -> int:
+    from .soup import build_soup
+
+    return _print_result(build_soup(args.runs, args.out, args.method, args.bn_images))
 
 
 def cmd_calibrate(args) -> int:
@@ -439,6 +507,64 @@ def cmd_serve(args) -> int:
     run(host=args.host, port=args.port, task=args.task, checkpoint=args.checkpoint,
         max_upload_mb=args.max_upload_mb, allowed_hosts=tuple(args.allow_host), body_timeout=args.body_timeout)
     return EXIT_OK
+
+
+def node_log() -> None:
+    """The DICOM commands log what they do (each instance received, refused, stored) with the time:
+    for a node that runs for months, its log is the record."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    for name, level in (("pneumoscope.pacs", logging.INFO), ("pynetdicom", logging.WARNING), ("pydicom", logging.ERROR)):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.addHandler(handler)
+        logger.propagate = False
+    # pydicom warns (and logs) about every odd header it still reads; a refused instance's reason is in
+    # the node's own log line, so the warning would only repeat it without saying which instance
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+
+
+def ae_address(text: str) -> tuple[str, str, int]:
+    """argparse type: AET@HOST:PORT."""
+    from .pacs.destinations import parse_ae_address
+
+    try:
+        return parse_ae_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def cmd_listen(args) -> int:
+    from .pacs.destinations import CStoreDestination, StowDestination
+    from .pacs.node import NodeConfig, listen
+    from .predict import Classifier
+
+    if args.max_associations < 1:
+        raise ValueError("--max-associations must be at least 1")
+    if args.send_to:
+        destination = CStoreDestination(*args.send_to, calling_aet=args.ae_title)
+    else:
+        destination = StowDestination(args.stow)
+    config = NodeConfig(ae_title=args.ae_title, host=args.host, port=args.port, calling_aets=tuple(args.calling_ae),
+                        destination=destination, spool=Path(args.spool), overlay=args.overlay,
+                        max_associations=args.max_associations, max_instance_mb=args.max_instance_mb)
+    node_log()
+    listen(config, Classifier.load(args.checkpoint, task=args.task, backend=args.backend))
+    return EXIT_OK
+
+
+def cmd_pacs(args) -> int:
+    from .pacs.dicomweb import run
+    from .predict import Classifier
+
+    node_log()
+    classifier = Classifier.load(args.checkpoint, task=args.task, backend=args.backend)
+    counts = run(args.dicomweb, classifier, args.state, stow_url=args.stow, overlay=args.overlay, once=args.once,
+                 interval=args.interval)
+    print(f"pneumoscope pacs: {counts}")
+    return EXIT_FAILED if counts.unavailable or counts.failed else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ OPTIMIZERS = ("adamw", "adam", "sgd")  # train.make_optimizer
 SCHEDULES = ("onecycle", "cosine", "step", "plateau")  # train.make_schedule
 LOSSES = ("ce", "focal")  # train.make_loss
 CALIBRATIONS = ("augmented", "val")  # train.calibration_temperature
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+HEAD_INITS = ("random", "zero")  # train.init_head  # Lightning's names; 16-mixed is for CUDA
 # Patients' shares of a dataset folder (data.split_by_patient), test first. 5% validation (not 15%)
 # gives training 13% more images; chosen on the external group: docs/benchmarks.md, session 7.
 VAL_FRACTION, TEST_FRACTION = 0.05, 0.15
@@ -69,6 +71,9 @@ class TrainConfig:
     freeze: str | None = _option(None, "weights kept as they start: none, base (all but the classifier head) or N "
                                        "(the stem and the first N stages); default: the architecture's (2 on "
                                        "efficientnet_lite*, none on the others)")
+    head_init: str = _option("random", "classifier head at the start: random (the architecture's own) or zero "
+                                       "(every seed then starts from the same weights, so runs can be averaged "
+                                       "with `pneumoscope soup`)", choices=HEAD_INITS)
     ema_decay: float = _option(0.998, "decay of the moving average of weights (EMA); 0 disables it")
     # an average that starts at step 0 remembers the random head
     ema_start_epoch: int = _option(1, "average weights from this epoch on")
@@ -88,6 +93,12 @@ class TrainConfig:
                                   flag="--test")
     resume: bool = _option(False, "continue the run from its last checkpoint, with its saved configuration")
     cache_dir: str | None = _option(None, "pixel cache folder (default $PNEUMOSCOPE_CACHE or ~/.cache/pneumoscope)")
+    # 32 by default: bf16 autocast made no step faster on the AVX512-BF16 EPYC measured
+    # (docs/benchmarks.md, "Training under load and in bf16")
+    precision: str = _option("32", "arithmetic (Lightning's names): 32, bf16-mixed (autocast to bfloat16; "
+                                   "CPUs with AVX512-BF16/AMX, recent GPUs), 16-mixed (CUDA)", choices=PRECISIONS)
+    threads: int = _option(0, "CPU threads for training; 0: one per core, one fewer for each core other "
+                              "processes keep busy (checked every few steps)")
 
     def __post_init__(self):
         if self.freeze is not None:  # one spelling: 2 and "2" are the same

@@ -393,6 +393,27 @@ class RandomGamma(torch.nn.Module):
         return v2.functional.adjust_gamma(image, gamma)
 
 
+class RandomJpeg(torch.nn.Module):
+    """JPEG re-compression at a quality drawn from [low, high] (torch's RNG, so the seeded stream
+    decides it), through Pillow: torchvision's v2.JPEG goes through its image codecs, deprecated
+    since torchvision 0.29. Clinics store radiographs at different JPEG qualities."""
+
+    def __init__(self, quality: tuple[int, int]):
+        super().__init__()
+        self.low, self.high = quality
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        import io
+
+        from PIL import Image
+
+        quality = int(torch.randint(self.low, self.high + 1, ()))
+        buffer = io.BytesIO()
+        Image.fromarray(image[0].numpy()).save(buffer, "JPEG", quality=quality)
+        buffer.seek(0)
+        return torch.from_numpy(np.asarray(Image.open(buffer).convert("L")).copy())[None]
+
+
 class InputStep(torch.nn.Module):
     """The model's fixed input step (images.input_step) on a 1 x S x S uint8 tensor: after every
     simulated acquisition change of the training augmentation (only float noise follows it), as it
@@ -427,7 +448,7 @@ def train_transform(size: int, strength: float = 1.0, policy: str = "standard", 
             v2.RandomApply([RandomGamma(1 + 0.6 * s)], p=0.5),
             v2.RandomAutocontrast(p=0.3 * s),
             v2.RandomEqualize(p=0.3 * s),
-            v2.RandomApply([v2.JPEG((40, 95))], p=0.3 * s),
+            v2.RandomApply([RandomJpeg((40, 95))], p=0.3 * s),
             v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.3 * s),
             v2.RandomAdjustSharpness(2.0, p=0.2 * s),
             InputStep(preprocess),

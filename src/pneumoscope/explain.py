@@ -89,7 +89,15 @@ def overlay_rgb(gray: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
 
 
 def overlay_png(gray: np.ndarray, heatmap: np.ndarray, text: str) -> bytes:
-    """PNG bytes: `overlay_rgb` with `text` (label and probability) on a dark box, top left."""
+    """PNG bytes of `overlay_image`."""
+    buffer = io.BytesIO()
+    overlay_image(gray, heatmap, text).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def overlay_image(gray: np.ndarray, heatmap: np.ndarray, text: str) -> Image.Image:
+    """`overlay_rgb` (at most MAX_OVERLAY_SIDE a side) with `text` (label and probability; lines
+    may follow) on a dark box, top left: an RGB image."""
     image = Image.fromarray(gray)
     image.thumbnail((MAX_OVERLAY_SIDE, MAX_OVERLAY_SIDE))
     image = Image.fromarray(overlay_rgb(np.asarray(image), heatmap))
@@ -98,9 +106,7 @@ def overlay_png(gray: np.ndarray, heatmap: np.ndarray, text: str) -> bytes:
     left, top, right, bottom = draw.textbbox((2 * margin, 2 * margin), text, font=font)
     draw.rectangle((left - margin, top - margin, right + margin, bottom + margin), fill=(0, 0, 0))
     draw.text((2 * margin, 2 * margin), text, fill=(255, 255, 255), font=font)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return image
 
 
 def caption(record: Record) -> str:

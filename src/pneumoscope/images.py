@@ -275,6 +275,13 @@ def _read_dicom(data: bytes, label: str, info: dict) -> np.ndarray:
     return gray
 
 
+def open_dicom(data: bytes, label: str):
+    """The pydicom dataset of a DICOM file's bytes (pixels not decoded; a deflated dataset inflated
+    with a bound), or an ImageReadError naming `label`. For callers that check attributes first
+    (the DICOM node); the pixels still go through `read_xray`."""
+    return _dicom_dataset(data, label)
+
+
 def _dicom_dataset(data: bytes, label: str):
     """pydicom's dcmread, except that a deflated dataset is inflated here, with a bound: pydicom
     inflates it in one unbounded zlib call (a 1 MiB upload inflated to 1 GiB: +2 GiB of memory)."""

@@ -33,7 +33,9 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from . import __version__, rundir
+from .backends import cpu_threads
 from .config import CALIBRATIONS, TrainConfig  # noqa: F401  (TrainConfig re-exported for older imports)
+from .cpu_share import CpuShare
 from .data import (XrayDataset, class_weights, discover, eval_transform, load_pixels, load_samples, manifest_hash,
                    split_by_patient, train_transform)
 from .files import atomic_write
@@ -252,9 +254,56 @@ class FocalLoss(nn.Module):
         return (-alpha * (1 - log_p.exp()) ** self.gamma * log_p).sum() / alpha.sum()
 
 
+def init_head(model: XrayNet, how: str) -> None:
+    """`zero`: the last classifier layer starts at zero (as BiT fine-tunes), so that with a pretrained
+    body every seed starts from identical weights and differs only in its draws of data and
+    augmentation: the setting in which fine-tuned runs average well in weight space (model soups,
+    Wortsman et al. 2022). `random`: as the architecture made it."""
+    if how == "zero":
+        for parameter in model.backbone.get_classifier().parameters():
+            nn.init.zeros_(parameter)
+
+
 def with_defaults(config: TrainConfig) -> TrainConfig:
     """The architecture's defaults made explicit, so that config.yaml says what ran."""
     return replace(config, freeze=config.freeze or model_spec(config.arch).freeze)
+
+
+# ---------------------------------------------------------------- threads and precision
+class ThreadsForLoad(Callback):
+    """One PyTorch thread per core that other processes leave free, checked every `every` steps
+    (cpu_share.py says why: a thread team larger than the free cores waits at every barrier)."""
+
+    def __init__(self, cores: int, every: int = 8):
+        self.share, self.every = CpuShare(cores), every
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx % self.every:
+            return
+        wanted = self.share.threads()
+        if wanted and wanted != torch.get_num_threads():
+            log.info("other processes keep %d of %d cores busy: training on %d thread(s)",
+                     self.share.cores - wanted, self.share.cores, wanted)
+            torch.set_num_threads(wanted)
+
+
+def thread_callbacks(config: TrainConfig) -> list[Callback]:
+    """A fixed thread count when --threads N is given (or several processes share the machine by
+    design, under torchrun/srun); otherwise ThreadsForLoad on the cores this process may use."""
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+        return []
+    if world_size() > 1 or torch.cuda.is_available():
+        return []
+    cores = cpu_threads()
+    torch.set_num_threads(cores)
+    return [ThreadsForLoad(cores)]
+
+
+def check_precision(precision: str) -> None:
+    """16-mixed is float16 autocast, which Lightning runs on CUDA only: say so before training."""
+    if precision == "16-mixed" and not torch.cuda.is_available():
+        raise ValueError("--precision 16-mixed needs a CUDA GPU; on a CPU use bf16-mixed or 32")
 
 
 # ---------------------------------------------------------------- run bookkeeping callbacks
@@ -307,7 +356,7 @@ def environment(config: TrainConfig, wall_seconds: float) -> dict:
         "pneumoscope": __version__, "python": platform.python_version(), "torch": torch.__version__,
         "torchvision": torchvision.__version__, "timm": timm.__version__, "lightning": lightning.__version__,
         "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "seed": config.seed, "git_commit": git_commit(), "wall_seconds": round(wall_seconds, 1),
+        "precision": config.precision, "seed": config.seed, "git_commit": git_commit(), "wall_seconds": round(wall_seconds, 1),
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # process RAM
         "cuda_peak_memory_mb": cuda_peak_memory_mb(),
         "world_size": world_size(),  # peak memory and wall time above are rank 0's
@@ -431,6 +480,7 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResult:
+    check_precision(config.precision)
     samples = prepare_split(config)
     if is_main_process():
         run.write_manifest(samples)
@@ -448,6 +498,7 @@ def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResu
     weights = class_weights(train_set.targets, len(classes)) ** config.class_weight_power
     weights = weights / weights.mean()
     model = create_model(config.arch, len(classes), config.pretrained).to(memory_format=torch.channels_last)
+    init_head(model, config.head_init)
 
     best = RunCheckpoint(run.checkpoints, filename="best", monitor=MONITOR, mode="max", enable_version_counter=False)
     # Lightning 2.6 writes save_last only when the best improves, so "last" is its own every-epoch
@@ -456,7 +507,7 @@ def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResu
                          enable_version_counter=False)
     callbacks = [best, last, EpochTable(run, len(train_set)), TQDMProgressBar(refresh_rate=10),
                  EarlyStopping(MONITOR, mode="max", patience=config.patience),
-                 SameSplitOnAllRanks(manifest_hash(samples))]
+                 SameSplitOnAllRanks(manifest_hash(samples)), *thread_callbacks(config)]
     if config.keep_epochs:  # full checkpoints: with weights only, Lightning skips the hook that stores the EMA
         callbacks.append(EveryEpochCheckpoint(run.checkpoints, filename="epoch-{epoch}", monitor=None, save_top_k=-1,
                                               every_n_epochs=1, auto_insert_metric_name=False,
@@ -473,9 +524,10 @@ def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResu
     resumed_epoch = rundir.checkpoint_epoch(resume_from) if resume_from else None
     first_epoch = 0 if resumed_epoch is None else resumed_epoch + 1
     module = LitClassifier(model, classes, config, weights, first_epoch)
-    trainer = L.Trainer(max_epochs=config.epochs, **trainer_devices(), callbacks=callbacks,
-                        default_root_dir=run.path, logger=_loggers(run.path, resumed_epoch), deterministic=False,
-                        log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)
+    trainer = L.Trainer(max_epochs=config.epochs, **trainer_devices(), precision=config.precision,
+                        callbacks=callbacks, default_root_dir=run.path, logger=_loggers(run.path, resumed_epoch),
+                        deterministic=False, log_every_n_steps=log_interval(len(train_set), config.batch_size),
+                        num_sanity_val_steps=0, enable_model_summary=False)
     for logger in trainer.loggers:  # the configuration, so MLflow/TensorBoard can filter runs by it
         logger.log_hyperparams(config.to_dict())
     trainer.fit(module, datamodule=_Loaders(train_set, val_set, config.batch_size), ckpt_path=resume_from,
@@ -483,6 +535,11 @@ def _fit(config: TrainConfig, run: RunDir, classes, started: float) -> TrainResu
     if not trainer.is_global_zero:
         return TrainResult(run.path, None)
     return _finish(config, run, classes, samples, best, model, val_set, started)
+
+
+def log_interval(n_train: int, batch_size: int) -> int:
+    """Every 10 steps, or once per epoch when an epoch has fewer (Lightning warns otherwise)."""
+    return max(1, min(10, n_train // world_size() // batch_size))
 
 
 class RunCheckpoint(ModelCheckpoint):

@@ -74,8 +74,8 @@ def predict_paths(classifier: Classifier, paths: list[str], fmt: str = "json", o
         stream.flush()
     except OSError as err:
         if err.filename is None:  # a write to the stream itself: name it
-            raise OSError(err.errno, f"cannot write ({err.strerror}); the records written so far are kept "
-                                     "(--resume continues after them)", output or "<stdout>") from None
+            kept = "; the records written so far are kept (--resume continues after them)" if output else ""
+            raise OSError(err.errno, f"cannot write ({err.strerror}){kept}", output or "<stdout>") from None
         raise
     finally:
         if progress is not None:

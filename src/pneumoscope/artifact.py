@@ -156,9 +156,10 @@ class ModelMeta:
         return json.loads(json.dumps(out))  # plain JSON types all the way down
 
     @classmethod
-    def from_json(cls, data: dict, source: str = "meta.json") -> "ModelMeta":
-        """The meta in `data` (meta.json as parsed), its types checked strictly against the fields'
-        (pydantic) and its values by __post_init__: a BundleError naming `source` otherwise."""
+    def from_json(cls, data: dict, source: str = "meta.json", text: bytes | None = None) -> "ModelMeta":
+        """The meta in `data` (meta.json as parsed; `text`: the file's bytes, when at hand), its types
+        checked strictly against the fields' (pydantic) and its values by __post_init__: a
+        BundleError naming `source` otherwise."""
         if not isinstance(data, dict):
             raise BundleError(f"{source}: expected a JSON object of meta fields, not a {type(data).__name__}")
         version = data.get("schema_version")
@@ -177,7 +178,7 @@ class ModelMeta:
 
         try:
             # through JSON: strict JSON mode reads arrays as the tuples the fields are, and nothing is coerced
-            checked = _meta_schema().model_validate_json(json.dumps(data))
+            checked = _meta_schema().model_validate_json(text if text is not None else json.dumps(data))
         except ValidationError as err:
             raise BundleError(f"{source}: {_first_error(err)}") from None
         except ValueError as err:  # json.dumps: a value JSON cannot hold
@@ -454,13 +455,14 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
             if not needed.is_file():
                 raise FileNotFoundError(f"{needed}: missing; {path} is not a complete model bundle")
         try:
-            data = json.loads(meta_file.read_bytes())
+            text = meta_file.read_bytes()
+            data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise BundleError(f"{meta_file}: not valid JSON ({err})") from None
         except RecursionError:
             raise BundleError(f"{meta_file}: nested deeper than {MAX_META_DEPTH} levels; not a pneumoscope "
                               "bundle meta") from None
-        return Bundle(path, ModelMeta.from_json(data, str(meta_file)), file_sha256(weights))
+        return Bundle(path, ModelMeta.from_json(data, str(meta_file), text), file_sha256(weights))
     if path.is_file():
         return _load_legacy(path)
     raise FileNotFoundError(f"{path}: no such model bundle or checkpoint")

@@ -24,13 +24,20 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
+import typing
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
+
+from typing_extensions import Required, TypedDict  # pydantic reads typing.TypedDict only from Python 3.12
 
 from .files import atomic_write, default_cache_dir
 from .images import INPUT_STEPS
+from .labels import BINARY, THREE
+from .labels import TASKS as CLASSES_OF_TASK
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +53,42 @@ ENSEMBLE = "ensemble"  # ModelMeta.arch of an ensemble; its `members` name the a
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"  # a source checkout's models/
 
 
+# What a meta.json may hold (checked at load, ModelMeta.from_json): beyond these a hostile or broken
+# file allocated gigabytes (img_size 10000), flipped labels (temperature -1) or printed NaN.
+IMG_SIZES = (32, 1024)  # px: the smallest the five stride-2 stages take; 1024 px is 4x the largest trained
+MAX_CLASSES = 1000
+MAX_META_DEPTH = 32  # nesting of lists and objects (the shipped meta.json has 6)
+
+
 class BundleError(ValueError):
     """A bundle that cannot be used; the message names the file and says why, in one line."""
+
+
+class GuardBlob(TypedDict):
+    """An array in JSON (guard.encode)."""
+
+    dtype: Literal["float16", "float32", "float64"]
+    shape: list[int]
+    base64: str
+
+
+class GuardStats(TypedDict, total=False):
+    """One graph kind's input-guard statistics (guard.fit_guard); the keys scoring reads are required,
+    others are let through (a newer guard may add some)."""
+
+    __pydantic_config__ = {"extra": "allow"}  # pydantic.ConfigDict, without importing pydantic here
+    version: int
+    method: Required[Literal["mahalanobis", "energy"]]  # guard.METHODS (guard.py needs NumPy, this module does not)
+    features: int
+    dims: int
+    center: Required[GuardBlob]
+    whiten: Required[GuardBlob]
+    class_means: Required[GuardBlob]
+    temperature: float
+    max_flagged: float
+    fitted_on: dict[str, int]
+    thresholds: dict[str, float]
+    threshold: Required[float]
 
 
 @dataclass(frozen=True)
@@ -68,7 +109,7 @@ class ModelMeta:
     # git_commit, seed, manifest_hash, best_epoch, train_config, pneumoscope (version), created, ...
     provenance: dict = field(default_factory=dict)
     adaptation: dict | None = None  # e.g. {"method": "adabn", "images": 312, "source": "...", "priors": [...]}
-    guard: dict | None = None  # feature-space statistics for the input guard
+    guard: dict[str, GuardStats] | None = None  # feature-space statistics for the input guard, per graph kind
     members: tuple[str, ...] | None = None  # arch "ensemble": the members' architectures (models.Ensemble)
     preprocess: str | None = None  # the input step after resizing (images.input_step); None: none
     schema_version: int = SCHEMA_VERSION
@@ -90,6 +131,9 @@ class ModelMeta:
             if len(self.merge_outputs) != len(self.classes):
                 raise BundleError(f"{self.name}: merge_outputs has {len(self.merge_outputs)} groups for "
                                   f"{len(self.classes)} classes")
+        problem = _meta_problem(self)
+        if problem:
+            raise BundleError(f"{self.name}: {problem}")
 
     @property
     def n_outputs(self) -> int:
@@ -112,7 +156,12 @@ class ModelMeta:
         return json.loads(json.dumps(out))  # plain JSON types all the way down
 
     @classmethod
-    def from_json(cls, data: dict, source: str = "meta.json") -> "ModelMeta":
+    def from_json(cls, data: dict, source: str = "meta.json", text: bytes | None = None) -> "ModelMeta":
+        """The meta in `data` (meta.json as parsed; `text`: the file's bytes, when at hand), its types
+        checked strictly against the fields' (pydantic) and its values by __post_init__: a
+        BundleError naming `source` otherwise."""
+        if not isinstance(data, dict):
+            raise BundleError(f"{source}: expected a JSON object of meta fields, not a {type(data).__name__}")
         version = data.get("schema_version")
         if not isinstance(version, int):
             raise BundleError(f"{source}: no schema_version; not a pneumoscope bundle meta")
@@ -122,10 +171,21 @@ class ModelMeta:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise BundleError(f"{source}: unknown field(s) {', '.join(unknown)}")
+            raise BundleError(f"{source}: unknown field(s) {', '.join(map(str, unknown))[:200]}")
+        if _depth(data) > MAX_META_DEPTH:
+            raise BundleError(f"{source}: nested deeper than {MAX_META_DEPTH} levels; not a pneumoscope bundle meta")
+        from pydantic import ValidationError
+
         try:
-            return cls(**data)
-        except TypeError as err:
+            # through JSON: strict JSON mode reads arrays as the tuples the fields are, and nothing is coerced
+            checked = _meta_schema().model_validate_json(text if text is not None else json.dumps(data))
+        except ValidationError as err:
+            raise BundleError(f"{source}: {_first_error(err)}") from None
+        except ValueError as err:  # json.dumps: a value JSON cannot hold
+            raise BundleError(f"{source}: {err}") from None
+        try:
+            return cls(**{name: getattr(checked, name) for name in known})
+        except BundleError as err:  # a value out of range (__post_init__)
             raise BundleError(f"{source}: {err}") from None
 
     @classmethod
@@ -143,6 +203,66 @@ class ModelMeta:
                    arch=meta["arch"], img_size=int(meta["img_size"]), mean=float(normalization["mean"]),
                    std=float(normalization["std"]), temperature=float(meta.get("temperature", 1.0)),
                    merge_outputs=meta.get("merge_outputs"), params=int(meta.get("params", 0)), provenance=provenance)
+
+
+def _meta_problem(meta: ModelMeta) -> str | None:
+    """What is wrong with the values of `meta` (types are pydantic's job at load), or None."""
+    classes = meta.classes
+    if meta.task not in TASKS:
+        return f"task {meta.task!r} is not one of {', '.join(TASKS)}"
+    if not 2 <= len(classes) <= MAX_CLASSES:
+        return f"{len(classes)} classes; a model has 2 to {MAX_CLASSES}"
+    if not all(isinstance(c, str) and c.strip() for c in classes) or len(set(classes)) != len(classes):
+        return f"classes must be distinct non-empty names, not {list(classes)[:10]}"
+    if set(classes) <= set(THREE) | set(BINARY) and classes != CLASSES_OF_TASK[meta.task]:
+        expected = ", ".join(CLASSES_OF_TASK[meta.task])
+        return f"classes {', '.join(classes)} are not those of task {meta.task!r} ({expected})"
+    if isinstance(meta.img_size, bool) or not isinstance(meta.img_size, int) \
+            or not IMG_SIZES[0] <= meta.img_size <= IMG_SIZES[1]:
+        return f"img_size must be a whole number of pixels from {IMG_SIZES[0]} to {IMG_SIZES[1]}, not {meta.img_size!r}"
+    for name, value, positive in (("temperature", meta.temperature, True), ("mean", meta.mean, False),
+                                  ("std", meta.std, True)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (positive and value <= 0):
+            return f"{name} must be a finite number{' above 0' if positive else ''}, not {value!r}"
+    if meta.merge_outputs is not None:
+        used = sorted(i for group in meta.merge_outputs for i in group)
+        if not all(meta.merge_outputs) or used != list(range(len(used))):
+            return f"merge_outputs must share the outputs 0..N-1 out into non-empty groups, not {meta.merge_outputs}"
+    return None
+
+
+def _depth(value) -> int:
+    """How deeply lists and dicts nest in `value` (iterative: a crafted file cannot exhaust the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list, tuple)):
+            deepest = max(deepest, level)
+            if level <= MAX_META_DEPTH:
+                stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+@functools.cache
+def _meta_schema():
+    """A pydantic model made from ModelMeta's own fields and type hints (one description of the
+    format), strict: "224" is no int and 224.5 no img_size."""
+    from pydantic import ConfigDict, create_model
+
+    hints = typing.get_type_hints(ModelMeta)
+    fields = {f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING else
+                       f.default_factory() if f.default_factory is not dataclasses.MISSING else ...)
+              for f in dataclasses.fields(ModelMeta)}
+    return create_model("MetaJson", __config__=ConfigDict(strict=True, extra="forbid"), **fields)
+
+
+def _first_error(err) -> str:
+    """A pydantic ValidationError as one line: where (guard.fp32.center) and what."""
+    first = err.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where or 'meta'}: {first['msg']}{more}"
 
 
 def _registry_normalization(arch: str) -> dict:
@@ -188,9 +308,17 @@ def model_fingerprint(model, meta: ModelMeta) -> str:
 def graph_metadata(path: str | os.PathLike) -> dict[str, str]:
     """An ONNX file's metadata_props as a dict, read with protobuf through a two-field view of
     ONNX's ModelProto (`_metadata_message`): `import onnx` alone takes 0.7 s, half of a one-image
-    `predict`, to check a fingerprint. A file that is not such a protobuf raises DecodeError."""
+    `predict`, to check a fingerprint. A file that is not such a protobuf (truncated, corrupt) is a
+    BundleError naming it."""
+    from google.protobuf.message import DecodeError
+
     with open(path, "rb") as handle:
-        model = _metadata_message().FromString(handle.read())
+        data = handle.read()
+    try:
+        model = _metadata_message().FromString(data)
+    except DecodeError as err:
+        raise BundleError(f"{path}: not a readable ONNX graph ({str(err).splitlines()[0][:200]}); write it again "
+                          "with `pneumoscope export`") from None
     return {p.key: p.value for p in model.metadata_props}
 
 
@@ -244,7 +372,10 @@ class Bundle:
 
     def load_model(self):
         """The XrayNet (PyTorch, eval mode) with these weights."""
-        return build_model(self.meta, self.state_dict())
+        try:
+            return build_model(self.meta, self.state_dict())
+        except BundleError as err:
+            raise BundleError(f"{self.path if self.legacy else self.path / WEIGHTS}: {err}") from None
 
     def metrics(self) -> dict:
         """metrics.json ({} when there is none; a legacy model.pt: its model.json sidecar's metrics),
@@ -323,16 +454,27 @@ def build_model(meta: ModelMeta, state_dict: dict):
         if meta.merge_outputs:
             raise BundleError(f"{meta.name}: an ensemble cannot merge outputs; ship each task's own ensemble")
         model = create_ensemble(meta.members, num_classes=meta.n_outputs)
-        model.load_state_dict(state_dict, strict=True)
+        _load_weights(model, state_dict, meta)
         for member in model.members:  # one normalisation for all (ensemble.py checks the members share it)
             member.normalize = Normalize(meta.mean, meta.std)
         return model.eval()
     model = create_model(meta.arch, num_classes=meta.n_outputs, pretrained=False)
-    model.load_state_dict(state_dict, strict=True)
+    _load_weights(model, state_dict, meta)
     model.normalize = Normalize(meta.mean, meta.std)  # the meta's normalisation, not today's registry default
     if meta.merge_outputs:
         model.add_module("merge", MergeOutputs([list(g) for g in meta.merge_outputs]))
     return model.eval()
+
+
+def _load_weights(model, state_dict: dict, meta: ModelMeta) -> None:
+    """load_state_dict (strict), its wall of missing and mismatched keys made one line."""
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
+        raise BundleError(f"{meta.name}: the weights do not fit {meta.arch} with {meta.n_outputs} outputs "
+                          f"({reason} {detail[:200]})") from None
 
 
 def load_bundle(path: "str | os.PathLike | Bundle") -> Bundle:
@@ -348,10 +490,14 @@ def load_bundle(path: "str | os.PathLike | Bundle") -> Bundle:
             if not needed.is_file():
                 raise FileNotFoundError(f"{needed}: missing; {path} is not a complete model bundle")
         try:
-            data = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as err:
+            text = meta_file.read_bytes()
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise BundleError(f"{meta_file}: not valid JSON ({err})") from None
-        return Bundle(path, ModelMeta.from_json(data, str(meta_file)), file_sha256(weights))
+        except RecursionError:
+            raise BundleError(f"{meta_file}: nested deeper than {MAX_META_DEPTH} levels; not a pneumoscope "
+                              "bundle meta") from None
+        return Bundle(path, ModelMeta.from_json(data, str(meta_file), text), file_sha256(weights))
     if path.is_file():
         return _load_legacy(path)
     raise FileNotFoundError(f"{path}: no such model bundle or checkpoint")

@@ -32,13 +32,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # a full or closed stdout fails here, where it is caught, not at exit
+        return code
     except (FileNotFoundError, ValueError) as err:
         print(f"pneumoscope: error: {err}", file=sys.stderr)
         return EXIT_USAGE if isinstance(err, FileNotFoundError) else EXIT_FAILED
+    except OSError as err:  # a file that cannot be written: a full disk, a read-only folder, a full stdout
+        print(f"pneumoscope: error: {err.filename}: {err.strerror}" if err.filename else f"pneumoscope: error: {err}",
+              file=sys.stderr)
+        _detach_stdout()
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("pneumoscope: interrupted", file=sys.stderr)
         return 130
+
+
+def _detach_stdout() -> None:
+    """Points stdout at /dev/null when it cannot be written, so the interpreter's last flush of what
+    is still buffered does not print an 'Exception ignored' report after the one-line error."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write records to FILE as they are produced, with a progress bar (format: see --format)")
     p.add_argument("--resume", action="store_true", help="with --output: skip the inputs already in FILE")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
-    p.add_argument("--cam", metavar="DIR", default=None, help="write a Grad-CAM overlay <stem>_cam.png per image")
+    p.add_argument("--cam", metavar="DIR", default=None,
+                   help="write a Grad-CAM overlay <stem>_<hash>_cam.png per image (hash: of its path, so the same "
+                        "on --resume)")
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("export", help="write a model's ONNX graph (with its meta and fingerprint) for ONNX Runtime")

@@ -8,6 +8,7 @@ a file. Nothing here imports torch, so `pneumoscope --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import functools
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -112,7 +113,7 @@ class TrainConfig:
         values = _renamed_options(values)
         hints = typing.get_type_hints(cls)
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known) - {"extra"})
+        unknown = sorted(map(str, set(values) - set(known) - {"extra"}))  # a YAML key may be a number
         if unknown:
             raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}")
         coerced = {k: _coerce(k, v, hints[k], source) for k, v in values.items() if k in known}
@@ -158,6 +159,8 @@ def _coerce(name: str, value, hint, source: str):
     base, optional = _base_type(hint)
     if value is None and optional:
         return None
+    if not isinstance(value, (str, int, float)):  # bool is an int; str() of a list of aliases can be gigabytes
+        raise ValueError(f"{source}: {name} must be {base.__name__}, not a {type(value).__name__}")
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -228,11 +231,41 @@ def _read_yaml(parser: argparse.ArgumentParser, path: str) -> dict:
     import yaml
 
     try:
-        values = yaml.safe_load(Path(path).read_text())
+        values = yaml.load(Path(path).read_bytes(), Loader=options_loader())  # bytes: yaml checks the encoding
     except OSError as err:
         parser.error(f"{path}: cannot read ({err.strerror})")
     except yaml.YAMLError as err:
-        parser.error(f"{path}: not valid YAML ({str(err).splitlines()[0]})")
+        parser.error(f"{path}: not valid YAML ({_yaml_reason(err)})")
+    except RecursionError:
+        parser.error(f"{path}: nested too deeply for a file of options")
     if not isinstance(values, dict):
         parser.error(f"{path}: expected a mapping of option: value")
     return values
+
+
+def _yaml_reason(err) -> str:
+    """A YAMLError in one line: where and what (its str() quotes the offending lines)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(err).split())[:300]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+@functools.cache
+def options_loader():
+    """yaml.SafeLoader (plain data only) that refuses an alias of a list or a mapping. Options are
+    single values, and such aliases are how a few hundred bytes of YAML ("billion laughs") become a
+    structure whose every walk, str() included, takes gigabytes. Aliases of single values stay."""
+    import yaml
+
+    class OptionsLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                if not isinstance(self.anchors.get(event.anchor), (yaml.ScalarNode, type(None))):
+                    raise yaml.composer.ComposerError(
+                        None, None, f"alias *{event.anchor} repeats a list or mapping; a file of options holds "
+                        "single values", event.start_mark)
+            return super().compose_node(parent, index)
+
+    return OptionsLoader

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedGroupKFold
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from .config import AUG_POLICIES, TEST_FRACTION, VAL_FRACTION
 from .files import atomic_write, default_cache_dir  # noqa: F401  (re-exported: older imports use data.atomic_write)
+from .folds import StratifiedGroupKFold  # scikit-learn's, with its per-group step made fast
 from .images import ImageReadError, input_step, read_xray, resize_square
 from .labels import (classes_for, is_image_file, is_kermany_tree, kermany_patient, label_from_path,
                      task_label)
@@ -201,7 +201,7 @@ def read_groups(path: str | os.PathLike, root: str | os.PathLike | None = None) 
 
 
 def _describe_manifest(path: Path, task: str) -> DatasetDescription:
-    samples = read_manifest(path)
+    samples, skipped = _existing(read_manifest(path), path)
     labels = {s.label for s in samples}
     if is_kermany_tree(labels):
         classes, layout = classes_for(task), "kermany"
@@ -211,7 +211,19 @@ def _describe_manifest(path: Path, task: str) -> DatasetDescription:
                              "use --task binary")
     else:
         classes, layout = tuple(sorted(labels)), "folders"
-    return DatasetDescription(classes, samples, layout, {"manifest": len(samples)}, [])
+    return DatasetDescription(classes, samples, layout, {"manifest": len(samples)}, skipped)
+
+
+def _existing(samples: list[Sample], manifest: Path) -> tuple[list[Sample], list[str]]:
+    """The rows whose file exists, and a reason for each other one (one summary warning for all);
+    none existing is a one-line error."""
+    missing = {s.path for s in samples if not os.path.isfile(s.path)}
+    if len(missing) == len(samples):
+        raise FileNotFoundError(f"{manifest}: none of its {len(samples)} files exists (e.g. {samples[0].path}); "
+                                "relative paths are read from the manifest's folder")
+    skipped = [f"{p}: listed in the manifest but no such file; left out" for p in sorted(missing)]
+    _warn_skipped(manifest, skipped)
+    return [s for s in samples if s.path not in missing], skipped
 
 
 def class_indices(samples: list[Sample], classes: tuple[str, ...], task: str) -> np.ndarray:

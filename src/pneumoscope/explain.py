@@ -7,7 +7,9 @@ overlay is drawn on the gray X-ray it kept.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import weakref
 from pathlib import Path
 
@@ -131,25 +133,28 @@ def cam_png(classifier: Classifier, record: Record, decoded: Decoded) -> bytes |
 
 
 class CamWriter:
-    """Writes `<stem>_cam.png` into a folder for each ok record (`<stem>_cam_2.png`, ... when two
-    inputs share a stem), from the pixels its prediction was decoded into."""
+    """Writes `<stem>_<hash>_cam.png` into a folder for each ok record, from the pixels its
+    prediction was decoded into. The hash (8 hex digits of the sha256 of the input's absolute
+    path) tells apart a/x.jpeg and b/x.jpeg and depends on nothing else, so a run resumed later
+    gives each input the name it had and overwrites no other input's overlay."""
 
     def __init__(self, classifier: Classifier, folder: str | Path):
-        self.classifier, self.folder, self.taken = classifier, Path(folder), set()
+        self.classifier, self.folder = classifier, Path(folder)
 
     def __call__(self, record: Record, decoded: Decoded) -> Path | None:
         png = cam_png(self.classifier, record, decoded)
         if png is None:
             return None
-        stem, n = Path(record.path).stem, 1
-        name = f"{stem}_cam.png"
-        while name in self.taken:
-            n += 1
-            name = f"{stem}_cam_{n}.png"
-        self.taken.add(name)
-        with atomic_write(self.folder / name) as handle:
+        path = self.folder / cam_name(record.path)
+        with atomic_write(path) as handle:
             handle.write(png)
-        return self.folder / name
+        return path
+
+
+def cam_name(path: str) -> str:
+    """The overlay's file name for the input `path` (see CamWriter)."""
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(path))).hexdigest()[:8]
+    return f"{Path(path).stem}_{digest}_cam.png"
 
 
 def cam_cases(classifier: Classifier, paths: list[str], y_true: np.ndarray, probs: np.ndarray, n: int = 16

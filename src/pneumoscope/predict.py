@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .artifact import Bundle, ModelMeta, load_bundle, resolve_model
+from .artifact import Bundle, BundleError, ModelMeta, load_bundle, resolve_model
 from .backends import (BACKENDS, Backend, TorchBackend, backend_for_model, cpu_threads, open_backend,
                        side_by_side, to_batch)
 from .guard import NOT_XRAY, guard_warnings, load_guard, stats_for
@@ -118,7 +118,10 @@ class Classifier:
         self.preprocess: str | None = meta.preprocess
         self.temperature: float = meta.temperature
         stats = stats_for(meta.guard, runtime.name)  # statistics of this backend's own features, or none
-        self.guard = load_guard(stats) if stats else None
+        try:
+            self.guard = load_guard(stats) if stats else None
+        except ValueError as err:
+            raise BundleError(f"{bundle.path if bundle else meta.name}: {err}") from None
         int8 = "-int8" if runtime.name.endswith("int8") else ""
         self.name = f"{meta.name}{int8}@{meta.version}"
 

@@ -29,7 +29,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import TrainConfig, options_loader
 from .files import atomic_write, remove_stale_temporaries
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_bacc", "val_n", "lr", "seconds",
@@ -137,7 +137,8 @@ class RunDir:
         import yaml
 
         path = self.path / "config.yaml"
-        return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+        # the loader of `train --config` files: plain data, no alias that repeats a list or mapping
+        return (yaml.load(path.read_bytes(), Loader=options_loader()) or {}) if path.is_file() else {}
 
     def samples(self):
         from .data import read_manifest

@@ -1,15 +1,27 @@
-"""Where the training loop's time goes: decode, augmented loader, and each phase of a training step
-(next batch, forward, backward, optimizer) of the default model on this CPU.
+"""Where the training loop's time goes, and how a real training epoch compares, side by side in one
+run, with a bare timm loop and with itself under load.
 
     .venv/bin/python benchmarks/bench_training.py [--data ../shared/data/chest_xray] [--img-size 192]
+                                                  [--epochs-side-by-side] [--precision bf16-mixed]
 
-Not a unit test. Prints a markdown table: decoding + resizing (once per run, then cached), the
-augmented DataLoader alone, and forward + backward + step of the default model, so the three rates
-can be compared directly.
+Not a unit test. Prints markdown tables: decoding + resizing (once per run, then cached), the
+augmented DataLoader alone, and forward + backward + step of the default model. With
+--epochs-side-by-side also, each in its own process, one after the other:
+- a bare timm `tf_efficientnet_lite0` loop over as many images as the run trains on (every layer
+  trained, fp32 eager, AdamW, batch 32, channels-last, pixels in memory, no augmentation);
+- one marginal epoch (its second: training + validation, from metrics.csv) of the default
+  `pneumoscope train` recipe on --max-images images (augmentation, EMA, freezing as shipped), idle;
+- the same epoch with one CPU-bound process beside it (a fair share of two cores would be 2x idle);
+- the same epoch at each --precision given.
+Every figure comes with the CPU, its flags and the load.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,8 +49,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--images", type=int, default=640)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--epochs-side-by-side", action="store_true",
+                        help="also time a bare timm loop and real training epochs, idle and under load")
+    parser.add_argument("--max-images", type=int, default=800, help="the training runs' pool (80%% trains)")
+    parser.add_argument("--precision", action="append", default=[], help="also time an epoch at this precision")
+    parser.add_argument("--skip-phases", action="store_true", help="only the side-by-side epochs")
     args = parser.parse_args()
+    if not args.skip_phases:
+        phase_tables(args)
+    if args.epochs_side_by_side:
+        epochs_side_by_side(args)
 
+
+def phase_tables(args) -> None:
     samples = read_dataset(args.data).samples[: args.images]
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
@@ -94,6 +117,75 @@ def time_steps(model, optimizer, loader, steps: int) -> dict[str, float]:
             for phase, begin, end in zip(phases, marks, marks[1:]):
                 phases[phase] += end - begin
     return phases
+
+
+BARE_LOOP = r'''
+import sys, time, numpy as np, timm, torch
+pixels = np.load(sys.argv[1])
+model = timm.create_model("tf_efficientnet_lite0", num_classes=3, in_chans=1).to(memory_format=torch.channels_last)
+model.train()
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+x_all = torch.from_numpy(pixels)[:, None].float().div(255)
+y_all = torch.randint(0, 3, (len(x_all),))
+start = time.perf_counter()
+for i in range(0, len(x_all) - 31, 32):
+    x = x_all[i:i + 32].contiguous(memory_format=torch.channels_last)
+    loss = torch.nn.functional.cross_entropy(model(x), y_all[i:i + 32])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+print(time.perf_counter() - start)
+'''
+
+
+def epochs_side_by_side(args) -> None:
+    """The bare timm loop, then real `pneumoscope train` epochs idle, under load and at other
+    precisions, each in a fresh process; prints seconds and ratios."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        idle = _train_epoch(args, tmp / "idle", [])
+        n_train = idle["n_train"]
+        pixels, _, _ = load_pixels(read_dataset(args.data).samples[:n_train], args.img_size, tmp / "cache")
+        np_path = tmp / "pixels.npy"
+        __import__("numpy").save(np_path, pixels)
+        machine = describe_machine()
+        bare = float(subprocess.run([sys.executable, "-c", BARE_LOOP, str(np_path)], check=True,
+                                    capture_output=True, text=True).stdout.split()[-1])
+        rows.append(("bare timm loop (every layer, fp32 eager, no augmentation)", bare, machine))
+        rows.append(("pneumoscope train, marginal epoch, idle", idle["seconds"], idle["machine"]))
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(1)
+            loaded = _train_epoch(args, tmp / "loaded", [])
+            # a fixed team of one thread per core: what every run did before ThreadsForLoad
+            fixed = _train_epoch(args, tmp / "fixed", ["--threads", str(len(os.sched_getaffinity(0)))])
+        finally:
+            busy.kill()
+        rows.append(("pneumoscope train, marginal epoch, one busy process alongside", loaded["seconds"],
+                     loaded["machine"]))
+        rows.append(("the same with --threads fixed at one per core (as before), one busy process alongside",
+                     fixed["seconds"], fixed["machine"]))
+        for precision in args.precision:
+            other = _train_epoch(args, tmp / precision, ["--precision", precision])
+            rows.append((f"pneumoscope train --precision {precision}, marginal epoch, idle", other["seconds"],
+                         other["machine"]))
+    print(f"\n{n_train} training images, {args.img_size} px, batch 32\n")
+    print("| what | seconds | / bare loop | / idle epoch | CPU and load at the end |\n|---|---:|---:|---:|---|")
+    for name, seconds, at in rows:
+        print(f"| {name} | {seconds:.1f} | {seconds / bare:.2f} | {seconds / idle['seconds']:.2f} | {at} |")
+
+
+def _train_epoch(args, out: Path, extra: list[str]) -> dict:
+    """Runs a 2-epoch default training (no internal test) and returns its second epoch's seconds."""
+    command = [str(Path(sys.executable).with_name("pneumoscope")), "train", "--data", args.data, "--epochs", "2",
+               "--max-images", str(args.max_images), "--img-size", str(args.img_size), "--no-test",
+               "--patience", "5", "--out", str(out), "--cache-dir", str(out.parent / "cache"), *extra]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(out / "metrics.csv", newline="") as handle:
+        epochs = list(csv.DictReader(handle))
+    n_train = sum(1 for row in csv.DictReader(open(out / "manifest.csv")) if row["split"] == "train")
+    return {"seconds": float(epochs[-1]["seconds"]), "n_train": n_train, "machine": describe_machine()}
 
 
 def _endless(loader):

@@ -26,6 +26,9 @@ def run_row(path: str) -> dict:
     meta, config, wall = run.model_meta(), run.raw_config(), s["wall_seconds"]
     if meta is not None and meta.members:
         described = " + ".join(m["run"] for m in meta.provenance["members"])
+    elif meta is not None and meta.provenance.get("soup"):
+        members = [m["run"] for m in meta.provenance["members"] if m.get("in_soup")]
+        described = f"{meta.provenance['soup']} soup of " + " + ".join(members)
     else:
         if not config and meta is not None:
             config, wall = meta.provenance.get("train_config", {}), meta.provenance.get("training", {}).get("wall_seconds")
@@ -41,6 +44,8 @@ def recipe(config: dict) -> str:
         words.append(f"mixup {config['mixup']}")
     if config.get("freeze") not in (None, "2"):
         words.append(f"freeze {config['freeze']}")
+    if config.get("head_init", "random") != "random":
+        words.append(f"head init {config['head_init']}")
     if config.get("preprocess", "none") != "none":
         words.append(f"input step {config['preprocess']}")
     return ", ".join(words)

@@ -18,3 +18,5 @@ if ! .venv/bin/python -c "import pneumoscope, torch, torchvision" >/dev/null 2>&
 fi
 # Debian's Chromium for the browser test of the web page (skipped, not failed, without it)
 bash scripts/install-browser.sh || echo "install.sh: no Chromium; tests/test_web_browser.py will skip" >&2
+# Debian's Orthanc with its DICOMweb plugin, the real PACS of tests/test_pacs.py (skipped, not failed, without it)
+bash scripts/install-orthanc.sh || echo "install.sh: no Orthanc; tests/test_pacs.py will skip" >&2

@@ -1,5 +1,7 @@
 """The model bundle: typed meta, the fingerprint rule, save/load, legacy model.pt, shipped models."""
+import base64
 import json
+import math
 import shutil
 
 import numpy as np
@@ -13,7 +15,7 @@ from pneumoscope.cli import main
 
 
 def test_meta_round_trips_through_json_and_refuses_what_it_cannot_read():
-    meta = small_meta(task="binary", merge_outputs=[[0], [1, 2]], guard={"v": 1})
+    meta = small_meta(task="binary", merge_outputs=[[0], [1, 2]], guard={"fp32": GOOD_GUARD})
     data = json.loads(json.dumps(meta.to_json()))
     assert ModelMeta.from_json(data) == meta and meta.merge_outputs == ((0,), (1, 2)) and meta.n_outputs == 3
     with pytest.raises(BundleError, match="schema version 2 is newer"):
@@ -132,3 +134,73 @@ def test_the_shipped_bundles_are_the_default_recipe_on_one_split():
     with torch.no_grad():
         logits = binary.load_model()(x)
     assert logits.shape == (3, 2) and torch.isfinite(logits).all()
+
+
+# ------------------------------------------------------------------ hostile meta.json (issue 26)
+GOOD_GUARD = {"method": "mahalanobis", "threshold": 1.0,  # for the 1280 features of the small bundle's graph
+              **{k: {"dtype": "float32", "shape": shape, "base64": base64.b64encode(bytes(4 * math.prod(shape))).decode()}
+                 for k, shape in (("center", [1280]), ("whiten", [1280, 1]), ("class_means", [3, 1]))}}
+HOSTILE_META = {  # change to meta.json -> what the one-line error says
+    "temperature -1": ({"temperature": -1}, "temperature must be a finite number above 0"),
+    "temperature 0": ({"temperature": 0}, "temperature must be a finite number above 0"),
+    "temperature NaN": ({"temperature": float("nan")}, "temperature must be a finite number above 0"),
+    "temperature string": ({"temperature": "1.5"}, "temperature: Input should be a valid number"),
+    "duplicate classes": ({"classes": ["NORMAL", "NORMAL", "VIRUS"]}, "distinct"),
+    "no classes": ({"classes": []}, "0 classes"),
+    "one class": ({"classes": ["NORMAL"]}, "1 classes"),
+    "classes of another task": ({"classes": ["NORMAL", "PNEUMONIA", "VIRUS"]}, "not those of task 'three'"),
+    "class not a string": ({"classes": ["NORMAL", 1, "VIRUS"]}, "classes.1: Input should be a valid string"),
+    "img_size 0": ({"img_size": 0}, "img_size must be a whole number of pixels from 32 to 1024"),
+    "img_size 10000": ({"img_size": 10000}, "from 32 to 1024"),
+    "img_size string": ({"img_size": "224"}, "img_size: Input should be a valid integer"),
+    "img_size fraction": ({"img_size": 224.5}, "img_size: Input should be a valid integer"),
+    "std 0": ({"std": 0}, "std must be a finite number above 0"),
+    "mean NaN": ({"mean": float("nan")}, "mean must be a finite number"),
+    "guard string": ({"guard": "x"}, "guard: Input should be an object"),
+    "guard method": ({"guard": {"fp32": {**GOOD_GUARD, "method": "x"}}}, "guard.fp32.method"),
+    "guard without arrays": ({"guard": {"fp32": {"method": "energy", "threshold": 1.0}}}, "guard.fp32.center"),
+    "guard bad base64": ({"guard": {"fp32": {**GOOD_GUARD, "center": {**GOOD_GUARD["center"], "base64": "!"}}}},
+                         "guard statistics cannot be decoded"),
+    "merge_outputs repeated": ({"merge_outputs": [[0], [0], [1]]}, "merge_outputs must share the outputs"),
+    "nested provenance": ({"provenance": json.loads("[" * 50 + "]" * 50)}, "nested deeper than 32"),
+    "provenance a list": ({"provenance": []}, "provenance: Input should be an object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_META))
+def test_hostile_meta_is_a_one_line_error_naming_the_file(small_bundle, tmp_path, capsys, case):
+    change, reason = HOSTILE_META[case]
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small_bundle, bundle)
+    meta = json.loads((bundle / "meta.json").read_text())
+    (bundle / "meta.json").write_text(json.dumps({**meta, **change}))
+    image = str(ROOT / "examples" / "NORMAL" / "IM-0203-0001.jpeg")
+    assert main(["predict", image, "--checkpoint", str(bundle), "--backend", "onnx"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert str(bundle) in err and reason in err, err
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "[" * 100_000 + "]" * 100_000,
+                                  '{"schema_version": 1, "x": ' + "[" * 100_000])
+def test_a_meta_that_is_no_object_or_nested_without_end(small_bundle, tmp_path, text):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small_bundle, bundle)
+    (bundle / "meta.json").write_text(text)
+    with pytest.raises(BundleError, match="meta.json: (expected a JSON object|nested deeper|not valid JSON)"):
+        load_bundle(bundle)
+
+
+def test_weights_of_another_shape_and_a_graph_for_other_classes(small_bundle, tmp_path, capsys):
+    """Five classes in meta.json over a 3-output network: a one-line error naming the weights (a graph
+    with the bundle's fingerprint that gives other logits: test_backends.test_hostile_graphs...)."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small_bundle, bundle)
+    meta = json.loads((bundle / "meta.json").read_text())
+    (bundle / "meta.json").write_text(json.dumps({**meta, "classes": ["a", "b", "c", "d", "e"]}))
+    image = str(ROOT / "examples" / "NORMAL" / "IM-0203-0001.jpeg")
+    for backend in ("onnx", "torch"):  # the graph is stale (classes shape predictions): exported from the weights
+        file, reason = "weights.pt", "the weights do not fit efficientnet_lite0 with 5 outputs"
+        assert main(["predict", image, "--checkpoint", str(bundle), "--backend", backend]) == 1
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and str(bundle / file) in err and reason in err, err

@@ -154,3 +154,69 @@ def test_a_merged_binary_read_never_runs_on_openvino(tmp_path):
     assert open_backend(bundle, "auto").name == "onnx"
     with pytest.raises(ValueError, match="merged"):
         open_backend(bundle, "openvino")
+
+
+# ------------------------------------------------------------------ hostile graphs (issue 26)
+def hostile_graphs(small_bundle, root):
+    """Copies of the small bundle whose model.onnx keeps the bundle's fingerprint (so it is not
+    stale) but is truncated, names its outputs otherwise, gives 5 logits for 3 classes, or keeps a
+    weight in a file outside the bundle."""
+    import shutil
+
+    import onnx
+    from onnx import external_data_helper
+
+    from conftest import small_model
+    from pneumoscope.artifact import FINGERPRINT_KEY, ONNX_FP32
+    from pneumoscope.export import onnx_bytes, set_metadata
+
+    def copy(name):
+        shutil.copytree(small_bundle, root / name)
+        return root / name, root / name / ONNX_FP32
+
+    good = onnx.load(str(small_bundle / ONNX_FP32))
+    fingerprint = {p.key: p.value for p in good.metadata_props}[FINGERPRINT_KEY]
+    out = {}
+    bundle, graph = copy("truncated")
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    out["truncated"] = bundle
+    bundle, graph = copy("renamed")
+    renamed = onnx.load(str(graph))
+    for node in renamed.graph.node:
+        node.output[:] = ["scores" if o == "logits" else o for o in node.output]
+    renamed.graph.output[0].name = "scores"
+    onnx.save(renamed, str(graph))
+    out["renamed"] = bundle
+    bundle, graph = copy("five-logits")
+    five = onnx.load_from_string(onnx_bytes(small_model("simple_cnn", n_classes=5), load_bundle(small_bundle).meta))
+    set_metadata(five, {FINGERPRINT_KEY: fingerprint})
+    onnx.save(five, str(graph))
+    out["five-logits"] = bundle
+    bundle, graph = copy("external")
+    outside = onnx.load(str(graph))
+    tensor = max(outside.graph.initializer, key=lambda t: len(t.raw_data))
+    (root / "outside.bin").write_bytes(tensor.raw_data)
+    external_data_helper.set_external_data(tensor, location="../outside.bin")
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save(outside, str(graph))
+    out["external"] = bundle
+    return out
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_hostile_graphs_are_one_line_errors_and_auto_falls_back(small_bundle, tmp_path, capsys, backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    image = str(next(Path(__file__).parent.joinpath("fixtures").rglob("*.jpeg")))
+    reasons = {"truncated": "not a readable ONNX graph",
+               "renamed": "scores; pneumoscope runs graphs from pixels to logits",
+               "five-logits": "5 logits for the 3 classes", "external": "outside"}
+    for case, bundle in hostile_graphs(small_bundle, tmp_path).items():
+        assert main(["predict", image, "--checkpoint", str(bundle), "--backend", backend]) == 1, case
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert str(bundle / "model.onnx") in err and reasons[case] in err and err.startswith("pneumoscope: error:"), err
+        if backend == "onnx":  # once is enough: auto ends on PyTorch, with the weights
+            assert main(["predict", image, "--checkpoint", str(bundle)]) == 0, case
+            capsys.readouterr()

@@ -8,7 +8,7 @@ from PIL import Image
 import pneumoscope.predict
 from conftest import small_meta, small_model
 from pneumoscope.cli import main
-from pneumoscope.explain import cam_heatmap, explain, overlay_png
+from pneumoscope.explain import cam_heatmap, cam_name, explain, overlay_png
 from pneumoscope.predict import Classifier
 
 
@@ -84,7 +84,9 @@ def test_predict_cam_writes_one_png_per_input_with_unique_names(small_bundle, xr
                  str(small_bundle), "--cam", str(cams), "--format", "json"])
     assert code == 0 and len(decodes) == 3  # one decode per image for the record and its heat map
     names = sorted(p.name for p in cams.iterdir())
-    assert names == sorted([f"{xrays[0].stem}_cam.png", f"{xrays[0].stem}_cam_2.png", f"{xrays[1].stem}_cam.png"])
+    assert names == sorted(cam_name(str(p)) for p in (tmp_path / "a" / xrays[0].name, tmp_path / "b" / xrays[0].name,
+                                                      xrays[1]))
+    assert len(set(names)) == 3 and cam_name(str(xrays[1])).startswith(f"{xrays[1].stem}_")  # <stem>_<hash>_cam.png
     for path in cams.iterdir():
         with Image.open(path) as image:
             image.verify()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -311,7 +312,9 @@ def amplifiers(tmp_path_factory, xray):
     """The memory amplification files of issue 12, made from a real X-ray where size allows."""
     root = tmp_path_factory.mktemp("amplifiers")
     files = {"png16_100mp": root / "bomb16.png", "png16_16mp": root / "big16.png", "jpeg_27mp": root / "big.jpeg",
-             "dicom_deflate_bomb": root / "bomb.dcm", "symlink_dev_zero": root / "zero.png"}
+             "dicom_deflate_bomb": root / "bomb.dcm", "symlink_dev_zero": root / "zero.png",
+             "thin_png": root / "thin.png", "cmyk_progressive_jpeg": root / "cmyk.jpeg",
+             "rgb_dicom_largest": root / "rgb.dcm"}
     # 0.2 MiB on disk, 200 MB as 16-bit pixels (+1240 MiB of peak memory before issue 12)
     Image.new("I;16", (10_000, 10_000)).save(files["png16_100mp"], compress_level=1)
     Image.fromarray(np.tile(xray[1], (18, 18))[:4000, :4000].astype(np.uint16) * 257).save(
@@ -319,7 +322,28 @@ def amplifiers(tmp_path_factory, xray):
     Image.fromarray(xray[1]).resize((6000, 4500)).save(files["jpeg_27mp"], quality=95)
     _deflated_dicom_bomb(files["dicom_deflate_bomb"], xray[1], 4000)  # 32 MB of zeros in 32 kB
     files["symlink_dev_zero"].symlink_to("/dev/zero")
+    # issue 26: 94 KiB decoded with +1,216 MiB; 0.4 MiB with +430 MiB; the largest 8-bit RGB DICOM accepted
+    # (before: +476 MiB for 5900 x 5900, then accepted: three copies of the frame and float64 reductions)
+    files["thin_png"].write_bytes(blank_png(1, 50_000_000))
+    files["cmyk_progressive_jpeg"].write_bytes(progressive_jpeg(7071, 7071, components=4))
+    rgb_dicom(files["rgb_dicom_largest"], 5565, xray[1])
     return files
+
+
+def rgb_dicom(path, side: int, xray: np.ndarray):
+    """An uncompressed 8-bit RGB DICOM of side x side, every row the same colour ramp."""
+    from pydicom import dcmread
+
+    buffer = io.BytesIO()
+    make_dicom(xray, buffer, with_pixels=False)
+    ds = dcmread(io.BytesIO(buffer.getvalue()))
+    ds.Rows = ds.Columns = side
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = (np.arange(side * 3) * 7 % 256).astype(np.uint8).tobytes() * side
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 def test_sixteen_bit_png_bomb_is_refused_from_its_header(amplifiers):
@@ -419,7 +443,8 @@ print(json.dumps(results))
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures with Linux /proc")
 def test_peak_memory_is_bounded_for_the_amplification_files(amplifiers, xray, tmp_path):
     """Before issue 12: +1240 MiB for the 16-bit PNG bomb, +457 MiB for the 16 MP 16-bit PNG,
-    /dev/zero grew without end (a 1 MiB deflated DICOM: +2050 MiB)."""
+    /dev/zero grew without end (a 1 MiB deflated DICOM: +2050 MiB). Before issue 26: +1216 MiB for
+    the 1 x 50,000,000 PNG, +430 MiB for the CMYK progressive JPEG, +476 MiB for an RGB DICOM."""
     warm = [str(xray[0]), str(make_dicom(xray[1].astype(np.uint16), tmp_path / "warm.dcm"))]
     paths = {str(path): name for name, path in amplifiers.items()}
     run = subprocess.run([sys.executable, "-c", _MEASURE, *warm, "--", *paths], capture_output=True, text=True)
@@ -431,6 +456,49 @@ def test_peak_memory_is_bounded_for_the_amplification_files(amplifiers, xray, tm
     assert "not a regular file" in results["symlink_dev_zero"]["outcome"]
     assert results["png16_16mp"]["outcome"] == "pixels 2048x2048"
     assert results["jpeg_27mp"]["outcome"] == "pixels 2364x1773"
+    assert "aspect ratio" in results["thin_png"]["outcome"]
+    assert "decoding it takes" in results["cmyk_progressive_jpeg"]["outcome"]
+    assert results["rgb_dicom_largest"]["outcome"] == "pixels 1855x1855"
+
+
+_MEASURE_CONCURRENT = r"""
+import json, sys, threading
+from pneumoscope.images import read_xray
+
+def mib(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key)) / 1024
+
+def peak_growth(threads):
+    with open("/proc/self/clear_refs", "w") as reset:
+        reset.write("5")
+    before, start = mib("VmRSS:"), threading.Barrier(threads)
+    def decode():
+        start.wait()
+        read_xray(sys.argv[2])
+    workers = [threading.Thread(target=decode) for _ in range(threads)]
+    [w.start() for w in workers]
+    [w.join() for w in workers]
+    return mib("VmHWM:") - before
+
+read_xray(sys.argv[1])
+read_xray(sys.argv[2])
+print(json.dumps({"one": peak_growth(1), "six": peak_growth(6)}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures with Linux /proc")
+def test_concurrent_decodes_are_bounded_by_the_decode_slots(xray, tmp_path):
+    """Six threads decoding a 16 MP 16-bit PNG at once: nothing bounded how many decodes ran, so
+    the bound on one file multiplied (5 decodes' worth here; a server took +2,419 MiB for three
+    thin PNGs at once). At most DECODE_SLOTS (2) decode at once now, and what a decode freed goes
+    back to the system, so the peak stays at two decodes' worth."""
+    path = tmp_path / "big16.png"
+    path.write_bytes(blank_png(4000, 4000, 16))
+    run = subprocess.run([sys.executable, "-c", _MEASURE_CONCURRENT, str(xray[0]), str(path)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    growth = json.loads(run.stdout)
+    assert growth["six"] < (images.DECODE_SLOTS + 0.5) * growth["one"], growth
 
 
 def test_clahe_input_step_evens_out_contrast_and_exposure_changes():
@@ -450,3 +518,240 @@ def test_clahe_input_step_evens_out_contrast_and_exposure_changes():
     assert images.input_step(originals, "none") is originals and images.input_step(originals, None) is originals
     with pytest.raises(ValueError, match="unknown input step 'hist'"):
         images.input_step(originals, "hist")
+
+
+# ------------------------------------------------------------------ hostile shapes, buffers and work (issue 26)
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def blank_png(width: int, height: int, bit_depth: int = 8) -> bytes:
+    """A gray PNG of zero pixels, made in milliseconds whatever its size: its scanlines are all zero
+    bytes, so the zlib stream is one deflated MiB of zeros (flushed to stand alone) repeated, and
+    the Adler-32 of n zero bytes is (n mod 65521) << 16 | 1."""
+    size = (1 + width * bit_depth // 8) * height  # a filter byte and the pixels, per row
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    mebibyte = deflate.compress(bytes(2**20)) + deflate.flush(zlib.Z_FULL_FLUSH)  # no reference past itself
+    tail = deflate.compress(bytes(size % 2**20)) + deflate.flush()
+    stream = b"\x78\xda" + mebibyte * (size // 2**20) + tail + struct.pack(">I", (size % 65521) << 16 | 1)
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", stream) + _png_chunk(b"IEND", b"")
+
+
+def rle_bmp(width: int, height: int, body: bytes) -> bytes:
+    """An 8-bit gray BMP with RLE8-coded `body` (Pillow decodes RLE in Python)."""
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(body), 2835, 2835, 256, 0)
+    offset = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + info + palette + body
+
+
+def _jpeg_segment(marker: int, payload: bytes) -> bytes:
+    return bytes((0xFF, marker)) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def progressive_jpeg(width: int, height: int, components: int = 1, ac_scans: int = 0, refine: bool = False) -> bytes:
+    """A valid progressive JPEG of zero coefficients, a few bytes a scan whatever its size: one DC
+    scan (a 1-bit code a block), then `ac_scans` AC scans (first or refinement passes) that code
+    only end-of-band runs of 32,767 blocks, so libjpeg passes over the whole image in each."""
+    out = [b"\xff\xd8", _jpeg_segment(0xDB, b"\x00" + bytes([1] * 64)),
+           _jpeg_segment(0xC2, struct.pack(">BHHB", 8, height, width, components)
+                         + b"".join(bytes((i + 1, 0x11, 0)) for i in range(components))),
+           _jpeg_segment(0xC4, b"\x00" + bytes([1] + [0] * 15) + b"\x00"),  # DC: '0' = category 0
+           _jpeg_segment(0xC4, b"\x10" + bytes([1] + [0] * 15) + b"\xe0"),  # AC: '0' = EOB run of 2**14 + 14 bits
+           _jpeg_segment(0xDA, bytes([components]) + b"".join(bytes((i + 1, 0)) for i in range(components)) + bytes(3))]
+    blocks = -(-width // 8) * -(-height // 8)
+    out.append(bytes(-(-blocks * components // 8)))
+    bits = ("0" + "1" * 14) * -(-blocks // (2**15 - 1))
+    bits += "1" * (-len(bits) % 8)
+    runs = int(bits, 2).to_bytes(len(bits) // 8, "big").replace(b"\xff", b"\xff\x00")
+    for i in range(ac_scans):
+        out += [_jpeg_segment(0xDA, bytes((1, 1 + i % components, 0, 1, 63, 0x10 if refine else 0))), runs]
+    return b"".join(out + [b"\xff\xd9"])
+
+
+def chained_tiff(pages: int) -> bytes:
+    """A little-endian TIFF of `pages` 1 x 1 gray pages, each IFD pointing at the next."""
+    entries = [(256, 3, 1), (257, 3, 1), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 8), (277, 3, 1),
+               (278, 3, 1), (279, 4, 1)]
+    ifd_size, out = 2 + 12 * len(entries) + 4, bytearray(b"II*\x00" + struct.pack("<I", 10) + b"\x80\x00")
+    for page in range(pages):
+        out += struct.pack("<H", len(entries))
+        for tag, kind, value in entries:
+            out += struct.pack("<HHII" if kind == 4 else "<HHIHxx", tag, kind, 1, value)
+        out += struct.pack("<I", len(out) + 4 if page < pages - 1 else 0)
+        assert len(out) == 10 + (page + 1) * ifd_size
+    return bytes(out)
+
+
+@pytest.mark.parametrize("name, data", [
+    ("tall.png", lambda: blank_png(1, 50_000_000)),  # 94 KiB: +1,216 MiB, 1 x 14,481,546 px classified before
+    ("wide.png", lambda: blank_png(50_000_000, 1)),
+    ("tall16.png", lambda: blank_png(1, 25_000_000, 16)),
+    ("wide.bmp", lambda: rle_bmp(50_000_000, 1, b"\x01\x00\x00\x00\x00\x01")),  # 1 KiB: one pixel, end of line
+])
+def test_thin_images_are_refused_from_their_header(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data())
+    with pytest.raises(ImageTooLargeError, match=rf"{name}: image is \d+x\d+, over the 10:1 aspect ratio limit"):
+        read_xray(path)
+
+
+def test_row_pointers_and_resampling_tables_are_counted(tmp_path, monkeypatch):
+    """Whatever the aspect limit, a thin image's cost is in the estimate: Pillow's pointer a row
+    (50,000,000 rows: 400 MB) and the reduction's tables, which grow with the sides."""
+    monkeypatch.setattr(images, "MAX_ASPECT_RATIO", 10**9)
+    for name, data in (("tall.png", blank_png(1, 50_000_000)), ("wide.png", blank_png(50_000_000, 1))):
+        with pytest.raises(ImageTooLargeError, match=rf"{name}: image is .*: decoding it takes .* MiB, over the 128"):
+            read_xray(data, name)
+
+
+def test_progressive_jpeg_coefficients_and_components_are_counted(tmp_path):
+    """libjpeg holds a progressive JPEG's coefficients for the whole frame, 2 bytes a sample of each
+    component, whatever scale `draft` decodes at: a 0.4 MiB CMYK one of 7071 x 7071 was decoded
+    with +430 MiB. A gray one of that size fits (95 MiB of coefficients), as it did before."""
+    path = tmp_path / "cmyk.jpeg"
+    path.write_bytes(progressive_jpeg(7071, 7071, components=4))
+    with pytest.raises(ImageTooLargeError, match=r"cmyk.jpeg: image is 7071x7071 \(CMYK decoded at 3536x3536\): "
+                                                 r"decoding it takes 445.\d MiB, over the 128 MiB limit"):
+        read_xray(path)
+    assert read_xray(progressive_jpeg(7071, 7071), "gray.jpeg").shape == (2048, 2048)
+
+
+def _dicom_of_frame(xray, frame: bytes, side: int, path):
+    """A DICOM whose header says `side` x `side`, one 8-bit sample, around an encapsulated JPEG frame."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGExtended12Bit
+
+    ds = _header_only(xray, JPEGExtended12Bit)  # the syntax of progressive (and baseline 8-bit) JPEG frames
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dicom_jpeg_frame_is_counted_with_its_components_and_coefficients(xray, tmp_path):
+    """pydicom decodes a JPEG frame at full size as the frame says: a header of one sample around a
+    CMYK progressive frame was refused only after +574 MiB; a gray progressive frame of 50 MP is
+    held whole (its image, its coefficients, pydicom's copy: 190 MiB) and was decoded."""
+    cmyk = _dicom_of_frame(xray[1], progressive_jpeg(7071, 7071, components=4), 7071, tmp_path / "cmyk.dcm")
+    with pytest.raises(ImageReadError, match="cmyk.dcm: compressed frame has 4 components .CMYK., the DICOM header "
+                                             "says 1 sample a pixel"):
+        read_xray(cmyk)
+    gray = _dicom_of_frame(xray[1], progressive_jpeg(7071, 7071), 7071, tmp_path / "gray.dcm")
+    with pytest.raises(ImageTooLargeError, match=r"gray.dcm: image is 7071x7071 \(L frame decoded at full size\): "
+                                                 r"decoding it takes 1\d\d.\d MiB, over the 128 MiB limit"):
+        read_xray(gray)
+
+
+@pytest.mark.parametrize("name, data, reason", [
+    # 95 KiB: 2,000 empty AC scans over 4000 x 4000 took 2.3 s of libjpeg (a 9 KiB one 7-8 s in the issue)
+    ("scans.jpeg", lambda: progressive_jpeg(4000, 4000, ac_scans=2000), "JPEG of 4000x4000 with 2001 scans: over"),
+    ("refine.jpeg", lambda: progressive_jpeg(7071, 7071, ac_scans=99, refine=True),  # 100 scans x 50 MP: 3.1 s
+     "JPEG of 7071x7071 with 100 scans: over the limit of 100 scans and 800,000,000 scan-pixels"),
+    # 29 KiB: Pillow's RLE decoder in Python pads each row byte by byte (5.1 s)
+    ("rle.bmp", lambda: rle_bmp(7000, 7000, b"\x01\x00\x00\x00" * 7000 + b"\x00\x01"),
+     "image is 7000x7000 for Pillow's 'bmp_rle' decoder, written in Python: over its 4,194,304-pixel limit"),
+    # 1 MiB of junk bytes after SOI: Pillow's JPEG parser loops over them one read at a time in Python
+    ("junk.jpeg", lambda: b"\xff\xd8\xff" + bytes(2**20) + progressive_jpeg(8, 8)[2:],
+     r"parsing takes over 26,3\d\d reads of the file \(10,000 \+ one per 64 bytes\): too costly to decode"),
+    ("comment.jpeg", lambda: b"\xff\xd8" + b"\xff\xfe\x00\x02" * 2**18 + progressive_jpeg(8, 8)[2:],
+     "parsing takes over 26,3[0-9][0-9] reads"),
+])
+def test_files_that_cost_far_more_work_than_their_pixels_are_refused(tmp_path, name, data, reason):
+    path = tmp_path / name
+    path.write_bytes(data())
+    with pytest.raises(ImageTooLargeError, match=f"{name}: {reason}"):
+        read_xray(path)
+
+
+def test_what_costs_no_more_than_its_pixels_still_decodes(xray, tmp_path):
+    """The other side of the work limits: a progressive JPEG of a few scans, a small RLE bitmap, a
+    JPEG with a comment."""
+    for name, options in (("prog.jpeg", {"progressive": True}), ("note.jpeg", {"comment": b"x" * 60_000})):
+        Image.fromarray(xray[1]).save(tmp_path / name, quality=95, **options)
+        assert np.abs(read_xray(tmp_path / name).astype(int) - xray[1]).mean() < 2
+    rle = rle_bmp(1024, 1024, (b"\xff\x80\xff\x80\xff\x80\xff\x80\x04\x80" + b"\x00\x00") * 1024 + b"\x00\x01")
+    assert (read_xray(rle, "small_rle.bmp") == 128).all()
+
+
+def test_pages_are_counted_up_to_a_small_number(tmp_path, fixture_data):
+    """Pillow's n_frames parses every IFD of a TIFF and looks each one up in a list of the ones
+    before: 100,000 chained IFDs took 55 s, 20,000 about 2 s. The pages are now counted from the IFD
+    chain alone, up to MAX_COUNTED_FRAMES; three pages are still counted exactly."""
+    path = tmp_path / "chain.tif"
+    path.write_bytes(chained_tiff(20_000))
+    gray, info = read_xray_with_info(path)
+    assert gray.shape == (1, 1) and info["warnings"] == ["first frame used (over 100 frames)"]
+    assert info["frames"] == images.MAX_COUNTED_FRAMES + 1
+    assert read_xray_with_info(chained_tiff(3), "three.tif")[1]["warnings"] == ["first frame used (3 frames)"]
+
+
+def palette_dicom(indices: np.ndarray, path, palette: np.ndarray | None):
+    """A PALETTE COLOR DICOM of 8-bit `indices` and a 256-entry 8-bit palette (256 x 3), or none."""
+    from pydicom import dcmread
+
+    buffer = io.BytesIO()
+    make_dicom(indices, buffer, with_pixels=False)
+    ds = dcmread(io.BytesIO(buffer.getvalue()))
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = indices.astype(np.uint8).tobytes()
+    ds["PixelData"].VR = "OB"
+    if palette is not None:
+        for channel, values in zip(("Red", "Green", "Blue"), palette.T):
+            setattr(ds, f"{channel}PaletteColorLookupTableDescriptor", [256, 0, 8])
+            ds[f"{channel}PaletteColorLookupTableDescriptor"].VR = "US"
+            setattr(ds, f"{channel}PaletteColorLookupTableData", values.astype(np.uint8).tobytes())
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_palette_color_dicom_is_read_through_its_palette(xray, tmp_path):
+    """Before, the indices were read as gray: with a palette mapping i -> 255 - i the pixels were
+    the film inverted (correlation +1.0 with the indices, -1.0 with pydicom's apply_color_lut)."""
+    from pydicom import dcmread
+    from pydicom.pixels import apply_color_lut
+
+    inverting = np.repeat(255 - np.arange(256), 3).reshape(256, 3)
+    path = palette_dicom(xray[1], tmp_path / "palette.dcm", inverting)
+    gray = read_xray(path)
+    assert np.array_equal(gray, 255 - xray[1])
+    looked_up = apply_color_lut(xray[1], dcmread(path))[..., 0]
+    assert np.corrcoef(gray.ravel(), looked_up.ravel())[0, 1] > 0.999
+    hot = np.stack([np.arange(256), np.arange(256) // 2, np.zeros(256)], axis=1)  # a colour map: flagged as colour
+    _, info = read_xray_with_info(palette_dicom(xray[1], tmp_path / "hot.dcm", hot))
+    assert info["colour"] > 0.04
+
+
+def test_palette_color_dicom_without_a_palette_is_refused(xray, tmp_path):
+    with pytest.raises(ImageReadError, match="bare.dcm: PALETTE COLOR DICOM without its palette"):
+        read_xray(palette_dicom(xray[1], tmp_path / "bare.dcm", None))
+
+
+def test_predict_refuses_hostile_files_in_one_line_and_classifies_the_rest(small_bundle, xray, tmp_path, capsys):
+    """What a user types: `pneumoscope predict` over a folder of the issue 26 files next to a real
+    X-ray and a PALETTE COLOR DICOM: one line naming each refused file, the others classified."""
+    from pneumoscope.cli import main
+
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    files = {"thin.png": blank_png(1, 50_000_000), "cmyk.jpeg": progressive_jpeg(7071, 7071, components=4),
+             "scans.jpeg": progressive_jpeg(4000, 4000, ac_scans=2000), "chain.tif": chained_tiff(20_000),
+             "rle.bmp": rle_bmp(7000, 7000, b"\x01\x00\x00\x00" * 7000 + b"\x00\x01"), "xray.jpeg": xray[0].read_bytes()}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    palette_dicom(xray[1], folder / "palette.dcm", np.repeat(np.arange(256), 3).reshape(256, 3))
+    palette_dicom(xray[1], folder / "bare.dcm", None)
+    code = main(["predict", str(folder), "--checkpoint", str(small_bundle), "--format", "json"])
+    records = {Path(r["path"]).name: r for r in map(json.loads, capsys.readouterr().out.strip().splitlines())}
+    assert code == 1 and len(records) == 8
+    assert {name for name, r in records.items() if r["status"] == "ok"} == {"xray.jpeg", "palette.dcm", "chain.tif"}
+    assert records["chain.tif"]["warnings"][0] == "first frame used (over 100 frames)"
+    reasons = {"thin.png": "aspect ratio", "cmyk.jpeg": "decoding it takes", "scans.jpeg": "2001 scans",
+               "rle.bmp": "written in Python", "bare.dcm": "without its palette"}
+    for name, reason in reasons.items():
+        error = records[name]["error"]
+        assert name in error and reason in error and "\n" not in error, (name, error)

@@ -57,6 +57,13 @@ def test_ship_with_binary_and_int8_then_card_then_reship_without_int8(tiny_run, 
 
     card = (docs / "model-card.md").read_text()
     assert f"{load_bundle(models / 'three').metrics()['internal_test']['accuracy']:.3f}" in card
+    # the shipped names, and the run's own data (not the shipped models' 5,232 images)
+    assert [load_bundle(models / t).meta.name for t in ("three", "binary")] == \
+        ["pneumoscope-efficientnet_lite0-three", "pneumoscope-efficientnet_lite0-binary"]
+    samples = RunDir(tiny_run).samples()
+    counts = {split: sum(s.split == split for s in samples) for split in ("train", "val", "test")}
+    assert (f"trained and measured on {len(samples)} images (train {counts['train']}, val {counts['val']}, "
+            f"internal test {counts['test']}; 3 labels) from {FIXTURE_DATA}") in card and "5,232" not in card
     assert "Not a diagnosis" in card and "binary" in card and "internal_test (int8)" in card
     assert "external (used for selection) (int8)" in card
     if importlib.util.find_spec("openvino"):  # the 3-class graph converts; the merged binary read does not

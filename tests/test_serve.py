@@ -179,6 +179,17 @@ def test_security_headers_on_every_answer(client):
         assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp and "'sha256-" in csp
 
 
+def test_head_is_answered_wherever_get_is(client):
+    """RFC 9110: HEAD wherever GET works; before, 405 on /, /healthz and /v1/model."""
+    for path in ("/", "/healthz", "/v1/model", "/openapi.json"):
+        get, head = client.get(path), client.head(path)
+        assert head.status_code == 200 and head.content == b"", path
+        for name in ("content-type", "content-length", "content-security-policy", "x-frame-options"):
+            assert head.headers[name] == get.headers[name], (path, name)
+    assert client.head("/v1/predict").status_code == 405  # no GET there either
+    assert client.head("/nowhere").status_code == 404
+
+
 def test_unknown_host_header_is_refused(classifier):
     """DNS rebinding: a page on evil.example resolving to 127.0.0.1 must not reach the API."""
     with TestClient(create_app(classifier), base_url="http://127.0.0.1:8000") as local:
@@ -409,50 +420,164 @@ def wait_until_up(url: str, pid: int, log_path) -> None:
     raise AssertionError("the server did not answer within a minute:\n" + log_path.read_text()[-2000:])
 
 
+@pytest.fixture(scope="module")
+def served(small_bundle, tmp_path_factory):
+    """One `pneumoscope serve` child process for the tests below: (url, pid, log path)."""
+    log_path = tmp_path_factory.mktemp("served") / "server.log"
+    with server_process(small_bundle, log_path) as (url, pid):
+        wait_until_up(url, pid, log_path)
+        yield url, pid, log_path
+
+
 def peak_rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 
 def amplification_uploads(tmp_path) -> dict[str, bytes]:
-    """Small uploads that decode to huge images (issue 12): 0.2 MiB of 16-bit PNG for 10000 x 10000
-    pixels (200 MB decoded), 0.9 MiB of deflated DICOM that inflates to 968 MB, and a 100-megapixel
-    8-bit JPEG of 1.1 MiB."""
-    from test_images import _deflated_dicom_bomb
+    """Small uploads that decode to huge images or much work (issues 12 and 26): 0.2 MiB of 16-bit
+    PNG for 10000 x 10000 pixels (200 MB decoded), 0.9 MiB of deflated DICOM that inflates to 968
+    MB, a 100-megapixel 8-bit JPEG of 1.1 MiB, a 94 KiB PNG of 1 x 50,000,000 px (+1.2 GiB), a 0.4
+    MiB CMYK progressive JPEG of 7071 x 7071 (+430 MiB), a JPEG of 2,000 scans, an RLE BMP of 7000 x
+    7000 (5 s in Python) and 1 MiB of empty JPEG comments."""
+    from test_images import _deflated_dicom_bomb, blank_png, progressive_jpeg, rle_bmp
 
     png, jpeg = io.BytesIO(), io.BytesIO()
     Image.new("I;16", (10_000, 10_000)).save(png, "PNG", compress_level=9)
     Image.new("L", (10_000, 10_000), 128).save(jpeg, "JPEG", quality=90)
     xray = np.asarray(Image.open(EXAMPLE_FILES[0]).convert("L"))
     dicom = _deflated_dicom_bomb(tmp_path / "bomb.dcm", xray, 22_000).read_bytes()
-    return {"bomb16.png": png.getvalue(), "bomb.dcm": dicom, "bomb.jpeg": jpeg.getvalue()}
+    return {"bomb16.png": png.getvalue(), "bomb.dcm": dicom, "bomb.jpeg": jpeg.getvalue(),
+            "thin.png": blank_png(1, 50_000_000), "cmyk.jpeg": progressive_jpeg(7071, 7071, components=4),
+            "scans.jpeg": progressive_jpeg(4000, 4000, ac_scans=2000),
+            "rle.bmp": rle_bmp(7000, 7000, b"\x01\x00\x00\x00" * 7000 + b"\x00\x01"),
+            "comments.jpeg": b"\xff\xd8" + b"\xff\xfe\x00\x02" * 2**18 + progressive_jpeg(8, 8)[2:]}
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's peak RSS from Linux /proc")
-def test_server_peak_memory_is_bounded_for_amplification_uploads(small_bundle, tmp_path):
+def test_server_peak_memory_is_bounded_for_amplification_uploads(served, tmp_path):
     """The real server, as `pneumoscope serve` runs it: after warm-up uploads (JPEG, DICOM, PNG)
     its peak RSS is the baseline; each amplification upload gets 413 and the peak stays within
-    SERVER_MEMORY_BOUND_MIB of it (unbounded decoding took +1.2 to +2 GiB for these files)."""
+    SERVER_MEMORY_BOUND_MIB of it (unbounded decoding took +1.2 to +2 GiB for these files). Then
+    eight clients upload a 49 MP 16-bit PNG at once: each decode takes ~130 MiB, and at most two
+    run at once (images.DECODE_SLOTS), so the peak stays within the bound too (before: no bound)."""
+    from test_images import blank_png
+
+    url, pid, _ = served
     dicom = io.BytesIO()
     make_dicom(np.asarray(Image.open(EXAMPLE_FILES[0]).convert("L")).astype(np.uint16) * 16, dicom)
     png = io.BytesIO()
     Image.open(EXAMPLE_FILES[1]).save(png, "PNG")
     warm = {"x.jpeg": EXAMPLE_FILES[0].read_bytes(), "x.dcm": dicom.getvalue(), "x.png": png.getvalue()}
-    log_path = tmp_path / "server.log"
-    with server_process(small_bundle, log_path) as (url, pid):
-        uploads = amplification_uploads(tmp_path)  # made while the server starts
-        wait_until_up(url, pid, log_path)
-        with httpx.Client(base_url=url, timeout=60) as http:
-            for name, data in warm.items():
-                assert http.post("/v1/predict", files={"file": (name, data)}).status_code == 200, name
-            baseline, answers, growth = peak_rss_mib(pid), {}, {}
-            for name, data in uploads.items():  # the peak so far, after each
-                answers[name] = http.post("/v1/predict", files={"file": (name, data)})
-                growth[name] = round(peak_rss_mib(pid) - baseline, 1)
+    big16 = blank_png(7000, 7000, 16)
+    with httpx.Client(base_url=url, timeout=120) as http:
+        for name, data in warm.items():
+            assert http.post("/v1/predict", files={"file": (name, data)}).status_code == 200, name
+        baseline, answers, growth = peak_rss_mib(pid), {}, {}
+        for name, data in amplification_uploads(tmp_path).items():  # the peak so far, after each
+            answers[name] = http.post("/v1/predict", files={"file": (name, data)})
+            growth[name] = round(peak_rss_mib(pid) - baseline, 1)
+    with ThreadPoolExecutor(8) as pool:
+        post = lambda _: httpx.post(f"{url}/v1/predict", files={"file": ("big16.png", big16)},  # noqa: E731
+                                    timeout=120).status_code
+        burst = list(pool.map(post, range(8)))
+    growth["8 x big16.png at once"] = round(peak_rss_mib(pid) - baseline, 1)
     print(f"server peak RSS: baseline {baseline:.0f} MiB, growth after each upload (MiB): {growth}")
     for name, answer in answers.items():
         assert answer.status_code == 413 and answer.json()["detail"].startswith(name), (name, answer.text)
+    assert burst == [200] * 8
     assert max(growth.values()) < SERVER_MEMORY_BOUND_MIB, (baseline, growth)
+
+
+def raw_answer(url: str, request: bytes) -> tuple[bytes, dict[bytes, bytes]]:
+    """Sends raw bytes on a new connection; (status line, headers) of the answer, read to its end."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head = answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    return head[0], {line.split(b":", 1)[0].lower(): line.split(b":", 1)[1].strip() for line in head[1:]}
+
+
+SECURITY_HEADERS = (b"content-security-policy", b"x-content-type-options", b"x-frame-options", b"referrer-policy")
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Note: a\rb\r\n\r\n",  # a bare CR in a header
+    b"GET /healthz HTTP/1.1\r\n\r\n",  # no Host
+    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20_000,  # unfinished, past h11's 16 KiB
+], ids=["bare-cr", "no-host", "two-hosts", "negative-length", "big-header"])
+def test_the_servers_own_400_carries_the_security_headers(served, request_bytes):
+    """uvicorn answers a request h11 cannot parse itself, below the app's HeadersMiddleware: its
+    'Invalid HTTP request received.' had none of the headers docs/web.md promises on every answer."""
+    status, headers = raw_answer(served[0], request_bytes)
+    assert status == b"HTTP/1.1 400 Bad Request"
+    assert all(name in headers for name in SECURITY_HEADERS), headers
+    assert headers[b"x-frame-options"] == b"DENY" and b"frame-ancestors 'none'" in headers[b"content-security-policy"]
+
+
+def test_healthz_is_answered_at_the_request_cap_and_the_503_has_the_security_headers(served):
+    """More uploads than MAX_REQUESTS stall mid-body (held until the body timeout): before,
+    uvicorn's limit_concurrency counted connections and answered 503, without security headers,
+    to whatever came past 32, liveness probes included (8 of 30 /healthz during a 64-client run).
+    Now the app holds MAX_REQUESTS of them, refuses the rest and any other request (503,
+    Retry-After, its headers), and /healthz, GET or HEAD, still answers."""
+    from pneumoscope.serve import MAX_REQUESTS
+
+    url = served[0]
+    host, port = url.removeprefix("http://").split(":")
+    head = (f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nContent-Length: 100000\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n").encode()
+    stalled = []
+    try:
+        for _ in range(MAX_REQUESTS + 8):  # a client at a time, as they come in a real run
+            stalled.append(socket.create_connection((host, int(port)), timeout=30))
+            stalled[-1].sendall(head)
+            time.sleep(0.02)
+        with httpx.Client(base_url=url, timeout=30) as http:
+            for _ in range(200):  # until the stalled uploads have all reached the app
+                busy = http.get("/v1/model")
+                if busy.status_code != 200:
+                    break
+                time.sleep(0.05)
+            health, probe = http.get("/healthz"), http.head("/healthz")
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert busy.status_code == 503 and "server busy" in busy.json()["detail"], busy.text
+    assert busy.headers["retry-after"] == "1" and all(name.decode() in busy.headers for name in SECURITY_HEADERS)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert probe.status_code == 200 and probe.content == b""
+
+
+def test_connections_past_the_cap_are_closed_and_the_server_answers_again(served):
+    """MAX_CONNECTIONS idle sockets are held (they are not requests, so nothing answers 503); one
+    more is closed unanswered; once they go, the server answers again."""
+    from pneumoscope.serve import MAX_CONNECTIONS
+
+    url = served[0]
+    host, port = url.removeprefix("http://").split(":")
+    idle = [socket.create_connection((host, int(port)), timeout=30) for _ in range(MAX_CONNECTIONS)]
+    try:
+        with socket.create_connection((host, int(port)), timeout=30) as extra:
+            try:
+                extra.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                answer = extra.recv(65536)
+            except ConnectionResetError:
+                answer = b""
+    finally:
+        for sock in idle:
+            sock.close()
+    assert answer == b""
+    for _ in range(100):  # the server sees the idle sockets close
+        if httpx.get(f"{url}/healthz", timeout=30).status_code == 200:
+            break
+        time.sleep(0.05)
+    assert httpx.get(f"{url}/healthz", timeout=30).json()["status"] == "ok"
 
 
 # ------------------------------------------------------------------ schemathesis

@@ -586,3 +586,42 @@ def test_a_resumed_run_continues_from_the_live_weights_and_the_ema_average_it_wa
     for key in ("state_dict", "current_model_state"):
         for name, value in after[0][key].items():
             assert torch.allclose(after[1][key][name], value, atol=1e-6), (key, name)
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """A YAML value of nested aliases: 300 bytes that expand to 9**levels strings when walked."""
+    names = "abcdefghijklmnop"[:levels]
+    parts = ["&a [x,x,x,x,x,x,x,x,x]"] + [f"&{cur} [" + ",".join([f"*{prev}"] * 9) + "]"
+                                          for prev, cur in zip(names, names[1:])]
+    return "[" + ", ".join(parts) + "]"
+
+
+@pytest.mark.parametrize("text, message", [
+    # 6 levels (531,441 strings): refused as 9 would be (4 GB), yet cheap for the code before the fix to accept
+    (f"data: d\nname: {billion_laughs(6)}\n", "alias *a repeats a list or mapping"),
+    ("data: d\nlr: [0.1, 0.2]\n", "lr must be float, not a list"),
+    ("data: d\nname: {a: 1}\n", "name must be str, not a dict"),
+    ("data: d\nepochs: " + "[" * 20_000 + "]" * 20_000 + "\n", "nested too deeply"),
+    ("data: d\n1: x\n", "unknown option(s) 1"),
+    (b"data: d\nname: caf\xe9\n", "not valid YAML"),
+])
+def test_config_values_that_are_no_options_are_usage_errors(tmp_path, capsys, text, message):
+    """`train --config` (issue 26): a list or mapping for a single-valued option, an alias that
+    repeats one (331 bytes used 4.1 GB), deep nesting, a number as a key, bytes that are not text."""
+    from pneumoscope.cli import main
+
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(path)])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after argparse's usage
+    assert exit_info.value.code == 2 and last.startswith("pneumoscope train: error: ") and "Traceback" not in err
+    assert message in last and str(path) in last, err
+
+
+def test_an_alias_of_a_single_value_is_still_read(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data: &where some/data\nname: *where\n")
+    config = parse("--config", str(path))
+    assert (config.data, config.name) == ("some/data", "some/data")

@@ -25,13 +25,16 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 @torch.no_grad()
-def adapt_batchnorm(model: nn.Module, pixels: np.ndarray, batch_size: int = 64) -> int:
-    """Re-estimates the running mean/variance of every BatchNorm layer on `pixels` (N x S x S uint8,
-    the images of the new site), in place. Weights, biases and every other tensor stay as they were.
+def adapt_batchnorm(model: nn.Module, pixels: np.ndarray, batch_size: int = 64, layers: list | None = None) -> int:
+    """Re-estimates the running mean/variance of every BatchNorm layer (or of `layers`) on `pixels`
+    (N x S x S uint8, the images of the new site), in place. Weights, biases and every other tensor
+    stay as they were; the other layers run in eval mode. (torch.optim.swa_utils.update_bn does
+    this for every BatchNorm layer with the whole model in train mode: a soup must keep the layers
+    that training froze, and their eval-mode outputs, as they were.)
 
     Statistics are exact averages over all images (momentum None = cumulative moving average), not
     a decayed mix with the old site's. Returns the number of BatchNorm layers re-estimated."""
-    layers = batchnorm_layers(model)
+    layers = batchnorm_layers(model) if layers is None else layers
     if not layers:
         raise ValueError("the model has no BatchNorm layers to adapt")
     if len(pixels) < 2:

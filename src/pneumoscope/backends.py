@@ -78,9 +78,12 @@ class OnnxBackend:
     whose `run` works in the calling thread only, so several threads can run batches side by side
     (on depthwise-heavy nets that beats one run spread over all cores)."""
 
-    def __init__(self, graph: str | os.PathLike | bytes, name: str = "onnx", threads: int | None = None):
-        self.graph, self.name, self.threads = graph, name, threads or cpu_threads()
-        self.session = open_session(graph, self.threads)
+    def __init__(self, graph: str | os.PathLike | bytes, name: str = "onnx", threads: int | None = None,
+                 meta: ModelMeta | None = None):
+        self.graph, self.name, self.threads, self.meta = graph, name, threads or cpu_threads(), meta
+        self.session = loading(graph, "ONNX Runtime", lambda: open_session(graph, self.threads))
+        check_interface(graph, {i.name: i.shape for i in self.session.get_inputs()},
+                        {o.name: o.shape for o in self.session.get_outputs()}, meta, name)
         self._single: OnnxBackend | None = None
         self._single_lock = threading.Lock()
 
@@ -91,7 +94,7 @@ class OnnxBackend:
     def single_thread(self) -> "OnnxBackend":
         with self._single_lock:
             if self._single is None:
-                self._single = self if self.threads == 1 else OnnxBackend(self.graph, self.name, threads=1)
+                self._single = self if self.threads == 1 else OnnxBackend(self.graph, self.name, 1, self.meta)
             return self._single
 
 
@@ -140,14 +143,16 @@ class OpenVinoBackend:
     can be called from several threads at once, as `side_by_side` does for a folder."""
 
     def __init__(self, graph: str | os.PathLike, name: str = "openvino", hint: str = "LATENCY",
-                 precision: str | None = None, threads: int | None = None):
+                 precision: str | None = None, threads: int | None = None, meta: ModelMeta | None = None):
         ov = import_openvino()
 
-        self.graph, self.name, self.hint = graph, name, hint
+        self.graph, self.name, self.hint, self.meta = graph, name, hint, meta
         self.threads, self.precision = threads or cpu_threads(), precision or openvino_precision()
         config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": self.precision,
-                  "INFERENCE_NUM_THREADS": self.threads}
-        self.compiled = ov.Core().compile_model(str(graph), "CPU", config)
+                  "INFERENCE_NUM_THREADS": self.threads, **openvino_cache()}
+        self.compiled = loading(graph, "OpenVINO", lambda: ov.Core().compile_model(str(graph), "CPU", config))
+        check_interface(graph, _openvino_ports(self.compiled.inputs), _openvino_ports(self.compiled.outputs), meta,
+                        name)
         self._local = threading.local()  # an infer request is not thread-safe: one per thread
         self._single: OpenVinoBackend | None = None
         self._single_lock = threading.Lock()
@@ -174,8 +179,82 @@ class OpenVinoBackend:
         with self._single_lock:
             if self._single is None:
                 self._single = (self if self.hint == "THROUGHPUT" else
-                                OpenVinoBackend(self.graph, self.name, "THROUGHPUT", self.precision, self.threads))
+                                OpenVinoBackend(self.graph, self.name, "THROUGHPUT", self.precision, self.threads,
+                                                self.meta))
             return self._single
+
+
+def openvino_cache() -> dict:
+    """OpenVINO's compiled-graph cache (CACHE_DIR) in the pneumoscope cache: compiling the graph is
+    most of a one-image `predict` (1.2 s of 1.4 s measured); loading the cached blob is not. Keyed
+    by OpenVINO on the graph file's content and the compile settings, so a new graph compiles anew.
+    No cache where that folder cannot be made (the graph then compiles every time, as before)."""
+    from .files import default_cache_dir
+
+    folder = default_cache_dir() / "openvino"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return {}
+    return {"CACHE_DIR": str(folder)} if os.access(folder, os.W_OK) else {}
+
+
+def loading(graph: str | os.PathLike | bytes, runtime: str, load: Callable[[], R]) -> R:
+    """`load()`, a runtime reading `graph`; what it refuses (a truncated file, external data outside
+    the bundle, an operator it lacks) is one BundleError line naming the file."""
+    from .artifact import BundleError
+
+    try:
+        return load()
+    except ImportError:
+        raise
+    except Exception as err:  # noqa: BLE001  each runtime has its own exception types
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = lines[-1][:300] if lines else type(err).__name__  # OpenVINO's last line says why
+        raise BundleError(f"{_describe_graph(graph)}: {runtime} cannot load this graph ({reason})") from None
+
+
+def check_interface(graph: str | os.PathLike | bytes, inputs: dict[str, list], outputs: dict[str, list],
+                    meta: ModelMeta | None, backend: str) -> None:
+    """A one-line BundleError unless the graph takes "pixels" (N x 1 x S x S) and gives "logits"
+    (N x classes) and "features" (N x F, what the input guard's statistics were fitted on). Shapes
+    are lists of ints, None or names for dynamic sizes."""
+    from .artifact import BundleError
+
+    where = _describe_graph(graph)
+    if "pixels" not in inputs or not {"logits", "features"} <= outputs.keys():
+        raise BundleError(f"{where}: the graph takes {', '.join(sorted(inputs)) or 'nothing'} and gives "
+                          f"{', '.join(sorted(outputs)) or 'nothing'}; pneumoscope runs graphs from pixels to logits "
+                          "and features (`pneumoscope export` writes one)")
+    pixels, logits, features = inputs["pixels"], outputs["logits"], outputs["features"]
+    if len(pixels) != 4 or len(logits) != 2 or len(features) != 2:
+        raise BundleError(f"{where}: pixels {pixels} -> logits {logits}, features {features}; pneumoscope runs "
+                          "N x 1 x S x S -> N x classes, N x F")
+    if meta is None:
+        return
+    if isinstance(logits[1], int) and logits[1] != len(meta.classes):
+        raise BundleError(f"{where}: the graph gives {logits[1]} logits for the {len(meta.classes)} classes of its "
+                          f"meta ({', '.join(meta.classes)})")
+    if all(isinstance(d, int) for d in pixels[1:]) and list(pixels[1:]) != [1, meta.img_size, meta.img_size]:
+        raise BundleError(f"{where}: the graph takes pixels {pixels[1:]}, its meta says 1 x {meta.img_size} x "
+                          f"{meta.img_size}")
+    from .guard import stats_for
+
+    stats = stats_for(meta.guard, backend)
+    width = (stats or {}).get("center", {}).get("shape", [None])[0]
+    if stats and isinstance(features[1], int) and width is not None and width != features[1]:
+        raise BundleError(f"{where}: the graph gives {features[1]} features, its meta's input-guard statistics "
+                          f"are for {width}")
+
+
+def _describe_graph(graph: str | os.PathLike | bytes) -> str:
+    return "<graph in memory>" if isinstance(graph, bytes) else str(graph)
+
+
+def _openvino_ports(ports) -> dict[str, list]:
+    """OpenVINO's inputs or outputs as {name: shape} (a port may have several names), a dynamic size as None."""
+    return {name: [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
+            for port in ports for name in sorted(port.get_names())}
 
 
 def import_openvino():
@@ -233,20 +312,22 @@ def open_backend(bundle: "Bundle", backend: str = "auto") -> Backend:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return TorchBackend(bundle.load_model())
+    meta = bundle.meta
     if backend == "int8":
-        return OnnxBackend(bundle.onnx_path("int8"), name="int8")
+        return OnnxBackend(bundle.onnx_path("int8"), name="int8", meta=meta)
     if backend in ("openvino", "openvino-int8"):
-        if not openvino_can_run(bundle.meta):
+        if not openvino_can_run(meta):
             raise ValueError(f"{bundle.path}: OpenVINO does not compute a merged (binary-from-three) graph right; "
                              "use --backend onnx")
-        return OpenVinoBackend(bundle.onnx_path("int8" if backend == "openvino-int8" else "fp32"), name=backend)
-    if backend == "auto" and openvino_can_run(bundle.meta):
+        return OpenVinoBackend(bundle.onnx_path("int8" if backend == "openvino-int8" else "fp32"), name=backend,
+                               meta=meta)
+    if backend == "auto" and openvino_can_run(meta):
         try:
-            return OpenVinoBackend(bundle.onnx_path("fp32"), name="openvino")
+            return OpenVinoBackend(bundle.onnx_path("fp32"), name="openvino", meta=meta)
         except Exception as err:  # noqa: BLE001  not installed or unsupported here: the next runtime
             log.warning("OpenVINO unavailable (%s: %s); using ONNX Runtime", type(err).__name__, err)
     try:
-        return OnnxBackend(bundle.onnx_path("fp32"))
+        return OnnxBackend(bundle.onnx_path("fp32"), meta=meta)
     except Exception as err:  # noqa: BLE001  any failure of the fast path: fall back, say so
         if backend != "auto":
             raise
@@ -270,5 +351,5 @@ def backend_for_model(model, meta: "ModelMeta", backend: str = "onnx", lock: thr
     if backend == "onnx":
         from .export import onnx_bytes
 
-        return OnnxBackend(onnx_bytes(model, meta))
+        return OnnxBackend(onnx_bytes(model, meta), meta=meta)
     raise ValueError(f"an in-memory model runs on 'torch' or 'onnx', not {backend!r}")

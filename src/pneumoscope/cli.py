@@ -19,7 +19,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 BACKEND_HELP = ("auto: OpenVINO (bf16 where the CPU has AMX or AVX512-BF16), else ONNX Runtime, else PyTorch; "
                 "onnx: ONNX Runtime fp32, the reference the model card reports; int8: the quantized graph "
                 "made by `export --int8` (faster, slightly less accurate)")
-MODEL_HELP = "a model bundle directory (or a legacy model.pt); default: the shipped model for --task"
+MODEL_HELP = ("a model bundle directory or a file in one, a run directory or its checkpoints/best.ckpt or last.ckpt "
+              "(the run's model/), or a legacy model.pt; default: the shipped model for --task")
 DATA_HELP = "a manifest CSV, or a tree of class folders (plain, or train/ val/ test/ each holding them)"
 GROUPS_HELP = ("CSV of image -> group (patient) id: columns path (or filename) and group; images of one group "
                "never straddle a split")
@@ -37,10 +38,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # a full or closed stdout fails here, where it is caught, not at exit
+        return code
     except (FileNotFoundError, ValueError) as err:
         print(f"pneumoscope: error: {err}", file=sys.stderr)
         return EXIT_USAGE if isinstance(err, FileNotFoundError) else EXIT_FAILED
+    except OSError as err:  # a file that cannot be written: a full disk, a read-only folder, a full stdout
+        print(f"pneumoscope: error: {err.filename}: {err.strerror}" if err.filename else f"pneumoscope: error: {err}",
+              file=sys.stderr)
+        _detach_stdout()
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("pneumoscope: interrupted", file=sys.stderr)
         return 130
@@ -52,6 +60,15 @@ class ConsoleFormat(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = super().format(record)
         return message if record.levelno <= logging.INFO else f"{record.levelname} {message}"
+
+
+def _detach_stdout() -> None:
+    """Points stdout at /dev/null when it cannot be written, so the interpreter's last flush of what
+    is still buffered does not print an 'Exception ignored' report after the one-line error."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first measure the shipped models on this external group (reported as used for selection)")
     p.set_defaults(handler=cmd_card)
 
-    p = sub.add_parser("split", help="cut train/val/test out of a dataset by patient: the manifest train would use")
+    p = sub.add_parser("split", help="cut train/val/test out of a dataset by patient (a tree: as train would; a "
+                                     "manifest is cut anew)")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--out", required=True, help="manifest CSV to write")
     p.add_argument("--task", choices=tuple(TASKS), default=None,
@@ -104,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="finished run directories trained on the same manifest")
     p.add_argument("--out", required=True, help="run directory to write")
     p.set_defaults(handler=cmd_ensemble)
+
+    p = sub.add_parser("soup", help="average finished runs in weight space into one network (a model soup; a run "
+                                    "directory that ship, evaluate and compare take)")
+    p.add_argument("--runs", nargs="+", required=True, metavar="RUN",
+                   help="finished runs of one architecture on one manifest (best from `train --head-init zero`)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--method", choices=("uniform", "greedy"), default="uniform",
+                   help="uniform: the mean of all; greedy: add runs by validation accuracy while it does not fall")
+    p.add_argument("--bn-images", type=int, default=1024, metavar="N",
+                   help="training images to re-estimate the trained BatchNorm layers on (0: keep the averages)")
+    p.set_defaults(handler=cmd_soup)
 
     p = sub.add_parser("calibrate", help="fit a finished run's temperature again and rewrite its val and internal "
                                          "test reports (the weights are untouched)")
@@ -146,13 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
     p.add_argument("--task", choices=tuple(TASKS), default="three")
     p.add_argument("--format", choices=("table", "csv", "json"), default=None,
-                   help="default: table on stdout, json with --output")
+                   help="default: from --output's extension (.csv; .json, .jsonl, .ndjson: JSON lines; others: "
+                        "table), table on stdout")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--output", "-o", metavar="FILE", default=None,
-                   help="write records to FILE as they are produced (csv or json), with a progress bar")
+                   help="write records to FILE as they are produced, with a progress bar (format: see --format)")
     p.add_argument("--resume", action="store_true", help="with --output: skip the inputs already in FILE")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
-    p.add_argument("--cam", metavar="DIR", default=None, help="write a Grad-CAM overlay <stem>_cam.png per image")
+    p.add_argument("--cam", metavar="DIR", default=None,
+                   help="write a Grad-CAM overlay <stem>_<hash>_cam.png per image (hash: of its path, so the same "
+                        "on --resume)")
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("export", help="write a model's ONNX graph (with its meta and fingerprint) for ONNX Runtime")
@@ -195,7 +227,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-timeout", type=positive_number, default=30, metavar="SECONDS",
                    help="time allowed to receive an upload after its headers; a slower one gets 408")
     p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("listen", help="DICOM node: read the chest radiographs a PACS sends (C-STORE), send the "
+                                      "reads back as DICOM SR (docs/pacs.md)")
+    p.add_argument("--ae-title", default="PNEUMOSCOPE", type=ae_title, help="this node's AE title (default PNEUMOSCOPE)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
+    p.add_argument("--port", type=port_number, default=11112)
+    p.add_argument("--calling-ae", action="append", required=True, type=ae_title, metavar="AET",
+                   help="accept associations from this AE title (repeatable; others are rejected)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--send-to", metavar="AET@HOST:PORT", type=ae_address,
+                        help="store the results by C-STORE at this AE")
+    target.add_argument("--stow", metavar="URL", help="store the results by STOW-RS at this DICOMweb service root")
+    p.add_argument("--spool", default="pneumoscope-spool", metavar="DIR",
+                   help="received instances wait here until their read is stored (default pneumoscope-spool)")
+    p.add_argument("--overlay", action="store_true",
+                   help="also send a Secondary Capture with the Grad-CAM heat map and the label burned in")
+    add_model_arguments(p)
+    p.add_argument("--max-associations", type=int, default=4, metavar="N", help="associations at once (default 4)")
+    p.add_argument("--max-instance-mb", type=positive_number, default=64,
+                   help="largest instance accepted, MiB (default 64); a larger one aborts its association")
+    p.set_defaults(handler=cmd_listen)
+
+    p = sub.add_parser("pacs", help="read the chest radiographs of a DICOMweb archive (QIDO-RS, WADO-RS), store the "
+                                    "reads back (STOW-RS); resumable (docs/pacs.md)")
+    p.add_argument("--dicomweb", required=True, metavar="URL", help="the archive's DICOMweb service root")
+    p.add_argument("--stow", default=None, metavar="URL", help="store the results here instead (default: --dicomweb)")
+    p.add_argument("--state", default="pneumoscope-pacs-state.json", metavar="FILE",
+                   help="what was read already (default pneumoscope-pacs-state.json); a new run goes on from it")
+    p.add_argument("--once", action="store_true", help="one pass over the archive, then exit")
+    p.add_argument("--interval", type=positive_number, default=60, metavar="SECONDS",
+                   help="seconds between passes (default 60)")
+    p.add_argument("--overlay", action="store_true",
+                   help="also store a Secondary Capture with the Grad-CAM heat map and the label burned in")
+    add_model_arguments(p)
+    p.set_defaults(handler=cmd_pacs)
     return parser
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=tuple(TASKS), default="three")
+    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+
+
+def ae_title(text: str) -> str:
+    """argparse type: a DICOM AE title (1-16 characters of printable ASCII, no backslash)."""
+    title = text.strip()
+    if not 0 < len(title) <= 16 or not all(32 <= ord(c) < 127 and c != "\\" for c in title):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an AE title (1-16 printable ASCII characters)")
+    return title
 
 
 def positive_number(text: str) -> float:
@@ -255,7 +336,7 @@ def cmd_split(args) -> int:
     from .data import read_dataset, split_dataset, split_summary, write_manifest
 
     dataset = read_dataset(args.data, args.task, args.groups)
-    samples, notes = split_dataset(dataset, args.val_fraction, args.test_fraction, args.seed)
+    samples, notes = split_dataset(dataset, args.val_fraction, args.test_fraction, args.seed, keep_manifest=False)
     write_manifest(samples, args.out)
     print(f"wrote {args.out}: " + "\n".join(split_summary(samples, dataset.classes, dataset.task, dataset.grouping)
                                           + [f"  {note}" for note in notes]))
@@ -263,10 +344,14 @@ def cmd_split(args) -> int:
 
 
 def cmd_train(args) -> int:
+    config = config_from_args(args)
+    if config.pretrained and not config.resume:  # unavailable weights: one line before Lightning even loads
+        from .models import ensure_pretrained
+
+        ensure_pretrained(config.arch, config.pretrained)
     from .experiments import cross_validate
     from .train import is_main_process, train
 
-    config = config_from_args(args)
     if args.folds:
         return _print_cv(cross_validate(config, args.folds))
     result = train(config)
@@ -281,6 +366,12 @@ def cmd_ensemble(args) -> int:
     from .ensemble import build_ensemble
 
     return _print_result(build_ensemble(args.runs, args.out))
+
+
+def cmd_soup(args) -> int:
+    from .soup import build_soup
+
+    return _print_result(build_soup(args.runs, args.out, args.method, args.bn_images))
 
 
 def cmd_calibrate(args) -> int:
@@ -358,12 +449,17 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .batch import predict_paths
+    from .batch import output_format, predict_paths
     from .predict import Classifier
 
-    fmt = args.format or ("json" if args.output else "table")
-    if (args.output and fmt == "table") or (args.resume and not args.output):
-        print("pneumoscope: error: --output writes --format csv or json; --resume needs --output", file=sys.stderr)
+    try:
+        fmt = output_format(args.format, args.output)
+    except ValueError as err:
+        print(f"pneumoscope: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.resume and (not args.output or fmt == "table"):
+        print("pneumoscope: error: --resume needs --output FILE in csv or json (.csv, .json, .jsonl, .ndjson)",
+              file=sys.stderr)
         return EXIT_USAGE
     problem = output_problem(args.output, args.paths, args.cam)
     if problem:
@@ -388,29 +484,33 @@ def output_problem(output: str | None, inputs: list[str], cam: str | None) -> st
 
 
 def cmd_export(args) -> int:
-    from .artifact import resolve_model
+    from .artifact import load_bundle, refuse_shipped, resolve_model
     from .export import export_checkpoint, export_int8
 
-    model = args.checkpoint or resolve_model(args.task)
+    refuse_shipped(args.out)
+    model = load_bundle(args.checkpoint or resolve_model(args.task))
     if args.int8:
         if not args.calibration:
             raise ValueError("--int8 needs --calibration DATA (real X-rays to calibrate the int8 ranges)")
-        from .artifact import load_bundle
         from .data import read_dataset
         from .labels import TASKS
 
-        task = load_bundle(model).meta.task
+        task = model.meta.task  # calibration reads a Kermany tree as the model does
         samples = read_dataset(args.calibration, task if task in TASKS else None).samples
         out = export_int8(model, samples, args.calibration_n, args.out, args.opset)
     else:
         out = export_checkpoint(model, args.out, args.opset)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {args.opset}, dynamic batch)")
+    if not args.out and not model.users_own:
+        print(f"  {model.path} is shipped or read-only, so it is left as it is; predict finds this graph in the "
+              "cache (--out FILE writes it elsewhere)")
     return EXIT_OK
 
 
 def cmd_bundle(args) -> int:
-    from .artifact import convert_legacy, load_bundle
+    from .artifact import convert_legacy, load_bundle, refuse_shipped
 
+    refuse_shipped(args.out)
     out = convert_legacy(args.checkpoint, args.out, export=args.export)
     bundle = load_bundle(out)
     print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))}); fingerprint {bundle.fingerprint[:16]}")
@@ -419,7 +519,9 @@ def cmd_bundle(args) -> int:
 
 def cmd_adapt(args) -> int:
     from .adapt import adapt_bundle
+    from .artifact import refuse_shipped
 
+    refuse_shipped(args.out)
     images = args.images[0] if len(args.images) == 1 else args.images
     report = adapt_bundle(args.checkpoint, images, args.out, priors=args.priors, task=args.task)
     print(f"wrote {args.out}: {report['method']} on {report['images']} images from {report['source']}")
@@ -437,6 +539,64 @@ def cmd_serve(args) -> int:
     run(host=args.host, port=args.port, task=args.task, checkpoint=args.checkpoint,
         max_upload_mb=args.max_upload_mb, allowed_hosts=tuple(args.allow_host), body_timeout=args.body_timeout)
     return EXIT_OK
+
+
+def node_log() -> None:
+    """The DICOM commands log what they do (each instance received, refused, stored) with the time:
+    for a node that runs for months, its log is the record."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    for name, level in (("pneumoscope.pacs", logging.INFO), ("pynetdicom", logging.WARNING), ("pydicom", logging.ERROR)):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.addHandler(handler)
+        logger.propagate = False
+    # pydicom warns (and logs) about every odd header it still reads; a refused instance's reason is in
+    # the node's own log line, so the warning would only repeat it without saying which instance
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
+
+
+def ae_address(text: str) -> tuple[str, str, int]:
+    """argparse type: AET@HOST:PORT."""
+    from .pacs.destinations import parse_ae_address
+
+    try:
+        return parse_ae_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def cmd_listen(args) -> int:
+    from .pacs.destinations import CStoreDestination, StowDestination
+    from .pacs.node import NodeConfig, listen
+    from .predict import Classifier
+
+    if args.max_associations < 1:
+        raise ValueError("--max-associations must be at least 1")
+    if args.send_to:
+        destination = CStoreDestination(*args.send_to, calling_aet=args.ae_title)
+    else:
+        destination = StowDestination(args.stow)
+    config = NodeConfig(ae_title=args.ae_title, host=args.host, port=args.port, calling_aets=tuple(args.calling_ae),
+                        destination=destination, spool=Path(args.spool), overlay=args.overlay,
+                        max_associations=args.max_associations, max_instance_mb=args.max_instance_mb)
+    node_log()
+    listen(config, Classifier.load(args.checkpoint, task=args.task, backend=args.backend))
+    return EXIT_OK
+
+
+def cmd_pacs(args) -> int:
+    from .pacs.dicomweb import run
+    from .predict import Classifier
+
+    node_log()
+    classifier = Classifier.load(args.checkpoint, task=args.task, backend=args.backend)
+    counts = run(args.dicomweb, classifier, args.state, stow_url=args.stow, overlay=args.overlay, once=args.once,
+                 interval=args.interval)
+    print(f"pneumoscope pacs: {counts}")
+    return EXIT_FAILED if counts.unavailable or counts.failed else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ a file. Nothing here imports torch, so `pneumoscope --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import functools
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,6 +22,8 @@ OPTIMIZERS = ("adamw", "adam", "sgd")  # train.make_optimizer
 SCHEDULES = ("onecycle", "cosine", "step", "plateau")  # train.make_schedule
 LOSSES = ("ce", "focal")  # train.make_loss
 CALIBRATIONS = ("augmented", "val")  # train.calibration_temperature
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+HEAD_INITS = ("random", "zero")  # train.init_head  # Lightning's names; 16-mixed is for CUDA
 # Patients' shares of a dataset folder (data.split_by_patient), test first. 5% validation (not 15%)
 # gives training 13% more images; chosen on the external group: docs/benchmarks.md, session 7.
 VAL_FRACTION, TEST_FRACTION = 0.05, 0.15
@@ -73,6 +76,9 @@ class TrainConfig:
     freeze: str | None = _option(None, "weights kept as they start: none, base (all but the classifier head) or N "
                                        "(the stem and the first N stages); default: the architecture's (2 on "
                                        "efficientnet_lite*, none on the others)")
+    head_init: str = _option("random", "classifier head at the start: random (the architecture's own) or zero "
+                                       "(every seed then starts from the same weights, so runs can be averaged "
+                                       "with `pneumoscope soup`)", choices=HEAD_INITS)
     ema_decay: float = _option(0.998, "decay of the moving average of weights (EMA); 0 disables it")
     # an average that starts at step 0 remembers the random head
     ema_start_epoch: int = _option(1, "average weights from this epoch on")
@@ -92,6 +98,12 @@ class TrainConfig:
                                   flag="--test")
     resume: bool = _option(False, "continue the run from its last checkpoint, with its saved configuration")
     cache_dir: str | None = _option(None, "pixel cache folder (default $PNEUMOSCOPE_CACHE or ~/.cache/pneumoscope)")
+    # 32 by default: bf16 autocast made no step faster on the AVX512-BF16 EPYC measured
+    # (docs/benchmarks.md, "Training under load and in bf16")
+    precision: str = _option("32", "arithmetic (Lightning's names): 32, bf16-mixed (autocast to bfloat16; "
+                                   "CPUs with AVX512-BF16/AMX, recent GPUs), 16-mixed (CUDA)", choices=PRECISIONS)
+    threads: int = _option(0, "CPU threads for training; 0: one per core, one fewer for each core other "
+                              "processes keep busy (checked every few steps)")
 
     def __post_init__(self):
         if self.freeze is not None:  # one spelling: 2 and "2" are the same
@@ -106,7 +118,7 @@ class TrainConfig:
         values = _renamed_options(values)
         hints = typing.get_type_hints(cls)
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known) - {"extra"})
+        unknown = sorted(map(str, set(values) - set(known) - {"extra"}))  # a YAML key may be a number
         if unknown:
             raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}")
         coerced = {k: _coerce(k, v, hints[k], source) for k, v in values.items() if k in known}
@@ -152,6 +164,8 @@ def _coerce(name: str, value, hint, source: str):
     base, optional = _base_type(hint)
     if value is None and optional:
         return None
+    if not isinstance(value, (str, int, float)):  # bool is an int; str() of a list of aliases can be gigabytes
+        raise ValueError(f"{source}: {name} must be {base.__name__}, not a {type(value).__name__}")
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -225,11 +239,41 @@ def _read_yaml(parser: argparse.ArgumentParser, path: str) -> dict:
     import yaml
 
     try:
-        values = yaml.safe_load(Path(path).read_text())
+        values = yaml.load(Path(path).read_bytes(), Loader=options_loader())  # bytes: yaml checks the encoding
     except OSError as err:
         parser.error(f"{path}: cannot read ({err.strerror})")
     except yaml.YAMLError as err:
-        parser.error(f"{path}: not valid YAML ({str(err).splitlines()[0]})")
+        parser.error(f"{path}: not valid YAML ({_yaml_reason(err)})")
+    except RecursionError:
+        parser.error(f"{path}: nested too deeply for a file of options")
     if not isinstance(values, dict):
         parser.error(f"{path}: expected a mapping of option: value")
     return values
+
+
+def _yaml_reason(err) -> str:
+    """A YAMLError in one line: where and what (its str() quotes the offending lines)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(err).split())[:300]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+@functools.cache
+def options_loader():
+    """yaml.SafeLoader (plain data only) that refuses an alias of a list or a mapping. Options are
+    single values, and such aliases are how a few hundred bytes of YAML ("billion laughs") become a
+    structure whose every walk, str() included, takes gigabytes. Aliases of single values stay."""
+    import yaml
+
+    class OptionsLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                if not isinstance(self.anchors.get(event.anchor), (yaml.ScalarNode, type(None))):
+                    raise yaml.composer.ComposerError(
+                        None, None, f"alias *{event.anchor} repeats a list or mapping; a file of options holds "
+                        "single values", event.start_mark)
+            return super().compose_node(parent, index)
+
+    return OptionsLoader

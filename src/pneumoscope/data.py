@@ -6,19 +6,18 @@ import hashlib
 import logging
 import math
 import os
-import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedGroupKFold
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from .config import AUG_POLICIES, TEST_FRACTION, VAL_FRACTION
 from .files import atomic_write, default_cache_dir  # noqa: F401  (re-exported: older imports use data.atomic_write)
+from .folds import StratifiedGroupKFold  # scikit-learn's, with its per-group step made fast
 from .images import ImageReadError, input_step, read_xray, resize_square
 from .labels import (FOLDERS, classes_for, is_image_file, is_kermany_tree, kermany_patient, label_from_path,
                      task_label)
@@ -208,7 +207,7 @@ def read_groups(path: str | os.PathLike, root: str | os.PathLike | None = None) 
 
 
 def _read_manifest_dataset(path: Path, task: str | None, groups: str | os.PathLike | None) -> DatasetDescription:
-    samples = read_manifest(path)
+    samples, skipped = _existing(read_manifest(path), path)
     grouping = {"manifest": len(samples)}
     if groups:  # the CSV's groups replace the manifest's where it names the file
         group_of = read_groups(groups, path.parent)
@@ -224,10 +223,22 @@ def _read_manifest_dataset(path: Path, task: str | None, groups: str | os.PathLi
         if unlabelled and task != "binary":
             raise ValueError(f"{path}: {unlabelled} rows are labelled PNEUMONIA, which has no 3-class label; "
                              "use --task binary")
-        return DatasetDescription(path, task, classes_for(task), samples, "kermany", grouping, [])
+        return DatasetDescription(path, task, classes_for(task), samples, "kermany", grouping, skipped)
     classes = tuple(sorted(labels))
     _check_task(path, classes, task, "labels")
-    return DatasetDescription(path, FOLDERS, classes, samples, "folders", grouping, [])
+    return DatasetDescription(path, FOLDERS, classes, samples, "folders", grouping, skipped)
+
+
+def _existing(samples: list[Sample], manifest: Path) -> tuple[list[Sample], list[str]]:
+    """The rows whose file exists, and a reason for each other one (one summary warning for all);
+    none existing is a one-line error."""
+    missing = {s.path for s in samples if not os.path.isfile(s.path)}
+    if len(missing) == len(samples):
+        raise FileNotFoundError(f"{manifest}: none of its {len(samples)} files exists (e.g. {samples[0].path}); "
+                                "relative paths are read from the manifest's folder")
+    skipped = [f"{p}: listed in the manifest but no such file; left out" for p in sorted(missing)]
+    _warn_skipped(manifest, skipped)
+    return [s for s in samples if s.path not in missing], skipped
 
 
 def class_indices(samples: list[Sample], classes: tuple[str, ...], task: str) -> np.ndarray:
@@ -251,15 +262,19 @@ MIN_SPLIT_IMAGES = 2
 
 
 def split_dataset(dataset: DatasetDescription, val_fraction: float = VAL_FRACTION,
-                  test_fraction: float = TEST_FRACTION, seed: int = 0) -> tuple[list[Sample], list[str]]:
+                  test_fraction: float = TEST_FRACTION, seed: int = 0, keep_manifest: bool = True
+                  ) -> tuple[list[Sample], list[str]]:
     """The samples with train/val/test assigned, and one line per side saying how it was formed.
 
-    A manifest keeps its splits. A tree's own val/ and test/ folders are used when they hold enough
-    images of every class (`own_sides`); the sides still missing are cut from the rest (train/, the
-    plain tree, and any val/ or test/ too small to use) by group, stratified by class
+    A manifest whose every row has a split keeps them (`keep_manifest`; `split` cuts it anew). A
+    tree's own val/ and test/ folders are used when they hold enough images of every class
+    (`own_sides`); the sides still missing are cut from the rest (train/, the plain tree or
+    manifest, and any val/ or test/ too small to use) by group, stratified by class
     (`split_by_patient`: test is test_fraction of the pool's groups, val val_fraction)."""
     if dataset.is_manifest:
-        return dataset.samples, [f"train, val and test as {dataset.source.name} assigns them"]
+        if keep_manifest and all(s.split in SPLITS for s in dataset.samples):
+            return dataset.samples, [f"train, val and test as {dataset.source.name} assigns them"]
+        dataset = replace(dataset, samples=[replace(s, split="") for s in dataset.samples])
     kept, notes = own_sides(dataset, val_fraction, test_fraction)
     pool = [s for s in dataset.samples if s.path not in kept]
     missing = {side: fraction for side, fraction in (("val", val_fraction), ("test", test_fraction))
@@ -504,15 +519,25 @@ class RandomGamma(torch.nn.Module):
         return v2.functional.adjust_gamma(image, gamma)
 
 
-class JPEG(v2.JPEG):
-    """torchvision's JPEG re-compression, without the warning on every call that torchvision's
-    codecs are deprecated in favour of TorchCodec (a dependency for this one transform)."""
+class RandomJpeg(torch.nn.Module):
+    """JPEG re-compression at a quality drawn from [low, high] (torch's RNG, so the seeded stream
+    decides it), through Pillow: torchvision's v2.JPEG goes through its image codecs, deprecated
+    since torchvision 0.29. Clinics store radiographs at different JPEG qualities."""
 
-    def forward(self, *inputs):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                                    category=DeprecationWarning)
-            return super().forward(*inputs)
+    def __init__(self, quality: tuple[int, int]):
+        super().__init__()
+        self.low, self.high = quality
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        import io
+
+        from PIL import Image
+
+        quality = int(torch.randint(self.low, self.high + 1, ()))
+        buffer = io.BytesIO()
+        Image.fromarray(image[0].numpy()).save(buffer, "JPEG", quality=quality)
+        buffer.seek(0)
+        return torch.from_numpy(np.asarray(Image.open(buffer).convert("L")).copy())[None]
 
 
 class InputStep(torch.nn.Module):
@@ -549,7 +574,7 @@ def train_transform(size: int, strength: float = 1.0, policy: str = "standard", 
             v2.RandomApply([RandomGamma(1 + 0.6 * s)], p=0.5),
             v2.RandomAutocontrast(p=0.3 * s),
             v2.RandomEqualize(p=0.3 * s),
-            v2.RandomApply([JPEG((40, 95))], p=0.3 * s),
+            v2.RandomApply([RandomJpeg((40, 95))], p=0.3 * s),
             v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.3 * s),
             v2.RandomAdjustSharpness(2.0, p=0.2 * s),
             InputStep(preprocess),

@@ -14,7 +14,7 @@ import socket
 import time
 
 from . import __version__
-from .rundir import RunDir
+from .rundir import RunDir, model_name
 
 def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike):
     """Averages the finished runs `run_dirs` into the run directory `out`; returns a train.TrainResult
@@ -27,12 +27,12 @@ def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike):
     runs = [RunDir(path) for path in run_dirs]
     bundles = [load_bundle(run.finished_model()) for run in runs]
     first = bundles[0].meta
-    _check_compatible(runs, [b.meta for b in bundles])
+    check_compatible(runs, [b.meta for b in bundles])
     model = Ensemble([bundle.load_model() for bundle in bundles]).eval()
     samples = runs[0].samples()
-    members = [_member(run, bundle.meta) for run, bundle in zip(runs, bundles)]
+    members = [member_facts(run, bundle.meta) for run, bundle in zip(runs, bundles)]
     meta = ModelMeta(
-        name=f"pneumoscope-ensemble{len(runs)}-{first.task}", task=first.task, classes=first.classes, arch=ENSEMBLE,
+        name=model_name(out), task=first.task, classes=first.classes, arch=ENSEMBLE,
         members=tuple(b.meta.arch for b in bundles), img_size=first.img_size, mean=first.mean, std=first.std,
         preprocess=first.preprocess,
         params=count_parameters(model),
@@ -54,10 +54,11 @@ def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike):
     return TrainResult(run.path, run.bundle, metrics)
 
 
-def _check_compatible(runs: list[RunDir], metas: list) -> None:
-    """One-line errors for members that cannot be averaged or compared on one validation split."""
+def check_compatible(runs: list[RunDir], metas: list) -> None:
+    """One-line errors for members that cannot be averaged or compared on one validation split
+    (ensembles and soups)."""
     if len(metas) < 2:
-        raise ValueError(f"an ensemble needs at least two runs, not {len(metas)}")
+        raise ValueError(f"averaging needs at least two runs, not {len(metas)}")
     first = metas[0]
     for run, meta in zip(runs, metas):
         if meta.members or meta.merge_outputs or meta.adaptation:
@@ -72,7 +73,7 @@ def _check_compatible(runs: list[RunDir], metas: list) -> None:
                              "their train/val/test patients")
 
 
-def _member(run: RunDir, meta) -> dict:
+def member_facts(run: RunDir, meta) -> dict:
     """What the card and provenance say of one member. A shipped bundle placed in a run directory
     brings its training facts in its provenance (`ship` put them there)."""
     from .release import training_facts

@@ -120,12 +120,12 @@ def cross_validate(config, n_folds: int) -> dict:
     from .train import is_main_process, train
 
     from .data import read_dataset
-    from .train import with_defaults
+    from .train import with_dataset_task
 
     if n_folds < 2:
         raise ValueError("--folds needs at least 2 folds")
     dataset = read_dataset(config.data, config.task, config.groups)
-    config = with_defaults(config, dataset)  # the dataset's task names the folder
+    config = with_dataset_task(config, dataset)  # the dataset's task names the folder
     root = resolve(config)
     manifests = write_fold_manifests(config, root, n_folds, dataset)
     for fold, manifest in enumerate(manifests):

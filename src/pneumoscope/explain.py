@@ -7,7 +7,9 @@ overlay is drawn on the gray X-ray it kept.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import weakref
 from pathlib import Path
 
@@ -87,7 +89,15 @@ def overlay_rgb(gray: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
 
 
 def overlay_png(gray: np.ndarray, heatmap: np.ndarray, text: str) -> bytes:
-    """PNG bytes: `overlay_rgb` with `text` (label and probability) on a dark box, top left."""
+    """PNG bytes of `overlay_image`."""
+    buffer = io.BytesIO()
+    overlay_image(gray, heatmap, text).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def overlay_image(gray: np.ndarray, heatmap: np.ndarray, text: str) -> Image.Image:
+    """`overlay_rgb` (at most MAX_OVERLAY_SIDE a side) with `text` (label and probability; lines
+    may follow) on a dark box, top left: an RGB image."""
     image = Image.fromarray(gray)
     image.thumbnail((MAX_OVERLAY_SIDE, MAX_OVERLAY_SIDE))
     image = Image.fromarray(overlay_rgb(np.asarray(image), heatmap))
@@ -96,14 +106,14 @@ def overlay_png(gray: np.ndarray, heatmap: np.ndarray, text: str) -> bytes:
     left, top, right, bottom = draw.textbbox((2 * margin, 2 * margin), text, font=font)
     draw.rectangle((left - margin, top - margin, right + margin, bottom + margin), fill=(0, 0, 0))
     draw.text((2 * margin, 2 * margin), text, fill=(255, 255, 255), font=font)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return image
 
 
 def caption(record: Record) -> str:
-    text = f"{record.label} {record.probabilities[record.label]:.2f}"
-    return text + " (not a chest X-ray?)" if record.reliable is False else text
+    """The overlay's text, "BACTERIA (p 0.90)": PIL's default font draws a space a fifth of an em
+    wide, so a bare space read as `BACTERIA0.90`."""
+    text = f"{record.label} (p {record.probabilities[record.label]:.2f})"
+    return text + " - not a chest X-ray?" if record.reliable is False else text
 
 
 def explain(classifier: Classifier, source, name: str | None = None) -> tuple[Record, bytes | None]:
@@ -123,25 +133,28 @@ def cam_png(classifier: Classifier, record: Record, decoded: Decoded) -> bytes |
 
 
 class CamWriter:
-    """Writes `<stem>_cam.png` into a folder for each ok record (`<stem>_cam_2.png`, ... when two
-    inputs share a stem), from the pixels its prediction was decoded into."""
+    """Writes `<stem>_<hash>_cam.png` into a folder for each ok record, from the pixels its
+    prediction was decoded into. The hash (8 hex digits of the sha256 of the input's absolute
+    path) tells apart a/x.jpeg and b/x.jpeg and depends on nothing else, so a run resumed later
+    gives each input the name it had and overwrites no other input's overlay."""
 
     def __init__(self, classifier: Classifier, folder: str | Path):
-        self.classifier, self.folder, self.taken = classifier, Path(folder), set()
+        self.classifier, self.folder = classifier, Path(folder)
 
     def __call__(self, record: Record, decoded: Decoded) -> Path | None:
         png = cam_png(self.classifier, record, decoded)
         if png is None:
             return None
-        stem, n = Path(record.path).stem, 1
-        name = f"{stem}_cam.png"
-        while name in self.taken:
-            n += 1
-            name = f"{stem}_cam_{n}.png"
-        self.taken.add(name)
-        with atomic_write(self.folder / name) as handle:
+        path = self.folder / cam_name(record.path)
+        with atomic_write(path) as handle:
             handle.write(png)
-        return self.folder / name
+        return path
+
+
+def cam_name(path: str) -> str:
+    """The overlay's file name for the input `path` (see CamWriter)."""
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(path))).hexdigest()[:8]
+    return f"{Path(path).stem}_{digest}_cam.png"
 
 
 def cam_cases(classifier: Classifier, paths: list[str], y_true: np.ndarray, probs: np.ndarray, n: int = 16

@@ -74,9 +74,10 @@ def export_onnx(model: torch.nn.Module, meta: ModelMeta, out: str | os.PathLike,
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
                       opset: int = OPSET) -> Path:
     """Exports a bundle (or legacy model.pt); by default to its own graph file (`model.onnx` in the
-    bundle, `<name>.onnx` beside a legacy file), where prediction looks first."""
+    bundle, `<name>.onnx` beside a legacy file) when the bundle is the user's own, else into the
+    cache (`Bundle.export_location`); prediction finds it in either place."""
     bundle = load_bundle(checkpoint)
-    return export_onnx(bundle.load_model(), bundle.meta, out or bundle.graph_location("fp32"), opset)
+    return export_onnx(bundle.load_model(), bundle.meta, out or bundle.export_location("fp32"), opset)
 
 
 def set_metadata(proto, props: dict[str, str]) -> None:
@@ -139,11 +140,12 @@ def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, pixels) 
 def export_int8(checkpoint: str | os.PathLike, calibration_samples, n_calibration: int = 256,
                 out: str | os.PathLike | None = None, opset: int = OPSET) -> Path:
     """Bundle (or legacy model.pt) -> int8 graph, calibrated on `n_calibration` of the samples (see
-    calibration_pixels); by default the bundle's own `model.int8.onnx`, where backend "int8" looks."""
+    calibration_pixels); by default the bundle's own `model.int8.onnx` (the cache's for a bundle that
+    is not the user's own: `Bundle.export_location`), where backend "int8" looks."""
     bundle = load_bundle(checkpoint)
     pixels = calibration_pixels(calibration_samples, bundle.meta.img_size, n_calibration,
                                 preprocess=bundle.meta.preprocess)
-    out = out or bundle.graph_location("int8")
+    out = out or bundle.export_location("int8")
     if opset == OPSET:  # the bundle's own fp32 graph (fingerprint-checked; exported only if missing or stale)
         return quantize_int8(bundle.onnx_path("fp32"), out, pixels)
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,28 +19,57 @@ def _umask() -> int:
 
 class atomic_write:
     """Context manager: write to a temporary file beside `path`, then rename over it on success,
-    so a crash never leaves a half-written file under the final name."""
+    so a crash never leaves a half-written file under the final name. A failure (a full disk, a
+    read-only folder) leaves no temporary behind and raises OSError naming `path`, not the
+    temporary's random name."""
 
     def __init__(self, path: str | os.PathLike, mode: str = "wb", **kwargs):
         self.path, self.mode, self.kwargs = Path(path), mode, kwargs
+        self.tmp = None
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self.handle = os.fdopen(fd, self.mode, **self.kwargs)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            self.handle = os.fdopen(fd, self.mode, **self.kwargs)
+        except OSError as err:
+            self._discard()
+            raise self._named(err) from None
         return self.handle
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
+        if exc_type is not None:
+            self._discard()
+            if isinstance(exc, OSError) and exc.filename is None:  # a write into the handle failed
+                raise self._named(exc) from None
+            return False
+        try:
             self.handle.flush()
             os.fsync(self.handle.fileno())  # on disk before the rename makes it visible
-        self.handle.close()
-        if exc_type is None:
+            self.handle.close()
             os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
             os.replace(self.tmp, self.path)
-        else:
-            os.unlink(self.tmp)
+        except OSError as err:
+            self._discard()
+            raise self._named(err) from None
         return False
+
+    def _discard(self) -> None:
+        """Closes (what cannot be flushed is dropped) and deletes the temporary."""
+        handle = getattr(self, "handle", None)
+        if handle is not None:
+            try:
+                handle.close()
+            except OSError:
+                pass
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+
+    def _named(self, err: OSError) -> OSError:
+        return OSError(err.errno, f"cannot write ({err.strerror})", str(self.path))
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:

@@ -138,9 +138,16 @@ def load_guard(stats: dict) -> Guard:
     if stats.get("version", GUARD_VERSION) > GUARD_VERSION:
         raise ValueError(f"guard statistics version {stats['version']} is newer than this pneumoscope reads "
                          f"({GUARD_VERSION}); upgrade pneumoscope")
-    return Guard(center=decode(stats["center"]), whiten=decode(stats["whiten"]), means=decode(stats["class_means"]),
-                 temperature=float(stats.get("temperature", 1.0)), method=stats["method"],
-                 threshold=float(stats.get("threshold", np.inf)))
+    try:
+        center, whiten, means = decode(stats["center"]), decode(stats["whiten"]), decode(stats["class_means"])
+    except (KeyError, TypeError, ValueError) as err:  # binascii.Error is a ValueError
+        raise ValueError(f"guard statistics cannot be decoded ({type(err).__name__}: {err})") from None
+    if center.ndim != 1 or whiten.shape != (len(center), whiten.shape[-1]) or means.ndim != 2 \
+            or means.shape[1] != whiten.shape[1]:
+        raise ValueError(f"guard statistics do not fit together (center {center.shape}, whiten {whiten.shape}, "
+                         f"class means {means.shape})")
+    return Guard(center=center, whiten=whiten, means=means, temperature=float(stats.get("temperature", 1.0)),
+                 method=stats["method"], threshold=float(stats.get("threshold", np.inf)))
 
 
 def _as_guard(stats: dict | Guard) -> Guard:

@@ -124,8 +124,9 @@ def create_ensemble(archs: list[str] | tuple[str, ...], num_classes: int) -> Ens
     return Ensemble([create_model(arch, num_classes, pretrained=False) for arch in archs])
 
 
-class PretrainedUnavailable(RuntimeError):
-    pass
+class PretrainedUnavailable(ValueError):
+    """--pretrained cannot be honoured; the message says what to fetch and where (the CLI prints it
+    as one line)."""
 
 
 def create_model(name: str, num_classes: int, pretrained: bool | None = None) -> XrayNet:
@@ -150,6 +151,17 @@ def create_model(name: str, num_classes: int, pretrained: bool | None = None) ->
     else:
         raise PretrainedUnavailable(f"{name} has no pretrained weights; train it with --no-pretrained")
     return XrayNet(exportable_pools(backbone), spec.mean, spec.std)
+
+
+def ensure_pretrained(name: str, pretrained: bool | None) -> None:
+    """Makes sure the weights `create_model(name, ..., pretrained)` will load are on this machine
+    (fetching them when they are not): PretrainedUnavailable at once when they cannot be had, so a
+    training run fails before it reads its data, not after."""
+    spec = model_spec(name)
+    if pretrained and spec.pretrained in ("timm", "torchvision") and cached_weights(name) is None:
+        fetch_weights(name)
+    elif pretrained and spec.pretrained == "none":
+        raise PretrainedUnavailable(f"{name} has no pretrained weights; train it with --no-pretrained")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -222,24 +234,21 @@ def _lite_from_wheel(variant: str, num_classes: int) -> nn.Module:
 
 
 def _timm_pretrained(spec: ModelSpec, num_classes: int) -> nn.Module:
-    """timm's default weights for the architecture: from the local cache without touching the
-    network when they are there (a `file` overlay on timm's pretrained cfg), else as timm fetches
-    them (Hugging Face hub, honouring HF_HUB_OFFLINE). timm's in_chans=1 sums the RGB stem filters."""
-    cached = cached_weights(spec.name)
-    try:
-        return timm.create_model(spec.source, pretrained=True, num_classes=num_classes, in_chans=1,
-                                 pretrained_cfg_overlay={"file": str(cached)} if cached else None)
-    except OSError as err:  # LocalEntryNotFoundError, OfflineModeIsEnabled, HTTP and socket errors
-        raise PretrainedUnavailable(_fetch_hint(spec, err)) from None
+    """timm's default weights for the architecture, resolved as timm resolves them (the local
+    Hugging Face cache, then the hub) but fetched here (`fetch_weights`), so that an unreachable hub
+    is one line within seconds instead of huggingface_hub's retries. timm then loads the file (a
+    `file` overlay on its pretrained cfg); its in_chans=1 sums the RGB stem filters."""
+    weights = cached_weights(spec.name) or fetch_weights(spec.name)
+    return timm.create_model(spec.source, pretrained=True, num_classes=num_classes, in_chans=1,
+                             pretrained_cfg_overlay={"file": str(weights)})
 
 
 def _torchvision_pretrained(spec: ModelSpec, num_classes: int) -> nn.Module:
     """torchvision's weights (the torch hub cache, then download.pytorch.org), first conv summed to
     one channel (timm's adapt_input_conv), then a new head for num_classes."""
-    try:
-        state = torchvision.models.get_weight(spec.source).get_state_dict(progress=False, weights_only=True)
-    except OSError as err:  # URLError and socket errors: no network and nothing cached
-        raise PretrainedUnavailable(_fetch_hint(spec, err)) from None
+    if cached_weights(spec.name) is None:
+        fetch_weights(spec.name)  # probes the server first: unreachable is one line, not a hang
+    state = torchvision.models.get_weight(spec.source).get_state_dict(progress=False, weights_only=True)  # cached now
     model = spec.build(1000)
     key = f"{model.first_conv}.weight"
     state[key] = adapt_input_conv(1, state[key])
@@ -266,26 +275,92 @@ def pretrained_source(name: str) -> tuple[str, Path] | None:
     return (url, Path(torch.hub.get_dir()) / "checkpoints") if url else None
 
 
+def _hub_files(name: str) -> tuple[str, str | None, list[str]]:
+    """(repo, revision, file names in timm's order of preference) of a timm architecture's weights
+    on the Hugging Face hub: its pretrained cfg's file, else safetensors, then the pickled file
+    (timm.models._hub.load_state_dict_from_hf)."""
+    spec = model_spec(name)
+    repo, _, revision = pretrained_source(name)[0].partition("@")
+    cfg = get_pretrained_cfg(spec.source)
+    return repo, revision or None, [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors",
+                                                                                       "pytorch_model.bin"]
+
+
+def _on_hub(name: str) -> bool:
+    spec, source = model_spec(name), pretrained_source(name)
+    return spec.pretrained == "timm" and source is not None and not source[0].startswith(("http://", "https://"))
+
+
 def cached_weights(name: str) -> Path | None:
     """The architecture's pretrained weight file in the local Hugging Face or torch hub cache, or
     None. Looks at files only (huggingface_hub.try_to_load_from_cache): never the network."""
     from huggingface_hub import try_to_load_from_cache
 
-    spec, source = model_spec(name), pretrained_source(name)
+    source = pretrained_source(name)
     if source is None:
         return None
-    what, where = source
-    if spec.pretrained == "timm" and not what.startswith(("http://", "https://")):
-        repo, _, revision = what.partition("@")
-        cfg = get_pretrained_cfg(spec.source)
-        # timm prefers safetensors, then the pickled file (timm.models._hub.load_state_dict_from_hf)
-        for filename in [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]:
-            found = try_to_load_from_cache(repo, filename, revision=revision or None)
+    if _on_hub(name):
+        repo, revision, filenames = _hub_files(name)
+        for filename in filenames:
+            found = try_to_load_from_cache(repo, filename, revision=revision)
             if isinstance(found, str):
                 return Path(found)
         return None
+    what, where = source
     path = where / os.path.basename(urlparse(what).path)
     return path if path.is_file() else None
+
+
+PROBE_TIMEOUT = 4.0  # seconds; a weights server that has not answered by then counts as unreachable
+
+
+def fetch_weights(name: str) -> Path:
+    """Downloads the architecture's pretrained weights into their cache (the Hugging Face hub
+    cache, or the torch hub's checkpoints/ for a URL) and returns the file. One request with a
+    short timeout first, without huggingface_hub's retries: offline (HF_HUB_OFFLINE=1) or an
+    unreachable server raises PretrainedUnavailable at once, naming what to fetch and where."""
+    spec = model_spec(name)
+    if pretrained_source(name) is None:
+        raise PretrainedUnavailable(f"{name} has no pretrained weights; train it with --no-pretrained")
+    if not _on_hub(name):  # a URL (torchvision's weights): into the torch hub cache, where torch.hub looks
+        url, where = pretrained_source(name)
+        _probe_url(spec, url)
+        target = where / os.path.basename(urlparse(url).path)
+        where.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(target), progress=False)  # a temporary, then renamed
+        except OSError as err:
+            raise PretrainedUnavailable(_fetch_hint(spec, err)) from None
+        return target
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo, revision, filenames = _hub_files(name)
+    if constants.is_offline_mode():
+        raise PretrainedUnavailable(_fetch_hint(spec, "HF_HUB_OFFLINE is set", filenames[0]))
+    for filename in filenames:
+        try:  # no retries (huggingface_hub retries only on request): the fast answer to "is it reachable"
+            get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision), timeout=PROBE_TIMEOUT)
+        except EntryNotFoundError:
+            continue  # timm's next choice of file
+        except Exception as err:  # noqa: BLE001  refused, DNS, timeout, proxy, HTTP 4xx/5xx: not fetchable now
+            raise PretrainedUnavailable(_fetch_hint(spec, err, filename)) from None
+        try:
+            return Path(hf_hub_download(repo, filename, revision=revision, library_name="timm",
+                                        library_version=timm.__version__))
+        except Exception as err:  # noqa: BLE001  the download broke off after the probe answered
+            raise PretrainedUnavailable(_fetch_hint(spec, err, filename)) from None
+    raise PretrainedUnavailable(f"{name}: {repo} holds none of {', '.join(filenames)}; train with --no-pretrained")
+
+
+def _probe_url(spec: ModelSpec, url: str) -> None:
+    """One HEAD request with PROBE_TIMEOUT: PretrainedUnavailable when the server does not answer."""
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT).close()
+    except OSError as err:  # URLError, HTTPError, socket timeouts
+        raise PretrainedUnavailable(_fetch_hint(spec, err)) from None
 
 
 def weights_status(name: str) -> str:
@@ -300,11 +375,18 @@ def weights_status(name: str) -> str:
     return "cached" if cached_weights(name) else "download"
 
 
-def _fetch_hint(spec: ModelSpec, err: Exception) -> str:
+def _fetch_hint(spec: ModelSpec, why, filename: str | None = None) -> str:
+    """One line: why the weights could not be fetched, what to fetch and where to put it."""
     what, where = pretrained_source(spec.name)
-    how = "on a connected machine" if what.startswith("http") else f"with `hf download {what}` on a connected machine"
-    return (f"{spec.name}: no pretrained weights in the local cache and fetching them failed ({type(err).__name__}); "
-            f"fetch {what} into {where} {how}, or train with --no-pretrained")
+    why = why if isinstance(why, str) else f"{type(why).__name__}: {str(why).splitlines()[0] if str(why) else ''}"
+    if what.startswith(("http://", "https://")):
+        how = f"download {what} into {where}/ on a connected machine"
+    else:
+        file = f" {filename}" if filename else ""
+        how = (f"fetch {what}{file} from the Hugging Face hub with `hf download {what}{file}` on a connected "
+               f"machine, into the hub cache {where} (HF_HUB_CACHE)")
+    return f"{spec.name}: no pretrained weights in the local cache and they cannot be fetched now ({why}); {how}, " \
+           "or train with --no-pretrained"
 
 
 # ---------------------------------------------------------------- freezing

@@ -88,8 +88,13 @@ def prediction_grid_png(paths, y_true, probs, classes, out: Path, read, n: int =
         wrong = predicted != y_true[i]
         ax.set_title(f"{classes[predicted]} {probs[i, predicted]:.2f}\n[{classes[y_true[i]]}]", fontsize=9,
                      color="red" if wrong else "black")
+    fig.suptitle(GRID_LEGEND, fontsize=10)
     fig.tight_layout()
     save(fig, out)
+
+
+# what every grid of titled X-rays says about its titles
+GRID_LEGEND = "predicted class and probability above each image, [true class] in brackets; red: wrong"
 
 
 def cam_grid_png(images, titles, wrong, out: Path) -> None:
@@ -102,18 +107,19 @@ def cam_grid_png(images, titles, wrong, out: Path) -> None:
     for ax, image, title, is_wrong in zip(axes.flat, images, titles, wrong):
         ax.imshow(image)
         ax.set_title(title, fontsize=9, color="red" if is_wrong else "black")
-    fig.suptitle("Grad-CAM of the predicted class (wrong predictions first)", fontsize=10)
+    fig.suptitle(f"Grad-CAM of the predicted class, wrong predictions first\n{GRID_LEGEND}", fontsize=10)
     fig.tight_layout()
     save(fig, out)
 
 
 def mistakes_png(images, titles, out: Path) -> None:
     """A row of X-rays (gray arrays) with their titles in red: the most confident mistakes."""
-    fig, axes = plt.subplots(1, len(images), figsize=(2.4 * len(images), 2.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(images), figsize=(2.4 * len(images), 3.2), squeeze=False)
     for ax, image, title in zip(axes[0], images, titles):
         ax.imshow(image, cmap="gray")
         ax.set_title(title, fontsize=9, color="red")
         ax.axis("off")
+    fig.suptitle("most confident mistakes: predicted class and probability, [true class] in brackets", fontsize=9)
     fig.tight_layout()
     save(fig, out)
 
@@ -124,7 +130,9 @@ def _series(rows: list[dict], key: str) -> list[float]:
 
 
 def training_curves_png(rows: list[dict], out: Path) -> None:
-    """Loss and accuracy per epoch of one run (metrics.csv rows), train vs val."""
+    """Loss and accuracy per epoch of one run (metrics.csv rows), train vs val; whole epochs on the x axis."""
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [int(r["epoch"]) for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for key, style in (("train", "-o"), ("val", "--s")):
@@ -133,6 +141,7 @@ def training_curves_png(rows: list[dict], out: Path) -> None:
     ax_acc.plot(epochs, _series(rows, "val_bacc"), ":^", label="val balanced")
     for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a 2-epoch run: 0 and 1, not 0.2, 0.4, ...
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()

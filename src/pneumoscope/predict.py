@@ -19,14 +19,14 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .artifact import Bundle, ModelMeta, load_bundle, resolve_model
+from .artifact import Bundle, BundleError, ModelMeta, load_bundle, resolve_model
 from .backends import (BACKENDS, Backend, TorchBackend, backend_for_model, cpu_threads, open_backend,
                        side_by_side, to_batch)
 from .guard import NOT_XRAY, guard_warnings, load_guard, stats_for
 from .images import ImageReadError, ImageTooLargeError, input_step, read_xray_with_info, resize_square
 from .labels import is_image_file
 
-__all__ = ["BACKENDS", "Classifier", "Decoded", "Record", "Scores", "expand_inputs", "image_warnings",
+__all__ = ["BACKENDS", "Classifier", "Decoded", "Record", "Scores", "Skipped", "expand_inputs", "image_warnings",
            "model_warnings", "to_batch"]
 
 # The input guard (docs/inputs.md). Over all 5,232 images of the training data the smallest gray-level
@@ -118,7 +118,10 @@ class Classifier:
         self.preprocess: str | None = meta.preprocess
         self.temperature: float = meta.temperature
         stats = stats_for(meta.guard, runtime.name)  # statistics of this backend's own features, or none
-        self.guard = load_guard(stats) if stats else None
+        try:
+            self.guard = load_guard(stats) if stats else None
+        except ValueError as err:
+            raise BundleError(f"{bundle.path if bundle else meta.name}: {err}") from None
         int8 = "-int8" if runtime.name.endswith("int8") else ""
         self.name = f"{meta.name}{int8}@{meta.version}"
 
@@ -294,15 +297,46 @@ def _describe(source) -> str:
     return "<array>" if isinstance(source, np.ndarray) else "<bytes>"
 
 
-def expand_inputs(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
-    """Files as given; folders walked recursively for image files, in sorted order (streamed)."""
+@dataclass
+class Skipped:
+    """Files a folder walk left out (not images), counted, with the first few named."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, path: str) -> None:
+        self.count += 1
+        if len(self.examples) < 3:
+            self.examples.append(path)
+
+
+def expand_inputs(paths: Iterable[str | os.PathLike], skipped: Skipped | None = None) -> Iterator[str]:
+    """Files as given; folders walked recursively for image files (by extension, or DICOM by its
+    preamble: scanners write extensionless files such as IMG0001), in sorted order (streamed).
+    The other files of the folders are counted into `skipped`."""
     for path in paths:
         path = Path(path)
         if path.is_dir():
             for root, dirs, files in os.walk(path):
                 dirs.sort()
                 for name in sorted(files):
-                    if is_image_file(name):
-                        yield os.path.join(root, name)
+                    full = os.path.join(root, name)
+                    if is_image_file(name) or is_dicom_file(full):
+                        yield full
+                    elif skipped is not None:
+                        skipped.add(full)
         else:
             yield str(path)
+
+
+DICOM_MAGIC_OFFSET = 128  # DICOM Part 10: a 128-byte preamble, then "DICM"
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """A DICOM Part 10 file whatever its name: 'DICM' after the 128-byte preamble."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(DICOM_MAGIC_OFFSET)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False

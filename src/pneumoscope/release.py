@@ -16,7 +16,7 @@ from .evaluate import evaluate_samples
 from .files import atomic_write
 from .labels import THREE
 from .metrics import headline
-from .rundir import RunDir, summarize
+from .rundir import RunDir, data_facts, describe_data, recorded_data, summarize
 
 BINARY_GROUPS = ((0,), (1, 2))  # NORMAL | BACTERIA + VIRUS, indices into labels.THREE
 RUNTIME_NOTES = {
@@ -34,6 +34,13 @@ def training_facts(run_dir: str | Path) -> dict:
     return {"run": Path(run_dir).name, "epochs_run": summary["epochs"], "wall_seconds": summary["wall_seconds"],
             "train_seconds": summary["train_seconds"], "peak_memory_mb": summary["peak_memory_mb"],
             "cpu_count": summary["cpu_count"], "curve": summary["curve"]}
+
+
+def shipped_name(meta) -> str:
+    """The shipped models' names, `pneumoscope-<arch>-<task>` (`pneumoscope-ensemble<N>-<task>`): a
+    user's own models are named after their runs (rundir.model_name)."""
+    arch = f"ensemble{len(meta.members)}" if meta.members else meta.arch
+    return f"pneumoscope-{arch}-{meta.task}"
 
 
 EXTERNAL = "external"  # metrics.json key of the external group; every figure on it is "used for selection"
@@ -54,8 +61,11 @@ def ship_run(run_dir: str | Path, models_dir: str | Path = "models", docs_dir: s
         raise FileNotFoundError(f"{run.path}: no model yet; is the run finished?")
     bundle = load_bundle(model_path)
     model = bundle.load_model()
-    meta = bundle.meta.replace(provenance={**bundle.meta.provenance, "training": training_facts(run.path)})
     samples = run.samples()
+    provenance = bundle.meta.provenance
+    data = provenance.get("data") or data_facts(samples, provenance.get("train_config", {}).get("data"))
+    meta = bundle.meta.replace(name=shipped_name(bundle.meta),
+                               provenance={**provenance, "training": training_facts(run.path), "data": data})
     shipped = [_ship(model, meta, samples, models_dir, docs_dir, int8_calibration)]
     if binary_from_three:
         if meta.task != "three":
@@ -109,7 +119,7 @@ def _ship(model, meta, samples, models_dir: Path, docs_dir: Path, int8_calibrati
     save_bundle(model, meta.replace(guard=None), target)
     reports = docs_dir / "model-card" / meta.task
     if int8_calibration:
-        export_int8(target, samples, int8_calibration)
+        export_int8(target, samples, int8_calibration, out=target / ONNX_INT8)  # ship writes models/, no one else
     fit_bundle_guard(target, samples)
     classifier = Classifier.load(target, backend="onnx")  # the fp32 reference every other runtime is read against
     metrics = {**_measure(classifier, samples, reports, plots=True), "backend": classifier.backend}
@@ -310,7 +320,8 @@ def _task_section(meta, metrics: dict, reports: Path, docs_dir: Path) -> str:
         f"- Architecture: {_architecture(meta)}, {meta.params:,} parameters, input {meta.img_size}x{meta.img_size} "
         f"gray{_input_step(meta)}, normalisation mean {meta.mean} std {meta.std}.",
         _training_line(meta, training, config, cpu_count),
-        f"- Data: manifest hash `{provenance.get('manifest_hash')}`, {_commit(provenance)}; "
+        f"- Data: {_data_line(meta, metrics)}; manifest hash `{provenance.get('manifest_hash')}`, "
+        f"{_commit(provenance)}; "
         f"temperature {meta.temperature:.3f}, {_calibration(meta)}."
         + (" Derived from the 3-class model by summing BACTERIA and VIRUS probabilities." if meta.merge_outputs
            else ""),
@@ -353,6 +364,13 @@ def _task_section(meta, metrics: dict, reports: Path, docs_dir: Path) -> str:
         lines += [f"| {c['epoch']} | {c['train_seconds']} | {c['val_acc']:.3f} | {c['val_bacc']:.3f} |"
                   for c in training["curve"]]
     return "\n".join(lines) + "\n"
+
+
+def _data_line(meta, metrics: dict) -> str:
+    """The model's own data (rundir.recorded_data: its provenance, or for a bundle shipped before
+    provenance held them, what its guard was fitted on and its metrics measured)."""
+    described = describe_data(recorded_data(meta, metrics))
+    return f"trained and measured on {described}, cut by patient" if described else "split sizes not recorded"
 
 
 def _guard_line(guard: dict | None) -> str:
@@ -423,9 +441,9 @@ _CARD_HEAD = """# Model card: pneumoscope shipped models
 - This copy: 224x224 8-bit gray, squashed to a square from landscape originals (aspect ratio lost).
 - Labels: NORMAL from the folder; BACTERIA vs VIRUS from the file name only. The viral/bacterial
   distinction is noisy in the source data; 808 `personN` ids hold both a bacterial and a viral file.
-- Split: the public train + val groups (5,232 images) cut **by patient** (scikit-learn
-  StratifiedGroupKFold, stratified by class, seed 0) into train / val / internal test (80/5/15; the
-  internal test split is the same 748 images as in the 70/15/15 split of earlier models).
+- Split: the public train + val groups cut **by patient** (scikit-learn StratifiedGroupKFold,
+  stratified by class, seeded) into train / val / internal test; each model's "Data" line below
+  gives its own images per split, from its provenance.
   The official test group (624 images) is cut in two by patient: one half (312) is the **external
   group**, a second acquisition batch used for choices (recipe, which model ships) and reported as
   "used for selection" (optimistic by construction: never trained on, no parameter fitted on it);

@@ -29,7 +29,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import TrainConfig, options_loader
 from .files import atomic_write, remove_stale_temporaries
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_bacc", "val_n", "lr", "seconds",
@@ -137,7 +137,8 @@ class RunDir:
         import yaml
 
         path = self.path / "config.yaml"
-        return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+        # the loader of `train --config` files: plain data, no alias that repeats a list or mapping
+        return (yaml.load(path.read_bytes(), Loader=options_loader()) or {}) if path.is_file() else {}
 
     def samples(self):
         """The run's split (manifest.csv), read as the run read its data (data.read_dataset)."""
@@ -200,6 +201,53 @@ def checkpoint_epoch(path: str | os.PathLike) -> int:
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+
+
+# ---------------------------------------------------------------- what a run's model is called and trained on
+def model_name(run_path: str | os.PathLike, project: str | None = None) -> str:
+    """A run's model's name: the run's own (--name, or its directory's), under its --project when
+    that is not the default one. `pneumoscope-...` names are the shipped models' (release.shipped_name)."""
+    name = Path(run_path).resolve().name
+    return name if project in (None, "", "default") else f"{project}/{name}"
+
+
+def data_facts(samples, source: str | None = None) -> dict:
+    """What a model was trained and measured on, for its provenance (the model card, the web page):
+    images, patients and classes per split of the run's manifest, and where the data came from."""
+    splits = sorted({s.split for s in samples}, key=lambda s: ("train", "val", "test").index(s)
+                    if s in ("train", "val", "test") else 3)
+    per = {split: [s for s in samples if s.split == split] for split in splits}
+    return {"source": source, "images": len(samples),
+            "splits": {split: {"images": len(chosen), "patients": len({s.patient_id for s in chosen}),
+                               "classes": {label: sum(s.label == label for s in chosen)
+                                           for label in sorted({s.label for s in chosen})}}
+                       for split, chosen in per.items()}}
+
+
+def recorded_data(meta, metrics: dict) -> dict | None:
+    """A bundle's `data_facts`: from its provenance, else (a bundle shipped before provenance held
+    them) counted from what it recorded otherwise: the training images its input guard was fitted on
+    and the val / internal test images its metrics.json measured. None when neither is there."""
+    facts = meta.provenance.get("data")
+    if facts:
+        return facts
+    fitted = next((g.get("fitted_on", {}) for g in (meta.guard or {}).values()), {})
+    splits = {"train": fitted.get("train")}
+    splits.update({split: (metrics.get(name) or {}).get("n") for split, name in (("val", "val"), ("test", "internal_test"))})
+    splits = {split: {"images": n} for split, n in splits.items() if isinstance(n, int) and n > 0}
+    return {"source": None, "images": sum(f["images"] for f in splits.values()), "splits": splits} if splits else None
+
+
+def describe_data(facts: dict | None) -> str | None:
+    """`data_facts` in words: "200 images (train 140, val 20, internal test 40; 2 labels) from DATA"."""
+    if not facts or not facts.get("images"):
+        return None
+    words = {"test": "internal test"}
+    parts = ", ".join(f"{words.get(split, split)} {f['images']:,}" for split, f in facts.get("splits", {}).items())
+    classes = {c for f in facts.get("splits", {}).values() for c in f.get("classes", {})}
+    labels = f"; {len(classes)} labels" if classes else ""
+    source = f" from {facts['source']}" if facts.get("source") else ""
+    return f"{facts['images']:,} images ({parts}{labels}){source}"
 
 
 # ---------------------------------------------------------------- where a run goes

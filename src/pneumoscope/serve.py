@@ -6,13 +6,16 @@
 
 Uploads stay in memory: the body is read chunk by chunk with a hard byte limit (413 past it, whatever
 Content-Length claims), at most MAX_PARTS multipart parts (400 past them) and a deadline (408 when the
-body has not arrived within `body_timeout`), and parsed without spooling to disk. Images over the
-decoder's size limits give 413, other unreadable images 422 with the decoder's reason. Every answer
-carries security headers (a CSP that allows only the page's own inline script and style), requests
-for another Host are refused (400), and there is no /docs or /redoc (both load scripts from CDNs):
-/openapi.json stays. The model runs in worker threads, so the event loop (and /healthz) stays
-responsive while predictions run. Answers are pydantic models (`Prediction`, `ModelCard`, `Health`),
-so /openapi.json documents them.
+body has not arrived within `body_timeout`), and parsed without spooling to disk. At most
+`max_requests` requests are in progress at once (503 past them), so the uploads held in memory are
+bounded; /healthz is never refused, since a busy server is alive. The decoder runs at most
+images.DECODE_SLOTS decodes at once. Images over the decoder's limits give 413, other unreadable images
+422 with the decoder's reason. Every answer carries security headers (a CSP that allows only the page's
+own inline script and style), also uvicorn's own 400 for a request it cannot parse (`uvicorn_config`);
+requests for another Host are refused (400); HEAD is answered wherever GET is; there is no /docs or
+/redoc (both load scripts from CDNs): /openapi.json stays. The model runs in worker threads, so the
+event loop (and /healthz) stays responsive while predictions run. Answers are pydantic models
+(`Prediction`, `ModelCard`, `Health`), so /openapi.json documents them.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from pathlib import PurePath
 from typing import Iterator, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, create_model
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -43,9 +46,9 @@ from . import __version__
 from .predict import Classifier, Record
 
 INTENDED_USE = ("Research, teaching and second-reader use only. pneumoscope is not a medical device and its "
-                "output is not a diagnosis: a qualified clinician must read every X-ray. Trained on pediatric "
-                "(age 1-5) anterior-posterior chest X-rays from one hospital; other populations, views and "
-                "devices are outside what it was tested on.")
+                "output is not a diagnosis: a qualified clinician must read every X-ray.")
+SHIPPED_DATA = ("Trained on pediatric (age 1-5) anterior-posterior chest X-rays from one hospital; other "
+                "populations, views and devices are outside what it was tested on.")  # the shipped models' data
 INPUT = "1-channel grayscale in [0, 1], squashed to img_size x img_size"
 METRIC_GROUPS = ("val", "internal_test", "external")  # what the model card shows of metrics.json
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and part headers on top of the file itself
@@ -53,9 +56,14 @@ FORM_OVERHEAD = 64 * 1024  # multipart boundaries and part headers on top of the
 # empty parts fit in 20 MiB: 7 s of parsing), so a body with more is refused as soon as they pass this.
 MAX_PARTS = 16
 BODY_TIMEOUT = 30.0  # seconds to receive a request body (20 MiB needs 5.6 Mbit/s); a stalled upload gets 408
-# uvicorn's limit_concurrency: connections and requests at once, past it 503. Bounds the memory that
-# uploads held at once can take (each up to twice the upload limit while it is read).
-MAX_CONNECTIONS = 32
+# Requests in progress at once, past it 503 (before the body is read): bounds the memory that uploads
+# held at once can take (each up to twice the upload limit while it is read). Liveness probes
+# (PROBES) are not counted and never refused.
+MAX_REQUESTS = 32
+PROBES = ("/healthz",)
+# Open connections (`pneumoscope serve`, `serve_in_thread`): one past it is closed unanswered. Bounds the
+# sockets idle or slow clients hold (a connection that has not sent its headers costs ~100 KiB at most).
+MAX_CONNECTIONS = 256
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # Host headers accepted besides the bound host
 log = logging.getLogger(__name__)
 
@@ -66,9 +74,11 @@ _UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": 
 _ERRORS = {400: {"description": f"malformed multipart body, more than {MAX_PARTS} parts, or a Host header this "
                                 "server does not answer to"},
            408: {"description": f"the body was not received within the body timeout ({BODY_TIMEOUT:g} s by default)"},
-           413: {"description": "upload over the size limit, or an image over the decoded size limits"},
+           413: {"description": "upload over the size limit, or an image over the decoder's size or work limits"},
            415: {"description": "body is not multipart/form-data"},
-           422: {"description": "no `file` field, or the file is not a readable image"}}
+           422: {"description": "no `file` field, or the file is not a readable image"},
+           503: {"description": f"the server already has its maximum of requests in progress ({MAX_REQUESTS} by "
+                                 "default); retry after the Retry-After seconds"}}
 
 
 class ModelName(BaseModel):
@@ -110,6 +120,7 @@ class ModelCard(BaseModel):
     params: int
     input: str
     metrics: dict = Field(description="headline metrics per evaluation group (val, internal_test, ...)")
+    training_data: str = Field(description="what this model was trained on, from its bundle's provenance")
     intended_use: str
     max_upload_mb: float
 
@@ -153,26 +164,73 @@ class HeadersMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
+class HeadAsGet:
+    """HEAD is answered wherever GET is (RFC 9110): routed as a GET, whose headers are sent
+    (Content-Length included) and whose body is dropped."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def send_without_body(message):
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_without_body)
+
+
+class RequestLimit:
+    """At most `limit` requests in progress at once; one more gets 503 with Retry-After before its
+    body is read, and its connection is closed. Liveness probes (PROBES) pass uncounted: a server
+    busy with uploads is alive, and a probe that got 503 would have it restarted."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit, self.active = app, limit, 0  # one event loop: no lock needed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in PROBES:
+            return await self.app(scope, receive, send)
+        if self.active >= self.limit:
+            busy = JSONResponse({"detail": f"server busy: {self.limit} requests in progress, retry shortly"}, 503,
+                                headers={"retry-after": "1", "connection": "close"})
+            return await busy(scope, receive, send)
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
 def create_app(classifier: Classifier | None = None, task: str = "three", max_upload_mb: float = 20,
-               allowed_hosts: tuple[str, ...] = LOCAL_HOSTS, body_timeout: float = BODY_TIMEOUT) -> FastAPI:
+               allowed_hosts: tuple[str, ...] = LOCAL_HOSTS, body_timeout: float = BODY_TIMEOUT,
+               max_requests: int = MAX_REQUESTS) -> FastAPI:
     """The ASGI app. Loads the shipped model for `task` once when no classifier is given. Requests
     whose Host header is not in `allowed_hosts` get 400 (DNS rebinding); "*" accepts any. An upload
-    whose body has not arrived `body_timeout` seconds after its headers gets 408."""
+    whose body has not arrived `body_timeout` seconds after its headers gets 408. Past
+    `max_requests` requests in progress, 503 (/healthz is never refused)."""
     classifier = classifier or Classifier.load(task=task)
     limit = int(max_upload_mb * 2**20)
     page = resources.files("pneumoscope").joinpath("static/index.html").read_text(encoding="utf-8")
     meta = classifier.meta
     metrics = classifier.bundle.metrics() if classifier.bundle else {}
+    data = training_data(classifier)
     card = ModelCard(name=meta.name, version=meta.version, task=meta.task, arch=meta.arch,
                      classes=list(classifier.classes), img_size=classifier.img_size,
                      temperature=classifier.temperature, params=meta.params, input=INPUT,
-                     metrics={k: v for k, v in metrics.items() if k in METRIC_GROUPS},
-                     intended_use=INTENDED_USE, max_upload_mb=max_upload_mb)
+                     metrics={k: v for k, v in metrics.items() if k in METRIC_GROUPS}, training_data=data,
+                     intended_use=f"{INTENDED_USE} {data}", max_upload_mb=max_upload_mb)
     app = FastAPI(title="pneumoscope", version=__version__,
                   description="Pediatric chest X-ray classifier. " + INTENDED_USE,
                   docs_url=None, redoc_url=None)  # both load scripts and fonts from CDNs
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
-    app.add_middleware(HeadersMiddleware, headers=security_headers(page))  # outermost: on the 400s too
+    app.add_middleware(RequestLimit, limit=max_requests)
+    app.add_middleware(HeadAsGet)
+    app.state.security_headers = security_headers(page)  # also for uvicorn's own answers (uvicorn_config)
+    app.add_middleware(HeadersMiddleware, headers=app.state.security_headers)  # outermost: on the 400s and 503s too
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
@@ -203,6 +261,22 @@ def create_app(classifier: Classifier | None = None, task: str = "three", max_up
         return answer
 
     return app
+
+
+def training_data(classifier: Classifier) -> str:
+    """One sentence on the model's own data for the card and the page footer: its provenance's split
+    sizes and source (rundir.data_facts); for a shipped model also what population that was."""
+    from .artifact import is_shipped
+    from .rundir import describe_data, recorded_data
+
+    bundle = classifier.bundle
+    described = describe_data(recorded_data(classifier.meta, bundle.metrics() if bundle else {}))
+    shipped = bundle is not None and is_shipped(bundle.path)
+    if shipped:
+        return SHIPPED_DATA + (f" Its split: {described}." if described else "")
+    if described:
+        return f"Trained and measured on {described}; other data are outside what it was tested on."
+    return "Its training data are not recorded in this model's bundle; treat its answers as untested."
 
 
 def _infer(classifier: Classifier, data: bytes, name: str, cam: bool) -> tuple[Record, bytes | None]:
@@ -292,15 +366,52 @@ async def _read_parts(request: Request, boundary: bytes, max_bytes: int, too_lar
     return parts
 
 
+def uvicorn_config(app: FastAPI, **options):
+    """uvicorn's Config for `app`, as `pneumoscope serve` runs it: the HTTP protocol of `_protocol`
+    (security headers on uvicorn's own 400, at most MAX_CONNECTIONS connections) and no
+    `limit_concurrency` (the app limits requests itself, without refusing probes)."""
+    import uvicorn
+
+    headers = getattr(app.state, "security_headers", {})
+    return uvicorn.Config(app, http=_protocol(headers), limit_concurrency=None, **options)
+
+
+def _protocol(headers: dict[str, str]) -> type:
+    """uvicorn's h11 protocol with two changes. A request h11 cannot parse (a bare CR in a header, no
+    Host or two, a negative Content-Length, headers over 16 KiB) is answered by uvicorn itself, below
+    the app and its HeadersMiddleware: that 400 gets the security headers here. And a connection past
+    MAX_CONNECTIONS is closed unanswered."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    extra = [(name.encode(), value.encode()) for name, value in headers.items()]
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > MAX_CONNECTIONS:
+                transport.close()
+
+        def send_400_response(self, msg: str) -> None:  # uvicorn's, with the security headers
+            headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close"), *extra]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                          h11.Data(data=msg.encode("ascii")), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return Protocol
+
+
 @contextlib.contextmanager
 def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Runs `app` on a real uvicorn server in a background thread (port 0: a free one) and yields
-    its base URL; for tests, the screenshot script and notebooks."""
+    """Runs `app` on a real uvicorn server in a background thread (port 0: a free one), configured
+    as `pneumoscope serve` runs it, and yields its base URL; for tests, the screenshot script and
+    notebooks."""
     import uvicorn
 
     sock = socket.socket()
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -318,12 +429,12 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Ite
 def run(host: str = "127.0.0.1", port: int = 8000, task: str = "three", checkpoint: str | None = None,
         max_upload_mb: float = 20, allowed_hosts: tuple[str, ...] = (), body_timeout: float = BODY_TIMEOUT) -> None:
     """Serves until interrupted. Host headers accepted: loopback names, the bound host, `allowed_hosts`.
-    At most MAX_CONNECTIONS connections at once (503 past them); uvicorn closes an idle keep-alive
-    connection after its default 5 s."""
+    At most MAX_REQUESTS requests in progress (503 past them, /healthz excepted) and MAX_CONNECTIONS
+    connections; uvicorn closes an idle keep-alive connection after its default 5 s."""
     import uvicorn
 
     bound = () if host in ("0.0.0.0", "::") else (f"[{host}]" if ":" in host else host,)
     hosts = (*LOCAL_HOSTS, *bound, *allowed_hosts)
     app = create_app(Classifier.load(checkpoint, task=task), task=task, max_upload_mb=max_upload_mb,
                      allowed_hosts=hosts, body_timeout=body_timeout)
-    uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=MAX_CONNECTIONS)
+    uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level="info")).run()

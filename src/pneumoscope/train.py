@@ -34,12 +34,15 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from . import __version__, rundir
+from .backends import cpu_threads
 from .config import CALIBRATIONS, TrainConfig  # noqa: F401  (TrainConfig re-exported for older imports)
+from .cpu_share import CpuShare
 from .data import (XrayDataset, class_weights, eval_transform, load_pixels, manifest_hash, read_dataset,
                    split_dataset, split_summary, train_transform)
 from .files import atomic_write
 from .labels import TASKS
-from .models import XrayNet, count_parameters, create_model, freeze_model, model_spec, trainable_parameters
+from .models import (XrayNet, count_parameters, create_model, ensure_pretrained, freeze_model, model_spec,
+                     trainable_parameters)
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -83,21 +86,23 @@ def save_calibrated(model, meta, run: RunDir, samples, val_pixels, val_targets, 
     """Temperature from the val pixels (`calibration_temperature`) -> the bundle, written once -> val
     (and internal test) reports from that bundle, through the Classifier users load, on the fp32
     reference (ONNX Runtime: the same figures on every CPU). Returns the headlines {"val", "internal_test"}."""
-    from .artifact import save_bundle
+    from .artifact import save_bundle, write_metrics
     from .evaluate import evaluate_samples
     from .metrics import headline
     from .predict import Classifier
 
     temperature = calibration_temperature(Classifier.from_model(model, meta.replace(temperature=1.0), backend="torch"),
                                           val_pixels, val_targets, calibration)
-    save_bundle(model, meta.replace(temperature=temperature, provenance={**meta.provenance, "calibration": calibration}),
-                run.bundle)
+    source = meta.provenance.get("train_config", {}).get("data")
+    save_bundle(model, meta.replace(temperature=temperature, provenance={
+        **meta.provenance, "calibration": calibration, "data": rundir.data_facts(samples, source)}), run.bundle)
     classifier = Classifier.load(run.bundle, backend="onnx")
     metrics = {}
     for split, name in (("val", "val"), ("test", "internal_test")):
         chosen = [s for s in samples if s.split == split]
         if chosen and (split == "val" or evaluate_test):
             metrics[name] = headline(evaluate_samples(classifier, chosen, run.report_dir(split), plots=split == "test"))
+    write_metrics(run.bundle, {**metrics, "backend": classifier.backend})  # what the web page and card show of it
     return metrics
 
 
@@ -271,14 +276,69 @@ class FocalLoss(nn.Module):
         return (-alpha * (1 - log_p.exp()) ** self.gamma * log_p).sum() / alpha.sum()
 
 
-def with_defaults(config: TrainConfig, dataset=None) -> TrainConfig:
-    """The architecture's defaults (and a Kermany dataset's task) made explicit, so that config.yaml
-    says what ran; also fails fast on an unknown architecture or an image size it cannot take."""
+def init_head(model: XrayNet, how: str) -> None:
+    """`zero`: the last classifier layer starts at zero (as BiT fine-tunes), so that with a pretrained
+    body every seed starts from identical weights and differs only in its draws of data and
+    augmentation: the setting in which fine-tuned runs average well in weight space (model soups,
+    Wortsman et al. 2022). `random`: as the architecture made it."""
+    if how == "zero":
+        for parameter in model.backbone.get_classifier().parameters():
+            nn.init.zeros_(parameter)
+
+
+def with_defaults(config: TrainConfig) -> TrainConfig:
+    """The architecture's defaults made explicit, so that config.yaml says what ran. Also fails fast,
+    before any data is read: an unknown architecture, an image size it cannot take, or --pretrained
+    weights that are neither cached nor fetchable (models.ensure_pretrained downloads them when the
+    hub answers)."""
     spec = model_spec(config.arch)
     if config.img_size < spec.min_size:
         raise ValueError(f"--img-size {config.img_size}: {config.arch} needs at least {spec.min_size} px")
-    task = config.task or (dataset.task if dataset is not None and dataset.task in TASKS else None)
-    return replace(config, freeze=config.freeze or spec.freeze, task=task)
+    ensure_pretrained(config.arch, config.pretrained)
+    return replace(config, freeze=config.freeze or spec.freeze)
+
+
+def with_dataset_task(config: TrainConfig, dataset) -> TrainConfig:
+    """A Kermany dataset's task made explicit (three unless --task says binary); any other dataset
+    keeps task unset: its classes are its folder names (data.read_dataset)."""
+    return replace(config, task=config.task or (dataset.task if dataset.task in TASKS else None))
+
+
+# ---------------------------------------------------------------- threads and precision
+class ThreadsForLoad(Callback):
+    """One PyTorch thread per core that other processes leave free, checked every `every` steps
+    (cpu_share.py says why: a thread team larger than the free cores waits at every barrier)."""
+
+    def __init__(self, cores: int, every: int = 8):
+        self.share, self.every = CpuShare(cores), every
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx % self.every:
+            return
+        wanted = self.share.threads()
+        if wanted and wanted != torch.get_num_threads():
+            log.info("other processes keep %d of %d cores busy: training on %d thread(s)",
+                     self.share.cores - wanted, self.share.cores, wanted)
+            torch.set_num_threads(wanted)
+
+
+def thread_callbacks(config: TrainConfig) -> list[Callback]:
+    """A fixed thread count when --threads N is given (or several processes share the machine by
+    design, under torchrun/srun); otherwise ThreadsForLoad on the cores this process may use."""
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+        return []
+    if world_size() > 1 or torch.cuda.is_available():
+        return []
+    cores = cpu_threads()
+    torch.set_num_threads(cores)
+    return [ThreadsForLoad(cores)]
+
+
+def check_precision(precision: str) -> None:
+    """16-mixed is float16 autocast, which Lightning runs on CUDA only: say so before training."""
+    if precision == "16-mixed" and not torch.cuda.is_available():
+        raise ValueError("--precision 16-mixed needs a CUDA GPU; on a CPU use bf16-mixed or 32")
 
 
 # ---------------------------------------------------------------- run bookkeeping callbacks
@@ -331,7 +391,7 @@ def environment(config: TrainConfig, wall_seconds: float) -> dict:
         "pneumoscope": __version__, "python": platform.python_version(), "torch": torch.__version__,
         "torchvision": torchvision.__version__, "timm": timm.__version__, "lightning": lightning.__version__,
         "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "seed": config.seed, "git_commit": git_commit(), "wall_seconds": round(wall_seconds, 1),
+        "precision": config.precision, "seed": config.seed, "git_commit": git_commit(), "wall_seconds": round(wall_seconds, 1),
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # process RAM
         "cuda_peak_memory_mb": cuda_peak_memory_mb(),
         "world_size": world_size(),  # peak memory and wall time above are rank 0's
@@ -432,8 +492,9 @@ def train(config: TrainConfig) -> TrainResult:
         config = replace(saved, resume=True, out=str(located))
     elif not config.data:
         raise FileNotFoundError(f"{located}: no run to resume there (no config.yaml); give --data to start one")
+    config = with_defaults(config)
     dataset = read_dataset(config.data, config.task, config.groups)  # a bad --data: one line, no run directory
-    config = with_defaults(config, dataset)
+    config = with_dataset_task(config, dataset)
     run = RunDir(rundir.resolve(config))
     if saved is not None:
         log.info("resuming %s with its saved configuration", run.path)
@@ -462,6 +523,7 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _fit(config: TrainConfig, run: RunDir, dataset, started: float) -> TrainResult:
+    check_precision(config.precision)
     samples, summary = prepare_split(config, dataset)
     classes = dataset.classes
     if is_main_process():
@@ -482,6 +544,7 @@ def _fit(config: TrainConfig, run: RunDir, dataset, started: float) -> TrainResu
     weights = class_weights(train_set.targets, len(classes)) ** config.class_weight_power
     weights = weights / weights.mean()
     model = create_model(config.arch, len(classes), config.pretrained).to(memory_format=torch.channels_last)
+    init_head(model, config.head_init)
 
     best = RunCheckpoint(run.checkpoints, filename="best", monitor=MONITOR, mode="max", enable_version_counter=False)
     # Lightning 2.6 writes save_last only when the best improves, so "last" is its own every-epoch
@@ -490,7 +553,7 @@ def _fit(config: TrainConfig, run: RunDir, dataset, started: float) -> TrainResu
                          enable_version_counter=False)
     callbacks = [best, last, EpochTable(run, len(train_set)), TQDMProgressBar(refresh_rate=10),
                  EarlyStopping(MONITOR, mode="max", patience=config.patience),
-                 SameSplitOnAllRanks(manifest_hash(samples))]
+                 SameSplitOnAllRanks(manifest_hash(samples)), *thread_callbacks(config)]
     if config.keep_epochs:  # full checkpoints: with weights only, Lightning skips the hook that stores the EMA
         callbacks.append(EveryEpochCheckpoint(run.checkpoints, filename="epoch-{epoch}", monitor=None, save_top_k=-1,
                                               every_n_epochs=1, auto_insert_metric_name=False,
@@ -507,16 +570,15 @@ def _fit(config: TrainConfig, run: RunDir, dataset, started: float) -> TrainResu
     resumed_epoch = rundir.checkpoint_epoch(resume_from) if resume_from else None
     first_epoch = 0 if resumed_epoch is None else resumed_epoch + 1
     module = LitClassifier(model, classes, config, weights, first_epoch)
-    trainer = L.Trainer(max_epochs=config.epochs, **trainer_devices(), callbacks=callbacks,
-                        default_root_dir=run.path, logger=_loggers(run.path, resumed_epoch), deterministic=False,
-                        log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False)
+    trainer = L.Trainer(max_epochs=config.epochs, **trainer_devices(), precision=config.precision,
+                        callbacks=callbacks, default_root_dir=run.path, logger=_loggers(run.path, resumed_epoch),
+                        deterministic=False, log_every_n_steps=log_interval(len(train_set), config.batch_size),
+                        num_sanity_val_steps=0, enable_model_summary=False)
     for logger in trainer.loggers:  # the configuration, so MLflow/TensorBoard can filter runs by it
         logger.log_hyperparams(config.to_dict())
     with warnings.catch_warnings():
-        # notes about Lightning itself, not the run: torch deprecating a pytree class it builds, and a
-        # hint to log more often that small datasets raise (metrics.csv records every epoch anyway)
+        # a note about Lightning itself, not the run: torch deprecating a pytree class it builds
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-        warnings.filterwarnings("ignore", message="The number of training batches")
         if resume_from:  # of course it holds checkpoints: the one resumed from
             warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
         trainer.fit(module, datamodule=_Loaders(train_set, val_set, config.batch_size), ckpt_path=resume_from,
@@ -526,6 +588,11 @@ def _fit(config: TrainConfig, run: RunDir, dataset, started: float) -> TrainResu
     stopper = trainer.early_stopping_callback
     return _finish(config, run, dataset.task, classes, samples, best, model, val_set, started,
                    stopped_early_at=stopper.stopped_epoch if stopper and stopper.stopped_epoch else None)
+
+
+def log_interval(n_train: int, batch_size: int) -> int:
+    """Every 10 steps, or once per epoch when an epoch has fewer (Lightning warns otherwise)."""
+    return max(1, min(10, n_train // world_size() // batch_size))
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -694,7 +761,7 @@ def _finish(config, run: RunDir, task: str, classes, samples, best, model, val_s
     model.eval()
     spec = model_spec(config.arch)
     meta = ModelMeta(
-        name=f"pneumoscope-{config.arch}-{task}", task=task, classes=tuple(classes),
+        name=rundir.model_name(run.path, config.project), task=task, classes=tuple(classes),
         arch=config.arch, img_size=config.img_size, mean=spec.mean, std=spec.std, params=count_parameters(model),
         preprocess=config.preprocess,
         provenance={"pneumoscope": __version__, "git_commit": git_commit(), "seed": config.seed,

@@ -36,7 +36,7 @@ from typing_extensions import Required, TypedDict  # pydantic reads typing.Typed
 
 from .files import atomic_write, default_cache_dir
 from .images import INPUT_STEPS
-from .labels import BINARY, THREE
+from .labels import BINARY, FOLDERS, THREE
 from .labels import TASKS as CLASSES_OF_TASK
 
 log = logging.getLogger(__name__)
@@ -208,13 +208,13 @@ class ModelMeta:
 def _meta_problem(meta: ModelMeta) -> str | None:
     """What is wrong with the values of `meta` (types are pydantic's job at load), or None."""
     classes = meta.classes
-    if meta.task not in TASKS:
-        return f"task {meta.task!r} is not one of {', '.join(TASKS)}"
+    if meta.task not in (*TASKS, FOLDERS):  # folders: a dataset's own classes (labels.FOLDERS)
+        return f"task {meta.task!r} is not one of {', '.join((*TASKS, FOLDERS))}"
     if not 2 <= len(classes) <= MAX_CLASSES:
         return f"{len(classes)} classes; a model has 2 to {MAX_CLASSES}"
     if not all(isinstance(c, str) and c.strip() for c in classes) or len(set(classes)) != len(classes):
         return f"classes must be distinct non-empty names, not {list(classes)[:10]}"
-    if set(classes) <= set(THREE) | set(BINARY) and classes != CLASSES_OF_TASK[meta.task]:
+    if meta.task in TASKS and set(classes) <= set(THREE) | set(BINARY) and classes != CLASSES_OF_TASK[meta.task]:
         expected = ", ".join(CLASSES_OF_TASK[meta.task])
         return f"classes {', '.join(classes)} are not those of task {meta.task!r} ({expected})"
     if isinstance(meta.img_size, bool) or not isinstance(meta.img_size, int) \

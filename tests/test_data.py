@@ -6,7 +6,7 @@ import pytest
 from conftest import ROOT
 
 from pneumoscope.data import (XrayDataset, atomic_write, class_weights, eval_transform, load_pixels, manifest_hash,
-                              patient_folds, read_dataset, read_manifest, split_by_patient,
+                              patient_folds, read_dataset, read_manifest, split_by_patient, split_dataset,
                               train_transform, write_manifest)
 
 
@@ -81,6 +81,39 @@ def test_default_split_keeps_the_internal_test_of_the_15_percent_split(full_data
     assert 0.04 < len(side(default, "val")) / len(pool) < 0.06 and len(side(default, "train")) > len(side(old, "train"))
     examples = {p.name for p in (ROOT / "examples").rglob("*.jpeg")}
     assert len(examples) == 30 and examples <= {Path(p).name for p in side(default, "test")}
+
+
+def test_the_official_16_image_val_folder_joins_the_pool_so_the_default_split_is_unchanged(full_data):
+    """read_dataset + split_dataset (what split and train do) on the Kermany train/ + val/ tree cut
+    exactly the split the shipped models were trained on: val/ has no viral image (and 8 + 8 of
+    5,232), so it joins the pool, and the pool is cut by patient as before."""
+    dataset = read_dataset(full_data)
+    samples, notes = split_dataset(dataset)
+    before = split_by_patient([s.__class__(s.path, s.label, s.patient_id) for s in dataset.samples])
+    assert [(s.path, s.split) for s in samples] == [(s.path, s.split) for s in before]
+    assert manifest_hash(samples) == manifest_hash(before)
+    assert notes[0].startswith("val/: 16 images, too few (") and "VIRUS 0, needs " in notes[0]
+    assert notes[1:] == ["val: cut from the pool by patient (from file names), 0.05 of its groups",
+                         "test: cut from the pool by patient (from file names), 0.15 of its groups"]
+
+
+def test_a_trees_own_val_and_test_are_used_when_they_hold_enough_of_each_class(tmp_path, fixture_data):
+    import shutil
+
+    for side, start, n in (("train", 0, 14), ("val", 14, 3), ("test", 17, 3)):
+        for label in ("NORMAL", "PNEUMONIA"):
+            files = sorted((fixture_data / "train" / label).iterdir())[start:start + n]
+            (tmp_path / side / label).mkdir(parents=True)
+            for path in files:
+                shutil.copy(path, tmp_path / side / label / path.name)
+    dataset = read_dataset(tmp_path, "binary")
+    samples, notes = split_dataset(dataset, 0.2, 0.2)
+    assert notes == ["val: the tree's own val/ folder, 6 images", "test: the tree's own test/ folder, 6 images"]
+    assert all(s.split == Path(s.path).parts[-3] for s in samples)  # each image on its folder's side
+    samples, notes = split_dataset(dataset, 0.2, 0.5)  # 3 of 20 NORMAL is under half of what 0.5 gives
+    assert notes == ["val: the tree's own val/ folder, 6 images",
+                     "test/: 6 images, too few (NORMAL 3, needs 5, PNEUMONIA 3, needs 5); they join the pool",
+                     "test: cut from the pool by patient (from file names), 0.5 of its groups"]
 
 
 def test_patient_folds_do_not_share_patients(fixture_data):

@@ -178,7 +178,7 @@ def test_binary_with_curves_confusion_matrix_and_prediction_grid(arch, answers, 
     """--task binary on NORMAL/ PNEUMONIA/ (a plain tree, cut by patient from the file names)."""
     data = xray_tree(tmp_path / "xrays", {"": 6})
     run, console = train_run(tmp_path, arch, data, "--arch", arch, "--task", "binary", *SMALL_SPLIT, caplog=caplog)
-    assert "val: cut from the images by patient (from file names), 0.25 of its groups" in console
+    assert "val: cut from the tree by patient (from file names), 0.25 of its groups" in console
     assert "kept epoch 0 (val balanced accuracy" in console and "parameters trainable" in console
     for picture in ("curves.png", "test/confusion_matrix.png", "test/prediction_grid.png", "test/roc.png"):
         assert (run / picture).stat().st_size > 1000, picture

@@ -282,7 +282,8 @@ def split_dataset(dataset: DatasetDescription, val_fraction: float = VAL_FRACTIO
     if missing:
         warn_per_image_groups(dataset)
         joined = any(s.split in ("val", "test") for s in pool)
-        where = "the pool" if joined else "train/" if any(s.split for s in pool) else "the images"
+        where = "the pool" if joined else "train/" if any(s.split for s in pool) else \
+            "the manifest" if dataset.is_manifest else "the tree"
         how = _grouping_words(dataset.grouping)
         notes += [f"{side}: cut from {where} by {how}, {fraction:g} of its groups" for side, fraction in missing.items()]
         cut = split_by_patient(pool, missing.get("val", 0.0), missing.get("test", 0.0), seed)

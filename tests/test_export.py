@@ -116,7 +116,7 @@ def test_a_pool_smaller_than_its_output_exports_and_answers_as_pytorch():
 
     from conftest import small_meta
 
-    class Tiny(torch.nn.Module):  # an AlexNet pool on a 4 x 4 map, then a VGG head on a 2 x 2 one
+    class Tiny(torch.nn.Module):  # a VGG head and an AlexNet pool on a 4 x 4 feature map
         def __init__(self):
             super().__init__()
             self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=8, padding=1),
@@ -128,7 +128,7 @@ def test_a_pool_smaller_than_its_output_exports_and_answers_as_pytorch():
             return self.head(self.pre_logits(torch.nn.functional.max_pool2d(self.features(x), 3)))
 
     model = XrayNet(exportable_pools(Tiny()), 0.5, 0.25).eval()
-    graph = onnx_bytes(model, small_meta("simple_cnn", img_size=32))
+    graph = onnx_bytes(model, small_meta("simple_cnn", img_size=32))  # the smallest size a bundle takes
     pixels = np.random.default_rng(0).integers(0, 255, (2, 32, 32), dtype=np.uint8)
     logits, _ = OnnxBackend(graph).run(pixels.astype(np.float32)[:, None] / 255)
     with torch.no_grad():

@@ -42,7 +42,7 @@ from .labels import TASKS as CLASSES_OF_TASK
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-TASKS = ("three", "binary")
+TASKS = ("three", "binary", FOLDERS)  # FOLDERS: any other dataset, its classes its folder names
 WEIGHTS, META, ONNX_FP32, ONNX_INT8, METRICS = "weights.pt", "meta.json", "model.onnx", "model.int8.onnx", "metrics.json"
 GRAPH_KINDS = {"fp32": ONNX_FP32, "int8": ONNX_INT8}
 FINGERPRINT_KEY = "pneumoscope_fingerprint"  # ONNX metadata_props: the fingerprint a graph was made from
@@ -208,13 +208,14 @@ class ModelMeta:
 def _meta_problem(meta: ModelMeta) -> str | None:
     """What is wrong with the values of `meta` (types are pydantic's job at load), or None."""
     classes = meta.classes
-    if meta.task not in (*TASKS, FOLDERS):  # folders: a dataset's own classes (labels.FOLDERS)
-        return f"task {meta.task!r} is not one of {', '.join((*TASKS, FOLDERS))}"
+    if meta.task not in TASKS:
+        return f"task {meta.task!r} is not one of {', '.join(TASKS)}"
     if not 2 <= len(classes) <= MAX_CLASSES:
         return f"{len(classes)} classes; a model has 2 to {MAX_CLASSES}"
     if not all(isinstance(c, str) and c.strip() for c in classes) or len(set(classes)) != len(classes):
         return f"classes must be distinct non-empty names, not {list(classes)[:10]}"
-    if meta.task in TASKS and set(classes) <= set(THREE) | set(BINARY) and classes != CLASSES_OF_TASK[meta.task]:
+    if meta.task in CLASSES_OF_TASK and set(classes) <= set(THREE) | set(BINARY) \
+            and classes != CLASSES_OF_TASK[meta.task]:
         expected = ", ".join(CLASSES_OF_TASK[meta.task])
         return f"classes {', '.join(classes)} are not those of task {meta.task!r} ({expected})"
     if isinstance(meta.img_size, bool) or not isinstance(meta.img_size, int) \

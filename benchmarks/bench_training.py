@@ -33,7 +33,7 @@ from pneumoscope.runtime.backends import describe_machine
 from pneumoscope.data.datasets import XrayDataset, load_pixels, read_dataset, train_transform
 from pneumoscope.core.labels import THREE
 from pneumoscope.nets.registry import DEFAULT_ARCH, create_model, freeze_model, model_spec
-from pneumoscope.training.fit import TrainConfig
+from pneumoscope.core.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Training's thread count follows the cores other processes leave free (cpu_share, train.ThreadsForLoad)."""
+"""Training's thread count follows the cores other processes leave free (cpu_share, training.callbacks.ThreadsForLoad)."""
 from __future__ import annotations
 
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pneumoscope.core.cpu_share import CpuShare, machine_busy_seconds, threads_for
-from pneumoscope.training.fit import ThreadsForLoad, thread_callbacks
+from pneumoscope.training.callbacks import ThreadsForLoad, thread_callbacks
 from conftest import tiny_config
 
 

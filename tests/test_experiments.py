@@ -234,10 +234,10 @@ def test_mlflow_logger_writes_the_runs_file_store(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from pneumoscope.training.fit import _loggers
+    from pneumoscope.training.fit import loggers
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    (logger,) = [lg for lg in _loggers(tmp_path / "proj" / "exp") if isinstance(lg, MLFlowLogger)]
+    (logger,) = [lg for lg in loggers(tmp_path / "proj" / "exp") if isinstance(lg, MLFlowLogger)]
     logger.log_metrics({"val_acc": 0.5}, step=0)
     assert logger.experiment.get_experiment_by_name("proj") is not None
     assert (tmp_path / "proj" / "exp" / "mlruns").is_dir()

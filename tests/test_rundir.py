@@ -89,13 +89,13 @@ def test_where_a_run_goes(tmp_path, monkeypatch):
         (run / "config.yaml").write_text("{}")
         os.utime(run / "config.yaml", (1_000_000 + i, 1_000_000 + i))
     assert resolve(TrainConfig(**base, resume=True)) == newer
-    monkeypatch.setenv("WORLD_SIZE", "2")  # ranks would not agree on a timestamp
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     with pytest.raises(ValueError, match="give --name or --out"):
-        resolve(TrainConfig(**base))
+        resolve(TrainConfig(**base), processes=2)  # ranks would not agree on a timestamp
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc123-x")
-    assert resolve(TrainConfig(**base, task="three")).name == "three-simple_cnn-abc123"
+    assert resolve(TrainConfig(**base, task="three"), processes=2).name == "three-simple_cnn-abc123"
+    assert resolve(TrainConfig(**base, task="three")).name.startswith("three-simple_cnn-20")  # one process
 
 
 def test_a_running_status_whose_process_is_gone_reads_interrupted(tmp_path):

@@ -83,7 +83,8 @@ def test_default_freeze_is_the_old_freeze_blocks_2():
     exactly what freeze_blocks=2 froze (the stem, bn1 and blocks 0-1); on other architectures
     freeze_blocks did nothing, and neither does the default."""
     from pneumoscope.nets.registry import create_model, model_spec
-    from pneumoscope.training.fit import LitClassifier, with_defaults
+    from pneumoscope.training.fit import with_defaults
+    from pneumoscope.training.module import LitClassifier
 
     config = with_defaults(TrainConfig(data="d"))
     assert config.freeze == "2"
@@ -112,7 +113,7 @@ def test_old_configs_with_freeze_blocks_still_load(tmp_path):
 
 
 def test_focal_loss_is_weighted_cross_entropy_at_gamma_0_and_forgives_confident_right_answers():
-    from pneumoscope.training.fit import FocalLoss
+    from pneumoscope.training.module import FocalLoss
 
     generator = torch.Generator().manual_seed(0)
     logits, target = torch.randn(64, 3, generator=generator) * 3, torch.randint(0, 3, (64,), generator=generator)
@@ -126,7 +127,8 @@ def test_focal_loss_is_weighted_cross_entropy_at_gamma_0_and_forgives_confident_
 
 def test_mixup_blends_image_pairs_and_their_losses_by_the_same_weight(monkeypatch):
     from pneumoscope.nets.registry import create_model
-    from pneumoscope.training.fit import LitClassifier, with_defaults
+    from pneumoscope.training.fit import with_defaults
+    from pneumoscope.training.module import LitClassifier
 
     torch.manual_seed(0)
     model = create_model("simple_cnn", 3).eval()  # eval: BN uses running statistics, so outputs are comparable
@@ -145,6 +147,26 @@ def test_mixup_blends_image_pairs_and_their_losses_by_the_same_weight(monkeypatc
     monkeypatch.setattr(np.random, "beta", lambda a, b: 1.0)  # lambda 1: the plain batch and loss
     loss, logits = lit._mixup_step(x, y)
     assert torch.allclose(logits, lit(x)) and loss.item() == pytest.approx(lit.loss(lit(x), y).item(), rel=1e-6)
+
+
+def test_several_processes_need_a_run_name_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """Ranks that torchrun or srun started (WORLD_SIZE) would not agree on a timestamped run name:
+    training tells the run directory how many processes there are, and without --name, --out or a
+    launcher's job id the command stops with one line, before it writes a file. (The data holds one
+    class: were the count not passed, the run would stop at its split, not wait for a second rank.)"""
+    from pneumoscope.cli import main
+
+    data = tmp_path / "data" / "NORMAL"
+    data.mkdir(parents=True)
+    for path in sorted((FIXTURE_DATA / "train" / "NORMAL").iterdir())[:2]:
+        shutil.copy(path, data)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert main(["train", "--data", str(data.parent), "--root", str(tmp_path / "runs"), "--arch", "simple_cnn",
+                 "--no-pretrained"]) == 1
+    assert capsys.readouterr().err.strip().endswith("give --name or --out so that every rank writes the same run")
+    assert not (tmp_path / "runs").exists()
 
 
 # ---------------------------------------------------------------- real runs
@@ -240,54 +262,22 @@ def test_training_really_learns(tmp_path):
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
 
 
-def test_lightning_csv_log_is_replaced_whole_so_a_crash_mid_save_keeps_the_rows_before(tmp_path, monkeypatch):
-    """logs/metrics.csv: each save writes a new file and renames it into place; a new column rewrites
-    it with the rows kept. A save that dies half-way leaves the previous whole file (Lightning's own
-    writer appends and rewrites in place, so a kill there left it empty or torn: a CI failure)."""
-    from pneumoscope.training.fit import AtomicCSVLogger
-
-    logger = AtomicCSVLogger(tmp_path)
-    logger.log_metrics({"epoch": 0, "train_loss": 1.0}, step=0)
-    logger.save()
-    logger.log_metrics({"epoch": 0, "val_acc": 0.5}, step=1)  # a new column
-    logger.save()
-    path = tmp_path / "logs" / "metrics.csv"
-    saved = list(csv.DictReader(open(path)))
-    assert [(r["step"], r["train_loss"], r["val_acc"]) for r in saved] == [("0", "1.0", ""), ("1", "", "0.5")]
-
-    def die(*_):
-        raise KeyboardInterrupt("killed mid-save")
-
-    logger.log_metrics({"epoch": 1, "train_loss": 0.5, "lr": 0.1}, step=2)
-    monkeypatch.setattr(csv.DictWriter, "writerows", die)
-    with pytest.raises(KeyboardInterrupt):
-        logger.save()
-    monkeypatch.undo()
-    assert list(csv.DictReader(open(path))) == saved
-    assert [p.name for p in path.parent.iterdir()] == ["metrics.csv"]  # no temporary left behind
-
-    resumed = AtomicCSVLogger(tmp_path, resumed_epoch=0)  # continues the file, dropping nothing before it
-    resumed.log_metrics({"epoch": 1, "train_loss": 0.4}, step=2)
-    resumed.save()
-    assert [r["step"] for r in csv.DictReader(open(path))] == ["0", "1", "2"]
-
-
 @pytest.mark.slow
 def test_an_input_step_is_trained_with_and_recorded_for_every_prediction(tmp_path, monkeypatch):
     """--preprocess clahe: every training and validation image passes the step, the temperature is
     fitted on the logits of stepped validation pixels, and the bundle records the step (so every
     prediction applies it: tests/test_predict.py)."""
     from pneumoscope.data import datasets as data
-    from pneumoscope.evaluation import metrics
+    from pneumoscope.runs import finish
     from pneumoscope.data.images import input_step
     from pneumoscope.runtime.classifier import Classifier
     from pneumoscope.runs.rundir import RunDir
     from pneumoscope.training.fit import train
 
     stepped, fitted_on = [], []
-    step, fit = data.InputStep.forward, metrics.fit_temperature
+    step, fit = data.InputStep.forward, finish.fit_temperature
     monkeypatch.setattr(data.InputStep, "forward", lambda self, image: stepped.append(self.method) or step(self, image))
-    monkeypatch.setattr(metrics, "fit_temperature", lambda logits, targets: fitted_on.append(logits) or fit(logits, targets))
+    monkeypatch.setattr(finish, "fit_temperature", lambda logits, targets: fitted_on.append(logits) or fit(logits, targets))
     result = train(tiny_config(FIXTURE_DATA, tmp_path / "clahe", arch="simple_cnn", epochs=1, img_size=48,
                                preprocess="clahe", evaluate_test=False, calibration="val"))
     classifier = Classifier.load(result.bundle, backend="torch")
@@ -306,7 +296,7 @@ def test_killed_run_is_interrupted_then_resumes_from_python_with_its_saved_confi
     """SIGKILL after the first epoch's checkpoint: the files are whole, `runs` sees the run as
     interrupted, and train(TrainConfig(resume=True)) from Python continues it exactly as --resume
     would: with the configuration the run started with, from its last checkpoint, and continuing
-    Lightning's logs/metrics.csv (Lightning alone would start it anew, losing the rows before the kill)."""
+    the run's metrics.csv (the epochs before the kill kept, each later epoch recorded once)."""
     from pneumoscope.runs.rundir import RunDir
     from pneumoscope.training.fit import train
 
@@ -316,9 +306,9 @@ def test_killed_run_is_interrupted_then_resumes_from_python_with_its_saved_confi
                "--no-test"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    last, lightning_log = run / "checkpoints" / "last.ckpt", run / "logs" / "metrics.csv"
+    last, table = run / "checkpoints" / "last.ckpt", run / "metrics.csv"
     deadline = time.time() + 240
-    while not (last.exists() and lightning_log.exists()) and process.poll() is None and time.time() < deadline:
+    while not (last.exists() and table.exists()) and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -327,17 +317,15 @@ def test_killed_run_is_interrupted_then_resumes_from_python_with_its_saved_confi
     assert not (run / "model").exists()
     assert json.loads((run / "status.json").read_text())["status"] == "running"  # whole, just stale
     assert RunDir(run).live_status() == "interrupted"
-    assert list(csv.DictReader(open(run / "metrics.csv")))  # whole CSV: written by rename, never torn
     checkpoint_epoch = torch.load(last, weights_only=True)["epoch"]
-    logged = [r for r in csv.DictReader(open(lightning_log)) if int(r["epoch"]) <= checkpoint_epoch]
-    assert logged
+    recorded = [r for r in csv.DictReader(open(table)) if int(r["epoch"]) <= checkpoint_epoch]
+    assert recorded  # whole CSV: written by rename, never torn
 
     result = train(TrainConfig(data="ignored: the saved configuration wins", out=str(run), resume=True))
     assert result.resumed and result.config.arch == "simple_cnn" and result.config.epochs == 3
-    assert [int(r["epoch"]) for r in csv.DictReader(open(run / "metrics.csv"))] == [0, 1, 2]
-    continued = list(csv.DictReader(open(lightning_log)))
-    assert [{k: v for k, v in r.items() if k in logged[0]} for r in continued[:len(logged)]] == logged
-    assert [int(r["epoch"]) for r in continued if r["val_acc"]] == [0, 1, 2]  # each validation once
+    continued = list(csv.DictReader(open(table)))
+    assert continued[:len(recorded)] == recorded  # the epochs up to the checkpoint, as they were
+    assert [int(r["epoch"]) for r in continued] == [0, 1, 2]  # each epoch once
     assert torch.load(last, weights_only=True)["epoch"] == 2
     assert RunDir(run).live_status() == "finished" and (run / "model" / "meta.json").is_file()
     assert set(result.metrics) == {"val"}  # --no-test was saved with the run
@@ -351,7 +339,9 @@ def test_resuming_a_copied_run_continues_the_copy_alone(tmp_path):
     import shutil
 
     from pneumoscope.runs.rundir import RunDir
-    from pneumoscope.training.fit import MONITOR, RunCheckpoint, train
+    from pneumoscope.training.callbacks import RunCheckpoint
+    from pneumoscope.training.fit import train
+    from pneumoscope.training.module import MONITOR
 
     original, copy = tmp_path / "original", tmp_path / "copy"
     train(tiny_config(FIXTURE_DATA, original, **TINY_STEP))
@@ -541,12 +531,12 @@ def test_a_resumed_run_continues_from_the_live_weights_and_the_ema_average_it_wa
     from other weights than the uninterrupted run, and nothing else would show it. And epoch 1
     draws the same shuffle, augmentations and dropout (from the seed and the epoch alone), so the
     resumed run ends epoch 1 with the uninterrupted run's weights."""
-    import pneumoscope.training.fit as training
+    import pneumoscope.training.callbacks as callbacks
     from pneumoscope.training.fit import train
 
     seen = {}
 
-    class Recording(training.EMAWeightAveraging):
+    class Recording(callbacks.EMAWeightAveraging):
         def on_train_epoch_start(self, trainer, pl_module):
             if trainer.current_epoch == 1:
                 seen["live"] = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
@@ -556,7 +546,7 @@ def test_a_resumed_run_continues_from_the_live_weights_and_the_ema_average_it_wa
                 seen["n_averaged"] = int(self._average_model.n_averaged)
                 seen["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
 
-    monkeypatch.setattr(training, "EMAWeightAveraging", Recording)
+    monkeypatch.setattr(callbacks, "EMAWeightAveraging", Recording)
     options = dict(arch="simple_cnn", img_size=32, epochs=2, ema_decay=0.9, ema_start_epoch=0, keep_epochs=True,
                    evaluate_test=False)
     whole = tmp_path / "whole"
@@ -626,3 +616,22 @@ def test_an_alias_of_a_single_value_is_still_read(tmp_path):
     path.write_text("data: &where some/data\nname: *where\n")
     config = parse("--config", str(path))
     assert (config.data, config.name) == ("some/data", "some/data")
+
+
+
+def test_commands_that_finish_runs_without_training_never_load_lightning(tmp_path):
+    """`calibrate`, `ensemble`, `soup` and `ship` make bundles of finished runs (runs.finish) without
+    the trainer, so Lightning stays unloaded (they used to import it through train.py). Each is
+    given a run that is not there: it imports what it needs, then stops with its one-line error.
+    (import-linter checks the imports inside the functions they then call.)"""
+    missing = str(tmp_path / "missing")
+    script = ("import sys\nfrom pneumoscope.cli import main\n"
+              f"for argv in ({['calibrate', missing]!r}, {['ensemble', '--runs', missing, missing, '--out', missing]!r},"
+              f" {['soup', '--runs', missing, missing, '--out', missing]!r}, {['ship', '--run', missing]!r}):\n"
+              "    assert main(argv) != 0, argv\n"
+              "print('loaded:', sorted(m for m in sys.modules if m.split('.')[0] == 'lightning'))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "loaded: []"
+    assert done.stderr.count(missing) >= 4 and "Traceback" not in done.stderr

@@ -348,7 +348,8 @@ def cmd_train(args) -> int:
         from .nets.registry import ensure_pretrained
 
         ensure_pretrained(config.arch, config.pretrained)
-    from .training.fit import is_main_process, train
+    from .training.environment import is_main_process
+    from .training.fit import train
     from .workflows.experiments import cross_validate
 
     if args.folds:
@@ -374,7 +375,7 @@ def cmd_soup(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .training.fit import recalibrate
+    from .runs.finish import recalibrate
 
     result = recalibrate(args.run, args.calibration)
     print(f"temperature fitted on {args.calibration} validation images", file=sys.stderr)
@@ -382,7 +383,7 @@ def cmd_calibrate(args) -> int:
 
 
 def _print_result(result) -> int:
-    """A train.TrainResult: its bundle, then each evaluated split's accuracy and recalls."""
+    """A runs.finish.TrainResult: its bundle, then each evaluated split's accuracy and recalls."""
     print(f"model bundle: {result.bundle}")
     for split, numbers in result.metrics.items():
         recall = ", ".join(f"{c} {v:.3f}" for c, v in numbers["recall"].items())

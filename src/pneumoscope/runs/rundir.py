@@ -9,7 +9,7 @@
     RUN/checkpoints/    Lightning's last.ckpt (for --resume), best.ckpt, epoch-N.ckpt (--keep-epochs)
     RUN/model/          the model bundle (artifact.py), calibrated, written once at the end
     RUN/val/, RUN/test/ evaluation reports (evaluate.write_report); RUN/external/ when evaluated there
-    RUN/logs/, RUN/mlruns/   Lightning's loggers (CSV; TensorBoard and MLflow when installed)
+    RUN/logs/tensorboard/, RUN/mlruns/   Lightning's TensorBoard and MLflow loggers, when installed
 
 Every file is written by atomic_write (a temporary renamed into place); the temporaries a killed
 process leaves behind are deleted when the run starts or resumes (`remove_stale_temporaries`).
@@ -89,7 +89,7 @@ class RunDir:
     def remove_stale_temporaries(self) -> list[Path]:
         """Deletes what a killed run left half-written (atomic_write's temporaries) in the folders a
         training run writes; reports of other commands (external/) are left alone."""
-        folders = (self.path, self.bundle, self.report_dir("val"), self.report_dir("test"), self.path / "logs")
+        folders = (self.path, self.bundle, self.report_dir("val"), self.report_dir("test"))
         return [path for folder in folders for path in remove_stale_temporaries(folder)]
 
     def write_config(self, config: TrainConfig) -> None:
@@ -251,10 +251,11 @@ def describe_data(facts: dict | None) -> str | None:
 
 
 # ---------------------------------------------------------------- where a run goes
-def resolve(config: TrainConfig) -> Path:
+def resolve(config: TrainConfig, processes: int = 1) -> Path:
     """config.out; else <root>/<project>/<name>; without a name `<task>-<arch>-<timestamp>` (task
     `folders` for a dataset that is not Kermany's), or with resume the newest run of that task (any
-    task when none is given) and architecture in the project."""
+    task when none is given) and architecture in the project. `processes`: how many the launcher
+    started for the run (training.environment.world_size; see `default_name`)."""
     from ..core.labels import FOLDERS
 
     if config.out:
@@ -267,15 +268,13 @@ def resolve(config: TrainConfig) -> Path:
                           key=lambda p: p.stat().st_mtime)
         if previous:
             return previous[-1].parent
-    return project_dir / default_name(config.task or FOLDERS, config.arch)
+    return project_dir / default_name(config.task or FOLDERS, config.arch, processes)
 
 
-def default_name(task: str, arch: str) -> str:
-    """Ranks started by torchrun/srun would not agree on a timestamp, so with several processes
+def default_name(task: str, arch: str, processes: int = 1) -> str:
+    """Ranks started by torchrun/srun would not agree on a timestamp, so with several `processes`
     the name comes from the launcher's job id, or must be given."""
-    from ..training.fit import world_size
-
-    if world_size() <= 1:
+    if processes <= 1:
         return f"{task}-{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "none")
     if job == "none":

@@ -18,11 +18,11 @@ from ..runs.rundir import RunDir, model_name
 
 
 def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike):
-    """Averages the finished runs `run_dirs` into the run directory `out`; returns a train.TrainResult
+    """Averages the finished runs `run_dirs` into the run directory `out`; returns a runs.finish.TrainResult
     (its bundle and the val / internal test headlines)."""
     from ..bundle.store import ENSEMBLE, ModelMeta, load_bundle
     from ..nets.registry import Ensemble, count_parameters
-    from ..training.fit import TrainResult, git_commit, save_calibrated, validation_pixels
+    from ..runs.finish import TrainResult, git_commit, save_calibrated, validation_pixels
 
     started = time.perf_counter()
     runs = [RunDir(path) for path in run_dirs]

@@ -118,13 +118,14 @@ def cross_validate(config, n_folds: int) -> dict:
     its manifest, in <out>/fold-<i>/, validated on the held-out fold (no internal test). Writes
     cv_summary.json/.csv. With resume, folds that already finished are kept."""
     from ..data.datasets import read_dataset
-    from ..training.fit import is_main_process, train, with_dataset_task
+    from ..training.environment import is_main_process, world_size
+    from ..training.fit import train, with_dataset_task
 
     if n_folds < 2:
         raise ValueError("--folds needs at least 2 folds")
     dataset = read_dataset(config.data, config.task, config.groups)
     config = with_dataset_task(config, dataset)  # the dataset's task names the folder
-    root = resolve(config)
+    root = resolve(config, world_size())
     manifests = write_fold_manifests(config, root, n_folds, dataset)
     for fold, manifest in enumerate(manifests):
         fold_dir = root / f"fold-{fold}"

@@ -202,7 +202,7 @@ def _ship_binary(model, meta, samples, models_dir: Path, docs_dir: Path, int8_ca
     run fitted its own (`provenance.calibration`; runs from before it was recorded fitted on `val`)."""
     from ..bundle.store import build_model
     from ..runtime.classifier import Classifier
-    from ..training.fit import calibration_temperature, validation_pixels
+    from ..runs.finish import calibration_temperature, validation_pixels
 
     calibration = meta.provenance.get("calibration", "val")
     binary = meta.replace(task="binary", classes=("NORMAL", "PNEUMONIA"), merge_outputs=BINARY_GROUPS,
@@ -275,7 +275,7 @@ def _commit(provenance: dict) -> str:
 
 
 def _calibration(meta) -> str:
-    """Where the temperature came from (train.calibration_temperature; bundles before it: plain validation)."""
+    """Where the temperature came from (runs.finish.calibration_temperature; bundles before it: plain validation)."""
     if meta.provenance.get("calibration") == "augmented":
         return "fitted on the validation images seen twice through the strong augmentation"
     return "fitted on the validation images"

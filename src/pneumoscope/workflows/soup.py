@@ -32,11 +32,11 @@ BN_IMAGES = 1024  # training images the trained BatchNorm layers' statistics are
 
 def build_soup(run_dirs: list[str | os.PathLike], out: str | os.PathLike, method: str = "uniform",
                bn_images: int = BN_IMAGES):
-    """Averages the finished runs `run_dirs` into the run directory `out`; returns a train.TrainResult.
+    """Averages the finished runs `run_dirs` into the run directory `out`; returns a runs.finish.TrainResult.
     `bn_images` 0 keeps the averaged BatchNorm statistics."""
     from ..bundle.store import load_bundle
     from ..data.datasets import load_pixels
-    from ..training.fit import TrainResult, git_commit, save_calibrated, validation_pixels
+    from ..runs.finish import TrainResult, git_commit, save_calibrated, validation_pixels
     from .ensemble import check_compatible, member_facts
 
     if method not in SOUPS:

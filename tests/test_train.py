@@ -228,6 +228,9 @@ def test_tiny_run_flows_one_way_into_a_complete_run_directory(tiny_result, tiny_
     assert not (tiny_run / "model.pt").exists()
     rows = list(csv.DictReader(open(tiny_run / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
+    # what the module logs reaches the table, also with no Lightning logger (neither TensorBoard nor MLflow installed)
+    assert all(r[k] for r in rows for k in ("train_loss", "train_acc", "val_loss", "val_bacc", "val_n"))
+    assert not (tiny_run / "logs" / "metrics.csv").exists()  # one epoch table, the run's own
     assert json.loads((tiny_run / "status.json").read_text())["status"] == "finished"
     env = json.loads((tiny_run / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["peak_memory_mb"] > 0 and env["seed"] == 0

@@ -266,7 +266,7 @@ def create_app(classifier: Classifier | None = None, task: str = "three", max_up
 def training_data(classifier: Classifier) -> str:
     """One sentence on the model's own data for the card and the page footer: its provenance's split
     sizes and source (rundir.data_facts); for a shipped model also what population that was."""
-    from .bundle.store import is_shipped
+    from .bundle import is_shipped
     from .runs.rundir import describe_data, recorded_data
 
     bundle = classifier.bundle

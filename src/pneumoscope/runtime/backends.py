@@ -21,21 +21,16 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, TypeVar
 
+from ..core.config import BACKENDS
+from .graphs import current_graph, missing_int8
+
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..bundle.store import Bundle, ModelMeta
+    from ..bundle import Bundle, ModelMeta
 
 log = logging.getLogger(__name__)
 T, R = TypeVar("T"), TypeVar("R")
-BACKENDS = ("auto", "int8", "onnx", "torch", "openvino", "openvino-int8")
-
-
-def to_batch(pixels: np.ndarray) -> np.ndarray:
-    """N x S x S uint8 -> N x 1 x S x S float32 in [0, 1], the input of every backend."""
-    import numpy as np  # here, not at the top: the CLI reads BACKENDS for --help without NumPy
-
-    return np.ascontiguousarray(pixels, dtype=np.float32)[:, None] / 255
 
 
 def cpu_threads() -> int:
@@ -202,7 +197,7 @@ def openvino_cache() -> dict:
 def loading(graph: str | os.PathLike | bytes, runtime: str, load: Callable[[], R]) -> R:
     """`load()`, a runtime reading `graph`; what it refuses (a truncated file, external data outside
     the bundle, an operator it lacks) is one BundleError line naming the file."""
-    from ..bundle.store import BundleError
+    from ..bundle import BundleError
 
     try:
         return load()
@@ -219,7 +214,7 @@ def check_interface(graph: str | os.PathLike | bytes, inputs: dict[str, list], o
     """A one-line BundleError unless the graph takes "pixels" (N x 1 x S x S) and gives "logits"
     (N x classes) and "features" (N x F, what the input guard's statistics were fitted on). Shapes
     are lists of ints, None or names for dynamic sizes."""
-    from ..bundle.store import BundleError
+    from ..bundle import BundleError
 
     where = _describe_graph(graph)
     if "pixels" not in inputs or not {"logits", "features"} <= outputs.keys():
@@ -311,28 +306,46 @@ def open_backend(bundle: "Bundle", backend: str = "auto") -> Backend:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
-        return TorchBackend(bundle.load_model())
+        return _torch_backend(bundle)
     meta = bundle.meta
     if backend == "int8":
-        return OnnxBackend(bundle.onnx_path("int8"), name="int8", meta=meta)
+        return OnnxBackend(_graph(bundle, "int8"), name="int8", meta=meta)
     if backend in ("openvino", "openvino-int8"):
         if not openvino_can_run(meta):
             raise ValueError(f"{bundle.path}: OpenVINO does not compute a merged (binary-from-three) graph right; "
                              "use --backend onnx")
-        return OpenVinoBackend(bundle.onnx_path("int8" if backend == "openvino-int8" else "fp32"), name=backend,
+        return OpenVinoBackend(_graph(bundle, "int8" if backend == "openvino-int8" else "fp32"), name=backend,
                                meta=meta)
     if backend == "auto" and openvino_can_run(meta):
         try:
-            return OpenVinoBackend(bundle.onnx_path("fp32"), name="openvino", meta=meta)
+            return OpenVinoBackend(_graph(bundle, "fp32"), name="openvino", meta=meta)
         except Exception as err:  # noqa: BLE001  not installed or unsupported here: the next runtime
             log.warning("OpenVINO unavailable (%s: %s); using ONNX Runtime", type(err).__name__, err)
     try:
-        return OnnxBackend(bundle.onnx_path("fp32"), meta=meta)
+        return OnnxBackend(_graph(bundle, "fp32"), meta=meta)
     except Exception as err:  # noqa: BLE001  any failure of the fast path: fall back, say so
         if backend != "auto":
             raise
         log.warning("ONNX Runtime backend unavailable (%s: %s); using PyTorch", type(err).__name__, err)
-        return TorchBackend(bundle.load_model())
+        return _torch_backend(bundle)
+
+
+def _graph(bundle: "Bundle", kind: str) -> "str | os.PathLike":
+    """The bundle's current graph of `kind`, made first when it is a missing fp32 one."""
+    found = current_graph(bundle, kind)
+    if found is not None:
+        return found
+    if kind == "int8":
+        raise missing_int8(bundle)
+    from .export import graph_path  # lazy: torch and the exporter load only when a graph must be made
+
+    return graph_path(bundle, kind)
+
+
+def _torch_backend(bundle: "Bundle") -> "TorchBackend":
+    from ..nets.build import load_network  # lazy: PyTorch loads for the torch backend only
+
+    return TorchBackend(load_network(bundle))
 
 
 def openvino_can_run(meta: "ModelMeta") -> bool:

@@ -19,23 +19,21 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..bundle.store import Bundle, BundleError, ModelMeta, load_bundle, resolve_model
+from ..bundle import Bundle, BundleError, ModelMeta, load_bundle, resolve_model
+from ..core.config import BACKENDS
 from ..core.labels import is_image_file
-from ..data.images import ImageReadError, ImageTooLargeError, input_step, read_xray_with_info, resize_square
+from ..data.images import ImageReadError, ImageTooLargeError, input_step, read_xray_with_info, resize_square, to_batch
 from .backends import (
-    BACKENDS,
     Backend,
     TorchBackend,
     backend_for_model,
     cpu_threads,
     open_backend,
     side_by_side,
-    to_batch,
 )
 from .guard import NOT_XRAY, guard_warnings, load_guard, stats_for
 
-__all__ = ["BACKENDS", "Classifier", "Decoded", "Record", "Scores", "Skipped", "expand_inputs", "image_warnings",
-           "model_warnings", "to_batch"]
+__all__ = ["Classifier", "Decoded", "Record", "Scores", "Skipped", "expand_inputs", "image_warnings", "model_warnings"]
 
 # The input guard (docs/inputs.md). Over all 5,232 images of the training data the smallest gray-level
 # standard deviation is 19.8 and the fewest distinct gray levels 113, so these limits leave real
@@ -109,7 +107,7 @@ class Scores:
 class Classifier:
     """A model on a backend plus its preprocessing and calibration, ready to classify X-rays.
 
-    Build one with `load` (a bundle, a legacy model.pt, or the shipped model for a task) or
+    Build one with `load` (a bundle, or the shipped model for a task) or
     `from_model` (an in-memory network). `model` is the PyTorch network (loaded on first use when
     predictions run on ONNX Runtime: Grad-CAM needs it); `torch_lock` serialises its forwards.
     """
@@ -136,7 +134,7 @@ class Classifier:
     @classmethod
     def load(cls, bundle_or_checkpoint: str | os.PathLike | Bundle | None = None, task: str = "three",
              backend: str = "auto") -> "Classifier":
-        """Loads a bundle directory (or legacy model.pt), or the shipped model for `task` when none is
+        """Loads a bundle directory, or the shipped model for `task` when none is
         given, on `backend` (see `backends.open_backend`: auto, onnx, int8 or torch)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -157,9 +155,11 @@ class Classifier:
     @property
     def model(self):
         """The PyTorch model (loaded from the bundle on first use when predictions run on ONNX)."""
+        from ..nets.build import load_network  # lazy: PyTorch loads for Grad-CAM or the torch backend only
+
         with self.torch_lock:
             if self._model is None:
-                self._model = self.bundle.load_model()
+                self._model = load_network(self.bundle)
             return self._model
 
     # -------------------------------------------------------------- arrays

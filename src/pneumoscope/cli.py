@@ -1,6 +1,11 @@
 """The command line: each command parses its arguments and calls one function of the library.
 
 Exit codes: 0 success, 1 some input failed (or the job failed), 2 usage error.
+
+The top layer (docs/architecture.md). It alone imports inside functions, for start-up time: this
+module imports only `core` (plain Python), and each `cmd_*` imports its workflow when it runs, so
+`pneumoscope --help` takes a fifth of a second and `predict` never loads PyTorch or Lightning
+(tests/test_architecture.py holds both).
 """
 from __future__ import annotations
 

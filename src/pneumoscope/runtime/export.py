@@ -32,7 +32,7 @@ from ..bundle import (
     save_bundle,
 )
 from ..core.files import atomic_write
-from ..data.images import to_batch
+from ..data.images import input_step, read_xray, resize_square, to_batch
 from ..nets.build import load_network
 from ..nets.registry import LogitsAndFeatures
 from .graphs import current_graph, missing_int8
@@ -144,7 +144,6 @@ def calibration_pixels(samples, size: int, n: int = 256, seed: int = 0, preproce
     none, decoded at the model's input size and through its input step: N x size x size uint8."""
     import numpy as np
 
-    from ..data.images import input_step, read_xray, resize_square
 
     pool = [s for s in samples if s.split == "train"] or list(samples)
     chosen = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)

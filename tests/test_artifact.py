@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, small_meta, small_model
-from pneumoscope.artifact import (SCHEMA_VERSION, BundleError, ModelMeta, fingerprint, load_bundle, model_fingerprint,
+from pneumoscope.bundle.store import (SCHEMA_VERSION, BundleError, ModelMeta, fingerprint, load_bundle, model_fingerprint,
                                   resolve_model, save_bundle)
 from pneumoscope.cli import main
 
@@ -84,7 +84,7 @@ def test_a_legacy_checkpoint_loads_read_only_and_converts_bit_for_bit(tmp_path, 
     legacy = load_bundle(checkpoint)
     assert legacy.legacy and legacy.meta.temperature == 1.3 and legacy.meta.provenance["seed"] == 4
     assert legacy.name == "old-run@0.1.0" and legacy.meta.merge_outputs == ((0,), (1, 2))
-    from pneumoscope.predict import Classifier
+    from pneumoscope.runtime.classifier import Classifier
 
     old_runs = Classifier.load(checkpoint)  # predicts as it is, on a graph exported into the cache
     assert old_runs.backend == "onnx" and old_runs.predict(np.full((64, 64), 128, np.uint8)).status == "ok"
@@ -116,7 +116,7 @@ def test_the_shipped_bundles_are_the_default_recipe_on_one_split():
     """models/three and models/binary: each its own network, trained by the default `train` recipe
     (its image size, augmentation and EMA) on the same patient split, measured on val, internal
     test and the external group."""
-    from pneumoscope.config import TrainConfig
+    from pneumoscope.core.config import TrainConfig
 
     three, binary = load_bundle(ROOT / "models" / "three"), load_bundle(ROOT / "models" / "binary")
     assert three.meta.classes == ("NORMAL", "BACTERIA", "VIRUS") and binary.meta.classes == ("NORMAL", "PNEUMONIA")

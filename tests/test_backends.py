@@ -5,15 +5,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscope.artifact import load_bundle
-from pneumoscope.backends import OnnxBackend, TorchBackend, open_backend, to_batch
+from pneumoscope.bundle.store import load_bundle
+from pneumoscope.runtime.backends import OnnxBackend, TorchBackend, open_backend, to_batch
 from pneumoscope.cli import main
-from pneumoscope.predict import Classifier
+from pneumoscope.runtime.classifier import Classifier
 
 
 @pytest.fixture(scope="module")
 def batch(fixture_data):
-    from pneumoscope.images import read_xray, resize_square
+    from pneumoscope.data.images import read_xray, resize_square
 
     paths = sorted((fixture_data / "val").rglob("*.jpeg"))
     return to_batch(np.stack([resize_square(read_xray(p), 64) for p in paths]))
@@ -55,9 +55,9 @@ def test_policy(small_bundle, monkeypatch):
     def broken(self, kind="fp32"):
         raise RuntimeError("exporter exploded")
 
-    import pneumoscope.backends
+    import pneumoscope.runtime.backends
 
-    monkeypatch.setattr(pneumoscope.backends, "OpenVinoBackend", broken)  # not installed, say
+    monkeypatch.setattr(pneumoscope.runtime.backends, "OpenVinoBackend", broken)  # not installed, say
     assert open_backend(bundle, "auto").name == "onnx"  # falls back, with a logged warning
     monkeypatch.setattr(type(bundle), "onnx_path", broken)
     assert open_backend(bundle, "auto").name == "torch"  # falls back, with a logged warning
@@ -88,7 +88,7 @@ def test_openvino_gives_the_logits_and_features_of_onnx_runtime(small_bundle, ba
     """OpenVINO on the same fp32 graph, both hints, any batch size; full precision forced so the
     comparison is exact whatever the CPU (bf16 is a per-CPU choice, measured in benchmarks)."""
     pytest.importorskip("openvino")
-    from pneumoscope.backends import OpenVinoBackend
+    from pneumoscope.runtime.backends import OpenVinoBackend
 
     bundle = load_bundle(small_bundle)
     reference = OnnxBackend(bundle.onnx_path("fp32"))
@@ -110,7 +110,7 @@ def test_openvino_folder_runs_side_by_side_in_input_order(small_bundle, fixture_
     """A folder on OpenVINO goes through the THROUGHPUT sibling from several threads; records come
     back in input order with the probabilities of ONNX Runtime."""
     pytest.importorskip("openvino")
-    from pneumoscope.backends import OpenVinoBackend
+    from pneumoscope.runtime.backends import OpenVinoBackend
 
     bundle = load_bundle(small_bundle)
     paths = sorted(fixture_data.rglob("*.jpeg"))
@@ -146,7 +146,7 @@ def test_a_merged_binary_read_never_runs_on_openvino(tmp_path):
     auto runs it on ONNX Runtime, an explicit request is a one-line error."""
     from conftest import small_meta, small_model
 
-    from pneumoscope.artifact import build_model, save_bundle
+    from pneumoscope.bundle.store import build_model, save_bundle
 
     meta = small_meta()
     binary = meta.replace(task="binary", classes=("NORMAL", "PNEUMONIA"), merge_outputs=((0,), (1, 2)))
@@ -167,8 +167,8 @@ def hostile_graphs(small_bundle, root):
     from onnx import external_data_helper
 
     from conftest import small_model
-    from pneumoscope.artifact import FINGERPRINT_KEY, ONNX_FP32
-    from pneumoscope.export import onnx_bytes, set_metadata
+    from pneumoscope.bundle.store import FINGERPRINT_KEY, ONNX_FP32
+    from pneumoscope.runtime.export import onnx_bytes, set_metadata
 
     def copy(name):
         shutil.copytree(small_bundle, root / name)

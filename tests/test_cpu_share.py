@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from pneumoscope.cpu_share import CpuShare, machine_busy_seconds, threads_for
-from pneumoscope.train import ThreadsForLoad, thread_callbacks
+from pneumoscope.core.cpu_share import CpuShare, machine_busy_seconds, threads_for
+from pneumoscope.training.fit import ThreadsForLoad, thread_callbacks
 from conftest import tiny_config
 
 

@@ -7,9 +7,9 @@ import shutil
 import pytest
 
 from conftest import ROOT, small_model
-from pneumoscope.artifact import FINGERPRINT_KEY, META_KEY, graph_metadata, load_bundle, save_bundle
+from pneumoscope.bundle.store import FINGERPRINT_KEY, META_KEY, graph_metadata, load_bundle, save_bundle
 from pneumoscope.cli import main
-from pneumoscope.predict import Classifier
+from pneumoscope.runtime.classifier import Classifier
 
 
 @pytest.fixture()
@@ -89,9 +89,9 @@ def test_int8_calibration_images_pass_the_models_input_step(fixture_data, monkey
     import numpy as np
 
     from conftest import small_meta
-    from pneumoscope import export
-    from pneumoscope.data import read_dataset
-    from pneumoscope.images import input_step
+    from pneumoscope.runtime import export
+    from pneumoscope.data.datasets import read_dataset
+    from pneumoscope.data.images import input_step
 
     samples = read_dataset(fixture_data).samples
     plain = export.calibration_pixels(samples, 64, n=4)
@@ -110,9 +110,9 @@ def test_a_pool_smaller_than_its_output_exports_and_answers_as_pytorch():
     import torch
     from timm.models.vgg import ConvMlp
 
-    from pneumoscope.backends import OnnxBackend
-    from pneumoscope.export import onnx_bytes
-    from pneumoscope.models import XrayNet, _head, exportable_pools
+    from pneumoscope.runtime.backends import OnnxBackend
+    from pneumoscope.runtime.export import onnx_bytes
+    from pneumoscope.nets.registry import XrayNet, _head, exportable_pools
 
     from conftest import small_meta
 
@@ -140,7 +140,7 @@ def test_an_export_failure_is_one_line():
     """A network the exporter refuses (alexnet below the 63 px its pools need) gives one line naming
     it, not the exporter's graph dump."""
     from conftest import small_meta, small_model
-    from pneumoscope.export import ExportError, onnx_bytes
+    from pneumoscope.runtime.export import ExportError, onnx_bytes
 
     with pytest.raises(ExportError) as err:
         onnx_bytes(small_model("alexnet"), small_meta("alexnet", img_size=32))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscope.data import read_dataset, split_by_patient
+from pneumoscope.data.datasets import read_dataset, split_by_patient
 
 from conftest import ROOT
 

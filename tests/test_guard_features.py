@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 from scipy.special import logsumexp
 
-from pneumoscope.guard import (GUARD_VERSION, NOT_XRAY, GuardConfig, decode, encode, energy, fit_guard,
+from pneumoscope.runtime.guard import (GUARD_VERSION, NOT_XRAY, GuardConfig, decode, encode, energy, fit_guard,
                                guard_scores, guard_warnings, load_guard, mahalanobis, stats_for)
-from pneumoscope.images import read_xray, resize_square
+from pneumoscope.data.images import read_xray, resize_square
 
 SIDE, F, C = 16, 48, 2
 PROJECTION = np.random.default_rng(0).normal(size=(SIDE * SIDE, F)) / SIDE

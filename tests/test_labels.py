@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscope.labels import (BINARY, THREE, classes_for, is_image_file, is_kermany_tree, kermany_patient,
+from pneumoscope.core.labels import (BINARY, THREE, classes_for, is_image_file, is_kermany_tree, kermany_patient,
                                label_from_path, patient_id, task_label)
 
 

@@ -13,12 +13,13 @@ import jinja2
 import pytest
 
 from conftest import ROOT
-from pneumoscope import INTENDED_USE, release
+from pneumoscope import INTENDED_USE
 from pneumoscope.cli import main
-from pneumoscope.data import Sample
-from pneumoscope.images import CLAHE_CLIP_LIMIT, CLAHE_TILES
-from pneumoscope.metrics import ECE_BINS
-from pneumoscope.rundir import data_facts
+from pneumoscope.data.datasets import Sample, read_dataset
+from pneumoscope.data.images import CLAHE_CLIP_LIMIT, CLAHE_TILES
+from pneumoscope.evaluation.metrics import ECE_BINS
+from pneumoscope.runs.rundir import data_facts
+from pneumoscope.workflows import release
 
 MODELS, DOCS = ROOT / "models", ROOT / "docs"
 TASKS = ("three", "binary")
@@ -213,7 +214,9 @@ def test_the_template_is_package_data():
     import tomllib
 
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pneumoscope"]
-    template = Path(release.__file__).parent / "templates" / release.CARD_TEMPLATE
+    from importlib import resources
+
+    template = Path(str(resources.files("pneumoscope") / "templates" / release.CARD_TEMPLATE))
     assert template.is_file() and any(template.match(f"pneumoscope/{pattern}") for pattern in data)
 
 
@@ -239,7 +242,6 @@ def test_data_facts_count_the_patients_whose_images_hold_two_labels():
 def test_data_facts_count_the_kermany_pool_as_its_manifest_does(full_data):
     """On the shipped models' pool (train/ + val/), as many personN ids with both a bacterial and a
     viral file as the data's MANIFEST.csv shows."""
-    from pneumoscope.data import read_dataset
 
     labels: dict[str, set] = {}
     with open(full_data / "MANIFEST.csv", newline="") as handle:

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import EXAMPLES, ROOT, small_meta, small_model
 from pneumoscope.cli import main
-from pneumoscope.images import read_xray
-from pneumoscope.predict import Classifier
+from pneumoscope.data.images import read_xray
+from pneumoscope.runtime.classifier import Classifier
 
 
 def test_python_api_on_path_and_array(classifier, fixture_data):
@@ -159,8 +159,8 @@ def test_a_model_with_an_input_step_gets_it_on_every_path(tmp_path):
     """meta.preprocess "clahe": decoding applies it after resizing, score_pixels applies it to the
     resized arrays training caches, the saved bundle's ONNX graph gives what the network gives on
     stepped pixels, and the step counts in the fingerprint (a bundle without it keeps its own)."""
-    from pneumoscope.artifact import BundleError, fingerprint, load_bundle, save_bundle
-    from pneumoscope.images import input_step, resize_square
+    from pneumoscope.bundle.store import BundleError, fingerprint, load_bundle, save_bundle
+    from pneumoscope.data.images import input_step, resize_square
 
     model, plain = small_model(), small_meta()
     meta = small_meta(preprocess="clahe")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pneumoscope.config import TrainConfig
-from pneumoscope.rundir import RunDir, find_runs, resolve, summarize
+from pneumoscope.core.config import TrainConfig
+from pneumoscope.runs.rundir import RunDir, find_runs, resolve, summarize
 
 CLASSES = ("NORMAL", "BACTERIA", "VIRUS")
 

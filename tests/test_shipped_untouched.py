@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from pneumoscope.artifact import graph_fingerprint, is_shipped, load_bundle
+from pneumoscope.bundle.store import graph_fingerprint, is_shipped, load_bundle
 from pneumoscope.cli import main
 
 

@@ -112,12 +112,12 @@ def predicted_mix(probabilities: np.ndarray, classes) -> dict[str, float]:
 def site_images(inputs) -> list[str]:
     """The image files of the new site: files as given, folders walked, and a manifest CSV read as
     every dataset is (data.read_dataset; its labels are not used)."""
-    from .predict import expand_inputs
+    from ..runtime.classifier import expand_inputs
 
     files = []
     for item in inputs:
         if str(item).lower().endswith(".csv"):
-            from .data import read_dataset
+            from ..data.datasets import read_dataset
 
             files += [s.path for s in read_dataset(item).samples]
         else:
@@ -136,10 +136,10 @@ def adapt_bundle(checkpoint, images, out, priors: bool = False, task: str = "thr
     import time
     from pathlib import Path
 
-    from .artifact import load_bundle, resolve_model, save_bundle
-    from .files import atomic_write
-    from .images import ImageReadError, input_step, read_xray, resize_square
-    from .predict import Classifier
+    from ..bundle.store import load_bundle, resolve_model, save_bundle
+    from ..core.files import atomic_write
+    from ..data.images import ImageReadError, input_step, read_xray, resize_square
+    from ..runtime.classifier import Classifier
 
     bundle = load_bundle(checkpoint or resolve_model(task))
     meta, model = bundle.meta, bundle.load_model()

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .artifact import FINGERPRINT_KEY, META_KEY, ModelMeta, graph_metadata, load_bundle, model_fingerprint
+from ..bundle.store import FINGERPRINT_KEY, META_KEY, ModelMeta, graph_metadata, load_bundle, model_fingerprint
+from ..core.files import atomic_write
+from ..nets.registry import LogitsAndFeatures
 from .backends import to_batch
-from .files import atomic_write
-from .models import LogitsAndFeatures
 
 OPSET = 17
 QUANTIZATION_KEY = "pneumoscope_quantization"
@@ -104,7 +104,7 @@ def calibration_pixels(samples, size: int, n: int = 256, seed: int = 0, preproce
     none, decoded at the model's input size and through its input step: N x size x size uint8."""
     import numpy as np
 
-    from .images import input_step, read_xray, resize_square
+    from ..data.images import input_step, read_xray, resize_square
 
     pool = [s for s in samples if s.split == "train"] or list(samples)
     chosen = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)

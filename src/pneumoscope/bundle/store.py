@@ -34,10 +34,10 @@ from typing import Literal
 
 from typing_extensions import Required, TypedDict  # pydantic reads typing.TypedDict only from Python 3.12
 
-from .files import atomic_write, default_cache_dir
-from .images import INPUT_STEPS
-from .labels import BINARY, FOLDERS, THREE
-from .labels import TASKS as CLASSES_OF_TASK
+from ..core.files import atomic_write, default_cache_dir
+from ..core.labels import BINARY, FOLDERS, THREE
+from ..core.labels import TASKS as CLASSES_OF_TASK
+from ..data.images import INPUT_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ META_KEY = "pneumoscope_meta"  # ONNX metadata_props: the ModelMeta, so a graph 
 SHAPING = ("arch", "classes", "img_size", "mean", "std", "temperature", "merge_outputs", "adaptation")
 LATER_SHAPING = ("members", "preprocess")  # shape predictions too, but count only when set: older bundles keep their fingerprint
 ENSEMBLE = "ensemble"  # ModelMeta.arch of an ensemble; its `members` name the architectures
-REPO_MODELS = Path(__file__).resolve().parents[2] / "models"  # a source checkout's models/
+REPO_MODELS = Path(__file__).resolve().parents[3] / "models"  # a source checkout's models/
 
 
 # What a meta.json may hold (checked at load, ModelMeta.from_json): beyond these a hostile or broken
@@ -267,7 +267,7 @@ def _first_error(err) -> str:
 
 
 def _registry_normalization(arch: str) -> dict:
-    from .models import model_spec  # only very old checkpoints lack "normalization": torch is loaded anyway
+    from ..nets.registry import model_spec  # only very old checkpoints lack "normalization": torch is loaded anyway
 
     spec = model_spec(arch)
     return {"mean": spec.mean, "std": spec.std}
@@ -392,7 +392,7 @@ class Bundle:
         training wrote metrics.json ({} for any other bundle)."""
         if self.legacy or self.path.name != "model":
             return {}
-        from .metrics import headline
+        from ..evaluation.metrics import headline
 
         reports = {"val": self.path.parent / "val" / METRICS, "internal_test": self.path.parent / "test" / METRICS}
         return {name: headline(json.loads(p.read_text())) for name, p in reports.items() if p.is_file()}
@@ -440,7 +440,7 @@ class Bundle:
             raise BundleError(f"{path}: {why}; make it with `pneumoscope export --int8 "
                               f"--checkpoint {self.path} --calibration DATA`")
         if not cached.is_file() or graph_fingerprint(cached) != self.fingerprint:
-            from .export import export_onnx
+            from ..runtime.export import export_onnx
 
             log.info("%s is missing or stale; exporting %s", path, cached)
             export_onnx(self.load_model(), self.meta, cached)
@@ -449,7 +449,7 @@ class Bundle:
 
 def build_model(meta: ModelMeta, state_dict: dict):
     """Rebuilds the architecture `meta` names and loads `state_dict` into it (strict)."""
-    from .models import MergeOutputs, Normalize, create_ensemble, create_model
+    from ..nets.registry import MergeOutputs, Normalize, create_ensemble, create_model
 
     if meta.members:
         if meta.merge_outputs:
@@ -629,7 +629,7 @@ def save_bundle(model, meta: ModelMeta, out: str | os.PathLike, export: bool = T
         handle.write(data)
     write_meta(out, meta)
     if export:
-        from .export import export_onnx
+        from ..runtime.export import export_onnx
 
         # the fingerprint from the bytes just written: serializing a large network twice costs seconds
         export_onnx(model, meta, out / ONNX_FP32, fingerprint=fingerprint(hashlib.sha256(data).hexdigest(), meta))

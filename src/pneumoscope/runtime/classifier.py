@@ -19,12 +19,20 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .artifact import Bundle, BundleError, ModelMeta, load_bundle, resolve_model
-from .backends import (BACKENDS, Backend, TorchBackend, backend_for_model, cpu_threads, open_backend,
-                       side_by_side, to_batch)
+from ..bundle.store import Bundle, BundleError, ModelMeta, load_bundle, resolve_model
+from ..core.labels import is_image_file
+from ..data.images import ImageReadError, ImageTooLargeError, input_step, read_xray_with_info, resize_square
+from .backends import (
+    BACKENDS,
+    Backend,
+    TorchBackend,
+    backend_for_model,
+    cpu_threads,
+    open_backend,
+    side_by_side,
+    to_batch,
+)
 from .guard import NOT_XRAY, guard_warnings, load_guard, stats_for
-from .images import ImageReadError, ImageTooLargeError, input_step, read_xray_with_info, resize_square
-from .labels import is_image_file
 
 __all__ = ["BACKENDS", "Classifier", "Decoded", "Record", "Scores", "Skipped", "expand_inputs", "image_warnings",
            "model_warnings", "to_batch"]

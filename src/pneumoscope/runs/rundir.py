@@ -30,8 +30,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .config import TrainConfig, options_loader
-from .files import atomic_write, remove_stale_temporaries
+from ..core.config import TrainConfig, options_loader
+from ..core.files import atomic_write, remove_stale_temporaries
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_bacc", "val_n", "lr", "seconds",
                  "images_per_s")
@@ -100,7 +100,7 @@ class RunDir:
             yaml.safe_dump(config.to_dict(), handle, sort_keys=False)
 
     def write_manifest(self, samples) -> None:
-        from .data import write_manifest
+        from ..data.datasets import write_manifest
 
         write_manifest(samples, self.path / "manifest.csv")
 
@@ -114,7 +114,7 @@ class RunDir:
     def write_epoch(self, row: dict) -> None:
         """Records one epoch in metrics.csv (replacing that epoch and any later one, as a resumed run
         repeats them) and redraws curves.png."""
-        from .plots import training_curves_png
+        from ..evaluation.plots import training_curves_png
 
         rows = [r for r in self.epochs() if int(r["epoch"]) < int(row["epoch"])] + [row]
         with atomic_write(self.path / "metrics.csv", "w", newline="") as handle:
@@ -143,7 +143,7 @@ class RunDir:
 
     def samples(self):
         """The run's split (manifest.csv), read as the run read its data (data.read_dataset)."""
-        from .data import read_dataset
+        from ..data.datasets import read_dataset
 
         return read_dataset(self.path / "manifest.csv", self.raw_config().get("task")).samples
 
@@ -178,7 +178,7 @@ class RunDir:
 
     def model_meta(self):
         """The model's ModelMeta (a legacy run's from its model.json, without loading weights), or None."""
-        from .artifact import META, ModelMeta
+        from ..bundle.store import META, ModelMeta
 
         meta = self.bundle / META
         if meta.is_file():  # read as such: listing runs needs no weights hashed
@@ -268,7 +268,7 @@ def resolve(config: TrainConfig) -> Path:
     """config.out; else <root>/<project>/<name>; without a name `<task>-<arch>-<timestamp>` (task
     `folders` for a dataset that is not Kermany's), or with resume the newest run of that task (any
     task when none is given) and architecture in the project."""
-    from .labels import FOLDERS
+    from ..core.labels import FOLDERS
 
     if config.out:
         return Path(config.out)
@@ -286,7 +286,7 @@ def resolve(config: TrainConfig) -> Path:
 def default_name(task: str, arch: str) -> str:
     """Ranks started by torchrun/srun would not agree on a timestamp, so with several processes
     the name comes from the launcher's job id, or must be given."""
-    from .train import world_size
+    from ..training.fit import world_size
 
     if world_size() <= 1:
         return f"{task}-{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -307,7 +307,7 @@ def summarize(path: str | os.PathLike) -> dict:
     each evaluated split ("val", "test", "external": metrics.headline) and the time-to-accuracy
     `curve`. Per-class recall (recall_<class>) comes from the internal test split when it was
     evaluated, else from validation (recall_split says which). Missing files read as empty."""
-    from .metrics import headline
+    from ..evaluation.metrics import headline
 
     run = RunDir(path)
     config, rows, env, status = run.raw_config(), run.epochs(), run.env(), run.status()

@@ -15,15 +15,15 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from . import INTENDED_USE
-from .artifact import METRICS, ONNX_INT8, load_bundle, save_bundle, write_meta, write_metrics
-from .backends import openvino_precision
-from .evaluate import evaluate_samples
-from .files import atomic_write
-from .images import CLAHE_CLIP_LIMIT, CLAHE_TILES, read_xray
-from .labels import THREE
-from .metrics import ECE_BINS, headline
-from .rundir import RunDir, data_facts, describe_data, recorded_data, summarize
+from .. import INTENDED_USE
+from ..bundle.store import METRICS, ONNX_INT8, load_bundle, save_bundle, write_meta, write_metrics
+from ..core.files import atomic_write
+from ..core.labels import THREE
+from ..data.images import CLAHE_CLIP_LIMIT, CLAHE_TILES, read_xray
+from ..evaluation.metrics import ECE_BINS, headline
+from ..evaluation.report import evaluate_samples
+from ..runs.rundir import RunDir, data_facts, describe_data, recorded_data, summarize
+from ..runtime.backends import openvino_precision
 
 BINARY_GROUPS = ((0,), (1, 2))  # NORMAL | BACTERIA + VIRUS, indices into labels.THREE
 
@@ -82,8 +82,8 @@ def measure_external(external: str | Path, models_dir: str | Path = "models", do
     acquisition batch, never trained on and never used to fit a parameter) into
     docs/model-card/<task>/external/ and adds its headline to the bundle's metrics.json. These
     figures guide choices, so the card labels them "used for selection"."""
-    from .data import read_dataset
-    from .predict import Classifier
+    from ..data.datasets import read_dataset
+    from ..runtime.classifier import Classifier
 
     models_dir, docs_dir = Path(models_dir), Path(docs_dir)
     measured = []
@@ -110,8 +110,8 @@ def measure_external(external: str | Path, models_dir: str | Path = "models", do
 
 def _ship(model, meta, samples, models_dir: Path, docs_dir: Path, int8_calibration: int = 0) -> Path:
     """One bundle, written once, then measured: metrics.json beside it, reports in the docs."""
-    from .export import export_int8
-    from .predict import Classifier
+    from ..runtime.classifier import Classifier
+    from ..runtime.export import export_int8
 
     target = models_dir / meta.task
     for stale in (ONNX_INT8, METRICS):  # made from, or measured on, the model this replaces
@@ -130,7 +130,7 @@ def _ship(model, meta, samples, models_dir: Path, docs_dir: Path, int8_calibrati
 def measure_runtimes(target: Path, samples, reports: Path) -> dict:
     """Val and internal test figures of the other runtimes (extra_runtimes) on the bundle, for the
     card's rows beside fp32."""
-    from .predict import Classifier
+    from ..runtime.classifier import Classifier
 
     measured = {runtime: _measure(Classifier.load(target, backend=runtime), samples, reports / runtime, plots=False)
                 for runtime in extra_runtimes(target, load_bundle(target).meta)}
@@ -151,9 +151,9 @@ def fit_bundle_guard(target: Path, samples) -> dict:
     and writes it into meta.json. The guard is not part of the fingerprint, so the graphs stay
     current. A merged read (binary from a 3-class network) has that network's features: its class
     means are those of the network's own classes."""
-    from .data import class_indices, load_pixels
-    from .guard import GuardConfig, fit_guard
-    from .predict import Classifier
+    from ..data.datasets import class_indices, load_pixels
+    from ..runtime.classifier import Classifier
+    from ..runtime.guard import GuardConfig, fit_guard
 
     meta = load_bundle(target).meta
     classes, task = (THREE, "three") if meta.merge_outputs else (meta.classes, meta.task)
@@ -179,7 +179,7 @@ def extra_runtimes(target: Path, meta) -> list[str]:
     can run the graph; bf16 on CPUs with native bf16)."""
     import importlib.util
 
-    from .backends import openvino_can_run
+    from ..runtime.backends import openvino_can_run
 
     runtimes = ["int8"] if (target / ONNX_INT8).is_file() else []
     return runtimes + (["openvino"] if importlib.util.find_spec("openvino") and openvino_can_run(meta) else [])
@@ -202,9 +202,9 @@ def _ship_binary(model, meta, samples, models_dir: Path, docs_dir: Path, int8_ca
     """The 3-class network read through a merge of its outputs (NORMAL | BACTERIA + VIRUS), with
     its own temperature fitted on the validation images of that merged output, the way the 3-class
     run fitted its own (`provenance.calibration`; runs from before it was recorded fitted on `val`)."""
-    from .artifact import build_model
-    from .predict import Classifier
-    from .train import calibration_temperature, validation_pixels
+    from ..bundle.store import build_model
+    from ..runtime.classifier import Classifier
+    from ..training.fit import calibration_temperature, validation_pixels
 
     calibration = meta.provenance.get("calibration", "val")
     binary = meta.replace(task="binary", classes=("NORMAL", "PNEUMONIA"), merge_outputs=BINARY_GROUPS,
@@ -330,7 +330,7 @@ def draw_mistakes(report_dir: Path) -> None:
     that the card only reads the reports)."""
     wrong = confident_mistakes(report_dir)
     if wrong:
-        from .plots import mistakes_png  # matplotlib: only ship draws
+        from ..evaluation.plots import mistakes_png  # matplotlib: only ship draws
 
         mistakes_png([read_xray(p) for p, *_ in wrong], [f"{pr} {prob:.2f}\n[{t}]" for _, t, pr, prob in wrong],
                      report_dir / "mistakes.png")

@@ -13,7 +13,7 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from .images import INPUT_STEPS
+from ..data.images import INPUT_STEPS
 from .labels import TASKS
 
 DEFAULT_ARCH = "efficientnet_lite0"

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, TypeVa
 if TYPE_CHECKING:
     import numpy as np
 
-    from .artifact import Bundle, ModelMeta
+    from ..bundle.store import Bundle, ModelMeta
 
 log = logging.getLogger(__name__)
 T, R = TypeVar("T"), TypeVar("R")
@@ -57,7 +57,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model, lock: threading.RLock | None = None):
-        from .models import LogitsAndFeatures
+        from ..nets.registry import LogitsAndFeatures
 
         self.model = model.eval()
         self.lock = lock or threading.RLock()
@@ -189,7 +189,7 @@ def openvino_cache() -> dict:
     most of a one-image `predict` (1.2 s of 1.4 s measured); loading the cached blob is not. Keyed
     by OpenVINO on the graph file's content and the compile settings, so a new graph compiles anew.
     No cache where that folder cannot be made (the graph then compiles every time, as before)."""
-    from .files import default_cache_dir
+    from ..core.files import default_cache_dir
 
     folder = default_cache_dir() / "openvino"
     try:
@@ -202,7 +202,7 @@ def openvino_cache() -> dict:
 def loading(graph: str | os.PathLike | bytes, runtime: str, load: Callable[[], R]) -> R:
     """`load()`, a runtime reading `graph`; what it refuses (a truncated file, external data outside
     the bundle, an operator it lacks) is one BundleError line naming the file."""
-    from .artifact import BundleError
+    from ..bundle.store import BundleError
 
     try:
         return load()
@@ -219,7 +219,7 @@ def check_interface(graph: str | os.PathLike | bytes, inputs: dict[str, list], o
     """A one-line BundleError unless the graph takes "pixels" (N x 1 x S x S) and gives "logits"
     (N x classes) and "features" (N x F, what the input guard's statistics were fitted on). Shapes
     are lists of ints, None or names for dynamic sizes."""
-    from .artifact import BundleError
+    from ..bundle.store import BundleError
 
     where = _describe_graph(graph)
     if "pixels" not in inputs or not {"logits", "features"} <= outputs.keys():

@@ -13,15 +13,16 @@ import os
 import socket
 import time
 
-from . import __version__
-from .rundir import RunDir, model_name
+from .. import __version__
+from ..runs.rundir import RunDir, model_name
+
 
 def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike):
     """Averages the finished runs `run_dirs` into the run directory `out`; returns a train.TrainResult
     (its bundle and the val / internal test headlines)."""
-    from .artifact import ENSEMBLE, ModelMeta, load_bundle
-    from .models import Ensemble, count_parameters
-    from .train import TrainResult, git_commit, save_calibrated, validation_pixels
+    from ..bundle.store import ENSEMBLE, ModelMeta, load_bundle
+    from ..nets.registry import Ensemble, count_parameters
+    from ..training.fit import TrainResult, git_commit, save_calibrated, validation_pixels
 
     started = time.perf_counter()
     runs = [RunDir(path) for path in run_dirs]

@@ -324,8 +324,10 @@ def cmd_ship(args) -> int:
 
 
 def cmd_card(args) -> int:
+    from .bundle.store import refuse_shipped
     from .workflows.release import measure_external, write_model_card
 
+    refuse_shipped(args.out)
     if args.external:
         for path in measure_external(args.external, args.models_dir, args.docs_dir):
             print(f"measured {path} on {args.external} (reported as used for selection)")

@@ -5,9 +5,21 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from pneumoscope.data.datasets import (XrayDataset, atomic_write, class_weights, eval_transform, load_pixels, manifest_hash,
-                              patient_folds, read_dataset, read_manifest, split_by_patient, split_dataset,
-                              train_transform, write_manifest)
+from pneumoscope.data.datasets import (
+    XrayDataset,
+    atomic_write,
+    class_weights,
+    eval_transform,
+    load_pixels,
+    manifest_hash,
+    patient_folds,
+    read_dataset,
+    read_manifest,
+    split_by_patient,
+    split_dataset,
+    train_transform,
+    write_manifest,
+)
 
 
 def test_read_dataset_fixture_layout(fixture_data):

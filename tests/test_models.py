@@ -1,9 +1,21 @@
 import pytest
 import torch
 
-from pneumoscope.nets.registry import (DEFAULT_ARCH, PretrainedUnavailable, cached_weights, count_parameters, create_model,
-                                freeze_model, list_models, lite0_wheel_state_dict, parse_freeze,
-                                pretrained_source, stages, trainable_parameters, weights_status)
+from pneumoscope.nets.registry import (
+    DEFAULT_ARCH,
+    PretrainedUnavailable,
+    cached_weights,
+    count_parameters,
+    create_model,
+    freeze_model,
+    list_models,
+    lite0_wheel_state_dict,
+    parse_freeze,
+    pretrained_source,
+    stages,
+    trainable_parameters,
+    weights_status,
+)
 
 SEED_ARCHS = ["simple_cnn", "simple_cnn_seed", "residual_vgg", "residual_vgg_seed", "alexnet", "vgg16_bn", "resnet18",
               "resnet34", "resnet50", "resnext50_32x4d", "densenet121", "efficientnet_lite0"]

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from dicom_files import CT, example, make_dx, sr_facts
 from pneumoscope import INTENDED_USE
 

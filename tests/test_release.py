@@ -4,10 +4,10 @@ import importlib.util
 import json
 
 import pytest
-
 from conftest import FIXTURE_DATA
+
 from pneumoscope import INTENDED_USE
-from pneumoscope.bundle.store import load_bundle
+from pneumoscope.bundle import load_bundle
 from pneumoscope.cli import main
 from pneumoscope.data.datasets import class_indices
 from pneumoscope.evaluation.metrics import fit_temperature, softmax

@@ -15,10 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+from conftest import EXAMPLES
 from fastapi.testclient import TestClient
 from PIL import Image
-
-from conftest import EXAMPLES
 from test_images import make_dicom
 
 from pneumoscope import INTENDED_USE

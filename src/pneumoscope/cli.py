@@ -10,17 +10,23 @@ import os
 import sys
 from pathlib import Path
 
-from .core.config import CALIBRATIONS, TEST_FRACTION, VAL_FRACTION, add_train_arguments, config_from_args
+from .core.config import (
+    BACKENDS,
+    CALIBRATIONS,
+    TEST_FRACTION,
+    TUNED,
+    VAL_FRACTION,
+    add_train_arguments,
+    config_from_args,
+)
 from .core.labels import TASKS
-from .runtime.backends import BACKENDS
-from .workflows.experiments import TUNED
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 BACKEND_HELP = ("auto: OpenVINO (bf16 where the CPU has AMX or AVX512-BF16), else ONNX Runtime, else PyTorch; "
                 "onnx: ONNX Runtime fp32, the reference the model card reports; int8: the quantized graph "
                 "made by `export --int8` (faster, slightly less accurate)")
 MODEL_HELP = ("a model bundle directory or a file in one, a run directory or its checkpoints/best.ckpt or last.ckpt "
-              "(the run's model/), or a legacy model.pt; default: the shipped model for --task")
+              "(the run's model/); default: the shipped model for --task")
 DATA_HELP = "a manifest CSV, or a tree of class folders (plain, or train/ val/ test/ each holding them)"
 GROUPS_HELP = ("CSV of image -> group (patient) id: columns path (or filename) and group; images of one group "
                "never straddle a split")
@@ -202,12 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-n", type=int, default=256, help="images used to calibrate (default 256)")
     p.set_defaults(handler=cmd_export)
 
-    p = sub.add_parser("bundle", help="convert a legacy model.pt (+ its metrics) into a model bundle directory")
-    p.add_argument("--checkpoint", required=True, help="a model.pt written by pneumoscope 0.1")
-    p.add_argument("--out", required=True, help="the bundle directory to write (weights.pt, meta.json, model.onnx)")
-    p.add_argument("--no-export", dest="export", action="store_false", help="skip the ONNX graph")
-    p.set_defaults(handler=cmd_bundle)
-
     p = sub.add_parser("adapt", help="adapt a model to a new site from its unlabelled images (AdaBN, class priors)")
     p.add_argument("--images", required=True, nargs="+", help="image files or folders from the new site (no labels)")
     p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
@@ -311,7 +311,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_ship(args) -> int:
-    from .bundle.store import load_bundle
+    from .bundle import load_bundle
     from .workflows.release import ship_run, write_model_card
 
     for path in ship_run(args.run, args.models_dir, args.docs_dir, args.binary_from_three, args.int8,
@@ -487,7 +487,7 @@ def output_problem(output: str | None, inputs: list[str], cam: str | None) -> st
 
 
 def cmd_export(args) -> int:
-    from .bundle.store import load_bundle, refuse_shipped, resolve_model
+    from .bundle import load_bundle, refuse_shipped, resolve_model
     from .runtime.export import export_checkpoint, export_int8
 
     refuse_shipped(args.out)
@@ -510,18 +510,8 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
-def cmd_bundle(args) -> int:
-    from .bundle.store import convert_legacy, load_bundle, refuse_shipped
-
-    refuse_shipped(args.out)
-    out = convert_legacy(args.checkpoint, args.out, export=args.export)
-    bundle = load_bundle(out)
-    print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))}); fingerprint {bundle.fingerprint[:16]}")
-    return EXIT_OK
-
-
 def cmd_adapt(args) -> int:
-    from .bundle.store import refuse_shipped
+    from .bundle import refuse_shipped
     from .workflows.adapt import adapt_bundle
 
     refuse_shipped(args.out)

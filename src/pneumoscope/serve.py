@@ -276,7 +276,7 @@ def notice_page(page: str) -> str:
 def training_data(classifier: Classifier) -> str:
     """One sentence on the model's own data for the card and the page footer: its provenance's split
     sizes and source (rundir.data_facts); for a shipped model also what population that was."""
-    from .bundle.store import is_shipped
+    from .bundle import is_shipped
     from .runs.rundir import describe_data, recorded_data
 
     bundle = classifier.bundle

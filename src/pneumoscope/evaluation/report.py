@@ -44,7 +44,7 @@ def samples_for(data: str | os.PathLike, meta, split: str | None = None, groups:
 def evaluate_samples(model, samples: list, out_dir: str | os.PathLike, task: str = "three",
                      plots: bool = True) -> dict:
     """Classifies every sample and writes the report into `out_dir`; returns metrics.json's content.
-    `model`: a Classifier, or a bundle / legacy checkpoint path (None: the shipped model for `task`).
+    `model`: a Classifier, or a bundle path (None: the shipped model for `task`).
     Files that cannot be read are logged and left out (counted as `failed`)."""
     from ..runtime.classifier import Classifier
 

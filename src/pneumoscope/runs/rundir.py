@@ -14,8 +14,7 @@
 Every file is written by atomic_write (a temporary renamed into place); the temporaries a killed
 process leaves behind are deleted when the run starts or resumes (`remove_stale_temporaries`).
 
-Runs made before bundles hold `model.pt` + `model.json` instead of `model/`: they are read (listed,
-compared, shipped), never written. `summarize` is the one summary of a run that `runs`, `compare`,
+`summarize` is the one summary of a run that `runs`, `compare`,
 cross-validation, tuning, `ship` and the benchmarks read.
 """
 from __future__ import annotations
@@ -36,7 +35,6 @@ from ..core.files import atomic_write, remove_stale_temporaries
 EPOCH_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_bacc", "val_n", "lr", "seconds",
                  "images_per_s")
 REPORTS = {"val": "val", "internal_test": "test", "test": "test", "external": "external"}
-LEGACY_MODEL = "model.pt"  # runs made before bundles
 
 
 class RunDir:
@@ -63,12 +61,8 @@ class RunDir:
         return self.path / "model"
 
     def model_path(self) -> Path | None:
-        """The run's model, for `artifact.load_bundle`: its bundle, else (a run from before bundles)
-        its model.pt; None when the run has not finished."""
-        for candidate in (self.bundle, self.path / LEGACY_MODEL):
-            if candidate.exists():
-                return candidate
-        return None
+        """The run's model bundle, for `bundle.load_bundle`; None when the run has not finished."""
+        return self.bundle if self.bundle.exists() else None
 
     def finished_model(self) -> Path:
         """`model_path`, or a one-line FileNotFoundError naming the run when it has none."""
@@ -177,14 +171,13 @@ class RunDir:
         return _json(self.report_dir(split) / "metrics.json")
 
     def model_meta(self):
-        """The model's ModelMeta (a legacy run's from its model.json, without loading weights), or None."""
-        from ..bundle.store import META, ModelMeta
+        """The model's ModelMeta (read without hashing the weights), or None before the run has one."""
+        from ..bundle import META, ModelMeta
 
         meta = self.bundle / META
         if meta.is_file():  # read as such: listing runs needs no weights hashed
             return ModelMeta.from_json(json.loads(meta.read_text()), str(meta))
-        legacy = self.path / "model.json"
-        return ModelMeta.from_legacy(json.loads(legacy.read_text())) if legacy.is_file() else None
+        return None
 
 
 def checkpoint_weights(path: str | os.PathLike) -> tuple[dict, int | None]:

@@ -48,6 +48,7 @@ from ..data.datasets import (
     split_summary,
     train_transform,
 )
+from ..nets.build import load_network
 from ..nets.registry import (
     XrayNet,
     count_parameters,
@@ -60,6 +61,7 @@ from ..nets.registry import (
 from ..runs import rundir
 from ..runs.rundir import RunDir
 from ..runtime.backends import cpu_threads
+from ..runtime.export import save_with_graph
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ def save_calibrated(model, meta, run: RunDir, samples, val_pixels, val_targets, 
     """Temperature from the val pixels (`calibration_temperature`) -> the bundle, written once -> val
     (and internal test) reports from that bundle, through the Classifier users load, on the fp32
     reference (ONNX Runtime: the same figures on every CPU). Returns the headlines {"val", "internal_test"}."""
-    from ..bundle.store import save_bundle, write_metrics
+    from ..bundle import write_metrics
     from ..evaluation.metrics import headline
     from ..evaluation.report import evaluate_samples
     from ..runtime.classifier import Classifier
@@ -110,7 +112,7 @@ def save_calibrated(model, meta, run: RunDir, samples, val_pixels, val_targets, 
     temperature = calibration_temperature(Classifier.from_model(model, meta.replace(temperature=1.0), backend="torch"),
                                           val_pixels, val_targets, calibration)
     source = meta.provenance.get("train_config", {}).get("data")
-    save_bundle(model, meta.replace(temperature=temperature, provenance={
+    save_with_graph(model, meta.replace(temperature=temperature, provenance={
         **meta.provenance, "calibration": calibration, "data": rundir.data_facts(samples, source)}), run.bundle)
     classifier = Classifier.load(run.bundle, backend="onnx")
     metrics = {}
@@ -151,7 +153,7 @@ def validation_pixels(samples, meta) -> tuple[np.ndarray, np.ndarray]:
 def recalibrate(run_dir, calibration: str = "augmented") -> TrainResult:
     """A finished run's temperature fitted again (`calibration_temperature`), its bundle and its val
     and internal test reports rewritten; the weights are untouched."""
-    from ..bundle.store import load_bundle
+    from ..bundle import load_bundle
 
     run = RunDir(run_dir)
     bundle = load_bundle(run.finished_model())
@@ -160,7 +162,7 @@ def recalibrate(run_dir, calibration: str = "augmented") -> TrainResult:
     if not len(targets):
         raise ValueError(f"{run.path}: no readable validation image to fit a temperature on")
     evaluate_test = meta.provenance.get("train_config", {}).get("evaluate_test", True)
-    metrics = save_calibrated(bundle.load_model().eval(), meta, run, samples, pixels, targets, evaluate_test,
+    metrics = save_calibrated(load_network(bundle).eval(), meta, run, samples, pixels, targets, evaluate_test,
                               calibration)
     return TrainResult(run.path, run.bundle, metrics)
 
@@ -768,7 +770,7 @@ class _AtomicWriter(ExperimentWriter):
 def _finish(config, run: RunDir, task: str, classes, samples, best, model, val_set, started,
             stopped_early_at: int | None = None) -> TrainResult:
     """Best weights -> the meta that names them -> `save_calibrated` -> env and status."""
-    from ..bundle.store import ModelMeta
+    from ..bundle import ModelMeta
 
     state, best_epoch = rundir.checkpoint_weights(best.best_model_path)
     kept = f"kept epoch {best_epoch} (val balanced accuracy {float(best.best_model_score):.3f})"

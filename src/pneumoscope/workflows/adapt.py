@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..nets.build import load_network
+from ..runtime.export import save_with_graph
+
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -136,13 +139,13 @@ def adapt_bundle(checkpoint, images, out, priors: bool = False, task: str = "thr
     import time
     from pathlib import Path
 
-    from ..bundle.store import load_bundle, resolve_model, save_bundle
+    from ..bundle import load_bundle, resolve_model
     from ..core.files import atomic_write
     from ..data.images import ImageReadError, input_step, read_xray, resize_square
     from ..runtime.classifier import Classifier
 
     bundle = load_bundle(checkpoint or resolve_model(task))
-    meta, model = bundle.meta, bundle.load_model()
+    meta, model = bundle.meta, load_network(bundle)
     files = site_images(images if isinstance(images, (list, tuple)) else [images])
     if not files:
         raise ValueError(f"{images}: no images found; adaptation needs unlabelled X-rays from the new site")
@@ -171,7 +174,7 @@ def adapt_bundle(checkpoint, images, out, priors: bool = False, task: str = "thr
     adapted_meta = dataclasses.replace(meta, name=f"{meta.name}-adapted", adaptation=applied, guard=None)
     after = Classifier.from_model(model, adapted_meta, backend="torch").scores(list(pixels)).probabilities
     out = Path(out)
-    save_bundle(model, adapted_meta, out)
+    save_with_graph(model, adapted_meta, out)
     report = {**applied, "from": str(bundle.path), "skipped": skipped,
               "predicted_mix_before": predicted_mix(before, classes),
               "predicted_mix_after": predicted_mix(after, classes)}

@@ -188,7 +188,6 @@ def write_cv_summary(root: Path, n_folds: int) -> dict:
 
 
 # ---------------------------------------------------------------- hyperparameter search
-TUNED = ("lr", "aug", "img_size", "label_smoothing", "class_weight_power")  # what `tune` searches
 
 
 def tune(base, n_trials: int, study_name: str, img_sizes=(128, 160, 192)):

@@ -16,14 +16,16 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from .. import INTENDED_USE
-from ..bundle.store import METRICS, ONNX_INT8, load_bundle, save_bundle, write_meta, write_metrics
+from ..bundle import METRICS, ONNX_INT8, load_bundle, write_meta, write_metrics
 from ..core.files import atomic_write
 from ..core.labels import THREE
 from ..data.images import CLAHE_CLIP_LIMIT, CLAHE_TILES, read_xray
 from ..evaluation.metrics import ECE_BINS, headline
 from ..evaluation.report import evaluate_samples
+from ..nets.build import load_network
 from ..runs.rundir import RunDir, data_facts, describe_data, recorded_data, summarize
 from ..runtime.backends import openvino_precision
+from ..runtime.export import save_with_graph
 
 BINARY_GROUPS = ((0,), (1, 2))  # NORMAL | BACTERIA + VIRUS, indices into labels.THREE
 
@@ -60,7 +62,7 @@ def ship_run(run_dir: str | Path, models_dir: str | Path = "models", docs_dir: s
     if model_path is None:
         raise FileNotFoundError(f"{run.path}: no model yet; is the run finished?")
     bundle = load_bundle(model_path)
-    model = bundle.load_model()
+    model = load_network(bundle)
     samples = run.samples()
     provenance = bundle.meta.provenance
     data = provenance.get("data") or data_facts(samples, provenance.get("train_config", {}).get("data"))
@@ -116,7 +118,7 @@ def _ship(model, meta, samples, models_dir: Path, docs_dir: Path, int8_calibrati
     target = models_dir / meta.task
     for stale in (ONNX_INT8, METRICS):  # made from, or measured on, the model this replaces
         (target / stale).unlink(missing_ok=True)
-    save_bundle(model, meta.replace(guard=None), target)
+    save_with_graph(model, meta.replace(guard=None), target)
     reports = docs_dir / "model-card" / meta.task
     if int8_calibration:
         export_int8(target, samples, int8_calibration, out=target / ONNX_INT8)  # ship writes models/, no one else
@@ -202,7 +204,7 @@ def _ship_binary(model, meta, samples, models_dir: Path, docs_dir: Path, int8_ca
     """The 3-class network read through a merge of its outputs (NORMAL | BACTERIA + VIRUS), with
     its own temperature fitted on the validation images of that merged output, the way the 3-class
     run fitted its own (`provenance.calibration`; runs from before it was recorded fitted on `val`)."""
-    from ..bundle.store import build_model
+    from ..nets.build import build_model
     from ..runtime.classifier import Classifier
     from ..training.fit import calibration_temperature, validation_pixels
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..nets.build import load_network
 from ..runs.rundir import RunDir, model_name
 
 SOUPS = ("uniform", "greedy")
@@ -34,7 +35,7 @@ def build_soup(run_dirs: list[str | os.PathLike], out: str | os.PathLike, method
                bn_images: int = BN_IMAGES):
     """Averages the finished runs `run_dirs` into the run directory `out`; returns a train.TrainResult.
     `bn_images` 0 keeps the averaged BatchNorm statistics."""
-    from ..bundle.store import load_bundle
+    from ..bundle import load_bundle
     from ..data.datasets import load_pixels
     from ..training.fit import TrainResult, git_commit, save_calibrated, validation_pixels
     from .ensemble import check_compatible, member_facts
@@ -58,7 +59,7 @@ def build_soup(run_dirs: list[str | os.PathLike], out: str | os.PathLike, method
     bn_pixels, _, _ = load_pixels([train[i] for i in sorted(picked)], first.img_size)
     freeze = first.provenance.get("train_config", {}).get("freeze") or "none"
     states = [b.state_dict() for b in bundles]
-    model = bundles[0].load_model()
+    model = load_network(bundles[0])
     chosen, soup_accuracy = _cook(model, states, method, freeze, bn_pixels, val_pixels, val_targets, first)
     members = [{**member_facts(runs[i], metas[i]), "in_soup": i in chosen} for i in range(len(runs))]
     meta = first.replace(

@@ -44,7 +44,10 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 
 from . import INTENDED_USE, __version__
+from .bundle import is_shipped
+from .runs.rundir import describe_data, recorded_data
 from .runtime.classifier import Classifier, Record
+from .runtime.explain import cam_png
 
 SHIPPED_DATA = ("Trained on pediatric (age 1-5) anterior-posterior chest X-rays from one hospital; other "
                 "populations, views and devices are outside what it was tested on.")  # the shipped models' data
@@ -276,8 +279,6 @@ def notice_page(page: str) -> str:
 def training_data(classifier: Classifier) -> str:
     """One sentence on the model's own data for the card and the page footer: its provenance's split
     sizes and source (rundir.data_facts); for a shipped model also what population that was."""
-    from .bundle import is_shipped
-    from .runs.rundir import describe_data, recorded_data
 
     bundle = classifier.bundle
     described = describe_data(recorded_data(classifier.meta, bundle.metrics() if bundle else {}))
@@ -300,7 +301,6 @@ def _infer(classifier: Classifier, data: bytes, name: str, cam: bool) -> tuple[R
     record = classifier.records(classifier.score_decoded([decoded]))[0]
     if not cam:
         return record, None
-    from .runtime.explain import cam_png
 
     return record, cam_png(classifier, record, decoded)
 

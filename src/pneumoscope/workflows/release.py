@@ -19,13 +19,18 @@ from .. import INTENDED_USE
 from ..bundle import METRICS, ONNX_INT8, load_bundle, write_meta, write_metrics
 from ..core.files import atomic_write
 from ..core.labels import THREE
+from ..data.datasets import class_indices, load_pixels, read_dataset
 from ..data.images import CLAHE_CLIP_LIMIT, CLAHE_TILES, read_xray
 from ..evaluation.metrics import ECE_BINS, headline
+from ..evaluation.plots import mistakes_png
 from ..evaluation.report import evaluate_samples
-from ..nets.build import load_network
+from ..nets.build import build_model, load_network
 from ..runs.rundir import RunDir, data_facts, describe_data, recorded_data, summarize
-from ..runtime.backends import openvino_precision
-from ..runtime.export import save_with_graph
+from ..runtime.backends import openvino_can_run, openvino_precision
+from ..runtime.classifier import Classifier
+from ..runtime.export import export_int8, save_with_graph
+from ..runtime.guard import GuardConfig, fit_guard
+from ..training.fit import calibration_temperature, validation_pixels
 
 BINARY_GROUPS = ((0,), (1, 2))  # NORMAL | BACTERIA + VIRUS, indices into labels.THREE
 
@@ -84,8 +89,6 @@ def measure_external(external: str | Path, models_dir: str | Path = "models", do
     acquisition batch, never trained on and never used to fit a parameter) into
     docs/model-card/<task>/external/ and adds its headline to the bundle's metrics.json. These
     figures guide choices, so the card labels them "used for selection"."""
-    from ..data.datasets import read_dataset
-    from ..runtime.classifier import Classifier
 
     models_dir, docs_dir = Path(models_dir), Path(docs_dir)
     measured = []
@@ -112,8 +115,6 @@ def measure_external(external: str | Path, models_dir: str | Path = "models", do
 
 def _ship(model, meta, samples, models_dir: Path, docs_dir: Path, int8_calibration: int = 0) -> Path:
     """One bundle, written once, then measured: metrics.json beside it, reports in the docs."""
-    from ..runtime.classifier import Classifier
-    from ..runtime.export import export_int8
 
     target = models_dir / meta.task
     for stale in (ONNX_INT8, METRICS):  # made from, or measured on, the model this replaces
@@ -132,7 +133,6 @@ def _ship(model, meta, samples, models_dir: Path, docs_dir: Path, int8_calibrati
 def measure_runtimes(target: Path, samples, reports: Path) -> dict:
     """Val and internal test figures of the other runtimes (extra_runtimes) on the bundle, for the
     card's rows beside fp32."""
-    from ..runtime.classifier import Classifier
 
     measured = {runtime: _measure(Classifier.load(target, backend=runtime), samples, reports / runtime, plots=False)
                 for runtime in extra_runtimes(target, load_bundle(target).meta)}
@@ -153,9 +153,6 @@ def fit_bundle_guard(target: Path, samples) -> dict:
     and writes it into meta.json. The guard is not part of the fingerprint, so the graphs stay
     current. A merged read (binary from a 3-class network) has that network's features: its class
     means are those of the network's own classes."""
-    from ..data.datasets import class_indices, load_pixels
-    from ..runtime.classifier import Classifier
-    from ..runtime.guard import GuardConfig, fit_guard
 
     meta = load_bundle(target).meta
     classes, task = (THREE, "three") if meta.merge_outputs else (meta.classes, meta.task)
@@ -181,7 +178,6 @@ def extra_runtimes(target: Path, meta) -> list[str]:
     can run the graph; bf16 on CPUs with native bf16)."""
     import importlib.util
 
-    from ..runtime.backends import openvino_can_run
 
     runtimes = ["int8"] if (target / ONNX_INT8).is_file() else []
     return runtimes + (["openvino"] if importlib.util.find_spec("openvino") and openvino_can_run(meta) else [])
@@ -204,9 +200,6 @@ def _ship_binary(model, meta, samples, models_dir: Path, docs_dir: Path, int8_ca
     """The 3-class network read through a merge of its outputs (NORMAL | BACTERIA + VIRUS), with
     its own temperature fitted on the validation images of that merged output, the way the 3-class
     run fitted its own (`provenance.calibration`; runs from before it was recorded fitted on `val`)."""
-    from ..nets.build import build_model
-    from ..runtime.classifier import Classifier
-    from ..training.fit import calibration_temperature, validation_pixels
 
     calibration = meta.provenance.get("calibration", "val")
     binary = meta.replace(task="binary", classes=("NORMAL", "PNEUMONIA"), merge_outputs=BINARY_GROUPS,
@@ -332,7 +325,5 @@ def draw_mistakes(report_dir: Path) -> None:
     that the card only reads the reports)."""
     wrong = confident_mistakes(report_dir)
     if wrong:
-        from ..evaluation.plots import mistakes_png  # matplotlib: only ship draws
-
         mistakes_png([read_xray(p) for p, *_ in wrong], [f"{pr} {prob:.2f}\n[{t}]" for _, t, pr, prob in wrong],
                      report_dir / "mistakes.png")

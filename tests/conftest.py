@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pneumoscope.runtime.export import save_with_graph
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_DATA = ROOT / "tests" / "fixtures" / "chest_xray"
 EXAMPLES = ROOT / "examples"
@@ -95,7 +97,7 @@ def small_model(arch: str = "efficientnet_lite0", n_classes: int = 3, seed: int 
 
 
 def small_meta(arch: str = "efficientnet_lite0", task: str = "three", **overrides):
-    from pneumoscope.bundle.store import ModelMeta
+    from pneumoscope.bundle import ModelMeta
     from pneumoscope.core.labels import classes_for
     from pneumoscope.nets.registry import model_spec
 
@@ -109,9 +111,8 @@ def small_meta(arch: str = "efficientnet_lite0", task: str = "three", **override
 def small_bundle(tmp_path_factory) -> Path:
     """A 3-class EfficientNet-Lite0 bundle at 64 px (weights.pt, meta.json, model.onnx) made from
     `small_model`: written once per session; copy it before changing it."""
-    from pneumoscope.bundle.store import save_bundle
 
-    return save_bundle(small_model(), small_meta(), tmp_path_factory.mktemp("bundles") / "small")
+    return save_with_graph(small_model(), small_meta(), tmp_path_factory.mktemp("bundles") / "small")
 
 
 @pytest.fixture(scope="session")

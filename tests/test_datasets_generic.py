@@ -10,9 +10,17 @@ from collections import Counter, defaultdict
 import pytest
 import torch
 
-from pneumoscope.data.datasets import (XrayDataset, class_indices, eval_transform, load_pixels, read_dataset, read_groups,
-                              split_by_patient, split_dataset, write_manifest)
 from pneumoscope.core.labels import BINARY, THREE
+from pneumoscope.data.datasets import (
+    class_indices,
+    load_pixels,
+    read_dataset,
+    read_groups,
+    split_by_patient,
+    split_dataset,
+    write_manifest,
+)
+from pneumoscope.data.transforms import XrayDataset, eval_transform
 
 
 def _xrays(fixture_data, n):

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscope.data.datasets import read_dataset
-from pneumoscope.evaluation.report import REPORT_FILES, evaluate_samples
 from pneumoscope.core.labels import THREE
+from pneumoscope.data.datasets import read_dataset
 from pneumoscope.evaluation.metrics import expected_calibration_error, softmax
+from pneumoscope.evaluation.report import REPORT_FILES, evaluate_samples
 
 
 @pytest.fixture(scope="module")
 def untrained():
     """A Classifier on a random simple_cnn at 32 px with temperature 2 (PyTorch, in memory)."""
-    from pneumoscope.bundle.store import ModelMeta
+    from pneumoscope.bundle import ModelMeta
     from pneumoscope.nets.registry import create_model
     from pneumoscope.runtime.classifier import Classifier
 

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import FIXTURE_DATA
+
+from pneumoscope.nets.build import load_network
 
 pytestmark = pytest.mark.slow
 
@@ -172,10 +173,10 @@ def test_two_process_training_matches_the_single_process_run(root, tmp_path):
     """torchrun with 2 CPU processes: same files and metrics.csv columns as run a (same arguments,
     one process), and validation counted over the whole val split, not rank 0's half."""
     torch.distributed.is_available() or pytest.skip("torch built without torch.distributed")
-    from pneumoscope.bundle.store import load_bundle
+    from pneumoscope.bundle import load_bundle
     from pneumoscope.data.datasets import load_pixels, read_manifest
-    from pneumoscope.runtime.classifier import Classifier
     from pneumoscope.runs.rundir import checkpoint_weights
+    from pneumoscope.runtime.classifier import Classifier
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "pneumoscope.cli", "train", *TINY, "--root", str(tmp_path), "--project", "ddp", "--name", "a",
@@ -198,7 +199,7 @@ def test_two_process_training_matches_the_single_process_run(root, tmp_path):
     # the last (only) epoch's checkpoint, EMA off: its accuracy over the whole val split is what was logged
     pixels, kept, _ = load_pixels(val, 32)
     meta = load_bundle(ddp / "model").meta
-    model = load_bundle(ddp / "model").load_model()
+    model = load_network(load_bundle(ddp / "model"))
     model.load_state_dict(checkpoint_weights(ddp / "checkpoints" / "last.ckpt")[0])
     logits = Classifier.from_model(model, meta, backend="torch").score_pixels(pixels).logits
     accuracy = np.mean(logits.argmax(1) == [meta.classes.index(s.label) for s in kept])

@@ -3,13 +3,13 @@ import io
 
 import numpy as np
 import pytest
+from conftest import small_meta, small_model
 from PIL import Image
 
 import pneumoscope.runtime.classifier
-from conftest import small_meta, small_model
 from pneumoscope.cli import main
-from pneumoscope.runtime.explain import cam_heatmap, cam_name, explain, overlay_png
 from pneumoscope.runtime.classifier import Classifier
+from pneumoscope.runtime.explain import cam_heatmap, cam_name, explain, overlay_png
 
 
 @pytest.fixture(scope="module")

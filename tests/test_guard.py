@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from pneumoscope.data.images import read_xray_with_info
-from pneumoscope.runtime.classifier import NOT_XRAY, image_warnings
+from pneumoscope.runtime.guard import NOT_XRAY, image_warnings
 
 
 def test_a_colour_photo_is_flagged_but_keeps_its_label(classifier):

@@ -13,12 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import EXAMPLES
 from PIL import Image
 
-from conftest import EXAMPLES
 from pneumoscope.data import images
-from pneumoscope.data.images import (DECODE_PIXELS, MAX_PIXELS, ImageReadError, ImageTooLargeError, read_xray,
-                                read_xray_with_info)
+from pneumoscope.data.images import (
+    DECODE_PIXELS,
+    MAX_PIXELS,
+    ImageReadError,
+    ImageTooLargeError,
+    read_xray,
+    read_xray_with_info,
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from pneumoscope.evaluation import plots
 from pneumoscope.cli import main
+from pneumoscope.evaluation import plots
 
 
 @pytest.fixture()

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from pneumoscope.bundle.store import load_bundle
+from pneumoscope.bundle import load_bundle
 from pneumoscope.cli import main
 from pneumoscope.workflows.soup import average_states
 

@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import FIXTURE_DATA, ROOT, tiny_config
+
 from pneumoscope.core.config import TrainConfig, add_train_arguments, config_from_args
+from pneumoscope.nets.build import load_network
+from pneumoscope.runtime.export import graph_path
 
 
 # ---------------------------------------------------------------- options (no training)
@@ -78,10 +80,9 @@ def test_freeze_option_is_checked_and_spelled_one_way(capsys):
     assert "invalid choice: 'lbfgs'" in capsys.readouterr().err
 
 
-def test_default_freeze_is_the_old_freeze_blocks_2():
-    """The default recipe is unchanged: on efficientnet_lite0 the default freeze is "2" and freezes
-    exactly what freeze_blocks=2 froze (the stem, bn1 and blocks 0-1); on other architectures
-    freeze_blocks did nothing, and neither does the default."""
+def test_default_freeze_is_the_stem_and_first_two_blocks_of_an_efficientnet():
+    """The default recipe: on efficientnet_lite0 the default freeze is "2", the stem, bn1 and
+    blocks 0-1 (what the shipped models trained with); other architectures freeze nothing."""
     from pneumoscope.nets.registry import create_model, model_spec
     from pneumoscope.training.fit import with_defaults
     from pneumoscope.training.module import LitClassifier
@@ -93,23 +94,11 @@ def test_default_freeze_is_the_old_freeze_blocks_2():
     frozen = {name for name, p in model.backbone.named_parameters() if not p.requires_grad}
     backbone = model.backbone
     old_modules = {"conv_stem": backbone.conv_stem, "bn1": backbone.bn1, "blocks.0": backbone.blocks[0],
-                   "blocks.1": backbone.blocks[1]}  # what train.freeze_early_layers(model, 2) froze
+                   "blocks.1": backbone.blocks[1]}
     old = {f"{prefix}.{name}" for prefix, module in old_modules.items() for name, _ in module.named_parameters()}
     assert frozen == old and len(frozen) > 10
     assert with_defaults(TrainConfig(data="d", arch="resnet18")).freeze == "none"
     assert [model_spec(f"efficientnet_lite{n}").freeze for n in range(3)] == ["2", "2", "2"]
-
-
-def test_old_configs_with_freeze_blocks_still_load(tmp_path):
-    from pneumoscope.runs.rundir import RunDir
-
-    run = RunDir(tmp_path)
-    for arch, blocks, freeze in (("efficientnet_lite0", 2, "2"), ("efficientnet_lite1", 0, "0"),
-                                 ("resnet18", 2, "none")):  # freeze_blocks only ever froze EfficientNets
-        (tmp_path / "config.yaml").write_text(f"data: d\narch: {arch}\nfreeze_blocks: {blocks}\n")
-        assert run.config().freeze == freeze
-    (tmp_path / "config.yaml").write_text("data: d\nfreeze_blocks: 2\n")  # the default architecture
-    assert run.config().freeze == "2"
 
 
 def test_focal_loss_is_weighted_cross_entropy_at_gamma_0_and_forgives_confident_right_answers():
@@ -218,7 +207,7 @@ def test_freeze_base_on_resnet18_trains_the_head_only_and_reports_it(tmp_path, c
     assert RunDir(run).config().freeze == "base"
 @pytest.mark.slow
 def test_tiny_run_flows_one_way_into_a_complete_run_directory(tiny_result, tiny_run):
-    from pneumoscope.bundle.store import load_bundle
+    from pneumoscope.bundle import load_bundle
     from pneumoscope.evaluation.metrics import headline
 
     for name in ("config.yaml", "manifest.csv", "metrics.csv", "curves.png", "env.json", "status.json",
@@ -243,7 +232,7 @@ def test_tiny_run_flows_one_way_into_a_complete_run_directory(tiny_result, tiny_
     assert meta.provenance["best_epoch"] == tiny_result.best_epoch in (0, 1)
     assert "metrics" not in json.loads((tiny_run / "model" / "meta.json").read_text())  # reports hold them
     # the graph saved with the bundle is the one evaluation ran: not stale, nothing exported elsewhere
-    assert bundle.onnx_path("fp32") == tiny_run / "model" / "model.onnx"
+    assert graph_path(bundle, "fp32") == tiny_run / "model" / "model.onnx"
     for split, name in (("val", "val"), ("internal_test", "test")):
         report = json.loads((tiny_run / name / "metrics.json").read_text())
         assert tiny_result.metrics[split] == headline(report)
@@ -270,16 +259,17 @@ def test_an_input_step_is_trained_with_and_recorded_for_every_prediction(tmp_pat
     """--preprocess clahe: every training and validation image passes the step, the temperature is
     fitted on the logits of stepped validation pixels, and the bundle records the step (so every
     prediction applies it: tests/test_predict.py)."""
-    from pneumoscope.data import datasets as data
-    from pneumoscope.runs import finish
+    from pneumoscope.data import transforms
+    from pneumoscope.data.datasets import load_pixels
     from pneumoscope.data.images import input_step
-    from pneumoscope.runtime.classifier import Classifier
+    from pneumoscope.runs import finish
     from pneumoscope.runs.rundir import RunDir
+    from pneumoscope.runtime.classifier import Classifier
     from pneumoscope.training.fit import train
 
     stepped, fitted_on = [], []
-    step, fit = data.InputStep.forward, finish.fit_temperature
-    monkeypatch.setattr(data.InputStep, "forward", lambda self, image: stepped.append(self.method) or step(self, image))
+    step, fit = transforms.InputStep.forward, finish.fit_temperature
+    monkeypatch.setattr(transforms.InputStep, "forward", lambda self, image: stepped.append(self.method) or step(self, image))
     monkeypatch.setattr(finish, "fit_temperature", lambda logits, targets: fitted_on.append(logits) or fit(logits, targets))
     result = train(tiny_config(FIXTURE_DATA, tmp_path / "clahe", arch="simple_cnn", epochs=1, img_size=48,
                                preprocess="clahe", evaluate_test=False, calibration="val"))
@@ -288,7 +278,7 @@ def test_an_input_step_is_trained_with_and_recorded_for_every_prediction(tmp_pat
     samples = RunDir(result.run_dir).samples()
     n_train, n_val = (sum(s.split == split for s in samples) for split in ("train", "val"))
     assert set(stepped) == {"clahe"} and len(stepped) >= n_train + n_val
-    val_pixels, _, _ = data.load_pixels([s for s in samples if s.split == "val"], 48)
+    val_pixels, _, _ = load_pixels([s for s in samples if s.split == "val"], 48)
     plain = Classifier.from_model(classifier.model, classifier.meta.replace(preprocess=None), backend="torch")
     np.testing.assert_allclose(fitted_on[0], plain.score_pixels(input_step(val_pixels, "clahe")).logits, atol=1e-4)
     assert not np.allclose(fitted_on[0], plain.score_pixels(val_pixels).logits, atol=1e-3)
@@ -471,7 +461,8 @@ def test_kept_epochs_hold_the_ema_average_from_its_start_epoch(tmp_path):
 
 
 def test_augmented_views_are_seeded_strong_augmentations_that_leave_the_global_random_state_alone(fixture_data):
-    from pneumoscope.data.datasets import augmented_views, load_pixels, read_dataset
+    from pneumoscope.data.datasets import load_pixels, read_dataset
+    from pneumoscope.data.transforms import augmented_views
 
     pixels, _, _ = load_pixels(read_dataset(fixture_data).samples[:6], 64)
     numpy_state, torch_state = np.random.get_state()[1].copy(), torch.random.get_rng_state().clone()
@@ -488,16 +479,17 @@ def test_calibrate_fits_the_temperature_again_and_leaves_the_weights(tiny_run, t
     """A run is calibrated on augmented validation views by default; `pneumoscope calibrate RUN --on
     val` refits on the validation images as they are, rewrites the bundle and the val report, and
     keeps the weights."""
-    from pneumoscope.bundle.store import load_bundle
+    from pneumoscope.bundle import load_bundle
     from pneumoscope.cli import main
-    from pneumoscope.data.datasets import augmented_views, class_indices, load_pixels
+    from pneumoscope.data.datasets import class_indices, load_pixels
+    from pneumoscope.data.transforms import augmented_views
     from pneumoscope.evaluation.metrics import fit_temperature
-    from pneumoscope.runtime.classifier import Classifier
     from pneumoscope.runs.rundir import RunDir
+    from pneumoscope.runtime.classifier import Classifier
 
     run = RunDir(shutil.copytree(tiny_run, tmp_path / "run"))
     before = load_bundle(run.model_path())
-    weights = before.load_model().state_dict()
+    weights = load_network(before).state_dict()
     val_report = (run.report_dir("val") / "metrics.json").read_text()
     assert before.meta.provenance["calibration"] == "augmented"
 
@@ -505,18 +497,18 @@ def test_calibrate_fits_the_temperature_again_and_leaves_the_weights(tiny_run, t
     after = load_bundle(run.model_path())
     assert after.meta.provenance["calibration"] == "val" and after.meta.replace(temperature=1, provenance={}) == \
         before.meta.replace(temperature=1, provenance={})
-    assert all(torch.equal(value, weights[name]) for name, value in after.load_model().state_dict().items())
+    assert all(torch.equal(value, weights[name]) for name, value in load_network(after).state_dict().items())
     assert (run.report_dir("val") / "metrics.json").read_text() != val_report
 
     size = before.meta.img_size
     pixels, val, _ = load_pixels([s for s in run.samples() if s.split == "val"], size)
     targets = class_indices(val, before.meta.classes, before.meta.task)
-    scorer = Classifier.from_model(after.load_model(), after.meta.replace(temperature=1.0), backend="torch")
+    scorer = Classifier.from_model(load_network(after), after.meta.replace(temperature=1.0), backend="torch")
     assert after.meta.temperature == pytest.approx(fit_temperature(scorer.score_pixels(pixels).logits, targets),
                                                    rel=1e-3)
     # scored as training scores it, channels-last: the last digits differ from the contiguous layout,
     # which moves this barely trained model's flat temperature optimum by ~0.2% on some CPUs
-    trained = Classifier.from_model(after.load_model().to(memory_format=torch.channels_last),
+    trained = Classifier.from_model(load_network(after).to(memory_format=torch.channels_last),
                                     after.meta.replace(temperature=1.0), backend="torch")
     augmented = trained.score_pixels(augmented_views(pixels, size)).logits
     assert before.meta.temperature == pytest.approx(fit_temperature(augmented, np.tile(targets, 2)), rel=1e-3)
@@ -628,9 +620,10 @@ def test_commands_that_finish_runs_without_training_never_load_lightning(tmp_pat
     given a run that is not there: it imports what it needs, then stops with its one-line error.
     (import-linter checks the imports inside the functions they then call.)"""
     missing = str(tmp_path / "missing")
+    commands = [["calibrate", missing], ["ensemble", "--runs", missing, missing, "--out", missing],
+                ["soup", "--runs", missing, missing, "--out", missing], ["ship", "--run", missing]]
     script = ("import sys\nfrom pneumoscope.cli import main\n"
-              f"for argv in ({['calibrate', missing]!r}, {['ensemble', '--runs', missing, missing, '--out', missing]!r},"
-              f" {['soup', '--runs', missing, missing, '--out', missing]!r}, {['ship', '--run', missing]!r}):\n"
+              f"for argv in {commands!r}:\n"
               "    assert main(argv) != 0, argv\n"
               "print('loaded:', sorted(m for m in sys.modules if m.split('.')[0] == 'lightning'))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,

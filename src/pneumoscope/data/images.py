@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
+from ..core.config import INPUT_STEPS
+
 # The limits. A chest radiograph is at most ~18.5 megapixels (a 43 x 43 cm detector at 0.1 mm),
 # 12-16 bits a sample, one frame, a few to ~40 MiB on disk. Each limit keeps the worst file it
 # lets through under 400 MiB of peak memory (measured: tests/test_images.py, docs/inputs.md).
@@ -674,12 +676,12 @@ def _stretch(values: np.ndarray) -> np.ndarray:
     return np.round(values, out=values).astype(np.uint8)
 
 
-INPUT_STEPS = ("none", "clahe")  # ModelMeta.preprocess / train --preprocess
+CLAHE_CLIP_LIMIT, CLAHE_TILES = 2.0, 8  # the "clahe" step's contrast limit and tile grid (the card quotes them)
 
 
 def input_step(pixels: np.ndarray, method: str | None) -> np.ndarray:
     """The model's fixed input step after resizing, on S x S or N x S x S uint8 pixels. "clahe":
-    contrast-limited adaptive histogram equalisation (OpenCV; clip limit 2, 8 x 8 tiles), which
+    contrast-limited adaptive histogram equalisation (OpenCV; CLAHE_CLIP_LIMIT, CLAHE_TILES squared), which
     evens out the exposure and contrast that differ between sites' machines and post-processing.
     None or "none": the pixels as they are."""
     if method in (None, "none"):
@@ -688,7 +690,7 @@ def input_step(pixels: np.ndarray, method: str | None) -> np.ndarray:
         raise ValueError(f"unknown input step {method!r}; choose from {', '.join(INPUT_STEPS)}")
     import cv2  # opencv comes with grad-cam
 
-    clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+    clahe = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=(CLAHE_TILES, CLAHE_TILES))
     if pixels.ndim == 2:
         return clahe.apply(np.ascontiguousarray(pixels, np.uint8))
     return np.stack([clahe.apply(np.ascontiguousarray(p, np.uint8)) for p in pixels]) if len(pixels) else pixels
@@ -699,3 +701,8 @@ def resize_square(gray: np.ndarray, size: int) -> np.ndarray:
     if gray.shape == (size, size):
         return gray
     return np.asarray(Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0))
+
+
+def to_batch(pixels: np.ndarray) -> np.ndarray:
+    """N x S x S uint8 -> N x 1 x S x S float32 in [0, 1]: the input of every network and graph."""
+    return np.ascontiguousarray(pixels, dtype=np.float32)[:, None] / 255

@@ -14,12 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle.store import load_bundle, save_bundle, write_metrics
+from ..bundle import load_bundle, write_metrics
 from ..core.config import CALIBRATIONS, TrainConfig
-from ..data.datasets import augmented_views, class_indices, load_pixels
+from ..data.datasets import class_indices, load_pixels
+from ..data.transforms import augmented_views
 from ..evaluation.metrics import fit_temperature, headline
 from ..evaluation.report import evaluate_samples
+from ..nets.build import load_network
 from ..runtime.classifier import Classifier
+from ..runtime.export import save_with_graph
 from .rundir import RunDir, data_facts
 
 
@@ -45,7 +48,7 @@ def save_calibrated(model, meta, run: RunDir, samples, val_pixels, val_targets, 
     temperature = calibration_temperature(Classifier.from_model(model, meta.replace(temperature=1.0), backend="torch"),
                                           val_pixels, val_targets, calibration)
     source = meta.provenance.get("train_config", {}).get("data")
-    save_bundle(model, meta.replace(temperature=temperature, provenance={
+    save_with_graph(model, meta.replace(temperature=temperature, provenance={
         **meta.provenance, "calibration": calibration, "data": data_facts(samples, source)}), run.bundle)
     classifier = Classifier.load(run.bundle, backend="onnx")
     metrics = {}
@@ -88,7 +91,7 @@ def recalibrate(run_dir, calibration: str = "augmented") -> TrainResult:
     if not len(targets):
         raise ValueError(f"{run.path}: no readable validation image to fit a temperature on")
     evaluate_test = meta.provenance.get("train_config", {}).get("evaluate_test", True)
-    metrics = save_calibrated(bundle.load_model().eval(), meta, run, samples, pixels, targets, evaluate_test,
+    metrics = save_calibrated(load_network(bundle).eval(), meta, run, samples, pixels, targets, evaluate_test,
                               calibration)
     return TrainResult(run.path, run.bundle, metrics)
 

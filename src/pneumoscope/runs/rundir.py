@@ -14,8 +14,7 @@
 Every file is written by atomic_write (a temporary renamed into place); the temporaries a killed
 process leaves behind are deleted when the run starts or resumes (`remove_stale_temporaries`).
 
-Runs made before bundles hold `model.pt` + `model.json` instead of `model/`: they are read (listed,
-compared, shipped), never written. `summarize` is the one summary of a run that `runs`, `compare`,
+`summarize` is the one summary of a run that `runs`, `compare`,
 cross-validation, tuning, `ship` and the benchmarks read.
 """
 from __future__ import annotations
@@ -27,15 +26,20 @@ import os
 import socket
 import statistics
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
+from ..bundle import META, ModelMeta
 from ..core.config import TrainConfig, options_loader
 from ..core.files import atomic_write, remove_stale_temporaries
+from ..core.labels import FOLDERS
+from ..data.datasets import read_dataset, write_manifest
+from ..evaluation.metrics import headline
+from ..evaluation.plots import training_curves_png
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_bacc", "val_n", "lr", "seconds",
                  "images_per_s")
 REPORTS = {"val": "val", "internal_test": "test", "test": "test", "external": "external"}
-LEGACY_MODEL = "model.pt"  # runs made before bundles
 
 
 class RunDir:
@@ -62,12 +66,8 @@ class RunDir:
         return self.path / "model"
 
     def model_path(self) -> Path | None:
-        """The run's model, for `artifact.load_bundle`: its bundle, else (a run from before bundles)
-        its model.pt; None when the run has not finished."""
-        for candidate in (self.bundle, self.path / LEGACY_MODEL):
-            if candidate.exists():
-                return candidate
-        return None
+        """The run's model bundle, for `bundle.load_bundle`; None when the run has not finished."""
+        return self.bundle if self.bundle.exists() else None
 
     def finished_model(self) -> Path:
         """`model_path`, or a one-line FileNotFoundError naming the run when it has none."""
@@ -99,8 +99,6 @@ class RunDir:
             yaml.safe_dump(config.to_dict(), handle, sort_keys=False)
 
     def write_manifest(self, samples) -> None:
-        from ..data.datasets import write_manifest
-
         write_manifest(samples, self.path / "manifest.csv")
 
     def write_status(self, status: str, fresh: bool = False, **extra) -> None:
@@ -113,8 +111,6 @@ class RunDir:
     def write_epoch(self, row: dict) -> None:
         """Records one epoch in metrics.csv (replacing that epoch and any later one, as a resumed run
         repeats them) and redraws curves.png."""
-        from ..evaluation.plots import training_curves_png
-
         rows = [r for r in self.epochs() if int(r["epoch"]) < int(row["epoch"])] + [row]
         with atomic_write(self.path / "metrics.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, EPOCH_COLUMNS)
@@ -142,8 +138,6 @@ class RunDir:
 
     def samples(self):
         """The run's split (manifest.csv), read as the run read its data (data.read_dataset)."""
-        from ..data.datasets import read_dataset
-
         return read_dataset(self.path / "manifest.csv", self.raw_config().get("task")).samples
 
     def status(self) -> dict:
@@ -176,14 +170,11 @@ class RunDir:
         return _json(self.report_dir(split) / "metrics.json")
 
     def model_meta(self):
-        """The model's ModelMeta (a legacy run's from its model.json, without loading weights), or None."""
-        from ..bundle.store import META, ModelMeta
-
+        """The model's ModelMeta (read without hashing the weights), or None before the run has one."""
         meta = self.bundle / META
         if meta.is_file():  # read as such: listing runs needs no weights hashed
             return ModelMeta.from_json(json.loads(meta.read_text()), str(meta))
-        legacy = self.path / "model.json"
-        return ModelMeta.from_legacy(json.loads(legacy.read_text())) if legacy.is_file() else None
+        return None
 
 
 def checkpoint_weights(path: str | os.PathLike) -> tuple[dict, int | None]:
@@ -213,7 +204,9 @@ def model_name(run_path: str | os.PathLike, project: str | None = None) -> str:
 
 def data_facts(samples, source: str | None = None) -> dict:
     """What a model was trained and measured on, for its provenance (the model card, the web page):
-    images, patients and classes per split of the run's manifest, and where the data came from."""
+    images, patients and classes per split of the run's manifest, where the data came from, and the
+    patients whose images carry more than one label (Kermany's personN ids with both a bacterial and
+    a viral file), by label pair."""
     splits = sorted({s.split for s in samples}, key=lambda s: ("train", "val", "test").index(s)
                     if s in ("train", "val", "test") else 3)
     per = {split: [s for s in samples if s.split == split] for split in splits}
@@ -221,7 +214,17 @@ def data_facts(samples, source: str | None = None) -> dict:
             "splits": {split: {"images": len(chosen), "patients": len({s.patient_id for s in chosen}),
                                "classes": {label: sum(s.label == label for s in chosen)
                                            for label in sorted({s.label for s in chosen})}}
-                       for split, chosen in per.items()}}
+                       for split, chosen in per.items()},
+            "patients_across_labels": patients_across_labels(samples)}
+
+
+def patients_across_labels(samples) -> list[dict]:
+    """[{"labels": [...], "patients": n}] for each set of labels that some patients' images span."""
+    labels = defaultdict(set)
+    for s in samples:
+        labels[s.patient_id].add(s.label)
+    spans = Counter(tuple(sorted(held)) for held in labels.values() if len(held) > 1)
+    return [{"labels": list(held), "patients": n} for held, n in sorted(spans.items())]
 
 
 def recorded_data(meta, metrics: dict) -> dict | None:
@@ -256,8 +259,6 @@ def resolve(config: TrainConfig, processes: int = 1) -> Path:
     `folders` for a dataset that is not Kermany's), or with resume the newest run of that task (any
     task when none is given) and architecture in the project. `processes`: how many the launcher
     started for the run (training.environment.world_size; see `default_name`)."""
-    from ..core.labels import FOLDERS
-
     if config.out:
         return Path(config.out)
     project_dir = Path(config.root) / config.project
@@ -293,8 +294,6 @@ def summarize(path: str | os.PathLike) -> dict:
     each evaluated split ("val", "test", "external": metrics.headline) and the time-to-accuracy
     `curve`. Per-class recall (recall_<class>) comes from the internal test split when it was
     evaluated, else from validation (recall_split says which). Missing files read as empty."""
-    from ..evaluation.metrics import headline
-
     run = RunDir(path)
     config, rows, env, status = run.raw_config(), run.epochs(), run.env(), run.status()
     reports = {split: headline(m) for split in ("val", "test", "external") if (m := run.report(split))}

@@ -21,7 +21,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from ..core.files import atomic_write
-from .backends import to_batch
+from ..data.images import to_batch
 from .classifier import Classifier, Decoded, Record
 
 OVERLAY_ALPHA = 0.4  # weight of the heat map over the X-ray

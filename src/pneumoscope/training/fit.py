@@ -22,20 +22,11 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..bundle.store import ModelMeta
+from ..bundle import ModelMeta
 from ..core.config import TrainConfig
 from ..core.labels import TASKS
-from ..data.datasets import (
-    XrayDataset,
-    class_weights,
-    eval_transform,
-    load_pixels,
-    manifest_hash,
-    read_dataset,
-    split_dataset,
-    split_summary,
-    train_transform,
-)
+from ..data.datasets import load_pixels, manifest_hash, read_dataset, split_dataset, split_summary
+from ..data.transforms import XrayDataset, class_weights, eval_transform, train_transform
 from ..nets.registry import count_parameters, create_model, ensure_pretrained, model_spec, trainable_parameters
 from ..runs import rundir
 from ..runs.finish import TrainResult, git_commit, save_calibrated

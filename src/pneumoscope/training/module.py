@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from ..core.config import TrainConfig
-from ..data.datasets import XrayDataset
+from ..data.transforms import XrayDataset
 from ..nets.registry import XrayNet, count_parameters, freeze_model, trainable_parameters
 
 log = logging.getLogger(__name__)

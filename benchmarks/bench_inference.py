@@ -57,7 +57,7 @@ def label(classifier, versions: dict, auto: str) -> str:
 
         return f"PyTorch {torch.__version__} eager (`torch`)"
     marks = f"`{backend}`" + (", `auto`" if backend == auto else "") + (", the reference" if backend == "onnx" else "")
-    graph = "int8" if backend.endswith("int8") else "fp32"
+    graph = runtime.graph_kind
     if backend.startswith("openvino"):
         precision = f", {runtime.precision}" if graph == "fp32" else ""
         return f"{versions['openvino']} {graph} graph{precision} ({marks})"

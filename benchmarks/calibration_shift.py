@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     for run in args.runs:
         bundle = pneumoscope.load_bundle(pneumoscope.RunDir(run).finished_model())
         meta = bundle.meta
-        classifier = pneumoscope.Classifier.from_model(bundle.load_model(), meta.replace(temperature=1.0),
+        classifier = pneumoscope.Classifier.from_model(pneumoscope.load_network(bundle), meta.replace(temperature=1.0),
                                                        backend="onnx")
         classes, size = tuple(meta.classes), meta.img_size
         samples = pneumoscope.read_dataset(args.manifest, meta.task).samples if args.manifest else \

@@ -35,7 +35,7 @@ def split_data(run_dir: Path, split: str, meta):
 def probabilities(bundle, state: dict, pixels: np.ndarray, tta: bool = False) -> np.ndarray:
     """Uncalibrated softmax of the bundle's network with other weights (temperature 1: epochs and
     soups have none of their own), averaged over the TTA views when asked."""
-    network = bundle.load_model()
+    network = pneumoscope.load_network(bundle)
     network.load_state_dict(state)
     classifier = pneumoscope.Classifier.from_model(network, bundle.meta.replace(temperature=1.0))
     views = tta_views(pixels) if tta else [pixels]

@@ -5,8 +5,8 @@ import shutil
 
 from fastapi.testclient import TestClient
 
-from pneumoscope.predict import Classifier
-from pneumoscope.rundir import RunDir, model_name
+from pneumoscope.runs.rundir import RunDir, model_name
+from pneumoscope.runtime.classifier import Classifier
 from pneumoscope.serve import SHIPPED_DATA, create_app
 
 

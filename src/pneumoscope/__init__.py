@@ -10,7 +10,8 @@ Predicting
     Classifier          `Classifier.load(bundle=None, task="three", backend="auto").predict(path)`;
                         `.scores(paths)` for arrays, `Classifier.from_model(net, meta)` for a network in memory
     read_xray           the one decoder: a file, bytes or array -> 2-D uint8 gray (DICOM included)
-    load_bundle         a model bundle directory: `.meta`, `.load_model()`, `.metrics()`
+    load_bundle         a model bundle directory: `.meta` (a typed ModelMeta), `.state_dict()`, `.metrics()`
+    load_network        a bundle's PyTorch network (eval mode), its weights loaded
 Data
     read_dataset        a manifest CSV or a tree of class folders, read as every command reads it
     split_dataset       train / val / test by patient, as `pneumoscope split` and `train` cut them
@@ -23,6 +24,7 @@ Data
 Networks and training
     freeze_model        freeze the stem and first N stages (or all but the head), as training does
     TrainConfig         every training option (`pneumoscope train --help` lists the same)
+    train               `pneumoscope train`: train(TrainConfig(data=...)) -> TrainResult (.bundle, .metrics)
     RunDir              a run directory's files: config, manifest, epochs, reports, checkpoints, model
     checkpoint_weights  the network's state dict in a run's Lightning checkpoint (best, last, epoch-N)
     adapt_bundle        `pneumoscope adapt`: a copy of a bundle adapted to a new site's unlabelled images
@@ -45,32 +47,34 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it: the one place to change when a module moves
 _PUBLIC = {
-    "Classifier": "pneumoscope.predict",
-    "read_xray": "pneumoscope.images",
-    "load_bundle": "pneumoscope.artifact",
-    "read_dataset": "pneumoscope.data",
-    "split_dataset": "pneumoscope.data",
-    "patient_folds": "pneumoscope.data",
-    "class_indices": "pneumoscope.data",
-    "load_pixels": "pneumoscope.data",
-    "augmented_views": "pneumoscope.data",
-    "train_transform": "pneumoscope.data",
-    "XrayDataset": "pneumoscope.data",
-    "freeze_model": "pneumoscope.models",
-    "TrainConfig": "pneumoscope.config",
-    "RunDir": "pneumoscope.rundir",
-    "checkpoint_weights": "pneumoscope.rundir",
-    "adapt_bundle": "pneumoscope.adapt",
-    "compute_metrics": "pneumoscope.metrics",
-    "fit_temperature": "pneumoscope.metrics",
-    "GuardConfig": "pneumoscope.guard",
-    "fit_guard": "pneumoscope.guard",
-    "guard_scores": "pneumoscope.guard",
+    "Classifier": "pneumoscope.runtime.classifier",
+    "read_xray": "pneumoscope.data.images",
+    "load_bundle": "pneumoscope.bundle.store",
+    "load_network": "pneumoscope.nets.build",
+    "read_dataset": "pneumoscope.data.datasets",
+    "split_dataset": "pneumoscope.data.datasets",
+    "patient_folds": "pneumoscope.data.datasets",
+    "class_indices": "pneumoscope.data.datasets",
+    "load_pixels": "pneumoscope.data.datasets",
+    "augmented_views": "pneumoscope.data.datasets",
+    "train_transform": "pneumoscope.data.datasets",
+    "XrayDataset": "pneumoscope.data.datasets",
+    "freeze_model": "pneumoscope.nets.registry",
+    "TrainConfig": "pneumoscope.core.config",
+    "train": "pneumoscope.training.fit",
+    "RunDir": "pneumoscope.runs.rundir",
+    "checkpoint_weights": "pneumoscope.runs.rundir",
+    "adapt_bundle": "pneumoscope.workflows.adapt",
+    "compute_metrics": "pneumoscope.evaluation.metrics",
+    "fit_temperature": "pneumoscope.evaluation.metrics",
+    "GuardConfig": "pneumoscope.runtime.guard",
+    "fit_guard": "pneumoscope.runtime.guard",
+    "guard_scores": "pneumoscope.runtime.guard",
     "create_app": "pneumoscope.serve",
     "serve_in_thread": "pneumoscope.serve",
-    "describe_machine": "pneumoscope.backends",
-    "atomic_write": "pneumoscope.files",
-    "default_cache_dir": "pneumoscope.files",
+    "describe_machine": "pneumoscope.runtime.backends",
+    "atomic_write": "pneumoscope.core.files",
+    "default_cache_dir": "pneumoscope.core.files",
 }
 __all__ = [*_PUBLIC, "__version__"]
 

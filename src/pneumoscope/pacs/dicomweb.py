@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..files import atomic_write
+from ..core.files import atomic_write
 from .accept import CANNOT_UNDERSTAND, READ_SOP_CLASSES, Refusal, check_instance, dataset_bytes, valid_uid
 from .destinations import Rejected, StowDestination, Unavailable, dicomweb_client
 

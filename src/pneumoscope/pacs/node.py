@@ -27,9 +27,17 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..files import atomic_write, remove_stale_temporaries
-from .accept import (CANNOT_UNDERSTAND, DOES_NOT_MATCH, OUT_OF_RESOURCES, SUCCESS, Refusal, check_instance,
-                     readable_transfer_syntaxes, valid_uid)
+from ..core.files import atomic_write, remove_stale_temporaries
+from .accept import (
+    CANNOT_UNDERSTAND,
+    DOES_NOT_MATCH,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    Refusal,
+    check_instance,
+    readable_transfer_syntaxes,
+    valid_uid,
+)
 from .destinations import Rejected, Unavailable
 
 log = logging.getLogger(__name__)

@@ -13,22 +13,24 @@ import os
 import socket
 import time
 
-from . import __version__
-from .rundir import RunDir, model_name
+from .. import __version__
+from ..nets.build import load_network
+from ..runs.rundir import RunDir, model_name
+
 
 def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike):
     """Averages the finished runs `run_dirs` into the run directory `out`; returns a train.TrainResult
     (its bundle and the val / internal test headlines)."""
-    from .artifact import ENSEMBLE, ModelMeta, load_bundle
-    from .models import Ensemble, count_parameters
-    from .train import TrainResult, git_commit, save_calibrated, validation_pixels
+    from ..bundle import ENSEMBLE, ModelMeta, load_bundle
+    from ..nets.registry import Ensemble, count_parameters
+    from ..training.fit import TrainResult, git_commit, save_calibrated, validation_pixels
 
     started = time.perf_counter()
     runs = [RunDir(path) for path in run_dirs]
     bundles = [load_bundle(run.finished_model()) for run in runs]
     first = bundles[0].meta
     check_compatible(runs, [b.meta for b in bundles])
-    model = Ensemble([bundle.load_model() for bundle in bundles]).eval()
+    model = Ensemble([load_network(bundle) for bundle in bundles]).eval()
     samples = runs[0].samples()
     members = [member_facts(run, bundle.meta) for run, bundle in zip(runs, bundles)]
     meta = ModelMeta(

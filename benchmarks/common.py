@@ -91,8 +91,9 @@ def rate(count: int, seconds: float) -> float:
 
 # ------------------------------------------------------------------ inputs and outputs
 def image_files(folder: str | Path) -> list[Path]:
-    """The JPEG and PNG files under `folder`, sorted."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """The JPEG and PNG files under `folder`, sorted, as absolute paths (links to them stay valid anywhere)."""
+    files = Path(folder).absolute().rglob("*")
+    return sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def read_ood_manifest(path: str | Path) -> list[dict]:

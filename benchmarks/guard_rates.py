@@ -129,9 +129,9 @@ def timing(classifiers: dict, chosen: dict, features: np.ndarray, logits: np.nda
     parts = []
     for kind in GRAPHS:
         if kind in classifiers:
-            runtime = classifiers[kind].runtime
-            runtime.run(one)
-            parts.append(f"ONNX {kind} {median_ms(lambda i: runtime.run(one), 50):.1f} ms")
+            run = classifiers[kind].runtime.run
+            run(one)
+            parts.append(f"ONNX {kind} {median_ms(lambda i, run=run: run(one), 50):.1f} ms")
     guard = with_guard(classifiers["fp32"], chosen).guard  # decoded once, as prediction holds it
     n = len(features)
     maha = median_ms(lambda i: pneumoscope.guard_scores(features[i % n:i % n + 1], replace(guard, method="mahalanobis")),

@@ -312,16 +312,17 @@ def variants(source: Source, out: Path) -> Iterator[tuple[Path, str, str]]:
     """Writes the source's variants; yields (path, colour, size) for each."""
     loaded = source.load()
     if isinstance(loaded, Path):  # a DICOM file: the native gray variant is the file itself
+        from pydicom import dcmread
         from pydicom.pixels import pixel_array
 
         native = out / f"{source.name}.dcm"
         shutil.copyfile(loaded, native)
         yield native, "gray", "native"
         gray = pneumoscope.read_xray(loaded)  # what prediction sees
-        stored = pixel_array(loaded, index=0)  # the first frame; colour (RGB, YBR) as RGB
-        in_colour = stored.ndim == 3 and bool((stored.max(-1) != stored.min(-1)).any())
-        # an RGB ultrasound keeps its own colours; gray pictures (a palette's indices too) get the colour map
-        colour = np.asarray(stored, np.uint8) if in_colour else colourise(gray, source.cmap)
+        # an RGB ultrasound keeps its own colours (pydicom hands out RGB, first frame); gray pictures,
+        # a palette's too, get the colour map
+        in_colour = int(dcmread(loaded, stop_before_pixels=True).get("SamplesPerPixel") or 1) == 3
+        colour = np.asarray(pixel_array(loaded, index=0), np.uint8) if in_colour else colourise(gray, source.cmap)
     else:
         image = np.asarray(loaded)
         if image.ndim == 3:

@@ -34,7 +34,7 @@ BACKENDS = ("onnx", "int8", "openvino", "openvino-int8")  # `auto` is one of the
 def runtimes(model: str | None, with_torch: bool) -> dict:
     """{label: Classifier} for every runtime this machine and bundle can run; the others are
     said and left out (a bundle without an int8 graph, a merged read OpenVINO cannot compute)."""
-    import onnxruntime
+    import onnxruntime  # lazy: --help without loading the runtimes
     import openvino
 
     versions = {"onnx": f"ONNX Runtime {onnxruntime.__version__}", "openvino": f"OpenVINO {openvino.__version__}"}
@@ -53,7 +53,7 @@ def runtimes(model: str | None, with_torch: bool) -> dict:
 def label(classifier, versions: dict, auto: str) -> str:
     backend, runtime = classifier.backend, classifier.runtime
     if backend == "torch":
-        import torch
+        import torch  # lazy: PyTorch only with --torch
 
         return f"PyTorch {torch.__version__} eager (`torch`)"
     marks = f"`{backend}`" + (", `auto`" if backend == auto else "") + (", the reference" if backend == "onnx" else "")

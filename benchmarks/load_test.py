@@ -50,7 +50,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         port = sock.getsockname()[1]
     command = [*cli_command(), "serve", "--port", str(port), "--task", args.task]
     if args.model:
-        command += ["--checkpoint", args.model]
+        command += ["--model", args.model]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180

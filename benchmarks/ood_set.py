@@ -312,7 +312,7 @@ def variants(source: Source, out: Path) -> Iterator[tuple[Path, str, str]]:
     """Writes the source's variants; yields (path, colour, size) for each."""
     loaded = source.load()
     if isinstance(loaded, Path):  # a DICOM file: the native gray variant is the file itself
-        from pydicom import dcmread
+        from pydicom import dcmread  # lazy, as every source's library: only what a build reads
         from pydicom.pixels import pixel_array
 
         native = out / f"{source.name}.dcm"

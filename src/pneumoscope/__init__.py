@@ -40,6 +40,7 @@ Serving and utilities
     describe_machine    CPU model, its speed flags, cores and load: printed with every measured figure
     atomic_write        write a file under a temporary name and rename it into place
     default_cache_dir   $PNEUMOSCOPE_CACHE, else ~/.cache/pneumoscope
+    INTENDED_USE        what pneumoscope is for (and not), as the model card, web page and DICOM SR say it
 """
 from importlib import import_module as _import_module
 
@@ -56,9 +57,9 @@ _PUBLIC = {
     "patient_folds": "pneumoscope.data.datasets",
     "class_indices": "pneumoscope.data.datasets",
     "load_pixels": "pneumoscope.data.datasets",
-    "augmented_views": "pneumoscope.data.datasets",
-    "train_transform": "pneumoscope.data.datasets",
-    "XrayDataset": "pneumoscope.data.datasets",
+    "augmented_views": "pneumoscope.data.transforms",
+    "train_transform": "pneumoscope.data.transforms",
+    "XrayDataset": "pneumoscope.data.transforms",
     "freeze_model": "pneumoscope.nets.registry",
     "TrainConfig": "pneumoscope.core.config",
     "train": "pneumoscope.training.fit",
@@ -76,7 +77,11 @@ _PUBLIC = {
     "atomic_write": "pneumoscope.core.files",
     "default_cache_dir": "pneumoscope.core.files",
 }
-__all__ = [*_PUBLIC, "__version__"]
+# What pneumoscope is for, said once: the model card, the web page and API, and the DICOM SR quote it.
+INTENDED_USE = ("Not for diagnostic use: pneumoscope is research software for research, teaching and second "
+                "reading, not a medical device, and its output is not a diagnosis; a qualified clinician must "
+                "read every X-ray.")
+__all__ = [*_PUBLIC, "INTENDED_USE", "__version__"]
 
 
 def __getattr__(name: str):

@@ -39,6 +39,7 @@ from .accept import (
     valid_uid,
 )
 from .destinations import Rejected, Unavailable
+from .report import prepare_overlay, read_instance
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,6 @@ class Node:
 
     def start(self) -> None:
         if self.config.overlay:
-            from .report import prepare_overlay
-
             prepare_overlay(self.classifier)
         ae, handlers = self.application_entity()
         try:
@@ -248,8 +247,6 @@ class Node:
             self.process(uid)
 
     def process(self, uid: str) -> None:
-        from .report import read_instance
-
         if self.spool.is_done(uid):  # received again while it was waiting
             self.spool.drop(uid)
             return

@@ -23,13 +23,13 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from .. import __version__
+from .. import INTENDED_USE, __version__
+from ..data.images import open_dicom
 from ..runtime.classifier import Classifier, Decoded, Record
+from ..runtime.explain import cam_heatmap, caption, overlay_image, target_layers
 from .accept import CANNOT_UNDERSTAND, Refusal
 
 MANUFACTURER = "pneumoscope"
-NOTICE = ("Not for diagnostic use: pneumoscope is research software, not a medical device; "
-          "a qualified clinician must read every X-ray.")
 SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
 SCHEME = "99PNEUMOSCOPE"  # a private coding scheme (PS3.3 8.2: designators starting "99")
 LABEL_CODES = {"NORMAL": Code("17621005", "SCT", "Normal"),
@@ -63,7 +63,6 @@ def read_instance(classifier: Classifier, data: bytes, label: str, overlay: bool
     """Classifies one DICOM file's bytes exactly as `pneumoscope predict` does (the same decoder and
     model) and builds its SR, and with `overlay` its Secondary Capture. A file that does not
     decode raises Refusal."""
-    from ..data.images import open_dicom
 
     source = evidence(open_dicom(data, label))
     decoded = classifier.decode(data, label, keep_gray=overlay)
@@ -113,7 +112,7 @@ def structured_report(source, record: Record, classifier: Classifier):
         measurements=[hd.sr.Measurement(name=probability_code(c), value=p, unit=PROBABILITY_UNIT)
                       for c, p in record.probabilities.items()],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(INPUT_FLAGGED, codes.SCT.Yes if flagged else codes.SCT.No)])
-    comments = [NOTICE, *record.warnings]  # TID 1501: text qualitative evaluations of the group
+    comments = [INTENDED_USE, *record.warnings]  # TID 1501: text qualitative evaluations of the group
     group[0].ContentSequence.extend(hd.sr.TextContentItem(name=codes.DCM.Comment, value=text[:1024],
                                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
                                     for text in comments)
@@ -140,7 +139,6 @@ def prepare_overlay(classifier: Classifier) -> None:
     """Loads PyTorch, grad-cam and the network and finds Grad-CAM's layer (one traced forward), so
     that a node started with --overlay fails at start-up when it cannot, and its first image does
     not wait for them."""
-    from ..runtime.explain import target_layers
 
     target_layers(classifier.model, classifier.img_size)
 
@@ -150,7 +148,6 @@ def overlay_capture(source, record: Record, classifier: Classifier, decoded: Dec
     import highdicom as hd
     from pydicom.dataset import Dataset
 
-    from ..runtime.explain import cam_heatmap, caption, overlay_image
 
     heat = cam_heatmap(classifier, decoded.pixels, classifier.classes.index(record.label))
     text = f"{caption(record)}\n{classifier.name}\nnot for diagnostic use"

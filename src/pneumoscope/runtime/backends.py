@@ -21,14 +21,15 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, TypeVar
 
+from ..bundle import Bundle, BundleError, ModelMeta
 from ..core.config import BACKENDS
+from ..core.files import default_cache_dir
 from .graphs import current_graph, missing_int8
 from .guard import stats_for
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..bundle import Bundle, ModelMeta
 
 log = logging.getLogger(__name__)
 T, R = TypeVar("T"), TypeVar("R")
@@ -55,7 +56,7 @@ class TorchBackend:
     graph_kind = "fp32"  # PyTorch and the fp32 graph agree to 1e-5
 
     def __init__(self, model, lock: threading.RLock | None = None):
-        from ..nets.registry import LogitsAndFeatures
+        from ..nets.registry import LogitsAndFeatures  # lazy: PyTorch loads for the torch backend only
 
         self.model = model.eval()
         self.lock = lock or threading.RLock()
@@ -190,7 +191,6 @@ def openvino_cache() -> dict:
     most of a one-image `predict` (1.2 s of 1.4 s measured); loading the cached blob is not. Keyed
     by OpenVINO on the graph file's content and the compile settings, so a new graph compiles anew.
     No cache where that folder cannot be made (the graph then compiles every time, as before)."""
-    from ..core.files import default_cache_dir
 
     folder = default_cache_dir() / "openvino"
     try:
@@ -203,7 +203,6 @@ def openvino_cache() -> dict:
 def loading(graph: str | os.PathLike | bytes, runtime: str, load: Callable[[], R]) -> R:
     """`load()`, a runtime reading `graph`; what it refuses (a truncated file, external data outside
     the bundle, an operator it lacks) is one BundleError line naming the file."""
-    from ..bundle import BundleError
 
     try:
         return load()
@@ -220,7 +219,6 @@ def check_interface(graph: str | os.PathLike | bytes, inputs: dict[str, list], o
     """A one-line BundleError unless the graph takes "pixels" (N x 1 x S x S) and gives "logits"
     (N x classes) and "features" (N x F, what the input guard's statistics were fitted on). Shapes
     are lists of ints, None or names for dynamic sizes."""
-    from ..bundle import BundleError
 
     where = _describe_graph(graph)
     if "pixels" not in inputs or not {"logits", "features"} <= outputs.keys():
@@ -366,7 +364,8 @@ def backend_for_model(model, meta: "ModelMeta", backend: str = "onnx", lock: thr
     if backend == "torch":
         return TorchBackend(model, lock)
     if backend == "onnx":
-        from .export import onnx_bytes
+        from .export import onnx_bytes  # lazy: see _graph
+
 
         return OnnxBackend(onnx_bytes(model, meta), meta=meta)
     raise ValueError(f"an in-memory model runs on 'torch' or 'onnx', not {backend!r}")

@@ -32,7 +32,7 @@ from ..bundle import (
     save_bundle,
 )
 from ..core.files import atomic_write
-from ..data.images import to_batch
+from ..data.images import input_step, read_xray, resize_square, to_batch
 from ..nets.build import load_network
 from ..nets.registry import LogitsAndFeatures
 from .graphs import current_graph, missing_int8
@@ -111,7 +111,7 @@ def save_with_graph(model: torch.nn.Module, meta: ModelMeta, out: str | os.PathL
     return out
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
+def export_bundle(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
                       opset: int = OPSET) -> Path:
     """Exports a bundle; by default to its own graph file (`model.onnx` in the bundle) when the
     bundle is the user's own, else into the
@@ -144,7 +144,6 @@ def calibration_pixels(samples, size: int, n: int = 256, seed: int = 0, preproce
     none, decoded at the model's input size and through its input step: N x size x size uint8."""
     import numpy as np
 
-    from ..data.images import input_step, read_xray, resize_square
 
     pool = [s for s in samples if s.split == "train"] or list(samples)
     chosen = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)

@@ -17,7 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..bundle import load_bundle, resolve_model
+from ..core.files import atomic_write
+from ..data.datasets import read_dataset
+from ..data.images import ImageReadError, input_step, read_xray, resize_square
 from ..nets.build import load_network
+from ..runtime.classifier import Classifier, expand_inputs
 from ..runtime.export import save_with_graph
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -115,13 +120,10 @@ def predicted_mix(probabilities: np.ndarray, classes) -> dict[str, float]:
 def site_images(inputs) -> list[str]:
     """The image files of the new site: files as given, folders walked, and a manifest CSV read as
     every dataset is (data.read_dataset; its labels are not used)."""
-    from ..runtime.classifier import expand_inputs
 
     files = []
     for item in inputs:
         if str(item).lower().endswith(".csv"):
-            from ..data.datasets import read_dataset
-
             files += [s.path for s in read_dataset(item).samples]
         else:
             files += list(expand_inputs([item]))
@@ -139,10 +141,6 @@ def adapt_bundle(checkpoint, images, out, priors: bool = False, task: str = "thr
     import time
     from pathlib import Path
 
-    from ..bundle import load_bundle, resolve_model
-    from ..core.files import atomic_write
-    from ..data.images import ImageReadError, input_step, read_xray, resize_square
-    from ..runtime.classifier import Classifier
 
     bundle = load_bundle(checkpoint or resolve_model(task))
     meta, model = bundle.meta, load_network(bundle)

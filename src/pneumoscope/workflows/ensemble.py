@@ -14,16 +14,17 @@ import socket
 import time
 
 from .. import __version__
+from ..bundle import ENSEMBLE, ModelMeta, load_bundle
 from ..nets.build import load_network
+from ..nets.registry import Ensemble, count_parameters
 from ..runs.rundir import RunDir, model_name
+from ..training.fit import TrainResult, git_commit, save_calibrated, validation_pixels
+from .release import training_facts
 
 
 def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike):
     """Averages the finished runs `run_dirs` into the run directory `out`; returns a train.TrainResult
     (its bundle and the val / internal test headlines)."""
-    from ..bundle import ENSEMBLE, ModelMeta, load_bundle
-    from ..nets.registry import Ensemble, count_parameters
-    from ..training.fit import TrainResult, git_commit, save_calibrated, validation_pixels
 
     started = time.perf_counter()
     runs = [RunDir(path) for path in run_dirs]
@@ -78,7 +79,6 @@ def check_compatible(runs: list[RunDir], metas: list) -> None:
 def member_facts(run: RunDir, meta) -> dict:
     """What the card and provenance say of one member. A shipped bundle placed in a run directory
     brings its training facts in its provenance (`ship` put them there)."""
-    from .release import training_facts
 
     facts = meta.provenance.get("training") or training_facts(run.path)
     return {"run": run.path.name, "arch": meta.arch, "seed": meta.provenance.get("seed"),

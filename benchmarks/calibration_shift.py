@@ -18,8 +18,8 @@ import numpy as np
 
 from pneumoscope.artifact import load_bundle
 from pneumoscope.data import augmented_views, class_indices, load_pixels, read_dataset, read_manifest
-from pneumoscope.metrics import compute_metrics, fit_temperature, softmax
-from pneumoscope.predict import Classifier
+from pneumoscope.metrics import compute_metrics, fit_temperature
+from pneumoscope.predict import Classifier, softmax
 from pneumoscope.rundir import RunDir
 
 

@@ -10,7 +10,8 @@ import torch
 from pneumoscope.data import read_dataset
 from pneumoscope.evaluate import REPORT_FILES, evaluate_samples
 from pneumoscope.labels import THREE
-from pneumoscope.metrics import expected_calibration_error, softmax
+from pneumoscope.metrics import expected_calibration_error
+from pneumoscope.predict import softmax
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pneumoscope.metrics import (bootstrap_ci, compute_metrics, expected_calibration_error, fit_temperature,
-                                 headline, macro_auc, softmax)
+                                 headline, macro_auc)
 
 CLASSES = ("NORMAL", "BACTERIA", "VIRUS")
 
@@ -66,12 +66,6 @@ def test_temperature_scaling_recovers_a_known_temperature():
     targets = torch.distributions.Categorical(logits=true_logits).sample()
     assert fit_temperature((true_logits * 3).numpy(), targets.numpy()) == pytest.approx(3.0, rel=0.1)
     assert fit_temperature(true_logits * 0.5, targets) == pytest.approx(0.5, rel=0.1)  # tensors too
-
-
-def test_softmax_with_temperature():
-    logits = np.array([[2.0, 0.0], [0.0, 0.0]])
-    assert softmax(logits) == pytest.approx(np.array([[1 / (1 + np.exp(-2)), 1 / (1 + np.exp(2))], [0.5, 0.5]]))
-    assert softmax(logits, 2.0)[0, 0] == pytest.approx(1 / (1 + np.exp(-1)))
 
 
 def test_temperature_of_a_barely_trained_model_is_found_not_nan():

@@ -8,7 +8,8 @@ from conftest import FIXTURE_DATA, ROOT
 from pneumoscope.artifact import load_bundle
 from pneumoscope.cli import main
 from pneumoscope.data import class_indices
-from pneumoscope.metrics import fit_temperature, softmax
+from pneumoscope.metrics import fit_temperature
+from pneumoscope.predict import softmax
 from pneumoscope.rundir import RunDir
 from pneumoscope.predict import Classifier
 

@@ -16,7 +16,8 @@ import numpy as np
 
 from .files import atomic_write
 from .labels import TASKS, task_label
-from .metrics import ECE_BINS, compute_metrics, expected_calibration_error, softmax
+from .metrics import ECE_BINS, compute_metrics, expected_calibration_error
+from .predict import softmax
 
 log = logging.getLogger(__name__)
 REPORT_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "reliability.png",

@@ -165,9 +165,9 @@ def mahalanobis(features: np.ndarray, stats: dict | Guard) -> np.ndarray:
 
 def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """-T * logsumexp(logits / T): low for inputs the classifier is sure about, higher for others."""
-    scaled = np.atleast_2d(np.asarray(logits, np.float64)) / temperature
-    top = scaled.max(1, keepdims=True)
-    return -temperature * (top[:, 0] + np.log(np.exp(scaled - top).sum(1)))
+    from scipy.special import logsumexp  # here, not at the top: 0.13-0.18 s that predict pays only with an energy guard
+
+    return -temperature * logsumexp(np.atleast_2d(np.asarray(logits, np.float64)) / temperature, axis=1)
 
 
 def all_scores(features: np.ndarray, logits: np.ndarray, stats: dict | Guard) -> dict[str, np.ndarray]:

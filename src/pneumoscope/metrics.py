@@ -75,13 +75,6 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int 
                                               n_bins=bins, norm="l1"))
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of logits / temperature, in float64."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def fit_temperature(logits, targets) -> float:
     """Temperature scaling (Guo et al. 2017): the T > 0 minimising the NLL of logits / T (LBFGS on
     log T), clamped to [0.05, 20]. Arrays or tensors."""

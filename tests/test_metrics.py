@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from pneumoscope.metrics import (bootstrap_ci, compute_metrics, expected_calibration_error, fit_temperature,
                                  headline, macro_auc)
@@ -51,6 +52,10 @@ def test_macro_auc_binary_multiclass_and_single_class():
     probs = np.array([[.7, .2, .1], [.2, .7, .1], [.5, .1, .4], [.2, .5, .3]])
     # NORMAL vs rest: 2.5 of 4 pairs ordered (0.2 ties one negative, loses to the other); the others 1.0
     assert macro_auc(y, probs) == pytest.approx((0.625 + 1.0 + 1.0) / 3)
+    assert macro_auc(y, probs) == roc_auc_score(y, probs, multi_class="ovr", average="macro")
+    # a class absent (no VIRUS): the mean over the two present, not NaN and no warning
+    y, probs = np.array([0, 1, 0, 1]), np.array([[.7, .2, .1], [.2, .7, .1], [.5, .1, .4], [.4, .5, .1]])
+    assert macro_auc(y, probs) == pytest.approx((1.0 + 1.0) / 2)
 
 
 def test_ece_known_values():

@@ -62,7 +62,9 @@ def macro_auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
         return None
     if probs.shape[1] == 2:
         return float(roc_auc_score(y_true, probs[:, 1]))
-    return float(np.mean([roc_auc_score(y_true == c, probs[:, c]) for c in present]))
+    # what roc_auc_score(multi_class="ovr", average="macro") computes (the same value when every class is
+    # present), given as the present classes' indicator columns: "ovr" scores an absent class NaN, with a warning
+    return float(roc_auc_score(y_true[:, None] == present, probs[:, present], average="macro"))
 
 
 def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS) -> float:

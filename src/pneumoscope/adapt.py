@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .models import classifier_layers
+
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -80,27 +82,16 @@ def prior_shift_bias(source_priors, target_priors, temperature: float) -> np.nda
     return temperature * np.log(np.asarray(target_priors, np.float64) / np.asarray(source_priors, np.float64))
 
 
-def classifier_layer(model: nn.Module) -> nn.Linear:
-    """The last Linear layer: the classifier of every registered architecture."""
-    backbone = getattr(model, "backbone", model)
-    if hasattr(backbone, "get_classifier"):  # timm models
-        layer = backbone.get_classifier()
-        if isinstance(layer, nn.Linear):
-            return layer
-    linears = [m for m in backbone.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("the model has no Linear classifier to shift")
-    return linears[-1]
-
-
 @torch.no_grad()
 def add_logit_bias(model: nn.Module, bias: np.ndarray) -> None:
-    layer = classifier_layer(model)
-    if layer.out_features != len(bias):
-        raise ValueError(f"classifier has {layer.out_features} outputs, prior shift has {len(bias)}")
-    if layer.bias is None:
-        layer.bias = nn.Parameter(torch.zeros(layer.out_features))
-    layer.bias += torch.as_tensor(bias, dtype=layer.bias.dtype)
+    """Adds `bias` to the model's logits, through its classifier bias: every member's, for an
+    Ensemble, whose logits are their mean."""
+    for layer in classifier_layers(model):
+        if layer.out_features != len(bias):
+            raise ValueError(f"classifier has {layer.out_features} outputs, prior shift has {len(bias)}")
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.out_features))
+        layer.bias += torch.as_tensor(bias, dtype=layer.bias.dtype)
 
 
 # ---------------------------------------------------------------- the `pneumoscope adapt` command

@@ -630,18 +630,14 @@ for _variant in LITE_WHEELS:
 
 
 # ---------------------------------------------------------------- inference outputs
-def last_linear(model: nn.Module) -> nn.Linear:
-    """The classifier layer: the last nn.Linear (timm's `classifier`/`fc`/`head.fc`, our `head[-1]`)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no linear classifier layer")
-    return linears[-1]
-
-
 def classifier_layers(model: nn.Module) -> list[nn.Linear]:
-    """The classifier layer of a network, or of each member of an Ensemble."""
+    """The classifier layer of a network (an XrayNet or its backbone: timm's `get_classifier()`,
+    which every registered architecture answers), or of each member of an Ensemble."""
     members = model.members if isinstance(model, Ensemble) else [model]
-    return [last_linear(member) for member in members]
+    layers = [getattr(member, "backbone", member).get_classifier() for member in members]
+    if not all(isinstance(layer, nn.Linear) for layer in layers):
+        raise ValueError(f"{type(model).__name__} has no linear classifier layer")
+    return layers
 
 
 class LogitsAndFeatures(nn.Module):

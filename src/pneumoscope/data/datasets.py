@@ -15,12 +15,19 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from .config import AUG_POLICIES, TEST_FRACTION, VAL_FRACTION
-from .files import atomic_write, default_cache_dir  # noqa: F401  (re-exported: older imports use data.atomic_write)
+from ..core.config import AUG_POLICIES, TEST_FRACTION, VAL_FRACTION
+from ..core.files import atomic_write, default_cache_dir  # noqa: F401  (re-exported: older imports use data.atomic_write)
+from ..core.labels import (
+    FOLDERS,
+    classes_for,
+    is_image_file,
+    is_kermany_tree,
+    kermany_patient,
+    label_from_path,
+    task_label,
+)
 from .folds import StratifiedGroupKFold  # scikit-learn's, with its per-group step made fast
 from .images import ImageReadError, input_step, read_xray, resize_square
-from .labels import (FOLDERS, classes_for, is_image_file, is_kermany_tree, kermany_patient, label_from_path,
-                     task_label)
 
 log = logging.getLogger(__name__)
 

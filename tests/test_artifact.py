@@ -4,7 +4,6 @@ import json
 import math
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from conftest import ROOT, small_meta, small_model

@@ -5,11 +5,8 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
+from pneumoscope.core.files import atomic_write
 from pneumoscope.data.datasets import (
-    XrayDataset,
-    atomic_write,
-    class_weights,
-    eval_transform,
     load_pixels,
     manifest_hash,
     patient_folds,
@@ -17,9 +14,9 @@ from pneumoscope.data.datasets import (
     read_manifest,
     split_by_patient,
     split_dataset,
-    train_transform,
     write_manifest,
 )
+from pneumoscope.data.transforms import XrayDataset, class_weights, eval_transform, train_transform
 
 
 def test_read_dataset_fixture_layout(fixture_data):

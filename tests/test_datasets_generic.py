@@ -12,9 +12,7 @@ import torch
 
 from pneumoscope.core.labels import BINARY, THREE
 from pneumoscope.data.datasets import (
-    XrayDataset,
     class_indices,
-    eval_transform,
     load_pixels,
     read_dataset,
     read_groups,
@@ -22,6 +20,7 @@ from pneumoscope.data.datasets import (
     split_dataset,
     write_manifest,
 )
+from pneumoscope.data.transforms import XrayDataset, eval_transform
 
 
 def _xrays(fixture_data, n):

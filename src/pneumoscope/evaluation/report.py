@@ -41,7 +41,7 @@ def samples_for(data: str | os.PathLike, meta, split: str | None = None, groups:
     unknown = sorted({task_label(s.label, meta.task) for s in samples} - set(meta.classes))
     if unknown:
         raise ValueError(f"{data}: its classes {', '.join(unknown)} are not the model's ({meta.name}: "
-                         f"{', '.join(meta.classes)}); give --checkpoint the model trained on this data")
+                         f"{', '.join(meta.classes)}); give --model the model trained on this data")
     return samples
 
 

@@ -25,7 +25,7 @@ from timm.models.vgg import ConvMlp
 from torch import nn
 from torch.nn import functional as F
 
-from ..core.config import DEFAULT_ARCH, parse_freeze  # noqa: F401  (defined torch-free for the CLI)
+from ..core.config import parse_freeze
 
 WEIGHT_SOURCES = ("wheel", "timm", "torchvision", "none")
 

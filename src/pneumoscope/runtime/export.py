@@ -111,7 +111,7 @@ def save_with_graph(model: torch.nn.Module, meta: ModelMeta, out: str | os.PathL
     return out
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
+def export_bundle(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
                       opset: int = OPSET) -> Path:
     """Exports a bundle; by default to its own graph file (`model.onnx` in the bundle) when the
     bundle is the user's own, else into the

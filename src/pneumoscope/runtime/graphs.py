@@ -21,5 +21,5 @@ def missing_int8(bundle: Bundle) -> BundleError:
     """An int8 graph is never made behind the user's back (it needs calibration images): the error."""
     path = bundle.graph_location("int8")
     why = "was made from other weights or meta" if path.is_file() else "does not exist"
-    return BundleError(f"{path}: {why}; make it with `pneumoscope export --int8 --checkpoint {bundle.path} "
+    return BundleError(f"{path}: {why}; make it with `pneumoscope export --int8 --model {bundle.path} "
                        "--calibration DATA`")

@@ -56,13 +56,13 @@ class GuardConfig:
 
 
 # ------------------------------------------------------------------ JSON arrays
-def encode(array: np.ndarray, dtype: str = "float32") -> dict:
+def encode_array(array: np.ndarray, dtype: str = "float32") -> dict:
     """An array as JSON: dtype, shape and base64 of its little-endian bytes (~1.4x the binary size)."""
     array = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
     return {"dtype": dtype, "shape": list(array.shape), "base64": base64.b64encode(array.tobytes()).decode()}
 
 
-def decode(blob: dict) -> np.ndarray:
+def decode_array(blob: dict) -> np.ndarray:
     """-> float32 (a float16 blob is widened: scoring runs in float32)."""
     dtype = np.dtype(blob["dtype"]).newbyteorder("<")
     return np.frombuffer(base64.b64decode(blob["base64"]), dtype=dtype).reshape(blob["shape"]).astype(np.float32)
@@ -88,10 +88,10 @@ def fit_guard(features: np.ndarray, labels: np.ndarray, val_features: np.ndarray
     chol = np.linalg.cholesky(_shrunk_precision(within))  # precision = chol @ chol.T
     stats = {
         "version": GUARD_VERSION, "method": config.method, "features": int(features.shape[1]), "dims": int(dims),
-        "center": encode(center),
+        "center": encode_array(center),
         # float16 halves the largest array; distances move by ~1e-4 (relative), and the thresholds
         # below are measured with these very stored values.
-        "whiten": encode(projection @ chol, "float16"), "class_means": encode(means @ chol),
+        "whiten": encode_array(projection @ chol, "float16"), "class_means": encode_array(means @ chol),
         "temperature": float(config.temperature), "max_flagged": float(config.max_flagged),
         "fitted_on": {"train": int(len(features)), "val": int(len(val_features))},
     }
@@ -147,7 +147,7 @@ def load_guard(stats: dict) -> Guard:
         raise ValueError(f"guard statistics version {stats['version']} is newer than this pneumoscope reads "
                          f"({GUARD_VERSION}); upgrade pneumoscope")
     try:
-        center, whiten, means = decode(stats["center"]), decode(stats["whiten"]), decode(stats["class_means"])
+        center, whiten, means = decode_array(stats["center"]), decode_array(stats["whiten"]), decode_array(stats["class_means"])
     except (KeyError, TypeError, ValueError) as err:  # binascii.Error is a ValueError
         raise ValueError(f"guard statistics cannot be decoded ({type(err).__name__}: {err})") from None
     if center.ndim != 1 or whiten.shape != (len(center), whiten.shape[-1]) or means.ndim != 2 \

@@ -37,17 +37,8 @@ from ..core.config import CALIBRATIONS, TrainConfig  # noqa: F401  (TrainConfig 
 from ..core.cpu_share import CpuShare
 from ..core.files import atomic_write
 from ..core.labels import TASKS
-from ..data.datasets import (
-    XrayDataset,
-    class_weights,
-    eval_transform,
-    load_pixels,
-    manifest_hash,
-    read_dataset,
-    split_dataset,
-    split_summary,
-    train_transform,
-)
+from ..data.datasets import load_pixels, manifest_hash, read_dataset, split_dataset, split_summary
+from ..data.transforms import XrayDataset, class_weights, eval_transform, train_transform
 from ..nets.build import load_network
 from ..nets.registry import (
     XrayNet,
@@ -129,7 +120,7 @@ def calibration_temperature(classifier, val_pixels: np.ndarray, val_targets, met
     on those of the validation images seen twice through the strong augmentation (`augmented`): a
     simulated change of acquisition, which lowered the ECE on the external group for every model
     measured (docs/benchmarks.md#calibration-under-shift). `classifier` scores at temperature 1."""
-    from ..data.datasets import augmented_views
+    from ..data.transforms import augmented_views
     from ..evaluation.metrics import fit_temperature
 
     if method not in CALIBRATIONS:

@@ -20,8 +20,7 @@ def tiny_bundle(tmp_path):
     torch.manual_seed(0)
     model = create_model("resnet18", 3, pretrained=False).eval()
     meta = ModelMeta(name="tiny", task="three", classes=("NORMAL", "BACTERIA", "VIRUS"), arch="resnet18",
-                     img_size=48, mean=0.449, std=0.226, temperature=1.3,
-                     provenance={"class_priors": [0.26, 0.48, 0.26]})
+                     img_size=48, mean=0.449, std=0.226, temperature=1.3)
     return save_bundle(model, meta, tmp_path / "in")
 
 

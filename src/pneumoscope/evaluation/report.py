@@ -24,8 +24,6 @@ from . import plots
 from .metrics import ECE_BINS, compute_metrics, expected_calibration_error
 
 log = logging.getLogger(__name__)
-REPORT_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "reliability.png",
-                "prediction_grid.png", "cam_grid.png")
 
 
 def samples_for(data: str | os.PathLike, meta, split: str | None = None, groups: str | os.PathLike | None = None

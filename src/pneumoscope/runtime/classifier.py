@@ -22,7 +22,15 @@ import numpy as np
 from ..bundle import Bundle, BundleError, ModelMeta, load_bundle, resolve_model
 from ..core.config import BACKENDS
 from ..core.labels import is_image_file
-from ..data.images import ImageReadError, ImageTooLargeError, input_step, read_xray_with_info, resize_square, to_batch
+from ..data.images import (
+    ImageReadError,
+    ImageTooLargeError,
+    describe_source,
+    input_step,
+    read_xray_with_info,
+    resize_square,
+    to_batch,
+)
 from .backends import (
     Backend,
     TorchBackend,
@@ -168,7 +176,7 @@ class Classifier:
 
     def decode(self, source, name: str | None = None, keep_gray: bool = False) -> Decoded:
         """Any accepted input -> Decoded (never raises for a bad image: the error is recorded)."""
-        label = name or _describe(source)
+        label = name or describe_source(source)
         try:
             gray, info = read_xray_with_info(source, label)
         except ImageReadError as err:
@@ -262,12 +270,6 @@ class Classifier:
         """Streams records in input order (see score_batches)."""
         for _, scores in self.score_batches(sources, names, batch_size):
             yield from self.records(scores)
-
-
-def _describe(source) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return str(source)
-    return "<array>" if isinstance(source, np.ndarray) else "<bytes>"
 
 
 @dataclass

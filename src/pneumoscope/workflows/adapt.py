@@ -152,7 +152,9 @@ def adapt_bundle(checkpoint, images, out, priors: bool = False, task: str = "thr
     applied = {"method": "adabn", "batchnorm_layers": layers, "images": int(len(pixels)),
                "source": str(images), "date": time.strftime("%Y-%m-%d")}
     if priors:
-        source = np.asarray(meta.provenance.get("class_priors") or np.full(len(classes), 1 / len(classes)))
+        # the priors the probabilities were calibrated under: uniform, as no bundle records them
+        # (benchmarks/site_shift.py, which measured --priors, gave the val split's class mix instead)
+        source = np.full(len(classes), 1 / len(classes))
         adabn_probs = Classifier.from_model(model, meta, backend="torch").scores(list(pixels)).probabilities
         target = estimate_priors(adabn_probs, source)
         add_logit_bias(model, prior_shift_bias(source, target, meta.temperature))

@@ -4,7 +4,11 @@ The Python API is `Classifier.load().predict(path)` (see `pneumoscope.runtime.cl
 imports nothing heavy: `Classifier` is loaded on first access, and only what a call needs follows.
 """
 __version__ = "0.1.0"
-__all__ = ["Classifier", "__version__"]
+# What pneumoscope is for, said once: the model card, the web page and API, and the DICOM SR quote it.
+INTENDED_USE = ("Not for diagnostic use: pneumoscope is research software for research, teaching and second "
+                "reading, not a medical device, and its output is not a diagnosis; a qualified clinician must "
+                "read every X-ray.")
+__all__ = ["Classifier", "INTENDED_USE", "__version__"]
 
 
 def __getattr__(name: str):

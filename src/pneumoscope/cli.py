@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("card", help="regenerate docs/model-card.md from models/ and docs/model-card/")
     p.add_argument("--models-dir", default="models")
-    p.add_argument("--docs-dir", default="docs")
+    p.add_argument("--docs-dir", default="docs", help="where ship wrote the reports the card reads")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="write the card here instead of DOCS_DIR/model-card.md (its figure links follow)")
     p.add_argument("--external", default=None, metavar="DIR",
                    help="first measure the shipped models on this external group (reported as used for selection)")
     p.set_defaults(handler=cmd_card)
@@ -329,12 +331,14 @@ def cmd_ship(args) -> int:
 
 
 def cmd_card(args) -> int:
+    from .bundle import refuse_shipped
     from .workflows.release import measure_external, write_model_card
 
+    refuse_shipped(args.out)
     if args.external:
         for path in measure_external(args.external, args.models_dir, args.docs_dir):
             print(f"measured {path} on {args.external} (reported as used for selection)")
-    print(f"wrote {write_model_card(args.models_dir, args.docs_dir)}")
+    print(f"wrote {write_model_card(args.models_dir, args.docs_dir, args.out)}")
     return EXIT_OK
 
 

@@ -26,6 +26,7 @@ import os
 import socket
 import statistics
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from ..core.config import TrainConfig, options_loader
@@ -211,7 +212,9 @@ def model_name(run_path: str | os.PathLike, project: str | None = None) -> str:
 
 def data_facts(samples, source: str | None = None) -> dict:
     """What a model was trained and measured on, for its provenance (the model card, the web page):
-    images, patients and classes per split of the run's manifest, and where the data came from."""
+    images, patients and classes per split of the run's manifest, where the data came from, and the
+    patients whose images carry more than one label (Kermany's personN ids with both a bacterial and
+    a viral file), by label pair."""
     splits = sorted({s.split for s in samples}, key=lambda s: ("train", "val", "test").index(s)
                     if s in ("train", "val", "test") else 3)
     per = {split: [s for s in samples if s.split == split] for split in splits}
@@ -219,7 +222,17 @@ def data_facts(samples, source: str | None = None) -> dict:
             "splits": {split: {"images": len(chosen), "patients": len({s.patient_id for s in chosen}),
                                "classes": {label: sum(s.label == label for s in chosen)
                                            for label in sorted({s.label for s in chosen})}}
-                       for split, chosen in per.items()}}
+                       for split, chosen in per.items()},
+            "patients_across_labels": patients_across_labels(samples)}
+
+
+def patients_across_labels(samples) -> list[dict]:
+    """[{"labels": [...], "patients": n}] for each set of labels that some patients' images span."""
+    labels = defaultdict(set)
+    for s in samples:
+        labels[s.patient_id].add(s.label)
+    spans = Counter(tuple(sorted(held)) for held in labels.values() if len(held) > 1)
+    return [{"labels": list(held), "patients": n} for held, n in sorted(spans.items())]
 
 
 def recorded_data(meta, metrics: dict) -> dict | None:

@@ -43,7 +43,7 @@ def isolated_cache(tmp_path_factory):
 
 
 def tiny_config(data, out, **overrides):
-    from pneumoscope.core.config import TrainConfig
+    from pneumoscope import TrainConfig
 
     values = dict(data=str(data), out=str(out), img_size=64, epochs=2, batch_size=16, lr=3e-3,
                   ema_decay=0.0, patience=5, val_fraction=0.2, test_fraction=0.2, seed=0)
@@ -63,7 +63,7 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def tiny_result(tmp_path_factory):
-    """A real 2-epoch EfficientNet-Lite0 run on the 80 fixture images at 64 px (runs.finish.TrainResult)."""
+    """A real 2-epoch EfficientNet-Lite0 run on the 80 fixture images at 64 px (train.TrainResult)."""
     from pneumoscope.training.fit import train
 
     return train(tiny_config(FIXTURE_DATA, tmp_path_factory.mktemp("runs") / "tiny"))

@@ -10,9 +10,9 @@ from pneumoscope import INTENDED_USE
 from pneumoscope.bundle import load_bundle
 from pneumoscope.cli import main
 from pneumoscope.data.datasets import class_indices
-from pneumoscope.evaluation.metrics import fit_temperature, softmax
+from pneumoscope.evaluation.metrics import fit_temperature
 from pneumoscope.runs.rundir import RunDir
-from pneumoscope.runtime.classifier import Classifier
+from pneumoscope.runtime.classifier import Classifier, softmax
 
 pytestmark = pytest.mark.slow
 

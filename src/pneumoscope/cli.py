@@ -18,6 +18,7 @@ from pathlib import Path
 from .core.config import (
     BACKENDS,
     CALIBRATIONS,
+    OUTPUT_FORMATS,
     TEST_FRACTION,
     TUNED,
     VAL_FRACTION,
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
     p.add_argument("--model", "--checkpoint", dest="model", default=None, metavar="BUNDLE", help=MODEL_HELP)
     p.add_argument("--task", choices=tuple(TASKS), default="three")
-    p.add_argument("--format", choices=("table", "csv", "json"), default=None,
+    p.add_argument("--format", choices=OUTPUT_FORMATS, default=None,
                    help="default: from --output's extension (.csv; .json, .jsonl, .ndjson: JSON lines; others: "
                         "table), table on stdout")
     p.add_argument("--batch-size", type=int, default=32)

@@ -148,7 +148,7 @@ def read_xray_with_info(source: str | os.PathLike | bytes | np.ndarray, name: st
     info["warnings"]: sentences for the prediction record, e.g. "first frame used (12 frames)".
     """
     info = {"colour": 0.0, "size": None, "frames": 1, "warnings": []}
-    label = name or _describe(source)
+    label = name or describe_source(source)
     budget = _Budget(0)
     try:
         with _decode_slots:  # the file's bytes and every buffer decoding them are held inside a slot
@@ -200,7 +200,8 @@ def _image_error(err: Exception, label: str, budget: _Budget) -> ImageReadError:
     return ImageReadError(label, f"cannot decode image ({_one_line(err)})")
 
 
-def _describe(source) -> str:
+def describe_source(source) -> str:
+    """How a source is named in records and errors when no name is given: the path, or <array> / <bytes>."""
     if isinstance(source, np.ndarray):
         return "<array>"
     return "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)

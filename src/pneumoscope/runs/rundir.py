@@ -102,8 +102,13 @@ class RunDir:
         write_manifest(samples, self.path / "manifest.csv")
 
     def write_status(self, status: str, fresh: bool = False, **extra) -> None:
-        """Updates status.json (`fresh`: starts it anew, dropping what an earlier attempt left)."""
+        """Updates status.json (`fresh`: starts it anew, dropping what an earlier attempt left).
+        "running" also records when it started and the process (pid, hostname): `live_status` tells a
+        run whose process died from one still going."""
         current = {} if fresh else self.status()
+        if status == "running":
+            extra = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid(),
+                     "hostname": socket.gethostname(), **extra}
         current.update(status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
         with atomic_write(self.path / "status.json", "w") as handle:
             json.dump(current, handle, indent=2)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 import warnings
 from dataclasses import replace
@@ -88,9 +87,7 @@ def _open(run: RunDir, config: TrainConfig) -> None:
         log.info("removed %s, left half-written by an earlier process", path)
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_config(config)
-    # pid and host let `pneumoscope runs` tell a live run from one whose process was killed
-    run.write_status("running", fresh=not config.resume, started=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     error=None, pid=os.getpid(), hostname=socket.gethostname(), world_size=world_size())
+    run.write_status("running", fresh=not config.resume, error=None, world_size=world_size())
 
 
 def _fit(config: TrainConfig, run: RunDir, dataset, started: float) -> TrainResult:

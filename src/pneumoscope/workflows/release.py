@@ -142,8 +142,8 @@ def measure_runtimes(target: Path, samples, reports: Path) -> dict:
 
 
 # Principal components per graph, as benchmarks/guard_rates.py chose them on the tune half of the
-# out-of-distribution set for the shipped Lite0 (docs/inputs.md). Its `--install` re-chooses them
-# for a new model and measures the flag rates; ship's own fit is the starting point.
+# out-of-distribution set for the shipped Lite0 (docs/inputs.md). It re-chooses them for a new model
+# and measures the flag rates (`--stats-out` writes its choice); ship's own fit is the starting point.
 GUARD_DIMS = {"fp32": 192, "int8": 384}
 
 

@@ -64,7 +64,7 @@ def test_status_records_pid_and_host_while_running(root):
 
 
 def test_runs_lists_every_run_with_its_status(root, capsys):
-    from pneumoscope.workflows.experiments import list_runs
+    from pneumoscope.workflows.comparison import list_runs
 
     rows = {r["experiment"]: r for r in list_runs(root)}
     assert set(rows) == {"a", "b", "broken"}

@@ -411,7 +411,7 @@ def _print_cv(summary: dict) -> int:
 
 
 def cmd_runs(args) -> int:
-    from .workflows.experiments import format_table, list_runs
+    from .workflows.comparison import format_table, list_runs
 
     if not Path(args.root).is_dir():
         raise FileNotFoundError(f"{args.root}: no such folder")
@@ -421,7 +421,7 @@ def cmd_runs(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .workflows.experiments import compare
+    from .workflows.comparison import compare
 
     for run in args.runs:
         if not Path(run).is_dir():

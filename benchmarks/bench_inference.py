@@ -38,7 +38,7 @@ def runtimes(model: str | None, with_torch: bool) -> dict:
     import openvino
 
     versions = {"onnx": f"ONNX Runtime {onnxruntime.__version__}", "openvino": f"OpenVINO {openvino.__version__}"}
-    auto = pneumoscope.Classifier.load(model).backend  # what the default backend runs here
+    auto = pneumoscope.Classifier.load(model).backend_name  # what the default backend runs here
     out = {}
     for backend in BACKENDS + (("torch",) if with_torch else ()):
         try:
@@ -51,7 +51,7 @@ def runtimes(model: str | None, with_torch: bool) -> dict:
 
 
 def label(classifier, versions: dict, auto: str) -> str:
-    backend, runtime = classifier.backend, classifier.runtime
+    backend, runtime = classifier.backend_name, classifier.runtime
     if backend == "torch":
         import torch  # lazy: PyTorch only with --torch
 

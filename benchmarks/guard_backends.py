@@ -54,7 +54,7 @@ def main(argv=None) -> int:
             lines.append(f"| {backend} | not measured: {err} |")
             continue
         cells = [" / ".join(f"{share:.1%}" for share in flagged_shares(clf, paths)) for paths in groups.values()]
-        lines.append(f"| {backend} ({clf.backend}) | " + " | ".join(cells) + " |")
+        lines.append(f"| {backend} ({clf.backend_name}) | " + " | ".join(cells) + " |")
     print("\n".join(lines))
     return 0
 

@@ -50,7 +50,7 @@ def cache_key(classifiers: dict, paths: list[str]) -> str:
     """The model, the runtimes, the files (path, size, mtime) and the code that decodes, checks
     and scores them: a change to any of them computes the outputs again."""
     first = next(iter(classifiers.values()))
-    key = hashlib.sha256(f"{first.bundle.fingerprint}/{','.join(c.backend for c in classifiers.values())}\n".encode())
+    key = hashlib.sha256(f"{first.bundle.fingerprint}/{','.join(c.backend_name for c in classifiers.values())}\n".encode())
     for code in (pneumoscope.read_xray, pneumoscope.Classifier, pneumoscope.guard_scores):
         key.update(Path(inspect.getsourcefile(code)).read_bytes())
     for path in paths:

@@ -58,9 +58,9 @@ def test_int8_export_is_an_integer_graph_used_only_on_request(bundle_dir, fixtur
     assert [o.name for o in graph.output] == ["logits", "features"]
     props = graph_metadata(int8)
     assert json.loads(props["pneumoscope_quantization"])["calibration_images"] == 32
-    assert Classifier.load(bundle_dir).backend in ("openvino", "onnx")  # auto keeps the fp32 graph, never int8
+    assert Classifier.load(bundle_dir).backend_name in ("openvino", "onnx")  # auto keeps the fp32 graph, never int8
     fast = Classifier.load(bundle_dir, backend="int8")
-    assert fast.backend == "int8" and fast.name.endswith("-int8@test")
+    assert fast.backend_name == "int8" and fast.name.endswith("-int8@test")
     record = fast.predict(next((fixture_data / "val" / "NORMAL").iterdir()))
     assert record.status == "ok" and abs(sum(record.probabilities.values()) - 1) < 1e-4 and record.model == fast.name
 

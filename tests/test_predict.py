@@ -64,7 +64,7 @@ def test_in_memory_model_on_torch_and_onnx_agree(fixture_data):
     paths = sorted((fixture_data / "val").rglob("*.jpeg"))
     eager = Classifier.from_model(model, meta, backend="torch")
     graph = Classifier.from_model(model, meta, backend="onnx")
-    assert (eager.backend, graph.backend) == ("torch", "onnx") and eager.model is model
+    assert (eager.backend_name, graph.backend_name) == ("torch", "onnx") and eager.model is model
     assert not model.training  # exporting it left it as it was
     a, b = eager.scores(paths), graph.scores(paths)
     np.testing.assert_allclose(a.logits, b.logits, atol=1e-4)

@@ -56,7 +56,7 @@ def save_calibrated(model, meta, run: RunDir, samples, val_pixels, val_targets, 
         chosen = [s for s in samples if s.split == split]
         if chosen and (split == "val" or evaluate_test):
             metrics[name] = headline(evaluate_samples(classifier, chosen, run.report_dir(split), plots=split == "test"))
-    write_metrics(run.bundle, {**metrics, "backend": classifier.backend})  # what the web page and card show of it
+    write_metrics(run.bundle, {**metrics, "backend": classifier.backend_name})  # what the web page and card show of it
     return metrics
 
 

@@ -155,8 +155,8 @@ class Classifier:
         return cls(backend_for_model(model, meta, backend), meta, model=model)
 
     @property
-    def backend(self) -> str:
-        """"onnx", "int8" or "torch": what is running."""
+    def backend_name(self) -> str:
+        """The runtime's name ("openvino", "onnx", "int8", "torch", ...): what records and reports say ran."""
         return self.runtime.name
 
     @property
@@ -170,8 +170,8 @@ class Classifier:
             return self._model
 
     # -------------------------------------------------------------- arrays
-    def calibrate(self, logits: np.ndarray) -> np.ndarray:
-        """Logits -> calibrated probabilities, softmax(logits / T) (float32)."""
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Logits -> calibrated probabilities, softmax(logits / T) with the bundle's temperature (float32)."""
         return softmax(logits, self.temperature).astype(np.float32)
 
     def decode(self, source, name: str | None = None, keep_gray: bool = False) -> Decoded:
@@ -197,7 +197,7 @@ class Classifier:
             logits[rows] = out_logits
             features = np.full((len(decoded), out_features.shape[1]), np.nan, np.float32)
             features[rows] = out_features
-        probabilities = self.calibrate(logits) if good else logits.copy()
+        probabilities = self.probabilities(logits) if good else logits.copy()
         warnings = [d.warnings + (model_warnings(p) if d.error is None else [])
                     for d, p in zip(decoded, probabilities)]
         if self.guard is not None and good:  # the learned check: the same pass's features, no second forward

@@ -125,7 +125,7 @@ def _ship(model, meta, samples, models_dir: Path, docs_dir: Path, int8_calibrati
         export_int8(target, samples, int8_calibration, out=target / ONNX_INT8)  # ship writes models/, no one else
     fit_bundle_guard(target, samples)
     classifier = Classifier.load(target, backend="onnx")  # the fp32 reference every other runtime is read against
-    metrics = {**_measure(classifier, samples, reports, plots=True), "backend": classifier.backend}
+    metrics = {**_measure(classifier, samples, reports, plots=True), "backend": classifier.backend_name}
     write_metrics(target, {**metrics, **measure_runtimes(target, samples, reports)})
     return target
 

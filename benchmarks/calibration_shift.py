@@ -5,7 +5,9 @@ Third, a temperature from the new site's unlabelled images: ATC (Garg et al. 202
 accuracy on one patient half of the external group from the share of its confidences above the
 validation threshold, the temperature that makes the mean confidence equal that estimate is found
 on that half, and ECE is measured on the other half (both ways round; no external label is used
-before the ECE).
+before the ECE). Fourth, vector scaling (Guo et al. 2017: a scale and a bias per class on the
+logits, fitted by log-loss on validation or its strong-augmented views), which may change the
+predicted class, so its external accuracy is printed beside its ECE.
 
     python benchmarks/calibration_shift.py RUN_DIR... [--manifest M.csv] [--external ../shared/data/chest_xray_external]
 """
@@ -39,6 +41,22 @@ def temperature_for_confidence(logits: np.ndarray, target: float) -> float:
         middle = (low * high) ** 0.5
         low, high = (middle, high) if softmax(logits, middle).max(1).mean() > target else (low, middle)
     return (low * high) ** 0.5
+
+
+def vector_scaling(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, bias) per class minimising the log-loss of softmax(logits * scale + bias) (L-BFGS)."""
+    from scipy.optimize import minimize
+    from scipy.special import log_softmax
+
+    logits, n = np.asarray(logits, np.float64), logits.shape[1]
+
+    def loss(params):
+        scaled = log_softmax(logits * params[:n] + params[n:], axis=1)
+        return -scaled[np.arange(len(targets)), targets].mean()
+
+    start = np.concatenate([np.full(n, 1 / pneumoscope.fit_temperature(logits, targets)), np.zeros(n)])
+    fitted = minimize(loss, start, method="L-BFGS-B").x
+    return fitted[:n], fitted[n:]
 
 
 def atc_ece(zv, yv, t_val: float, ze, ye, halves, classes) -> tuple[float, float, float]:
@@ -80,6 +98,13 @@ def main(argv=None) -> int:
             ece_val = pneumoscope.compute_metrics(yv, softmax(zv, t), classes)["ece"]
             ece_ext = pneumoscope.compute_metrics(ye, softmax(ze, t), classes)["ece"]
             print(f"{run}: {name}: T={t:.3f} val ECE {ece_val:.3f} | external (used for selection) ECE {ece_ext:.3f}")
+        for name, (z_fit, y_fit) in (("vector scaling on val", (zv, yv)),
+                                     ("vector scaling on strong-augmented val", (za, np.concatenate([yv, yv])))):
+            scale, bias = vector_scaling(z_fit, y_fit)
+            ext = pneumoscope.compute_metrics(ye, softmax(ze * scale + bias), classes)
+            print(f"{run}: {name}: scale {np.round(scale, 3).tolist()} bias {np.round(bias, 3).tolist()} | external "
+                  f"(used for selection) ECE {ext['ece']:.3f}, accuracy {ext['accuracy']:.3f} "
+                  f"(with T: {(ze.argmax(1) == ye).mean():.3f})")
         t_val = pneumoscope.fit_temperature(zv, yv)
         ece_atc, ece_same, estimate = atc_ece(zv, yv, t_val, ze, ye, patient_halves(kept_e), classes)
         print(f"{run}: T from the other external half's unlabelled images (ATC): estimated accuracy {estimate:.3f} "

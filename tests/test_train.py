@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FIXTURE_DATA, ROOT, tiny_config
+from conftest import FIXTURE_DATA, ROOT, python_warnings, read_csv, tiny_config
 from pneumoscope.config import TrainConfig, add_train_arguments, config_from_args
 
 
@@ -204,7 +204,7 @@ def test_tiny_run_flows_one_way_into_a_complete_run_directory(tiny_result, tiny_
                  "model/model.onnx", "test/metrics.json", "val/metrics.json", "test/cam_grid.png"):
         assert (tiny_run / name).is_file(), name
     assert not (tiny_run / "model.pt").exists()
-    rows = list(csv.DictReader(open(tiny_run / "metrics.csv")))
+    rows = read_csv(tiny_run / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [0, 1]
     assert json.loads((tiny_run / "status.json").read_text())["status"] == "finished"
     env = json.loads((tiny_run / "env.json").read_text())
@@ -235,7 +235,7 @@ def test_training_really_learns(tmp_path):
     run = tmp_path / "learn"
     train(tiny_config(FIXTURE_DATA, run, task="binary", epochs=4, aug=0.0, evaluate_test=False,
                       val_fraction=0.2, test_fraction=0.0))
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    rows = read_csv(run / "metrics.csv")
     assert float(rows[-1]["train_acc"]) >= 0.8
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
 
@@ -252,7 +252,7 @@ def test_lightning_csv_log_is_replaced_whole_so_a_crash_mid_save_keeps_the_rows_
     logger.log_metrics({"epoch": 0, "val_acc": 0.5}, step=1)  # a new column
     logger.save()
     path = tmp_path / "logs" / "metrics.csv"
-    saved = list(csv.DictReader(open(path)))
+    saved = read_csv(path)
     assert [(r["step"], r["train_loss"], r["val_acc"]) for r in saved] == [("0", "1.0", ""), ("1", "", "0.5")]
 
     def die(*_):
@@ -263,13 +263,13 @@ def test_lightning_csv_log_is_replaced_whole_so_a_crash_mid_save_keeps_the_rows_
     with pytest.raises(KeyboardInterrupt):
         logger.save()
     monkeypatch.undo()
-    assert list(csv.DictReader(open(path))) == saved
+    assert read_csv(path) == saved
     assert [p.name for p in path.parent.iterdir()] == ["metrics.csv"]  # no temporary left behind
 
     resumed = AtomicCSVLogger(tmp_path, resumed_epoch=0)  # continues the file, dropping nothing before it
     resumed.log_metrics({"epoch": 1, "train_loss": 0.4}, step=2)
     resumed.save()
-    assert [r["step"] for r in csv.DictReader(open(path))] == ["0", "1", "2"]
+    assert [r["step"] for r in read_csv(path)] == ["0", "1", "2"]
 
 
 @pytest.mark.slow
@@ -326,15 +326,15 @@ def test_killed_run_is_interrupted_then_resumes_from_python_with_its_saved_confi
     assert not (run / "model").exists()
     assert json.loads((run / "status.json").read_text())["status"] == "running"  # whole, just stale
     assert RunDir(run).live_status() == "interrupted"
-    assert list(csv.DictReader(open(run / "metrics.csv")))  # whole CSV: written by rename, never torn
+    assert read_csv(run / "metrics.csv")  # whole CSV: written by rename, never torn
     checkpoint_epoch = torch.load(last, weights_only=True)["epoch"]
-    logged = [r for r in csv.DictReader(open(lightning_log)) if int(r["epoch"]) <= checkpoint_epoch]
+    logged = [r for r in read_csv(lightning_log) if int(r["epoch"]) <= checkpoint_epoch]
     assert logged
 
     result = train(TrainConfig(data="ignored: the saved configuration wins", out=str(run), resume=True))
     assert result.resumed and result.config.arch == "simple_cnn" and result.config.epochs == 3
-    assert [int(r["epoch"]) for r in csv.DictReader(open(run / "metrics.csv"))] == [0, 1, 2]
-    continued = list(csv.DictReader(open(lightning_log)))
+    assert [int(r["epoch"]) for r in read_csv(run / "metrics.csv")] == [0, 1, 2]
+    continued = read_csv(lightning_log)
     assert [{k: v for k, v in r.items() if k in logged[0]} for r in continued[:len(logged)]] == logged
     assert [int(r["epoch"]) for r in continued if r["val_acc"]] == [0, 1, 2]  # each validation once
     assert torch.load(last, weights_only=True)["epoch"] == 2
@@ -439,6 +439,7 @@ def test_training_console_says_each_thing_once_then_resume_needs_no_data(tmp_pat
     messages = [line for line in lines if line and "it/s" not in line and "|" not in line and line != "[A"]
     assert all(n == 1 for n in Counter(messages).values()), Counter(messages).most_common(3)
     assert not any("Tip" in line or "litlogger" in line or "litmodels" in line for line in lines)
+    assert python_warnings(done.stderr) == []
     val = json.loads((run / "val" / "metrics.json").read_text())
     assert messages[:4] == ["80 images, 3 classes (NORMAL, BACTERIA, VIRUS); groups from: file names 80",
                             "train     48 images     48 groups   NORMAL 16, BACTERIA 18, VIRUS 14",
@@ -572,6 +573,8 @@ def test_a_resumed_run_continues_from_the_live_weights_and_the_ema_average_it_wa
     for name in ("last.ckpt", "best.ckpt"):  # after one epoch, both were epoch 0's
         shutil.copy(epoch0, stopped / "checkpoints" / name)
     seen.clear()
+    # a copy: every callback's state restores into it (the --keep-epochs one's state key named the
+    # original's folder, so Lightning warned "Be aware that when using `ckpt_path`" and dropped it)
     train(TrainConfig(data="ignored", out=str(stopped), resume=True))
 
     saved = torch.load(epoch0, weights_only=True)

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pneumoscope.backends import describe_machine
+from pneumoscope.runtime.backends import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [str(Path(sys.executable).with_name("pneumoscope"))]

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscope.artifact import load_bundle, resolve_model
-from pneumoscope.backends import (OnnxBackend, OpenVinoBackend, TorchBackend, describe_machine, openvino_can_run,
+from pneumoscope.bundle.store import load_bundle, resolve_model
+from pneumoscope.runtime.backends import (OnnxBackend, OpenVinoBackend, TorchBackend, describe_machine, openvino_can_run,
                                   openvino_precision, side_by_side, to_batch)
-from pneumoscope.metrics import bootstrap_ci
-from pneumoscope.predict import Classifier, expand_inputs
+from pneumoscope.evaluation.metrics import bootstrap_ci
+from pneumoscope.runtime.classifier import Classifier, expand_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTERNAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray_external"  # beside the repo

@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from pneumoscope.backends import describe_machine
-from pneumoscope.data import XrayDataset, load_pixels, read_dataset, train_transform
-from pneumoscope.labels import THREE
-from pneumoscope.models import DEFAULT_ARCH, create_model, freeze_model, model_spec
-from pneumoscope.train import TrainConfig
+from pneumoscope.runtime.backends import describe_machine
+from pneumoscope.data.datasets import XrayDataset, load_pixels, read_dataset, train_transform
+from pneumoscope.core.labels import THREE
+from pneumoscope.nets.registry import DEFAULT_ARCH, create_model, freeze_model, model_spec
+from pneumoscope.training.fit import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,11 +16,11 @@ import sys
 
 import numpy as np
 
-from pneumoscope.artifact import load_bundle
-from pneumoscope.data import augmented_views, class_indices, load_pixels, read_dataset, read_manifest
-from pneumoscope.metrics import compute_metrics, fit_temperature, softmax
-from pneumoscope.predict import Classifier
-from pneumoscope.rundir import RunDir
+from pneumoscope.bundle.store import load_bundle
+from pneumoscope.data.datasets import augmented_views, class_indices, load_pixels, read_dataset, read_manifest
+from pneumoscope.evaluation.metrics import compute_metrics, fit_temperature, softmax
+from pneumoscope.runtime.classifier import Classifier
+from pneumoscope.runs.rundir import RunDir
 
 
 def patient_halves(samples, seed: int = 0) -> list[np.ndarray]:

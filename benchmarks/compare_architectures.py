@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pneumoscope.config import TrainConfig
-from pneumoscope.experiments import compare
-from pneumoscope.rundir import RunDir, summarize
+from pneumoscope.core.config import TrainConfig
+from pneumoscope.workflows.experiments import compare
+from pneumoscope.runs.rundir import RunDir, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ["simple_cnn", "residual_vgg", "resnet18", "densenet121", "efficientnet_lite0"]
@@ -24,7 +24,7 @@ BEGIN, END = "<!-- architectures:begin -->", "<!-- architectures:end -->"
 
 
 def run_all(args) -> list[Path]:
-    from pneumoscope.train import train
+    from pneumoscope.training.fit import train
 
     runs = []
     for arch in args.archs:

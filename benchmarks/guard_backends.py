@@ -17,10 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from pneumoscope.backends import describe_machine
-from pneumoscope.data import read_dataset, read_manifest
-from pneumoscope.guard import MESSAGE
-from pneumoscope.predict import NOT_XRAY, Classifier
+from pneumoscope.runtime.backends import describe_machine
+from pneumoscope.data.datasets import read_dataset, read_manifest
+from pneumoscope.runtime.guard import MESSAGE
+from pneumoscope.runtime.classifier import NOT_XRAY, Classifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ood_set import read_ood_manifest  # noqa: E402

@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from pneumoscope.artifact import load_bundle, resolve_model, write_meta
-from pneumoscope.backends import OnnxBackend, to_batch
-from pneumoscope.data import atomic_write, class_indices, default_cache_dir, read_dataset, read_manifest
-from pneumoscope.guard import GuardConfig, all_scores, fit_guard, guard_scores, guard_warnings, load_guard
-from pneumoscope.predict import NOT_XRAY, Classifier, Decoded
+from pneumoscope.bundle.store import load_bundle, resolve_model, write_meta
+from pneumoscope.runtime.backends import OnnxBackend, to_batch
+from pneumoscope.data.datasets import atomic_write, class_indices, default_cache_dir, read_dataset, read_manifest
+from pneumoscope.runtime.guard import GuardConfig, all_scores, fit_guard, guard_scores, guard_warnings, load_guard
+from pneumoscope.runtime.classifier import NOT_XRAY, Classifier, Decoded
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ood_set import read_ood_manifest  # noqa: E402
@@ -67,11 +67,11 @@ def cached_outputs(clf: Classifier, runtime, name: str, decoded: list[Decoded]) 
 def decode_cached(clf: Classifier, name: str, paths: list[str]) -> list[Decoded]:
     """clf.decode of every path, cached on disk by the files (path, size, mtime), the input size
     and the source of the decoder and the image checks (a change to either decodes again)."""
-    import pneumoscope.images
-    import pneumoscope.predict
+    import pneumoscope.data.images
+    import pneumoscope.runtime.classifier
 
     key = hashlib.sha256(f"{clf.img_size}\n".encode())
-    for module in (pneumoscope.images, pneumoscope.predict):
+    for module in (pneumoscope.data.images, pneumoscope.runtime.classifier):
         key.update(Path(module.__file__).read_bytes())
     for path in paths:
         stat = Path(path).stat()

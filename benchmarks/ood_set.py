@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from pneumoscope.data import atomic_write
+from pneumoscope.data.datasets import atomic_write
 
 SQUASHED = 224  # the public chest X-ray data is squashed to this square
 COLUMNS = ("path", "source", "group", "family", "colour", "size", "split")
@@ -312,7 +312,7 @@ def variants(source: Source, out: Path) -> Iterator[tuple[Path, str, str]]:
     """Writes the source's variants; yields (path, colour, size) for each."""
     loaded = source.load()
     if isinstance(loaded, Path):  # a DICOM file: the native gray variant is the file itself
-        from pneumoscope.images import read_xray_with_info
+        from pneumoscope.data.images import read_xray_with_info
 
         native = out / f"{source.name}.dcm"
         shutil.copyfile(loaded, native)
@@ -388,7 +388,7 @@ def read_ood_manifest(path: str | Path) -> list[dict]:
 
 
 def main() -> None:
-    from pneumoscope.data import default_cache_dir
+    from pneumoscope.data.datasets import default_cache_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=default_cache_dir() / "ood")

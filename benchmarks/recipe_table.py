@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pneumoscope.backends import describe_machine
-from pneumoscope.rundir import RunDir, summarize
+from pneumoscope.runtime.backends import describe_machine
+from pneumoscope.runs.rundir import RunDir, summarize
 
 SPLITS = ("val", "test", "external")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
 
-from pneumoscope.predict import Classifier
+from pneumoscope.runtime.classifier import Classifier
 from pneumoscope.serve import create_app, serve_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pneumoscope.artifact import build_model, load_bundle
-from pneumoscope.data import load_pixels
-from pneumoscope.labels import classes_for, task_label
-from pneumoscope.predict import Classifier
-from pneumoscope.rundir import RunDir, checkpoint_weights
+from pneumoscope.bundle.store import build_model, load_bundle
+from pneumoscope.data.datasets import load_pixels
+from pneumoscope.core.labels import classes_for, task_label
+from pneumoscope.runtime.classifier import Classifier
+from pneumoscope.runs.rundir import RunDir, checkpoint_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- stability:begin -->", "<!-- stability:end -->"

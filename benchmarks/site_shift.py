@@ -23,11 +23,11 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from sklearn.model_selection import StratifiedGroupKFold
 
-from pneumoscope.adapt import adapt_batchnorm, add_logit_bias, estimate_priors, prior_shift_bias
-from pneumoscope.data import read_dataset, read_manifest
-from pneumoscope.images import input_step, read_xray, resize_square
-from pneumoscope.labels import task_label
-from pneumoscope.metrics import compute_metrics
+from pneumoscope.workflows.adapt import adapt_batchnorm, add_logit_bias, estimate_priors, prior_shift_bias
+from pneumoscope.data.datasets import read_dataset, read_manifest
+from pneumoscope.data.images import input_step, read_xray, resize_square
+from pneumoscope.core.labels import task_label
+from pneumoscope.evaluation.metrics import compute_metrics
 
 
 def _stretch(x: np.ndarray) -> np.ndarray:
@@ -113,7 +113,7 @@ class _Model:
     """The network under study, scored through the product's own Classifier (one inference path)."""
 
     def __init__(self, model, meta):
-        from pneumoscope.predict import Classifier
+        from pneumoscope.runtime.classifier import Classifier
 
         self._Classifier = Classifier
         self.torch_model, self.meta = model, meta
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="docs/site-shift.md")
     args = parser.parse_args(argv)
 
-    from pneumoscope.artifact import load_bundle
+    from pneumoscope.bundle.store import load_bundle
 
     bundle = load_bundle(args.checkpoint)
     meta = bundle.meta

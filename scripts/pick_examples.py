@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--out", default=str(ROOT / "examples"))
     args = parser.parse_args()
-    from pneumoscope.data import manifest_hash, read_dataset  # here: keeps --help fast
+    from pneumoscope.data.datasets import manifest_hash, read_dataset  # here: keeps --help fast
 
     expected = json.loads((ROOT / "models" / "three" / "meta.json").read_text())["provenance"]["manifest_hash"]
     samples = read_dataset(args.manifest).samples

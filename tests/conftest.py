@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from pneumoscope.runtime.export import save_with_graph
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_DATA = ROOT / "tests" / "fixtures" / "chest_xray"
 EXAMPLES = ROOT / "examples"
@@ -58,7 +60,7 @@ def python_warnings(stderr: str) -> list[str]:
 
 
 def tiny_config(data, out, **overrides):
-    from pneumoscope.train import TrainConfig
+    from pneumoscope.training.fit import TrainConfig
 
     values = dict(data=str(data), out=str(out), img_size=64, epochs=2, batch_size=16, lr=3e-3,
                   ema_decay=0.0, patience=5, val_fraction=0.2, test_fraction=0.2, seed=0)
@@ -79,7 +81,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def tiny_result(tmp_path_factory):
     """A real 2-epoch EfficientNet-Lite0 run on the 80 fixture images at 64 px (train.TrainResult)."""
-    from pneumoscope.train import train
+    from pneumoscope.training.fit import train
 
     return train(tiny_config(FIXTURE_DATA, tmp_path_factory.mktemp("runs") / "tiny"))
 
@@ -105,16 +107,16 @@ def small_model(arch: str = "efficientnet_lite0", n_classes: int = 3, seed: int 
     features, no training. For tests where what the weights learned does not matter."""
     import torch
 
-    from pneumoscope.models import create_model
+    from pneumoscope.nets.registry import create_model
 
     torch.manual_seed(seed)
     return create_model(arch, n_classes).eval()
 
 
 def small_meta(arch: str = "efficientnet_lite0", task: str = "three", **overrides):
-    from pneumoscope.artifact import ModelMeta
-    from pneumoscope.labels import classes_for
-    from pneumoscope.models import model_spec
+    from pneumoscope.bundle import ModelMeta
+    from pneumoscope.core.labels import classes_for
+    from pneumoscope.nets.registry import model_spec
 
     spec = model_spec(arch)
     values = dict(name=f"test-{arch}-{task}", task=task, classes=classes_for(task), arch=arch, img_size=SMALL_SIZE,
@@ -126,15 +128,14 @@ def small_meta(arch: str = "efficientnet_lite0", task: str = "three", **override
 def small_bundle(tmp_path_factory) -> Path:
     """A 3-class EfficientNet-Lite0 bundle at 64 px (weights.pt, meta.json, model.onnx) made from
     `small_model`: written once per session; copy it before changing it."""
-    from pneumoscope.artifact import save_bundle
 
-    return save_bundle(small_model(), small_meta(), tmp_path_factory.mktemp("bundles") / "small")
+    return save_with_graph(small_model(), small_meta(), tmp_path_factory.mktemp("bundles") / "small")
 
 
 @pytest.fixture(scope="session")
 def classifier(small_bundle):
     """`small_bundle` on the default backend (OpenVINO where installed, else ONNX Runtime). Shared:
     do not change its attributes (use monkeypatch)."""
-    from pneumoscope.predict import Classifier
+    from pneumoscope.runtime.classifier import Classifier
 
     return Classifier.load(small_bundle)

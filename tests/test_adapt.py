@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 
 import numpy as np
 import pytest
 import torch
-
-from pneumoscope.adapt import adapt_bundle, estimate_priors, prior_shift_bias
-from pneumoscope.artifact import ModelMeta, load_bundle, save_bundle
-from pneumoscope.models import create_model
-
 from conftest import FIXTURE_DATA
+
+from pneumoscope.bundle import ModelMeta, load_bundle, save_bundle
+from pneumoscope.nets.registry import create_model
+from pneumoscope.workflows.adapt import adapt_bundle, estimate_priors, prior_shift_bias
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -24,7 +22,7 @@ def tiny_bundle(tmp_path):
     meta = ModelMeta(name="tiny", task="three", classes=("NORMAL", "BACTERIA", "VIRUS"), arch="resnet18",
                      img_size=48, mean=0.449, std=0.226, temperature=1.3,
                      provenance={"class_priors": [0.26, 0.48, 0.26]})
-    return save_bundle(model, meta, tmp_path / "in", export=False)
+    return save_bundle(model, meta, tmp_path / "in")
 
 
 @pytest.fixture()

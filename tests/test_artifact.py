@@ -1,17 +1,26 @@
-"""The model bundle: typed meta, the fingerprint rule, save/load, legacy model.pt, shipped models."""
+"""The model bundle: typed meta, the fingerprint rule, save/load, shipped models."""
 import base64
 import json
 import math
 import shutil
 
-import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, small_meta, small_model
-from pneumoscope.artifact import (SCHEMA_VERSION, BundleError, ModelMeta, fingerprint, load_bundle, model_fingerprint,
-                                  resolve_model, save_bundle)
+
+from pneumoscope.bundle import (
+    SCHEMA_VERSION,
+    BundleError,
+    ModelMeta,
+    fingerprint,
+    load_bundle,
+    model_fingerprint,
+    resolve_model,
+    save_bundle,
+)
 from pneumoscope.cli import main
+from pneumoscope.nets.build import load_network
+from pneumoscope.runtime.export import save_with_graph
 
 
 def test_meta_round_trips_through_json_and_refuses_what_it_cannot_read():
@@ -37,7 +46,7 @@ def test_fingerprint_follows_what_shapes_predictions_only():
 
 def test_save_and_load_a_bundle(tmp_path):
     model, meta = small_model("simple_cnn"), small_meta("simple_cnn")
-    out = save_bundle(model, meta, tmp_path / "b")
+    out = save_with_graph(model, meta, tmp_path / "b")
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "model.onnx", "weights.pt"]
     assert "temperature" in json.loads((out / "meta.json").read_text())
     state = torch.load(out / "weights.pt", weights_only=True)  # tensors only
@@ -47,12 +56,12 @@ def test_save_and_load_a_bundle(tmp_path):
     assert bundle.name == "test-simple_cnn-three@test" and bundle.metrics() == {}
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
-        assert torch.equal(bundle.load_model()(x), model(x))
+        assert torch.equal(load_network(bundle)(x), model(x))
 
 
 def test_normalisation_comes_from_the_meta(tmp_path):
     model, meta = small_model("simple_cnn"), small_meta("simple_cnn", mean=0.3, std=0.2)
-    loaded = load_bundle(save_bundle(model, meta, tmp_path / "b", export=False)).load_model()
+    loaded = load_network(load_bundle(save_bundle(model, meta, tmp_path / "b")))
     assert (float(loaded.normalize.mean), float(loaded.normalize.std)) == pytest.approx((0.3, 0.2))
 
 
@@ -64,40 +73,8 @@ def test_bad_bundles_give_one_line_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="weights.pt: missing"):
         load_bundle(tmp_path / "half")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(BundleError, match="junk.pt: not a pneumoscope model"):
+    with pytest.raises(BundleError, match="junk.pt: this file is not a model bundle"):
         load_bundle(tmp_path / "junk.pt")
-
-
-def legacy_checkpoint(path, model, meta_dict):
-    """The single-file format training wrote before bundles (pneumoscope 0.1's save_checkpoint)."""
-    torch.save({"state_dict": {k: v.contiguous() for k, v in model.state_dict().items()}, "meta": meta_dict}, path)
-    return path
-
-
-def test_a_legacy_checkpoint_loads_read_only_and_converts_bit_for_bit(tmp_path, capsys):
-    model = small_model("simple_cnn", n_classes=3)
-    old = {"name": "old-run", "version": "0.1.0", "arch": "simple_cnn", "task": "binary", "classes": ["NORMAL", "PNEUMONIA"],
-           "img_size": 64, "normalization": {"mean": 0.5, "std": 0.25}, "temperature": 1.3, "params": 1,
-           "merge_outputs": [[0], [1, 2]], "seed": 4, "metrics": {"val": {"n": 3, "accuracy": 0.5}},
-           "metrics_int8": {"val": {"n": 3, "accuracy": 0.4}}}
-    checkpoint = legacy_checkpoint(tmp_path / "model.pt", model, old)
-    legacy = load_bundle(checkpoint)
-    assert legacy.legacy and legacy.meta.temperature == 1.3 and legacy.meta.provenance["seed"] == 4
-    assert legacy.name == "old-run@0.1.0" and legacy.meta.merge_outputs == ((0,), (1, 2))
-    from pneumoscope.predict import Classifier
-
-    old_runs = Classifier.load(checkpoint)  # predicts as it is, on a graph exported into the cache
-    assert old_runs.backend == "onnx" and old_runs.predict(np.full((64, 64), 128, np.uint8)).status == "ok"
-    assert main(["bundle", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "new")]) == 0
-    assert legacy.fingerprint[:16] in capsys.readouterr().out
-    bundle = load_bundle(tmp_path / "new")
-    assert bundle.fingerprint == legacy.fingerprint and bundle.meta == legacy.meta
-    before, after = torch.load(checkpoint, weights_only=True)["state_dict"], torch.load(tmp_path / "new" / "weights.pt")
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert bundle.metrics() == {"val": {"n": 3, "accuracy": 0.5}, "int8": {"val": {"n": 3, "accuracy": 0.4}}}
-    x = torch.rand(2, 1, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(legacy.load_model()(x), bundle.load_model()(x))
 
 
 def test_resolve_model(monkeypatch, tmp_path):
@@ -116,7 +93,7 @@ def test_the_shipped_bundles_are_the_default_recipe_on_one_split():
     """models/three and models/binary: each its own network, trained by the default `train` recipe
     (its image size, augmentation and EMA) on the same patient split, measured on val, internal
     test and the external group."""
-    from pneumoscope.config import TrainConfig
+    from pneumoscope.core.config import TrainConfig
 
     three, binary = load_bundle(ROOT / "models" / "three"), load_bundle(ROOT / "models" / "binary")
     assert three.meta.classes == ("NORMAL", "BACTERIA", "VIRUS") and binary.meta.classes == ("NORMAL", "PNEUMONIA")
@@ -132,7 +109,7 @@ def test_the_shipped_bundles_are_the_default_recipe_on_one_split():
         assert set(bundle.meta.guard) == {"fp32", "int8"}
     x = torch.rand(3, 1, default.img_size, default.img_size)
     with torch.no_grad():
-        logits = binary.load_model()(x)
+        logits = load_network(binary)(x)
     assert logits.shape == (3, 2) and torch.isfinite(logits).all()
 
 

@@ -5,15 +5,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscope.artifact import load_bundle
-from pneumoscope.backends import OnnxBackend, TorchBackend, open_backend, to_batch
+from pneumoscope.bundle import load_bundle
 from pneumoscope.cli import main
-from pneumoscope.predict import Classifier
+from pneumoscope.data.images import to_batch
+from pneumoscope.nets.build import load_network
+from pneumoscope.runtime.backends import OnnxBackend, TorchBackend, open_backend
+from pneumoscope.runtime.classifier import Classifier
+from pneumoscope.runtime.export import graph_path, save_with_graph
 
 
 @pytest.fixture(scope="module")
 def batch(fixture_data):
-    from pneumoscope.images import read_xray, resize_square
+    from pneumoscope.data.images import read_xray, resize_square
 
     paths = sorted((fixture_data / "val").rglob("*.jpeg"))
     return to_batch(np.stack([resize_square(read_xray(p), 64) for p in paths]))
@@ -21,7 +24,7 @@ def batch(fixture_data):
 
 def test_torch_and_onnx_give_the_same_logits_and_features(small_bundle, batch):
     bundle = load_bundle(small_bundle)
-    eager, graph = TorchBackend(bundle.load_model()), OnnxBackend(bundle.onnx_path("fp32"))
+    eager, graph = TorchBackend(load_network(bundle)), OnnxBackend(graph_path(bundle, "fp32"))
     for rows in (batch, batch[:3], batch[:1]):  # any batch size
         (logits_t, features_t), (logits_o, features_o) = eager.run(rows), graph.run(rows)
         assert logits_t.shape == (len(rows), 3) and features_t.shape == (len(rows), 1280)
@@ -34,7 +37,7 @@ def test_the_features_feed_the_classifier_layer(small_bundle, batch):
     """`features` are what the last linear layer reads: applying it to them gives the logits."""
     import torch
 
-    model = load_bundle(small_bundle).load_model()
+    model = load_network(load_bundle(small_bundle))
     logits, features = TorchBackend(model).run(batch)
     head = model.backbone.get_classifier()
     with torch.no_grad():
@@ -52,14 +55,14 @@ def test_policy(small_bundle, monkeypatch):
     with pytest.raises(ValueError, match="model.int8.onnx: does not exist"):
         open_backend(bundle, "int8")  # never silently full precision
 
-    def broken(self, kind="fp32"):
+    def broken(*args, **kwargs):
         raise RuntimeError("exporter exploded")
 
-    import pneumoscope.backends
+    import pneumoscope.runtime.backends
 
-    monkeypatch.setattr(pneumoscope.backends, "OpenVinoBackend", broken)  # not installed, say
+    monkeypatch.setattr(pneumoscope.runtime.backends, "OpenVinoBackend", broken)  # not installed, say
     assert open_backend(bundle, "auto").name == "onnx"  # falls back, with a logged warning
-    monkeypatch.setattr(type(bundle), "onnx_path", broken)
+    monkeypatch.setattr(pneumoscope.runtime.backends, "_graph", broken)
     assert open_backend(bundle, "auto").name == "torch"  # falls back, with a logged warning
     with pytest.raises(RuntimeError, match="exploded"):
         open_backend(bundle, "onnx")
@@ -88,11 +91,11 @@ def test_openvino_gives_the_logits_and_features_of_onnx_runtime(small_bundle, ba
     """OpenVINO on the same fp32 graph, both hints, any batch size; full precision forced so the
     comparison is exact whatever the CPU (bf16 is a per-CPU choice, measured in benchmarks)."""
     pytest.importorskip("openvino")
-    from pneumoscope.backends import OpenVinoBackend
+    from pneumoscope.runtime.backends import OpenVinoBackend
 
     bundle = load_bundle(small_bundle)
-    reference = OnnxBackend(bundle.onnx_path("fp32"))
-    latency = OpenVinoBackend(bundle.onnx_path("fp32"), precision="f32")
+    reference = OnnxBackend(graph_path(bundle, "fp32"))
+    latency = OpenVinoBackend(graph_path(bundle, "fp32"), precision="f32")
     folder = latency.single_thread()
     assert folder.hint == "THROUGHPUT" and folder is latency.single_thread() and latency.hint == "LATENCY"
     for rows in (batch, batch[:3], batch[:1]):
@@ -110,12 +113,12 @@ def test_openvino_folder_runs_side_by_side_in_input_order(small_bundle, fixture_
     """A folder on OpenVINO goes through the THROUGHPUT sibling from several threads; records come
     back in input order with the probabilities of ONNX Runtime."""
     pytest.importorskip("openvino")
-    from pneumoscope.backends import OpenVinoBackend
+    from pneumoscope.runtime.backends import OpenVinoBackend
 
     bundle = load_bundle(small_bundle)
     paths = sorted(fixture_data.rglob("*.jpeg"))
-    exact = Classifier(OnnxBackend(bundle.onnx_path("fp32")), bundle.meta, bundle).scores(paths, batch_size=4)
-    runtime = OpenVinoBackend(bundle.onnx_path("fp32"), precision="f32")
+    exact = Classifier(OnnxBackend(graph_path(bundle, "fp32")), bundle.meta, bundle).scores(paths, batch_size=4)
+    runtime = OpenVinoBackend(graph_path(bundle, "fp32"), precision="f32")
     fast = Classifier(runtime, bundle.meta, bundle)
     fast.workers = 2
     got = fast.scores(paths, batch_size=4)
@@ -146,11 +149,11 @@ def test_a_merged_binary_read_never_runs_on_openvino(tmp_path):
     auto runs it on ONNX Runtime, an explicit request is a one-line error."""
     from conftest import small_meta, small_model
 
-    from pneumoscope.artifact import build_model, save_bundle
+    from pneumoscope.nets.build import build_model
 
     meta = small_meta()
     binary = meta.replace(task="binary", classes=("NORMAL", "PNEUMONIA"), merge_outputs=((0,), (1, 2)))
-    bundle = load_bundle(save_bundle(build_model(binary, small_model().state_dict()), binary, tmp_path / "binary"))
+    bundle = load_bundle(save_with_graph(build_model(binary, small_model().state_dict()), binary, tmp_path / "binary"))
     assert open_backend(bundle, "auto").name == "onnx"
     with pytest.raises(ValueError, match="merged"):
         open_backend(bundle, "openvino")
@@ -164,11 +167,11 @@ def hostile_graphs(small_bundle, root):
     import shutil
 
     import onnx
+    from conftest import small_model
     from onnx import external_data_helper
 
-    from conftest import small_model
-    from pneumoscope.artifact import FINGERPRINT_KEY, ONNX_FP32
-    from pneumoscope.export import onnx_bytes, set_metadata
+    from pneumoscope.bundle import FINGERPRINT_KEY, ONNX_FP32
+    from pneumoscope.runtime.export import onnx_bytes, set_metadata
 
     def copy(name):
         shutil.copytree(small_bundle, root / name)

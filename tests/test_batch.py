@@ -298,7 +298,7 @@ def test_resume_refuses_the_other_format_and_deep_nesting(small_bundle, folder, 
 def test_file_names_are_escaped_the_same_in_every_format(small_bundle, folder, tmp_path, capsys):
     """Not UTF-8, a newline, a backslash, a right-to-left override: valid UTF-8 in every format, one
     line per record, each name told apart and read back by --resume (docs/inputs.md)."""
-    from pneumoscope.batch import unescape_name
+    from pneumoscope.workflows.batch import unescape_name
 
     sources = sorted((folder / "NORMAL").glob("*.jpeg"))[:4]
     names = [b"caf\xe9.jpeg", b"two\nlines.jpeg", b"back\\xe9.jpeg", "rtl\u202egpj.jpeg".encode()]

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from pneumoscope.cli import main
-from pneumoscope.predict import Classifier
+from pneumoscope.runtime.classifier import Classifier
 
 
 @pytest.fixture()

@@ -7,10 +7,10 @@ import time
 
 import pytest
 import torch
-
-from pneumoscope.cpu_share import CpuShare, machine_busy_seconds, threads_for
-from pneumoscope.train import ThreadsForLoad, thread_callbacks
 from conftest import tiny_config
+
+from pneumoscope.core.cpu_share import CpuShare, machine_busy_seconds, threads_for
+from pneumoscope.training.fit import ThreadsForLoad, thread_callbacks
 
 
 @pytest.mark.parametrize(("others", "threads"), [(0.0, 2), (0.3, 2), (0.6, 1), (1.0, 1), (1.9, 1), (5.0, 1)])
@@ -67,6 +67,7 @@ def test_a_fixed_thread_count_turns_the_check_off(tmp_path, monkeypatch):
 
 def test_train_precision_is_recorded_and_16_mixed_on_a_cpu_is_one_line(tmp_path, capsys):
     from conftest import FIXTURE_DATA
+
     from pneumoscope.cli import main
 
     common = ["train", "--data", str(FIXTURE_DATA), "--arch", "simple_cnn", "--img-size", "32", "--epochs", "1",

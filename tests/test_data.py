@@ -5,9 +5,18 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from pneumoscope.data import (XrayDataset, atomic_write, class_weights, eval_transform, load_pixels, manifest_hash,
-                              patient_folds, read_dataset, read_manifest, split_by_patient, split_dataset,
-                              train_transform, write_manifest)
+from pneumoscope.core.files import atomic_write
+from pneumoscope.data.datasets import (
+    load_pixels,
+    manifest_hash,
+    patient_folds,
+    read_dataset,
+    read_manifest,
+    split_by_patient,
+    split_dataset,
+    write_manifest,
+)
+from pneumoscope.data.transforms import XrayDataset, class_weights, eval_transform, train_transform
 
 
 def test_read_dataset_fixture_layout(fixture_data):
@@ -169,7 +178,7 @@ def test_pixels_cached_once_and_bad_files_dropped(tmp_path, fixture_data):
     bad = tmp_path / "NORMAL" / "IM-9999-0001.jpeg"
     bad.parent.mkdir()
     bad.write_bytes(b"\xff\xd8\xff garbage")
-    from pneumoscope.data import Sample
+    from pneumoscope.data.datasets import Sample
     samples.append(Sample(str(bad), "NORMAL", "IM-9999"))
     cache = tmp_path / "cache"
     pixels, kept, errors = load_pixels(samples, 48, cache)
@@ -240,7 +249,7 @@ def test_folds_are_sklearns_bit_for_bit():
 
     from sklearn.model_selection import StratifiedGroupKFold as Sklearn
 
-    from pneumoscope import folds
+    from pneumoscope.data import folds
 
     assert hasattr(Sklearn, folds.HOOK)  # else the class is sklearn's own again: right, but slow
     rng = np.random.default_rng(0)

@@ -10,9 +10,17 @@ from collections import Counter, defaultdict
 import pytest
 import torch
 
-from pneumoscope.data import (XrayDataset, class_indices, eval_transform, load_pixels, read_dataset, read_groups,
-                              split_by_patient, split_dataset, write_manifest)
-from pneumoscope.labels import BINARY, THREE
+from pneumoscope.core.labels import BINARY, THREE
+from pneumoscope.data.datasets import (
+    class_indices,
+    load_pixels,
+    read_dataset,
+    read_groups,
+    split_by_patient,
+    split_dataset,
+    write_manifest,
+)
+from pneumoscope.data.transforms import XrayDataset, eval_transform
 
 
 def _xrays(fixture_data, n):
@@ -66,7 +74,7 @@ def test_generic_folder_splits_and_feeds_a_training_step(tmp_path, fixture_data)
     assert len(kept) == len(train) and not errors
     dataset = XrayDataset(pixels, kept, classes, "three", eval_transform())
     assert sorted(set(dataset.targets.tolist())) == [0, 1, 2]
-    from pneumoscope.models import create_model
+    from pneumoscope.nets.registry import create_model
 
     model = create_model("simple_cnn", len(classes), pretrained=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

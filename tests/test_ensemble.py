@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import EXAMPLES, SMALL_SIZE, small_meta, small_model
 
-from pneumoscope.artifact import ENSEMBLE, REPO_MODELS, BundleError, graph_fingerprint, load_bundle, save_bundle
-from pneumoscope.models import Ensemble, LogitsAndFeatures
-from pneumoscope.rundir import RunDir, summarize
+from pneumoscope.bundle import ENSEMBLE, REPO_MODELS, BundleError, graph_fingerprint, load_bundle
+from pneumoscope.nets.registry import Ensemble, LogitsAndFeatures
+from pneumoscope.runs.rundir import RunDir, summarize
+from pneumoscope.runtime.export import graph_path, save_with_graph
 
 
 def small_ensemble() -> tuple[Ensemble, object]:
@@ -21,8 +22,8 @@ def small_ensemble() -> tuple[Ensemble, object]:
 
 
 def ensemble_meta(**changes):
-    from pneumoscope.artifact import ModelMeta
-    from pneumoscope.models import model_spec
+    from pneumoscope.bundle import ModelMeta
+    from pneumoscope.nets.registry import model_spec
 
     spec = model_spec("efficientnet_lite0")
     values = dict(name="test-ensemble", task="three", classes=("NORMAL", "BACTERIA", "VIRUS"), arch=ENSEMBLE,
@@ -44,11 +45,11 @@ def test_an_ensemble_is_the_mean_of_its_members_logits_with_their_features_side_
 
 
 def test_an_ensemble_bundle_is_one_graph_that_every_backend_reads_alike(tmp_path):
-    from pneumoscope.images import read_xray, resize_square
-    from pneumoscope.predict import Classifier
+    from pneumoscope.data.images import read_xray, resize_square
+    from pneumoscope.runtime.classifier import Classifier
 
     model, meta = small_ensemble()
-    path = save_bundle(model, meta, tmp_path / "ens")
+    path = save_with_graph(model, meta, tmp_path / "ens")
     bundle = load_bundle(path)
     assert bundle.meta.members == ("efficientnet_lite0", "efficientnet_lite0")
     assert graph_fingerprint(path / "model.onnx") == bundle.fingerprint  # the bundle's own graph, not stale
@@ -71,14 +72,14 @@ def test_members_keep_the_fingerprints_of_bundles_made_before_ensembles():
     """A field added to the meta must not make every shipped graph stale."""
     for task in ("three", "binary"):
         bundle = load_bundle(REPO_MODELS / task)
-        assert bundle.onnx_path() == REPO_MODELS / task / "model.onnx"
+        assert graph_path(bundle) == REPO_MODELS / task / "model.onnx"
 
 
 @pytest.mark.slow
 def test_ensemble_of_two_runs_is_a_run_that_ship_and_cam_take(tiny_run, tmp_path):
     from pneumoscope.cli import main
-    from pneumoscope.explain import cam_heatmap
-    from pneumoscope.predict import Classifier
+    from pneumoscope.runtime.classifier import Classifier
+    from pneumoscope.runtime.explain import cam_heatmap
 
     second = shutil.copytree(tiny_run, tmp_path / "second")  # a member twice is a valid ensemble (and no training)
     out = tmp_path / "ens"
@@ -104,7 +105,7 @@ def test_ensemble_of_two_runs_is_a_run_that_ship_and_cam_take(tiny_run, tmp_path
 
 @pytest.mark.slow
 def test_ensemble_refuses_runs_of_other_patients_in_one_line(tiny_run, tmp_path, capsys):
-    from pneumoscope.artifact import write_meta
+    from pneumoscope.bundle import write_meta
     from pneumoscope.cli import main
 
     other = shutil.copytree(tiny_run, tmp_path / "other")

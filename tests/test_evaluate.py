@@ -5,20 +5,20 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import read_csv
-from pneumoscope.data import read_dataset
-from pneumoscope.evaluate import REPORT_FILES, evaluate_samples
-from pneumoscope.labels import THREE
-from pneumoscope.metrics import expected_calibration_error, softmax
+
+from pneumoscope.core.labels import THREE
+from pneumoscope.data.datasets import read_dataset
+from pneumoscope.evaluation.metrics import expected_calibration_error, softmax
+from pneumoscope.evaluation.report import REPORT_FILES, evaluate_samples
 
 
 @pytest.fixture(scope="module")
 def untrained():
     """A Classifier on a random simple_cnn at 32 px with temperature 2 (PyTorch, in memory)."""
-    from pneumoscope.artifact import ModelMeta
-    from pneumoscope.models import create_model
-    from pneumoscope.predict import Classifier
+    from pneumoscope.bundle import ModelMeta
+    from pneumoscope.nets.registry import create_model
+    from pneumoscope.runtime.classifier import Classifier
 
     torch.manual_seed(0)
     meta = ModelMeta(name="untrained", task="three", classes=THREE, arch="simple_cnn", img_size=32, mean=0.5,
@@ -27,7 +27,7 @@ def untrained():
 
 
 def test_report_from_one_pass_of_arrays(untrained, fixture_data, tmp_path):
-    from pneumoscope.data import Sample
+    from pneumoscope.data.datasets import Sample
 
     broken = tmp_path / "broken.jpeg"
     broken.write_bytes(b"not an image")
@@ -55,7 +55,7 @@ def test_report_from_one_pass_of_arrays(untrained, fixture_data, tmp_path):
 
 
 def test_nothing_readable_is_an_error(untrained, tmp_path):
-    from pneumoscope.data import Sample
+    from pneumoscope.data.datasets import Sample
 
     (tmp_path / "a.png").write_bytes(b"")
     with pytest.raises(ValueError, match="no image could be classified"):

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import FIXTURE_DATA, python_warnings, read_csv
+
+from pneumoscope.nets.build import load_network
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +57,7 @@ def test_status_records_pid_and_host_while_running(root):
 
 
 def test_runs_lists_every_run_with_its_status(root, capsys):
-    from pneumoscope.experiments import list_runs
+    from pneumoscope.workflows.experiments import list_runs
 
     rows = {r["experiment"]: r for r in list_runs(root)}
     assert set(rows) == {"a", "b", "broken"}
@@ -126,7 +127,7 @@ def test_compare_shows_gpu_memory_only_for_runs_that_used_cuda(root, tmp_path):
 
 # ---------------------------------------------------------------- cross-validation
 def test_cross_validation_trains_on_fold_manifests_and_summarizes(tmp_path, capsys):
-    from pneumoscope.data import read_manifest
+    from pneumoscope.data.datasets import read_manifest
 
     out = tmp_path / "cv"
     assert cli("train", *TINY, "--out", out, "--epochs", "1", "--folds", "3") == 0
@@ -165,10 +166,10 @@ def test_two_process_training_matches_the_single_process_run(root, tmp_path):
     """torchrun with 2 CPU processes: same files and metrics.csv columns as run a (same arguments,
     one process), and validation counted over the whole val split, not rank 0's half."""
     torch.distributed.is_available() or pytest.skip("torch built without torch.distributed")
-    from pneumoscope.artifact import load_bundle
-    from pneumoscope.data import load_pixels, read_manifest
-    from pneumoscope.predict import Classifier
-    from pneumoscope.rundir import checkpoint_weights
+    from pneumoscope.bundle import load_bundle
+    from pneumoscope.data.datasets import load_pixels, read_manifest
+    from pneumoscope.runs.rundir import checkpoint_weights
+    from pneumoscope.runtime.classifier import Classifier
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "pneumoscope.cli", "train", *TINY, "--root", str(tmp_path), "--project", "ddp", "--name", "a",
@@ -192,7 +193,7 @@ def test_two_process_training_matches_the_single_process_run(root, tmp_path):
     # the last (only) epoch's checkpoint, EMA off: its accuracy over the whole val split is what was logged
     pixels, kept, _ = load_pixels(val, 32)
     meta = load_bundle(ddp / "model").meta
-    model = load_bundle(ddp / "model").load_model()
+    model = load_network(load_bundle(ddp / "model"))
     model.load_state_dict(checkpoint_weights(ddp / "checkpoints" / "last.ckpt")[0])
     logits = Classifier.from_model(model, meta, backend="torch").score_pixels(pixels).logits
     accuracy = np.mean(logits.argmax(1) == [meta.classes.index(s.label) for s in kept])
@@ -228,7 +229,7 @@ def test_mlflow_logger_writes_the_runs_file_store(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from pneumoscope.train import _loggers
+    from pneumoscope.training.fit import _loggers
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (logger,) = [lg for lg in _loggers(tmp_path / "proj" / "exp") if isinstance(lg, MLFlowLogger)]

@@ -3,13 +3,13 @@ import io
 
 import numpy as np
 import pytest
+from conftest import small_meta, small_model
 from PIL import Image
 
-import pneumoscope.predict
-from conftest import small_meta, small_model
+import pneumoscope.runtime.classifier
 from pneumoscope.cli import main
-from pneumoscope.explain import cam_heatmap, cam_name, explain, overlay_png
-from pneumoscope.predict import Classifier
+from pneumoscope.runtime.classifier import Classifier
+from pneumoscope.runtime.explain import cam_heatmap, cam_name, explain, overlay_png
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ def xrays(fixture_data):
 def decodes(monkeypatch):
     """Counts the decodes of image files and bytes (the one decoder, as predict calls it)."""
     calls = []
-    real = pneumoscope.predict.read_xray_with_info
-    monkeypatch.setattr(pneumoscope.predict, "read_xray_with_info", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = pneumoscope.runtime.classifier.read_xray_with_info
+    monkeypatch.setattr(pneumoscope.runtime.classifier, "read_xray_with_info", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     return calls
 
 

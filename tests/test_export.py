@@ -5,11 +5,12 @@ import os
 import shutil
 
 import pytest
-
 from conftest import ROOT, small_model
-from pneumoscope.artifact import FINGERPRINT_KEY, META_KEY, graph_metadata, load_bundle, save_bundle
+
+from pneumoscope.bundle import FINGERPRINT_KEY, META_KEY, graph_metadata, load_bundle, save_bundle
 from pneumoscope.cli import main
-from pneumoscope.predict import Classifier
+from pneumoscope.runtime.classifier import Classifier
+from pneumoscope.runtime.export import graph_path, save_with_graph
 
 
 @pytest.fixture()
@@ -25,7 +26,7 @@ def test_export_cli_writes_the_bundles_graph(bundle_dir, capsys):
     bundle = load_bundle(bundle_dir)
     props = graph_metadata(bundle_dir / "model.onnx")
     assert props[FINGERPRINT_KEY] == bundle.fingerprint and json.loads(props[META_KEY]) == bundle.meta.to_json()
-    assert bundle.onnx_path("fp32") == bundle_dir / "model.onnx"
+    assert graph_path(bundle, "fp32") == bundle_dir / "model.onnx"
 
 
 def test_a_stale_graph_is_exported_again_into_the_cache(bundle_dir):
@@ -33,13 +34,13 @@ def test_a_stale_graph_is_exported_again_into_the_cache(bundle_dir):
     meta["temperature"] = 2.0  # shapes predictions: the graph's fingerprint no longer matches
     (bundle_dir / "meta.json").write_text(json.dumps(meta))
     bundle = load_bundle(bundle_dir)
-    path = bundle.onnx_path("fp32")
+    path = graph_path(bundle, "fp32")
     assert path != bundle_dir / "model.onnx" and path.is_relative_to(os.environ["PNEUMOSCOPE_CACHE"])
     assert graph_metadata(path)[FINGERPRINT_KEY] == bundle.fingerprint
-    assert load_bundle(bundle_dir).onnx_path("fp32") == path  # same content: exported once
+    assert graph_path(load_bundle(bundle_dir), "fp32") == path  # same content: exported once
     meta["provenance"]["note"] = "does not shape predictions"
     (bundle_dir / "meta.json").write_text(json.dumps(meta))
-    assert load_bundle(bundle_dir).onnx_path("fp32") == path
+    assert graph_path(load_bundle(bundle_dir), "fp32") == path
 
 
 def test_int8_export_is_an_integer_graph_used_only_on_request(bundle_dir, fixture_data, capsys):
@@ -67,8 +68,8 @@ def test_int8_export_is_an_integer_graph_used_only_on_request(bundle_dir, fixtur
 def test_int8_of_other_weights_is_refused(bundle_dir, fixture_data, capsys):
     """The rule, not the quantiser: a graph made from the old weights, under the int8 name."""
     shutil.copy(bundle_dir / "model.onnx", bundle_dir / "model.int8.onnx")
-    assert load_bundle(bundle_dir).onnx_path("int8") == bundle_dir / "model.int8.onnx"
-    save_bundle(small_model(seed=1), load_bundle(bundle_dir).meta, bundle_dir, export=False)  # retrained in place
+    assert graph_path(load_bundle(bundle_dir), "int8") == bundle_dir / "model.int8.onnx"
+    save_bundle(small_model(seed=1), load_bundle(bundle_dir).meta, bundle_dir)  # retrained in place
     path = str(next((fixture_data / "val" / "NORMAL").iterdir()))
     assert main(["predict", path, "--checkpoint", str(bundle_dir), "--backend", "int8"]) == 1
     err = capsys.readouterr().err.strip()
@@ -79,26 +80,26 @@ def test_int8_of_other_weights_is_refused(bundle_dir, fixture_data, capsys):
 def test_shipped_graphs_are_current_and_small(task):
     bundle = load_bundle(ROOT / "models" / task)
     for kind in ("fp32", "int8"):
-        assert bundle.onnx_path(kind) == bundle.graph_location(kind)  # no re-export needed, none refused
+        assert graph_path(bundle, kind) == bundle.graph_location(kind)  # no re-export needed, none refused
     for path in bundle.path.iterdir():
         assert path.stat().st_size <= 20 * 2**20, path
 
 
 def test_int8_calibration_images_pass_the_models_input_step(fixture_data, monkeypatch, tmp_path):
     """A model trained with CLAHE is calibrated on what it will see: stepped pixels."""
-    import numpy as np
 
     from conftest import small_meta
-    from pneumoscope import export
-    from pneumoscope.data import read_dataset
-    from pneumoscope.images import input_step
+
+    from pneumoscope.data.datasets import read_dataset
+    from pneumoscope.data.images import input_step
+    from pneumoscope.runtime import export
 
     samples = read_dataset(fixture_data).samples
     plain = export.calibration_pixels(samples, 64, n=4)
     assert (export.calibration_pixels(samples, 64, n=4, preprocess="clahe") == input_step(plain, "clahe")).all()
     seen = []
     monkeypatch.setattr(export, "quantize_int8", lambda fp32, out, pixels: seen.append(pixels) or out)
-    bundle = save_bundle(small_model(), small_meta(preprocess="clahe"), tmp_path / "clahe")
+    bundle = save_with_graph(small_model(), small_meta(preprocess="clahe"), tmp_path / "clahe")
     export.export_int8(bundle, samples, n_calibration=4)
     assert (seen[0] == input_step(plain, "clahe")).all()
 
@@ -108,13 +109,12 @@ def test_a_pool_smaller_than_its_output_exports_and_answers_as_pytorch():
     then failed the ONNX export with ~200 lines of Torch IR. The pools now export at every size."""
     import numpy as np
     import torch
+    from conftest import small_meta
     from timm.models.vgg import ConvMlp
 
-    from pneumoscope.backends import OnnxBackend
-    from pneumoscope.export import onnx_bytes
-    from pneumoscope.models import XrayNet, _head, exportable_pools
-
-    from conftest import small_meta
+    from pneumoscope.nets.registry import XrayNet, _head, exportable_pools
+    from pneumoscope.runtime.backends import OnnxBackend
+    from pneumoscope.runtime.export import onnx_bytes
 
     class Tiny(torch.nn.Module):  # a VGG head and an AlexNet pool on a 4 x 4 feature map
         def __init__(self):
@@ -140,7 +140,8 @@ def test_an_export_failure_is_one_line():
     """A network the exporter refuses (alexnet below the 63 px its pools need) gives one line naming
     it, not the exporter's graph dump."""
     from conftest import small_meta, small_model
-    from pneumoscope.export import ExportError, onnx_bytes
+
+    from pneumoscope.runtime.export import ExportError, onnx_bytes
 
     with pytest.raises(ExportError) as err:
         onnx_bytes(small_model("alexnet"), small_meta("alexnet", img_size=32))

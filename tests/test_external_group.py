@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from pneumoscope.data import read_dataset, split_by_patient
-
 from conftest import ROOT
+
+from pneumoscope.data.datasets import read_dataset, split_by_patient
 
 
 def _external() -> Path:

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from test_images import make_dicom
 
-from pneumoscope.images import ImageReadError, read_xray
+from pneumoscope.data.images import ImageReadError, read_xray
 
 SEED = 12
 MAX_MUTATIONS = 300

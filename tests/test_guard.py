@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from pneumoscope.images import read_xray_with_info
-from pneumoscope.predict import NOT_XRAY, image_warnings
+from pneumoscope.data.images import read_xray_with_info
+from pneumoscope.runtime.guard import NOT_XRAY, image_warnings
 
 
 def test_a_colour_photo_is_flagged_but_keeps_its_label(classifier):
@@ -51,7 +51,7 @@ def test_error_records_have_no_reliability(classifier):
 def test_shipped_model_flags_a_gray_photo_by_its_features_and_passes_real_xrays(fixture_data):
     """The learned check (issue 11): scikit-image's camera man is gray, sharp and square, so the
     image checks let it pass; the feature-space distance does not."""
-    from pneumoscope.predict import Classifier
+    from pneumoscope.runtime.classifier import Classifier
 
     skimage_data = pytest.importorskip("skimage.data")
     classifier = Classifier.load(task="three")

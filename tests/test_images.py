@@ -13,12 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import EXAMPLES
 from PIL import Image
 
-from conftest import EXAMPLES
-from pneumoscope import images
-from pneumoscope.images import (DECODE_PIXELS, MAX_PIXELS, ImageReadError, ImageTooLargeError, read_xray,
-                                read_xray_with_info)
+from pneumoscope.data import images
+from pneumoscope.data.images import (
+    DECODE_PIXELS,
+    MAX_PIXELS,
+    ImageReadError,
+    ImageTooLargeError,
+    read_xray,
+    read_xray_with_info,
+)
 
 
 @pytest.fixture(scope="module")
@@ -428,7 +434,7 @@ MEMORY_BOUND_MIB = 400  # peak RSS growth allowed for decoding any one file
 # parent's peak (Linux keeps it across exec), which would hide up to pytest's own footprint.
 _MEASURE = r"""
 import json, os, resource, sys
-from pneumoscope.images import ImageReadError, read_xray
+from pneumoscope.data.images import ImageReadError, read_xray
 
 def mib(key):
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key)) / 1024
@@ -480,7 +486,7 @@ def test_peak_memory_is_bounded_for_the_amplification_files(amplifiers, xray, tm
 
 _MEASURE_CONCURRENT = r"""
 import json, sys, threading
-from pneumoscope.images import read_xray
+from pneumoscope.data.images import read_xray
 
 def mib(key):
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key)) / 1024

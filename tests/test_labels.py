@@ -2,8 +2,17 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscope.labels import (BINARY, THREE, classes_for, is_image_file, is_kermany_tree, kermany_patient,
-                               label_from_path, patient_id, task_label)
+from pneumoscope.core.labels import (
+    BINARY,
+    THREE,
+    classes_for,
+    is_image_file,
+    is_kermany_tree,
+    kermany_patient,
+    label_from_path,
+    patient_id,
+    task_label,
+)
 
 
 @pytest.mark.parametrize("name, expected", [

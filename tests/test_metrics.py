@@ -3,8 +3,15 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscope.metrics import (bootstrap_ci, compute_metrics, expected_calibration_error, fit_temperature,
-                                 headline, macro_auc, softmax)
+from pneumoscope.evaluation.metrics import (
+    bootstrap_ci,
+    compute_metrics,
+    expected_calibration_error,
+    fit_temperature,
+    headline,
+    macro_auc,
+    softmax,
+)
 
 CLASSES = ("NORMAL", "BACTERIA", "VIRUS")
 

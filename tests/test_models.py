@@ -1,9 +1,20 @@
 import pytest
 import torch
 
-from pneumoscope.models import (DEFAULT_ARCH, PretrainedUnavailable, cached_weights, count_parameters, create_model,
-                                freeze_model, list_models, lite0_wheel_state_dict, parse_freeze,
-                                pretrained_source, stages, trainable_parameters, weights_status)
+from pneumoscope.core.config import DEFAULT_ARCH, parse_freeze
+from pneumoscope.nets.registry import (
+    PretrainedUnavailable,
+    cached_weights,
+    count_parameters,
+    create_model,
+    freeze_model,
+    list_models,
+    lite0_wheel_state_dict,
+    pretrained_source,
+    stages,
+    trainable_parameters,
+    weights_status,
+)
 
 SEED_ARCHS = ["simple_cnn", "simple_cnn_seed", "residual_vgg", "residual_vgg_seed", "alexnet", "vgg16_bn", "resnet18",
               "resnet34", "resnet50", "resnext50_32x4d", "densenet121", "efficientnet_lite0"]
@@ -193,7 +204,7 @@ def test_pretrained_from_the_cache_then_a_one_line_error(offline_caches):
 
 def test_models_command_lists_every_architecture_with_where_its_weights_are(capsys):
     from pneumoscope.cli import main
-    from pneumoscope.models import list_models
+    from pneumoscope.nets.registry import list_models
 
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -210,15 +221,18 @@ def test_exportable_adaptive_pool_is_pytorchs(n_in, n_out):
     whether they pool up (a feature map smaller than the kernel, any --img-size below 224) or down."""
     from torch.nn import functional as F
 
-    from pneumoscope.models import exportable_adaptive_avg_pool2d
+    from pneumoscope.nets.registry import exportable_adaptive_avg_pool2d
 
-    x = torch.randn(2, 3, n_in, n_in + 1)
+    # seeded, and both within float32 rounding (a matrix product sums in another order than PyTorch's
+    # pool: an unseeded input sometimes missed the default atol of 1e-8)
+    x = torch.randn(2, 3, n_in, n_in + 1, generator=torch.Generator().manual_seed(n_in * 100 + n_out))
     assert torch.allclose(exportable_adaptive_avg_pool2d(x, n_out), F.adaptive_avg_pool2d(x, n_out), atol=1e-6)
-    assert torch.allclose(exportable_adaptive_avg_pool2d(x, (n_out, None)), F.adaptive_avg_pool2d(x, (n_out, None)))
+    assert torch.allclose(exportable_adaptive_avg_pool2d(x, (n_out, None)), F.adaptive_avg_pool2d(x, (n_out, None)),
+                          atol=1e-6)
 
 
 def test_vgg_and_alexnet_pools_are_the_exportable_ones_with_the_same_weights():
-    from pneumoscope.models import ExportableAdaptiveAvgPool2d, ExportableConvMlp
+    from pneumoscope.nets.registry import ExportableAdaptiveAvgPool2d, ExportableConvMlp
 
     vgg = create_model("vgg16_bn", 3)
     assert isinstance(vgg.backbone.pre_logits, ExportableConvMlp)

@@ -1,12 +1,11 @@
 """A user's own run: its bundle carries the run's name, its metrics (in /v1/model) and a
 description of its own data (web page footer, model card), not the shipped model's."""
-import json
 import shutil
 
 from fastapi.testclient import TestClient
 
-from pneumoscope.predict import Classifier
-from pneumoscope.rundir import RunDir, model_name
+from pneumoscope.runs.rundir import RunDir, model_name
+from pneumoscope.runtime.classifier import Classifier
 from pneumoscope.serve import SHIPPED_DATA, create_app
 
 
@@ -35,13 +34,6 @@ def test_a_runs_bundle_serves_its_own_name_metrics_and_data(tiny_run):
                 f"internal test {counts['test']}; 3 labels)")
     assert expected in card["training_data"] and "pediatric" not in card["training_data"]
     assert card["intended_use"].endswith(card["training_data"])  # the page footer shows intended_use
-
-
-def test_a_run_from_before_metrics_json_shows_its_reports(tiny_run, tmp_path):
-    old = shutil.copytree(tiny_run, tmp_path / "old", ignore=shutil.ignore_patterns("checkpoints"))
-    (old / "model" / "metrics.json").unlink()
-    card = model_card(Classifier.load(old, backend="onnx"))
-    assert card["metrics"]["val"]["accuracy"] == json.loads((old / "val" / "metrics.json").read_text())["accuracy"]
 
 
 def test_a_shipped_bundle_describes_the_shipped_data(small_bundle, tmp_path, monkeypatch):

@@ -11,8 +11,14 @@ pytest.importorskip("highdicom")
 
 from dicom_files import CT, DX, example, make_dx, sr_facts  # noqa: E402
 
-from pneumoscope.pacs.accept import (CANNOT_UNDERSTAND, DOES_NOT_MATCH, OUT_OF_RESOURCES,  # noqa: E402
-                                     SOP_CLASS_NOT_SUPPORTED, Refusal, check_instance)
+from pneumoscope.pacs.accept import (  # noqa: E402
+    CANNOT_UNDERSTAND,
+    DOES_NOT_MATCH,
+    OUT_OF_RESOURCES,
+    SOP_CLASS_NOT_SUPPORTED,
+    Refusal,
+    check_instance,
+)
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,12 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import EXAMPLES, ROOT, small_meta, small_model
+
 from pneumoscope.cli import main
-from pneumoscope.images import read_xray
-from pneumoscope.predict import Classifier
+from pneumoscope.data.images import read_xray
+from pneumoscope.runtime.classifier import Classifier
+from pneumoscope.runtime.export import save_with_graph
 
 
 def test_python_api_on_path_and_array(classifier, fixture_data):
@@ -159,8 +160,8 @@ def test_a_model_with_an_input_step_gets_it_on_every_path(tmp_path):
     """meta.preprocess "clahe": decoding applies it after resizing, score_pixels applies it to the
     resized arrays training caches, the saved bundle's ONNX graph gives what the network gives on
     stepped pixels, and the step counts in the fingerprint (a bundle without it keeps its own)."""
-    from pneumoscope.artifact import BundleError, fingerprint, load_bundle, save_bundle
-    from pneumoscope.images import input_step, resize_square
+    from pneumoscope.bundle import BundleError, fingerprint, load_bundle
+    from pneumoscope.data.images import input_step, resize_square
 
     model, plain = small_model(), small_meta()
     meta = small_meta(preprocess="clahe")
@@ -175,7 +176,7 @@ def test_a_model_with_an_input_step_gets_it_on_every_path(tmp_path):
     assert not np.allclose(Classifier.from_model(model, plain, backend="torch").score_pixels(raw).logits, expected,
                            atol=1e-3)  # the step changes what the network sees
 
-    bundle = load_bundle(save_bundle(model, meta, tmp_path / "clahe"))
+    bundle = load_bundle(save_with_graph(model, meta, tmp_path / "clahe"))
     assert bundle.meta.preprocess == "clahe" and fingerprint("w", meta) != fingerprint("w", plain)
     assert fingerprint("w", small_meta(preprocess="none")) == fingerprint("w", plain)  # "none" is no step
     np.testing.assert_allclose(Classifier.load(bundle, backend="onnx").scores(paths).logits, expected, atol=1e-4)

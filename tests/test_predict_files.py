@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from pneumoscope import plots
 from pneumoscope.cli import main
+from pneumoscope.evaluation import plots
 
 
 @pytest.fixture()
@@ -109,14 +109,14 @@ def test_the_grids_say_how_to_read_them(small_bundle, fixture_data, tmp_path, mo
 
 
 def test_the_grad_cam_caption_separates_label_and_probability(small_bundle, fixture_data, tmp_path, capsys):
-    from pneumoscope.explain import caption
+    from pneumoscope.runtime.explain import caption
 
     image = sorted((fixture_data / "val" / "NORMAL").iterdir())[0]
     assert predict(small_bundle, image, "--cam", tmp_path / "cams", "--format", "json") == 0
     record = json.loads(capsys.readouterr().out)
     [overlay] = (tmp_path / "cams").glob(f"{image.stem}_*_cam.png")  # named with a hash of the input's path
     assert overlay.stat().st_size > 0
-    from pneumoscope.predict import Record
+    from pneumoscope.runtime.classifier import Record
 
     text = caption(Record(**{k: record[k] for k in ("path", "status", "label", "probabilities", "reliable")}))
     label, probability = record["label"], f"{record['probabilities'][record['label']]:.2f}"
@@ -126,7 +126,7 @@ def test_the_grad_cam_caption_separates_label_and_probability(small_bundle, fixt
 
 
 def test_training_curves_have_whole_epochs(tmp_path, monkeypatch):
-    from pneumoscope.rundir import RunDir
+    from pneumoscope.runs.rundir import RunDir
 
     figures = Figures(monkeypatch)
     run = RunDir(tmp_path / "run")

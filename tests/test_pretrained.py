@@ -85,7 +85,7 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
 
 LOAD = """
 import sys, torch
-from pneumoscope.models import create_model
+from pneumoscope.nets.registry import create_model
 model = create_model("resnet18", 3, pretrained=True)
 torch.save({"conv1": model.backbone.conv1.weight.detach(), "var": model.backbone.layer4[1].bn2.running_var}, sys.argv[1])
 """

@@ -3,14 +3,14 @@ import importlib.util
 import json
 
 import pytest
-
 from conftest import FIXTURE_DATA, ROOT
-from pneumoscope.artifact import load_bundle
+
+from pneumoscope.bundle import load_bundle
 from pneumoscope.cli import main
-from pneumoscope.data import class_indices
-from pneumoscope.metrics import fit_temperature, softmax
-from pneumoscope.rundir import RunDir
-from pneumoscope.predict import Classifier
+from pneumoscope.data.datasets import class_indices
+from pneumoscope.evaluation.metrics import fit_temperature, softmax
+from pneumoscope.runs.rundir import RunDir
+from pneumoscope.runtime.classifier import Classifier
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def test_card_of_the_shipped_models_is_the_committed_one(tmp_path):
     """`pneumoscope card` on the repo's bundles and reports reproduces docs/model-card.md."""
     import shutil
 
-    from pneumoscope.release import write_model_card
+    from pneumoscope.workflows.release import write_model_card
 
     if not all((ROOT / "models" / task / "meta.json").is_file() for task in ("three", "binary")):
         pytest.skip("the shipped models are not bundles yet")

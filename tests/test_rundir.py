@@ -1,6 +1,6 @@
 """The run directory on its own: writing and reading its files, where runs go, the one summary,
-and runs made before bundles (model.pt + model.json). No training here: the files are written
-through RunDir or laid out as an older pneumoscope left them."""
+and finished runs. No training here: the files are written
+through RunDir or laid out as training writes them."""
 from __future__ import annotations
 
 import json
@@ -8,14 +8,14 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pneumoscope.config import TrainConfig
-from pneumoscope.rundir import RunDir, find_runs, resolve, summarize
+from pneumoscope.bundle import ModelMeta
+from pneumoscope.core.config import TrainConfig
+from pneumoscope.runs.rundir import RunDir, find_runs, resolve, summarize
 
 CLASSES = ("NORMAL", "BACTERIA", "VIRUS")
 
@@ -69,11 +69,8 @@ def test_a_saved_configuration_is_read_strictly_naming_the_file(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": "d", "lr": "1e-3", "epochs": "two"}))
     with pytest.raises(ValueError, match="epochs must be int, not 'two'"):
         run.config()
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": "d", "lr": "1e-3", "extra": {}}))
-    assert run.config().lr == 0.001  # YAML reads 1e-3 as a string; an older run's empty `extra` is fine
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": "d", "extra": {"cv_fold": 0, "cv_folds": 3}}))
-    with pytest.raises(ValueError, match="cross-validation fold of an older pneumoscope"):
-        run.config()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": "d", "lr": "1e-3"}))
+    assert run.config().lr == 0.001  # YAML reads 1e-3 as a string
 
 
 def test_where_a_run_goes(tmp_path, monkeypatch):
@@ -108,31 +105,30 @@ def test_a_running_status_whose_process_is_gone_reads_interrupted(tmp_path):
         "dead": "interrupted", "alive": "running", "elsewhere": "running"}
 
 
-def legacy_run(path: Path) -> Path:
-    """A finished run as pneumoscope wrote it before bundles: model.pt + model.json, reports."""
+def finished_run(path: Path) -> Path:
+    """A finished run's files as training writes them (the bundle's meta, no weights: summaries
+    never load or hash them), with reports."""
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(yaml.safe_dump({"data": "d", "out": str(path), "arch": "efficientnet_lite0",
-                                                      "task": "three", "img_size": 192, "seed": 1, "extra": {}}))
+                                                      "task": "three", "img_size": 192, "seed": 1}))
     with open(path / "metrics.csv", "w") as handle:
         handle.write("epoch,train_loss,train_acc,val_loss,val_acc,val_bacc,val_n,lr,seconds,images_per_s\n"
                      "0,1.0,0.5,0.9,0.70,0.65,16,0.001,100.0,30.0\n1,0.8,0.6,0.8,0.75,0.72,16,0.001,90.0,34.0\n")
     write_json(path / "status.json", {"status": "finished", "wall_seconds": 250.0})
     write_json(path / "env.json", {"peak_memory_mb": 2000.5, "cpu_count": 2})
-    write_json(path / "model.json", {"name": "pneumoscope-efficientnet_lite0-three", "version": "0.1.0",
-                                     "arch": "efficientnet_lite0", "task": "three", "classes": list(CLASSES),
-                                     "img_size": 192, "normalization": {"mean": 0.5, "std": 0.5},
-                                     "temperature": 1.3, "params": 3_371_000, "best_epoch": 1, "seed": 1,
-                                     "metrics": {"val": {"accuracy": 0.75}}})
-    (path / "model.pt").write_bytes(b"not read by summaries")
+    meta = ModelMeta(name="pneumoscope-efficientnet_lite0-three", task="three", classes=CLASSES,
+                     arch="efficientnet_lite0", img_size=192, mean=0.5, std=0.5, temperature=1.3, params=3_371_000,
+                     provenance={"pneumoscope": "0.1.0", "best_epoch": 1, "seed": 1})
+    write_json(path / "model" / "meta.json", meta.to_json())
     write_json(path / "val" / "metrics.json", report(16, 0.75, (1.0, 0.5, 0.75)))
     write_json(path / "test" / "metrics.json", report(20, 0.8, (0.9, 0.8, 0.7)))
     write_json(path / "external" / "metrics.json", report(30, 0.6, (0.9, 0.5, 0.4)))
     return path
 
 
-def test_summary_of_a_run_made_before_bundles(tmp_path):
-    run = legacy_run(tmp_path / "old")
-    assert RunDir(run).model_path() == run / "model.pt"  # artifact.load_bundle reads it
+def test_summary_of_a_finished_run(tmp_path):
+    run = finished_run(tmp_path / "old")
+    assert RunDir(run).model_path() == run / "model"
     s = summarize(run)
     assert (s["status"], s["arch"], s["task"], s["img_size"], s["seed"], s["epochs"]) == (
         "finished", "efficientnet_lite0", "three", 192, 1, 2)
@@ -158,10 +154,10 @@ def test_summary_of_a_run_that_failed_before_its_first_epoch(tmp_path):
     assert s["recall_split"] == "" and s["wall_seconds"] is None and s["curve"] == []
 
 
-def test_runs_and_compare_read_old_runs(tmp_path, capsys):
+def test_runs_and_compare_read_finished_runs(tmp_path, capsys):
     from pneumoscope.cli import main
 
-    legacy_run(tmp_path / "p" / "old")
+    finished_run(tmp_path / "p" / "old")
     assert main(["runs", str(tmp_path)]) == 0
     line = capsys.readouterr().out.splitlines()[1].split()
     assert line[:4] == ["p", "old", "finished", "efficientnet_lite0"] and "0.800" in line

@@ -15,13 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+from conftest import EXAMPLES, python_warnings
 from fastapi.testclient import TestClient
 from PIL import Image
-
-from conftest import EXAMPLES, python_warnings
 from test_images import make_dicom
 
-from pneumoscope.predict import Classifier
+from pneumoscope.runtime.classifier import Classifier
 from pneumoscope.serve import LOCAL_HOSTS, create_app, read_upload, serve_in_thread
 
 EXAMPLE_FILES = sorted(EXAMPLES.rglob("*.jpeg"))
@@ -318,7 +317,7 @@ def test_onnx_runtime_telemetry_is_off_before_any_session(monkeypatch):
     """ONNX Runtime's telemetry would write to the user's home: it is off before a session opens."""
     import onnxruntime as ort
 
-    from pneumoscope.backends import open_session
+    from pneumoscope.runtime.backends import open_session
 
     calls = []
     monkeypatch.setattr(ort, "disable_telemetry_events", lambda: calls.append("telemetry off"))

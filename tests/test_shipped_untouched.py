@@ -8,10 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
-from pneumoscope.artifact import graph_fingerprint, is_shipped, load_bundle
+
+from pneumoscope.bundle import graph_fingerprint, is_shipped, load_bundle
 from pneumoscope.cli import main
+from pneumoscope.runtime.export import graph_path
 
 
 @pytest.fixture()
@@ -62,14 +63,14 @@ def test_a_stale_shipped_graph_is_exported_again_into_the_cache(shipped, fixture
     for backend in ("onnx", "auto"):
         assert main(["predict", image, "--backend", backend, "--format", "json"]) == 0
     assert digests(shipped) == before
-    assert load_bundle(shipped).onnx_path().is_relative_to(os.environ["PNEUMOSCOPE_CACHE"])
+    assert graph_path(load_bundle(shipped)).is_relative_to(os.environ["PNEUMOSCOPE_CACHE"])
 
 
 def test_an_out_inside_the_shipped_models_is_refused(shipped, fixture_data, tmp_path, capsys):
     before = digests(shipped)
     for command in (["export", "--out", str(shipped / "model.onnx")], ["export", "--out", str(shipped / "x.onnx")],
                     ["adapt", "--images", str(fixture_data / "val"), "--out", str(shipped)],
-                    ["bundle", "--checkpoint", str(tmp_path / "model.pt"), "--out", str(shipped.parent / "new")]):
+                    ["adapt", "--images", str(fixture_data / "val"), "--out", str(shipped.parent / "new")]):
         assert main(command) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "inside the shipped models" in err, err

@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 
-from pneumoscope.artifact import load_bundle
+from pneumoscope.bundle import load_bundle
 from pneumoscope.cli import main
-from pneumoscope.soup import average_states
+from pneumoscope.workflows.soup import average_states
 
 pytestmark = pytest.mark.slow
 

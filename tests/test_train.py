@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import FIXTURE_DATA, ROOT, python_warnings, read_csv, tiny_config
-from pneumoscope.config import TrainConfig, add_train_arguments, config_from_args
+
+from pneumoscope.core.config import TrainConfig, add_train_arguments, config_from_args
+from pneumoscope.nets.build import load_network
+from pneumoscope.runtime.export import graph_path
 
 
 # ---------------------------------------------------------------- options (no training)
@@ -59,7 +61,7 @@ def test_config_file_sets_defaults_that_the_command_line_overrides(tmp_path, cap
 
 
 def test_a_runs_config_yaml_is_a_config_file(tmp_path):
-    from pneumoscope.rundir import RunDir
+    from pneumoscope.runs.rundir import RunDir
 
     original = TrainConfig(data="d", out=str(tmp_path / "a"), img_size=64, seed=3)
     RunDir(tmp_path / "a").write_config(original)
@@ -78,12 +80,11 @@ def test_freeze_option_is_checked_and_spelled_one_way(capsys):
     assert "invalid choice: 'lbfgs'" in capsys.readouterr().err
 
 
-def test_default_freeze_is_the_old_freeze_blocks_2():
-    """The default recipe is unchanged: on efficientnet_lite0 the default freeze is "2" and freezes
-    exactly what freeze_blocks=2 froze (the stem, bn1 and blocks 0-1); on other architectures
-    freeze_blocks did nothing, and neither does the default."""
-    from pneumoscope.models import create_model, model_spec
-    from pneumoscope.train import LitClassifier, with_defaults
+def test_default_freeze_is_the_stem_and_first_two_blocks_of_an_efficientnet():
+    """The default recipe: on efficientnet_lite0 the default freeze is "2", the stem, bn1 and
+    blocks 0-1 (what the shipped models trained with); other architectures freeze nothing."""
+    from pneumoscope.nets.registry import create_model, model_spec
+    from pneumoscope.training.fit import LitClassifier, with_defaults
 
     config = with_defaults(TrainConfig(data="d"))
     assert config.freeze == "2"
@@ -92,27 +93,15 @@ def test_default_freeze_is_the_old_freeze_blocks_2():
     frozen = {name for name, p in model.backbone.named_parameters() if not p.requires_grad}
     backbone = model.backbone
     old_modules = {"conv_stem": backbone.conv_stem, "bn1": backbone.bn1, "blocks.0": backbone.blocks[0],
-                   "blocks.1": backbone.blocks[1]}  # what train.freeze_early_layers(model, 2) froze
+                   "blocks.1": backbone.blocks[1]}
     old = {f"{prefix}.{name}" for prefix, module in old_modules.items() for name, _ in module.named_parameters()}
     assert frozen == old and len(frozen) > 10
     assert with_defaults(TrainConfig(data="d", arch="resnet18")).freeze == "none"
     assert [model_spec(f"efficientnet_lite{n}").freeze for n in range(3)] == ["2", "2", "2"]
 
 
-def test_old_configs_with_freeze_blocks_still_load(tmp_path):
-    from pneumoscope.rundir import RunDir
-
-    run = RunDir(tmp_path)
-    for arch, blocks, freeze in (("efficientnet_lite0", 2, "2"), ("efficientnet_lite1", 0, "0"),
-                                 ("resnet18", 2, "none")):  # freeze_blocks only ever froze EfficientNets
-        (tmp_path / "config.yaml").write_text(f"data: d\narch: {arch}\nfreeze_blocks: {blocks}\n")
-        assert run.config().freeze == freeze
-    (tmp_path / "config.yaml").write_text("data: d\nfreeze_blocks: 2\n")  # the default architecture
-    assert run.config().freeze == "2"
-
-
 def test_focal_loss_is_weighted_cross_entropy_at_gamma_0_and_forgives_confident_right_answers():
-    from pneumoscope.train import FocalLoss
+    from pneumoscope.training.fit import FocalLoss
 
     generator = torch.Generator().manual_seed(0)
     logits, target = torch.randn(64, 3, generator=generator) * 3, torch.randint(0, 3, (64,), generator=generator)
@@ -125,8 +114,8 @@ def test_focal_loss_is_weighted_cross_entropy_at_gamma_0_and_forgives_confident_
 
 
 def test_mixup_blends_image_pairs_and_their_losses_by_the_same_weight(monkeypatch):
-    from pneumoscope.models import create_model
-    from pneumoscope.train import LitClassifier, with_defaults
+    from pneumoscope.nets.registry import create_model
+    from pneumoscope.training.fit import LitClassifier, with_defaults
 
     torch.manual_seed(0)
     model = create_model("simple_cnn", 3).eval()  # eval: BN uses running statistics, so outputs are comparable
@@ -155,8 +144,8 @@ TINY_STEP = dict(arch="simple_cnn", img_size=32, epochs=1, max_images=24, evalua
 @pytest.mark.parametrize("optimizer, schedule, loss", [("adam", "cosine", "focal"), ("sgd", "step", "ce"),
                                                        ("adamw", "plateau", "ce"), ("sgd", "onecycle", "ce")])
 def test_each_optimiser_schedule_and_loss_trains_a_step(tmp_path, optimizer, schedule, loss):
-    from pneumoscope.rundir import RunDir
-    from pneumoscope.train import train
+    from pneumoscope.runs.rundir import RunDir
+    from pneumoscope.training.fit import train
 
     run = RunDir(tmp_path / "run")
     train(tiny_config(FIXTURE_DATA, run.path, optimizer=optimizer, schedule=schedule, loss=loss, **TINY_STEP))
@@ -183,10 +172,10 @@ def test_each_optimiser_schedule_and_loss_trains_a_step(tmp_path, optimizer, sch
 def test_freeze_base_on_resnet18_trains_the_head_only_and_reports_it(tmp_path, caplog):
     import logging
 
-    from pneumoscope.rundir import RunDir, summarize
-    from pneumoscope.train import train
+    from pneumoscope.runs.rundir import RunDir, summarize
+    from pneumoscope.training.fit import train
 
-    caplog.set_level(logging.INFO, logger="pneumoscope.train")
+    caplog.set_level(logging.INFO, logger="pneumoscope.training")
     run = tmp_path / "resnet"
     train(tiny_config(FIXTURE_DATA, run, **{**TINY_STEP, "arch": "resnet18"}, pretrained=False, freeze="base"))
     summary = summarize(run)
@@ -196,8 +185,8 @@ def test_freeze_base_on_resnet18_trains_the_head_only_and_reports_it(tmp_path, c
     assert RunDir(run).config().freeze == "base"
 @pytest.mark.slow
 def test_tiny_run_flows_one_way_into_a_complete_run_directory(tiny_result, tiny_run):
-    from pneumoscope.artifact import load_bundle
-    from pneumoscope.metrics import headline
+    from pneumoscope.bundle import load_bundle
+    from pneumoscope.evaluation.metrics import headline
 
     for name in ("config.yaml", "manifest.csv", "metrics.csv", "curves.png", "env.json", "status.json",
                  "checkpoints/last.ckpt", "checkpoints/best.ckpt", "model/weights.pt", "model/meta.json",
@@ -218,7 +207,7 @@ def test_tiny_run_flows_one_way_into_a_complete_run_directory(tiny_result, tiny_
     assert meta.provenance["best_epoch"] == tiny_result.best_epoch in (0, 1)
     assert "metrics" not in json.loads((tiny_run / "model" / "meta.json").read_text())  # reports hold them
     # the graph saved with the bundle is the one evaluation ran: not stale, nothing exported elsewhere
-    assert bundle.onnx_path("fp32") == tiny_run / "model" / "model.onnx"
+    assert graph_path(bundle, "fp32") == tiny_run / "model" / "model.onnx"
     for split, name in (("val", "val"), ("internal_test", "test")):
         report = json.loads((tiny_run / name / "metrics.json").read_text())
         assert tiny_result.metrics[split] == headline(report)
@@ -230,7 +219,7 @@ def test_tiny_run_flows_one_way_into_a_complete_run_directory(tiny_result, tiny_
 def test_training_really_learns(tmp_path):
     """Binary NORMAL vs PNEUMONIA on 72 real images at 64 px: 4 epochs fit the training set well
     above chance (a broken loss, label mapping or optimizer would leave it near 0.5-0.6)."""
-    from pneumoscope.train import train
+    from pneumoscope.training.fit import train
 
     run = tmp_path / "learn"
     train(tiny_config(FIXTURE_DATA, run, task="binary", epochs=4, aug=0.0, evaluate_test=False,
@@ -244,7 +233,7 @@ def test_lightning_csv_log_is_replaced_whole_so_a_crash_mid_save_keeps_the_rows_
     """logs/metrics.csv: each save writes a new file and renames it into place; a new column rewrites
     it with the rows kept. A save that dies half-way leaves the previous whole file (Lightning's own
     writer appends and rewrites in place, so a kill there left it empty or torn: a CI failure)."""
-    from pneumoscope.train import AtomicCSVLogger
+    from pneumoscope.training.fit import AtomicCSVLogger
 
     logger = AtomicCSVLogger(tmp_path)
     logger.log_metrics({"epoch": 0, "train_loss": 1.0}, step=0)
@@ -277,15 +266,17 @@ def test_an_input_step_is_trained_with_and_recorded_for_every_prediction(tmp_pat
     """--preprocess clahe: every training and validation image passes the step, the temperature is
     fitted on the logits of stepped validation pixels, and the bundle records the step (so every
     prediction applies it: tests/test_predict.py)."""
-    from pneumoscope import data, metrics
-    from pneumoscope.images import input_step
-    from pneumoscope.predict import Classifier
-    from pneumoscope.rundir import RunDir
-    from pneumoscope.train import train
+    from pneumoscope.data import transforms
+    from pneumoscope.data.datasets import load_pixels
+    from pneumoscope.data.images import input_step
+    from pneumoscope.evaluation import metrics
+    from pneumoscope.runs.rundir import RunDir
+    from pneumoscope.runtime.classifier import Classifier
+    from pneumoscope.training.fit import train
 
     stepped, fitted_on = [], []
-    step, fit = data.InputStep.forward, metrics.fit_temperature
-    monkeypatch.setattr(data.InputStep, "forward", lambda self, image: stepped.append(self.method) or step(self, image))
+    step, fit = transforms.InputStep.forward, metrics.fit_temperature
+    monkeypatch.setattr(transforms.InputStep, "forward", lambda self, image: stepped.append(self.method) or step(self, image))
     monkeypatch.setattr(metrics, "fit_temperature", lambda logits, targets: fitted_on.append(logits) or fit(logits, targets))
     result = train(tiny_config(FIXTURE_DATA, tmp_path / "clahe", arch="simple_cnn", epochs=1, img_size=48,
                                preprocess="clahe", evaluate_test=False, calibration="val"))
@@ -294,7 +285,7 @@ def test_an_input_step_is_trained_with_and_recorded_for_every_prediction(tmp_pat
     samples = RunDir(result.run_dir).samples()
     n_train, n_val = (sum(s.split == split for s in samples) for split in ("train", "val"))
     assert set(stepped) == {"clahe"} and len(stepped) >= n_train + n_val
-    val_pixels, _, _ = data.load_pixels([s for s in samples if s.split == "val"], 48)
+    val_pixels, _, _ = load_pixels([s for s in samples if s.split == "val"], 48)
     plain = Classifier.from_model(classifier.model, classifier.meta.replace(preprocess=None), backend="torch")
     np.testing.assert_allclose(fitted_on[0], plain.score_pixels(input_step(val_pixels, "clahe")).logits, atol=1e-4)
     assert not np.allclose(fitted_on[0], plain.score_pixels(val_pixels).logits, atol=1e-3)
@@ -306,8 +297,8 @@ def test_killed_run_is_interrupted_then_resumes_from_python_with_its_saved_confi
     interrupted, and train(TrainConfig(resume=True)) from Python continues it exactly as --resume
     would: with the configuration the run started with, from its last checkpoint, and continuing
     Lightning's logs/metrics.csv (Lightning alone would start it anew, losing the rows before the kill)."""
-    from pneumoscope.rundir import RunDir
-    from pneumoscope.train import train
+    from pneumoscope.runs.rundir import RunDir
+    from pneumoscope.training.fit import train
 
     run = tmp_path / "killed"
     command = [sys.executable, "-m", "pneumoscope.cli", "train", "--data", str(FIXTURE_DATA), "--out", str(run),
@@ -349,8 +340,8 @@ def test_resuming_a_copied_run_continues_the_copy_alone(tmp_path):
     the best score so far comes back with the copy's own best.ckpt."""
     import shutil
 
-    from pneumoscope.rundir import RunDir
-    from pneumoscope.train import MONITOR, RunCheckpoint, train
+    from pneumoscope.runs.rundir import RunDir
+    from pneumoscope.training.fit import MONITOR, RunCheckpoint, train
 
     original, copy = tmp_path / "original", tmp_path / "copy"
     train(tiny_config(FIXTURE_DATA, original, **TINY_STEP))
@@ -375,8 +366,8 @@ def test_resuming_a_copied_run_continues_the_copy_alone(tmp_path):
 def test_a_resumed_run_removes_what_a_killed_write_left_and_nothing_else(tmp_path):
     """A process killed inside atomic_write leaves its temporary (.<name>.<random>.tmp) beside the
     file. The next start or resume of the run deletes those in the run's own folders only."""
-    from pneumoscope.files import atomic_write
-    from pneumoscope.train import train
+    from pneumoscope.core.files import atomic_write
+    from pneumoscope.training.fit import train
 
     run = tmp_path / "run"
     train(tiny_config(FIXTURE_DATA, run, **TINY_STEP))
@@ -402,7 +393,7 @@ def test_a_resumed_run_removes_what_a_killed_write_left_and_nothing_else(tmp_pat
 @pytest.mark.slow
 def test_cli_train_from_manifest_uses_its_split_and_prints_the_result(tmp_path, capsys):
     from pneumoscope.cli import main
-    from pneumoscope.data import read_manifest
+    from pneumoscope.data.datasets import read_manifest
 
     manifest = tmp_path / "m.csv"
     assert main(["split", "--data", str(FIXTURE_DATA), "--out", str(manifest), "--seed", "5"]) == 0
@@ -463,8 +454,8 @@ def test_training_console_says_each_thing_once_then_resume_needs_no_data(tmp_pat
 def test_kept_epochs_hold_the_ema_average_from_its_start_epoch(tmp_path):
     """--keep-epochs keeps one checkpoint per epoch, and what it keeps is the EMA average: frozen
     at the initial weights until ema_start_epoch, then following training."""
-    from pneumoscope.rundir import RunDir, checkpoint_weights
-    from pneumoscope.train import train
+    from pneumoscope.runs.rundir import RunDir, checkpoint_weights
+    from pneumoscope.training.fit import train
 
     run = tmp_path / "run"
     train(tiny_config(FIXTURE_DATA, run, arch="simple_cnn", img_size=32, epochs=3, ema_decay=0.9,
@@ -478,7 +469,8 @@ def test_kept_epochs_hold_the_ema_average_from_its_start_epoch(tmp_path):
 
 
 def test_augmented_views_are_seeded_strong_augmentations_that_leave_the_global_random_state_alone(fixture_data):
-    from pneumoscope.data import augmented_views, load_pixels, read_dataset
+    from pneumoscope.data.datasets import load_pixels, read_dataset
+    from pneumoscope.data.transforms import augmented_views
 
     pixels, _, _ = load_pixels(read_dataset(fixture_data).samples[:6], 64)
     numpy_state, torch_state = np.random.get_state()[1].copy(), torch.random.get_rng_state().clone()
@@ -495,16 +487,17 @@ def test_calibrate_fits_the_temperature_again_and_leaves_the_weights(tiny_run, t
     """A run is calibrated on augmented validation views by default; `pneumoscope calibrate RUN --on
     val` refits on the validation images as they are, rewrites the bundle and the val report, and
     keeps the weights."""
-    from pneumoscope.artifact import load_bundle
+    from pneumoscope.bundle import load_bundle
     from pneumoscope.cli import main
-    from pneumoscope.data import augmented_views, class_indices, load_pixels
-    from pneumoscope.metrics import fit_temperature
-    from pneumoscope.predict import Classifier
-    from pneumoscope.rundir import RunDir
+    from pneumoscope.data.datasets import class_indices, load_pixels
+    from pneumoscope.data.transforms import augmented_views
+    from pneumoscope.evaluation.metrics import fit_temperature
+    from pneumoscope.runs.rundir import RunDir
+    from pneumoscope.runtime.classifier import Classifier
 
     run = RunDir(shutil.copytree(tiny_run, tmp_path / "run"))
     before = load_bundle(run.model_path())
-    weights = before.load_model().state_dict()
+    weights = load_network(before).state_dict()
     val_report = (run.report_dir("val") / "metrics.json").read_text()
     assert before.meta.provenance["calibration"] == "augmented"
 
@@ -512,18 +505,18 @@ def test_calibrate_fits_the_temperature_again_and_leaves_the_weights(tiny_run, t
     after = load_bundle(run.model_path())
     assert after.meta.provenance["calibration"] == "val" and after.meta.replace(temperature=1, provenance={}) == \
         before.meta.replace(temperature=1, provenance={})
-    assert all(torch.equal(value, weights[name]) for name, value in after.load_model().state_dict().items())
+    assert all(torch.equal(value, weights[name]) for name, value in load_network(after).state_dict().items())
     assert (run.report_dir("val") / "metrics.json").read_text() != val_report
 
     size = before.meta.img_size
     pixels, val, _ = load_pixels([s for s in run.samples() if s.split == "val"], size)
     targets = class_indices(val, before.meta.classes, before.meta.task)
-    scorer = Classifier.from_model(after.load_model(), after.meta.replace(temperature=1.0), backend="torch")
+    scorer = Classifier.from_model(load_network(after), after.meta.replace(temperature=1.0), backend="torch")
     assert after.meta.temperature == pytest.approx(fit_temperature(scorer.score_pixels(pixels).logits, targets),
                                                    rel=1e-3)
     # scored as training scores it, channels-last: the last digits differ from the contiguous layout,
     # which moves this barely trained model's flat temperature optimum by ~0.2% on some CPUs
-    trained = Classifier.from_model(after.load_model().to(memory_format=torch.channels_last),
+    trained = Classifier.from_model(load_network(after).to(memory_format=torch.channels_last),
                                     after.meta.replace(temperature=1.0), backend="torch")
     augmented = trained.score_pixels(augmented_views(pixels, size)).logits
     assert before.meta.temperature == pytest.approx(fit_temperature(augmented, np.tile(targets, 2)), rel=1e-3)
@@ -541,8 +534,8 @@ def test_a_resumed_run_continues_from_the_live_weights_and_the_ema_average_it_wa
     from other weights than the uninterrupted run, and nothing else would show it. And epoch 1
     draws the same shuffle, augmentations and dropout (from the seed and the epoch alone), so the
     resumed run ends epoch 1 with the uninterrupted run's weights."""
-    import pneumoscope.train as training
-    from pneumoscope.train import train
+    import pneumoscope.training.fit as training
+    from pneumoscope.training.fit import train
 
     seen = {}
 

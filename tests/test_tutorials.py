@@ -17,9 +17,8 @@ import logging
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageOps
-
 from conftest import FIXTURE_DATA
+from PIL import Image, ImageOps
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +107,7 @@ def train_run(tmp_path: Path, name: str, data: Path, *options, caplog) -> tuple[
 
 
 def load_meta(run: Path):
-    from pneumoscope.artifact import load_bundle
+    from pneumoscope.bundle import load_bundle
 
     return load_bundle(run / "model").meta
 
@@ -118,8 +117,8 @@ def check_bundle_answers(run: Path, data: Path, classes: tuple[str, ...], image:
     """The bundle's classes are the dataset's, and evaluate, predict and the REST answer use them."""
     from fastapi.testclient import TestClient
 
-    from pneumoscope.artifact import load_bundle
-    from pneumoscope.predict import Classifier
+    from pneumoscope.bundle import load_bundle
+    from pneumoscope.runtime.classifier import Classifier
     from pneumoscope.serve import create_app
 
     bundle = run / "model"

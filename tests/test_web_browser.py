@@ -5,7 +5,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import EXAMPLES
 
 from pneumoscope.serve import create_app, serve_in_thread

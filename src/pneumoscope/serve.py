@@ -43,7 +43,10 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 
 from . import __version__
-from .predict import Classifier, Record
+from .bundle import is_shipped
+from .runs.rundir import describe_data, recorded_data
+from .runtime.classifier import Classifier, Record
+from .runtime.explain import cam_png
 
 INTENDED_USE = ("Research, teaching and second-reader use only. pneumoscope is not a medical device and its "
                 "output is not a diagnosis: a qualified clinician must read every X-ray.")
@@ -266,8 +269,6 @@ def create_app(classifier: Classifier | None = None, task: str = "three", max_up
 def training_data(classifier: Classifier) -> str:
     """One sentence on the model's own data for the card and the page footer: its provenance's split
     sizes and source (rundir.data_facts); for a shipped model also what population that was."""
-    from .artifact import is_shipped
-    from .rundir import describe_data, recorded_data
 
     bundle = classifier.bundle
     described = describe_data(recorded_data(classifier.meta, bundle.metrics() if bundle else {}))
@@ -290,7 +291,6 @@ def _infer(classifier: Classifier, data: bytes, name: str, cam: bool) -> tuple[R
     record = classifier.records(classifier.score_decoded([decoded]))[0]
     if not cam:
         return record, None
-    from .explain import cam_png
 
     return record, cam_png(classifier, record, decoded)
 

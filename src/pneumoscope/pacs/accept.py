@@ -11,10 +11,15 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from pydicom.uid import (UID, ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
-                         DigitalXRayImageStorageForProcessing, UncompressedTransferSyntaxes)
+from pydicom.uid import (
+    UID,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    UncompressedTransferSyntaxes,
+)
 
-from ..images import ImageReadError, ImageTooLargeError, open_dicom, read_xray
+from ..data.images import ImageReadError, ImageTooLargeError, open_dicom, read_xray
 
 READ_SOP_CLASSES = {ComputedRadiographyImageStorage: "CR", DigitalXRayImageStorageForPresentation: "DX"}
 CHEST_WORDS = ("CHEST", "THORAX", "LUNG")  # BodyPartExamined values read as a chest ("CHEST" is DICOM's term)

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..files import atomic_write
+from ..core.files import atomic_write
 from .accept import CANNOT_UNDERSTAND, READ_SOP_CLASSES, Refusal, check_instance, dataset_bytes, valid_uid
 from .destinations import Rejected, StowDestination, Unavailable, dicomweb_client
+from .report import read_instance
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,6 @@ class ArchiveReader:
         return counts
 
     def read(self, study: str, series: str, uid: str, counts: PassCounts) -> None:
-        from .report import read_instance
-
         retrieved = self.client.retrieve_instance(study, series, uid)  # WADO-RS
         label = f"{uid} ({self.url})"
         try:

@@ -27,10 +27,19 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..files import atomic_write, remove_stale_temporaries
-from .accept import (CANNOT_UNDERSTAND, DOES_NOT_MATCH, OUT_OF_RESOURCES, SUCCESS, Refusal, check_instance,
-                     readable_transfer_syntaxes, valid_uid)
+from ..core.files import atomic_write, remove_stale_temporaries
+from .accept import (
+    CANNOT_UNDERSTAND,
+    DOES_NOT_MATCH,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    Refusal,
+    check_instance,
+    readable_transfer_syntaxes,
+    valid_uid,
+)
 from .destinations import Rejected, Unavailable
+from .report import prepare_overlay, read_instance
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +169,6 @@ class Node:
 
     def start(self) -> None:
         if self.config.overlay:
-            from .report import prepare_overlay
-
             prepare_overlay(self.classifier)
         ae, handlers = self.application_entity()
         try:
@@ -240,8 +247,6 @@ class Node:
             self.process(uid)
 
     def process(self, uid: str) -> None:
-        from .report import read_instance
-
         if self.spool.is_done(uid):  # received again while it was waiting
             self.spool.drop(uid)
             return

@@ -24,7 +24,9 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from .. import __version__
-from ..predict import Classifier, Decoded, Record
+from ..data.images import open_dicom
+from ..runtime.classifier import Classifier, Decoded, Record
+from ..runtime.explain import cam_heatmap, caption, overlay_image, target_layers
 from .accept import CANNOT_UNDERSTAND, Refusal
 
 MANUFACTURER = "pneumoscope"
@@ -63,7 +65,6 @@ def read_instance(classifier: Classifier, data: bytes, label: str, overlay: bool
     """Classifies one DICOM file's bytes exactly as `pneumoscope predict` does (the same decoder and
     model) and builds its SR, and with `overlay` its Secondary Capture. A file that does not
     decode raises Refusal."""
-    from ..images import open_dicom
 
     source = evidence(open_dicom(data, label))
     decoded = classifier.decode(data, label, keep_gray=overlay)
@@ -140,7 +141,6 @@ def prepare_overlay(classifier: Classifier) -> None:
     """Loads PyTorch, grad-cam and the network and finds Grad-CAM's layer (one traced forward), so
     that a node started with --overlay fails at start-up when it cannot, and its first image does
     not wait for them."""
-    from ..explain import target_layers
 
     target_layers(classifier.model, classifier.img_size)
 
@@ -150,7 +150,6 @@ def overlay_capture(source, record: Record, classifier: Classifier, decoded: Dec
     import highdicom as hd
     from pydicom.dataset import Dataset
 
-    from ..explain import caption, cam_heatmap, overlay_image
 
     heat = cam_heatmap(classifier, decoded.pixels, classifier.classes.index(record.label))
     text = f"{caption(record)}\n{classifier.name}\nnot for diagnostic use"

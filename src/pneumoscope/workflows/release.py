@@ -10,13 +10,21 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .artifact import METRICS, ONNX_INT8, load_bundle, save_bundle, write_meta, write_metrics
-from .backends import openvino_precision
-from .evaluate import evaluate_samples
-from .files import atomic_write
-from .labels import THREE
-from .metrics import headline
-from .rundir import RunDir, data_facts, describe_data, recorded_data, summarize
+from ..bundle import METRICS, ONNX_INT8, load_bundle, write_meta, write_metrics
+from ..core.files import atomic_write
+from ..core.labels import THREE
+from ..data.datasets import class_indices, load_pixels, read_dataset
+from ..data.images import read_xray
+from ..evaluation.metrics import headline
+from ..evaluation.plots import mistakes_png
+from ..evaluation.report import evaluate_samples
+from ..nets.build import build_model, load_network
+from ..runs.rundir import RunDir, data_facts, describe_data, recorded_data, summarize
+from ..runtime.backends import openvino_can_run, openvino_precision
+from ..runtime.classifier import Classifier
+from ..runtime.export import export_int8, save_with_graph
+from ..runtime.guard import GuardConfig, fit_guard
+from ..training.fit import calibration_temperature, validation_pixels
 
 BINARY_GROUPS = ((0,), (1, 2))  # NORMAL | BACTERIA + VIRUS, indices into labels.THREE
 RUNTIME_NOTES = {
@@ -60,7 +68,7 @@ def ship_run(run_dir: str | Path, models_dir: str | Path = "models", docs_dir: s
     if model_path is None:
         raise FileNotFoundError(f"{run.path}: no model yet; is the run finished?")
     bundle = load_bundle(model_path)
-    model = bundle.load_model()
+    model = load_network(bundle)
     samples = run.samples()
     provenance = bundle.meta.provenance
     data = provenance.get("data") or data_facts(samples, provenance.get("train_config", {}).get("data"))
@@ -82,8 +90,6 @@ def measure_external(external: str | Path, models_dir: str | Path = "models", do
     acquisition batch, never trained on and never used to fit a parameter) into
     docs/model-card/<task>/external/ and adds its headline to the bundle's metrics.json. These
     figures guide choices, so the card labels them "used for selection"."""
-    from .data import read_dataset
-    from .predict import Classifier
 
     models_dir, docs_dir = Path(models_dir), Path(docs_dir)
     measured = []
@@ -110,13 +116,11 @@ def measure_external(external: str | Path, models_dir: str | Path = "models", do
 
 def _ship(model, meta, samples, models_dir: Path, docs_dir: Path, int8_calibration: int = 0) -> Path:
     """One bundle, written once, then measured: metrics.json beside it, reports in the docs."""
-    from .export import export_int8
-    from .predict import Classifier
 
     target = models_dir / meta.task
     for stale in (ONNX_INT8, METRICS):  # made from, or measured on, the model this replaces
         (target / stale).unlink(missing_ok=True)
-    save_bundle(model, meta.replace(guard=None), target)
+    save_with_graph(model, meta.replace(guard=None), target)
     reports = docs_dir / "model-card" / meta.task
     if int8_calibration:
         export_int8(target, samples, int8_calibration, out=target / ONNX_INT8)  # ship writes models/, no one else
@@ -130,7 +134,6 @@ def _ship(model, meta, samples, models_dir: Path, docs_dir: Path, int8_calibrati
 def measure_runtimes(target: Path, samples, reports: Path) -> dict:
     """Val and internal test figures of the other runtimes (extra_runtimes) on the bundle, for the
     card's rows beside fp32."""
-    from .predict import Classifier
 
     measured = {runtime: _measure(Classifier.load(target, backend=runtime), samples, reports / runtime, plots=False)
                 for runtime in extra_runtimes(target, load_bundle(target).meta)}
@@ -151,9 +154,6 @@ def fit_bundle_guard(target: Path, samples) -> dict:
     and writes it into meta.json. The guard is not part of the fingerprint, so the graphs stay
     current. A merged read (binary from a 3-class network) has that network's features: its class
     means are those of the network's own classes."""
-    from .data import class_indices, load_pixels
-    from .guard import GuardConfig, fit_guard
-    from .predict import Classifier
 
     meta = load_bundle(target).meta
     classes, task = (THREE, "three") if meta.merge_outputs else (meta.classes, meta.task)
@@ -179,7 +179,6 @@ def extra_runtimes(target: Path, meta) -> list[str]:
     can run the graph; bf16 on CPUs with native bf16)."""
     import importlib.util
 
-    from .backends import openvino_can_run
 
     runtimes = ["int8"] if (target / ONNX_INT8).is_file() else []
     return runtimes + (["openvino"] if importlib.util.find_spec("openvino") and openvino_can_run(meta) else [])
@@ -200,9 +199,6 @@ def _ship_binary(model, meta, samples, models_dir: Path, docs_dir: Path, int8_ca
     """The 3-class network read through a merge of its outputs (NORMAL | BACTERIA + VIRUS), with
     its own temperature fitted on the validation images of that merged output, the way the 3-class
     run fitted its own (`provenance.calibration`; runs from before it was recorded fitted on `val`)."""
-    from .artifact import build_model
-    from .predict import Classifier
-    from .train import calibration_temperature, validation_pixels
 
     calibration = meta.provenance.get("calibration", "val")
     binary = meta.replace(task="binary", classes=("NORMAL", "PNEUMONIA"), merge_outputs=BINARY_GROUPS,
@@ -295,9 +291,7 @@ def _recipe(config: dict) -> str:
 
 
 def _frozen(config: dict) -> str:
-    """What the training kept frozen, in the card's words (runs before --freeze saved freeze_blocks)."""
-    if "freeze_blocks" in config:
-        return f"first {config['freeze_blocks']} blocks frozen"
+    """What the training kept frozen, in the card's words."""
     freeze = config.get("freeze")
     if freeze in ("none", "0"):
         return "nothing frozen"
@@ -412,9 +406,6 @@ def _confident_mistakes(report_dir: Path, n: int = 8) -> list[tuple[str, str, st
              for r in rows if r["true"] != r["predicted"]]
     wrong.sort(key=lambda w: -w[3])
     if wrong:
-        from .images import read_xray
-        from .plots import mistakes_png
-
         mistakes_png([read_xray(p) for p, *_ in wrong[:n]], [f"{pr} {prob:.2f}\n[{t}]" for _, t, pr, prob in wrong[:n]],
                      report_dir / "mistakes.png")
     return wrong[:n]

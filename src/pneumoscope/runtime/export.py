@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -16,11 +17,27 @@ from pathlib import Path
 
 import torch
 
-from .artifact import FINGERPRINT_KEY, META_KEY, ModelMeta, graph_metadata, load_bundle, model_fingerprint
-from .backends import to_batch
-from .files import atomic_write
-from .models import LogitsAndFeatures
+from ..bundle import (
+    FINGERPRINT_KEY,
+    META_KEY,
+    ONNX_FP32,
+    WEIGHTS,
+    Bundle,
+    ModelMeta,
+    file_sha256,
+    fingerprint,
+    graph_metadata,
+    load_bundle,
+    model_fingerprint,
+    save_bundle,
+)
+from ..core.files import atomic_write
+from ..data.images import input_step, read_xray, resize_square, to_batch
+from ..nets.build import load_network
+from ..nets.registry import LogitsAndFeatures
+from .graphs import current_graph, missing_int8
 
+log = logging.getLogger(__name__)
 OPSET = 17
 QUANTIZATION_KEY = "pneumoscope_quantization"
 
@@ -43,7 +60,7 @@ def onnx_bytes(model: torch.nn.Module, meta: ModelMeta, opset: int = OPSET, fing
         warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning,
                                 module=r"torch\.onnx\.")
         # the graph has the bundle's one image size (only the batch axis is dynamic): the feature map
-        # sizes the exportable pools read (models.exportable_pools) are constants of it by design
+        # sizes the exportable pools read (nets.registry.exportable_pools) are constants of it by design
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"pneumoscope\.")
         try:
             torch.onnx.export(net, (torch.rand(1, 1, size, size),), buffer, dynamo=False,
@@ -77,13 +94,36 @@ def export_onnx(model: torch.nn.Module, meta: ModelMeta, out: str | os.PathLike,
     return Path(out)
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
+def graph_path(bundle: Bundle, kind: str = "fp32") -> Path:
+    """A graph of `kind` made from exactly `bundle`'s weights and meta (`graphs.current_graph`). A
+    missing or stale fp32 graph is exported into the cache (so the same content is exported once,
+    and a shipped bundle is never written); a missing or stale int8 graph is a one-line error."""
+    found = current_graph(bundle, kind)
+    if found is not None:
+        return found
+    if kind == "int8":
+        raise missing_int8(bundle)
+    cached = bundle.cached_graph(kind)
+    log.info("%s is missing or stale; exporting %s", bundle.graph_location(kind), cached)
+    return export_onnx(load_network(bundle), bundle.meta, cached)
+
+
+def save_with_graph(model: torch.nn.Module, meta: ModelMeta, out: str | os.PathLike) -> Path:
+    """A bundle directory with its fp32 graph: weights.pt and meta.json (`bundle.save_bundle`), then
+    model.onnx made from them, each written atomically."""
+    out = save_bundle(model, meta, out)
+    # the fingerprint of the file just written: serializing a large network again costs seconds
+    export_onnx(model, meta, out / ONNX_FP32, fingerprint=fingerprint(file_sha256(out / WEIGHTS), meta))
+    return out
+
+
+def export_bundle(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
                       opset: int = OPSET) -> Path:
-    """Exports a bundle (or legacy model.pt); by default to its own graph file (`model.onnx` in the
-    bundle, `<name>.onnx` beside a legacy file) when the bundle is the user's own, else into the
+    """Exports a bundle; by default to its own graph file (`model.onnx` in the bundle) when the
+    bundle is the user's own, else into the
     cache (`Bundle.export_location`); prediction finds it in either place."""
     bundle = load_bundle(checkpoint)
-    return export_onnx(bundle.load_model(), bundle.meta, out or bundle.export_location("fp32"), opset)
+    return export_onnx(load_network(bundle), bundle.meta, out or bundle.export_location("fp32"), opset)
 
 
 def set_metadata(proto, props: dict[str, str]) -> None:
@@ -110,7 +150,6 @@ def calibration_pixels(samples, size: int, n: int = 256, seed: int = 0, preproce
     none, decoded at the model's input size and through its input step: N x size x size uint8."""
     import numpy as np
 
-    from .images import input_step, read_xray, resize_square
 
     pool = [s for s in samples if s.split == "train"] or list(samples)
     chosen = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)
@@ -145,7 +184,7 @@ def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, pixels) 
 
 def export_int8(checkpoint: str | os.PathLike, calibration_samples, n_calibration: int = 256,
                 out: str | os.PathLike | None = None, opset: int = OPSET) -> Path:
-    """Bundle (or legacy model.pt) -> int8 graph, calibrated on `n_calibration` of the samples (see
+    """Bundle -> int8 graph, calibrated on `n_calibration` of the samples (see
     calibration_pixels); by default the bundle's own `model.int8.onnx` (the cache's for a bundle that
     is not the user's own: `Bundle.export_location`), where backend "int8" looks."""
     bundle = load_bundle(checkpoint)
@@ -153,7 +192,7 @@ def export_int8(checkpoint: str | os.PathLike, calibration_samples, n_calibratio
                                 preprocess=bundle.meta.preprocess)
     out = out or bundle.export_location("int8")
     if opset == OPSET:  # the bundle's own fp32 graph (fingerprint-checked; exported only if missing or stale)
-        return quantize_int8(bundle.onnx_path("fp32"), out, pixels)
+        return quantize_int8(graph_path(bundle, "fp32"), out, pixels)
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = export_onnx(bundle.load_model(), bundle.meta, Path(tmp) / "fp32.onnx", opset)
+        fp32 = export_onnx(load_network(bundle), bundle.meta, Path(tmp) / "fp32.onnx", opset)
         return quantize_int8(fp32, out, pixels)

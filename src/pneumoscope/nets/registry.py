@@ -24,7 +24,7 @@ from timm.models.vgg import ConvMlp
 from torch import nn
 from torch.nn import functional as F
 
-from .config import DEFAULT_ARCH, parse_freeze  # noqa: F401  (defined torch-free for the CLI)
+from ..core.config import parse_freeze
 
 IMAGENET_MEAN, IMAGENET_STD = 0.449, 0.226  # the mean of ImageNet's RGB statistics, for gray input
 WEIGHT_SOURCES = ("wheel", "timm", "torchvision", "none")

@@ -13,8 +13,11 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from .files import atomic_write
-from .rundir import RunDir, find_runs, resolve, summarize
+from ..core.files import atomic_write
+from ..data.datasets import own_sides, patient_folds, read_dataset, warn_per_image_groups, write_manifest
+from ..evaluation import plots
+from ..runs.rundir import RunDir, find_runs, resolve, summarize
+from ..training.fit import is_main_process, subsample_by_patient, train, with_dataset_task
 
 
 # ---------------------------------------------------------------- `pneumoscope runs`
@@ -56,7 +59,6 @@ def compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     """comparison.csv, curves.png, train_time.png, peak_memory.png (process RAM), val_acc.png (the
     saved models' validation accuracy), gpu_memory.png (when a run trained on CUDA) and report.md for the given runs. Unfinished and
     failed runs are kept, labelled with their status."""
-    from . import plots
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,10 +120,6 @@ def cross_validate(config, n_folds: int) -> dict:
     folds written as manifests (<out>/folds/fold-<i>.csv); fold i is then an ordinary training on
     its manifest, in <out>/fold-<i>/, validated on the held-out fold (no internal test). Writes
     cv_summary.json/.csv. With resume, folds that already finished are kept."""
-    from .train import is_main_process, train
-
-    from .data import read_dataset
-    from .train import with_dataset_task
 
     if n_folds < 2:
         raise ValueError("--folds needs at least 2 folds")
@@ -142,8 +140,6 @@ def write_fold_manifests(config, root: Path, n_folds: int, dataset=None) -> list
     the data but its test side (a manifest's test rows, a tree's own test/ folder when it holds
     enough images: data.own_sides). Seeded, so every rank of a multi-process run writes the same
     files (atomically); a resumed run keeps its own."""
-    from .data import own_sides, patient_folds, read_dataset, warn_per_image_groups, write_manifest
-    from .train import subsample_by_patient
 
     paths = [root / "folds" / f"fold-{fold}.csv" for fold in range(n_folds)]
     if all(p.is_file() for p in paths):
@@ -191,7 +187,6 @@ def write_cv_summary(root: Path, n_folds: int) -> dict:
 
 
 # ---------------------------------------------------------------- hyperparameter search
-TUNED = ("lr", "aug", "img_size", "label_smoothing", "class_weight_power")  # what `tune` searches
 
 
 def tune(base, n_trials: int, study_name: str, img_sizes=(128, 160, 192)):
@@ -201,7 +196,6 @@ def tune(base, n_trials: int, study_name: str, img_sizes=(128, 160, 192)):
     evaluate the internal test split: choosing among them must not look at it."""
     import optuna
 
-    from .train import train
 
     project_dir = Path(base.root) / base.project
     project_dir.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from .images import INPUT_STEPS
 from .labels import TASKS
 
 DEFAULT_ARCH = "efficientnet_lite0"
@@ -22,8 +21,11 @@ OPTIMIZERS = ("adamw", "adam", "sgd")  # train.make_optimizer
 SCHEDULES = ("onecycle", "cosine", "step", "plateau")  # train.make_schedule
 LOSSES = ("ce", "focal")  # train.make_loss
 CALIBRATIONS = ("augmented", "val")  # train.calibration_temperature
-PRECISIONS = ("32", "bf16-mixed", "16-mixed")
-HEAD_INITS = ("random", "zero")  # train.init_head  # Lightning's names; 16-mixed is for CUDA
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")  # Lightning's names; 16-mixed is for CUDA
+HEAD_INITS = ("random", "zero")  # training init_head
+INPUT_STEPS = ("none", "clahe")  # ModelMeta.preprocess / train --preprocess (data.images.input_step)
+BACKENDS = ("auto", "int8", "onnx", "torch", "openvino", "openvino-int8")  # runtime.backends.open_backend
+TUNED = ("lr", "aug", "img_size", "label_smoothing", "class_weight_power")  # what `tune` searches
 # Patients' shares of a dataset folder (data.split_by_patient), test first. 5% validation (not 15%)
 # gives training 13% more images; chosen on the external group: docs/benchmarks.md, session 7.
 VAL_FRACTION, TEST_FRACTION = 0.05, 0.15
@@ -113,12 +115,9 @@ class TrainConfig:
     def from_dict(cls, values: dict, source: str = "configuration") -> "TrainConfig":
         """A configuration from plain values (a YAML file, a run's config.yaml), type-checked;
         `source` names the file in the one-line error."""
-        if values.get("extra"):  # written by pneumoscope 0.1's cross-validation (config.extra["cv_fold"])
-            raise ValueError(f"{source}: a cross-validation fold of an older pneumoscope; rerun that cross-validation")
-        values = _renamed_options(values)
         hints = typing.get_type_hints(cls)
         known = {f.name: f for f in fields(cls)}
-        unknown = sorted(map(str, set(values) - set(known) - {"extra"}))  # a YAML key may be a number
+        unknown = sorted(map(str, set(values) - set(known)))  # a YAML key may be a number
         if unknown:
             raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}")
         coerced = {k: _coerce(k, v, hints[k], source) for k, v in values.items() if k in known}
@@ -133,20 +132,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _renamed_options(values: dict) -> dict:
-    """Options as older runs saved them, in today's terms. `freeze_blocks: N` froze the stem and
-    the first N blocks of an EfficientNet and nothing on other architectures: `freeze: N` there,
-    `freeze: none` elsewhere."""
-    if "freeze_blocks" not in values:
-        return values
-    values = dict(values)
-    blocks = values.pop("freeze_blocks")
-    if values.get("freeze") is None:
-        efficientnet = str(values.get("arch", DEFAULT_ARCH)).startswith("efficientnet")
-        values["freeze"] = str(blocks) if efficientnet else "none"
-    return values
 
 
 def parse_freeze(value: str | int) -> str | int:

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, TextIO
 
 from tqdm import tqdm
 
-from .predict import Classifier, Record, Skipped, expand_inputs
+from ..runtime.classifier import Classifier, Record, Skipped, expand_inputs
 
 try:
     import fcntl
@@ -71,7 +71,7 @@ def predict_paths(classifier: Classifier, paths: list[str], fmt: str = "json", o
                   f"skipped, {total} to do", file=sys.stderr)
         cams = None
         if cam_dir:
-            from .explain import CamWriter
+            from ..runtime.explain import CamWriter  # lazy: Grad-CAM loads PyTorch, only for --cam
 
             cams = CamWriter(classifier, cam_dir)
         progress = tqdm(total=total, unit="img", file=sys.stderr, disable=not output,

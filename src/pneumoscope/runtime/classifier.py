@@ -19,26 +19,21 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .artifact import Bundle, BundleError, ModelMeta, load_bundle, resolve_model
-from .backends import (BACKENDS, Backend, TorchBackend, backend_for_model, cpu_threads, open_backend,
-                       side_by_side, to_batch)
-from .guard import NOT_XRAY, guard_warnings, load_guard, stats_for
-from .images import ImageReadError, ImageTooLargeError, input_step, read_xray_with_info, resize_square
-from .labels import is_image_file
+from ..bundle import Bundle, BundleError, ModelMeta, load_bundle, resolve_model
+from ..core.config import BACKENDS
+from ..core.labels import is_image_file
+from ..data.images import ImageReadError, ImageTooLargeError, input_step, read_xray_with_info, resize_square, to_batch
+from .backends import (
+    Backend,
+    TorchBackend,
+    backend_for_model,
+    cpu_threads,
+    open_backend,
+    side_by_side,
+)
+from .guard import NOT_XRAY, guard_warnings, image_warnings, load_guard, model_warnings, stats_for
 
-__all__ = ["BACKENDS", "Classifier", "Decoded", "Record", "Scores", "Skipped", "expand_inputs", "image_warnings",
-           "model_warnings", "to_batch"]
-
-# The input guard (docs/inputs.md). Over all 5,232 images of the training data the smallest gray-level
-# standard deviation is 19.8 and the fewest distinct gray levels 113, so these limits leave real
-# radiographs alone.
-MAX_COLOUR = 0.04  # mean channel spread (images.colour_spread): 0 for gray, 0.15-0.45 for photos
-MIN_STD = 8.0  # gray levels: below this the image is blank or nearly so
-MIN_LEVELS = 32  # fewer distinct gray levels: a drawing, mask, phantom or binary image
-MIN_SIDE = 64  # px
-MAX_ASPECT = 2.5  # longer side / shorter side
-MAX_ENTROPY = 0.9  # normalized entropy of the calibrated probabilities above which the model is unsure
-
+__all__ = ["Classifier", "Decoded", "Record", "Scores", "Skipped", "expand_inputs"]
 
 @dataclass
 class Record:
@@ -101,7 +96,7 @@ class Scores:
 class Classifier:
     """A model on a backend plus its preprocessing and calibration, ready to classify X-rays.
 
-    Build one with `load` (a bundle, a legacy model.pt, or the shipped model for a task) or
+    Build one with `load` (a bundle, or the shipped model for a task) or
     `from_model` (an in-memory network). `model` is the PyTorch network (loaded on first use when
     predictions run on ONNX Runtime: Grad-CAM needs it); `torch_lock` serialises its forwards.
     """
@@ -117,18 +112,18 @@ class Classifier:
         self.img_size: int = meta.img_size
         self.preprocess: str | None = meta.preprocess
         self.temperature: float = meta.temperature
-        stats = stats_for(meta.guard, runtime.name)  # statistics of this backend's own features, or none
+        stats = stats_for(meta.guard, runtime.graph_kind)  # statistics of this graph's own features, or none
         try:
             self.guard = load_guard(stats) if stats else None
         except ValueError as err:
             raise BundleError(f"{bundle.path if bundle else meta.name}: {err}") from None
-        int8 = "-int8" if runtime.name.endswith("int8") else ""
+        int8 = "-int8" if runtime.graph_kind == "int8" else ""
         self.name = f"{meta.name}{int8}@{meta.version}"
 
     @classmethod
     def load(cls, bundle_or_checkpoint: str | os.PathLike | Bundle | None = None, task: str = "three",
              backend: str = "auto") -> "Classifier":
-        """Loads a bundle directory (or legacy model.pt), or the shipped model for `task` when none is
+        """Loads a bundle directory, or the shipped model for `task` when none is
         given, on `backend` (see `backends.open_backend`: auto, onnx, int8 or torch)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -149,9 +144,11 @@ class Classifier:
     @property
     def model(self):
         """The PyTorch model (loaded from the bundle on first use when predictions run on ONNX)."""
+        from ..nets.build import load_network  # lazy: PyTorch loads for Grad-CAM or the torch backend only
+
         with self.torch_lock:
             if self._model is None:
-                self._model = self.bundle.load_model()
+                self._model = load_network(self.bundle)
             return self._model
 
     # -------------------------------------------------------------- arrays
@@ -258,37 +255,6 @@ class Classifier:
         """Streams records in input order (see score_batches)."""
         for _, scores in self.score_batches(sources, names, batch_size):
             yield from self.records(scores)
-
-
-# ------------------------------------------------------------------ the input guard
-def image_warnings(gray: np.ndarray, info: dict) -> list[str]:
-    """Measurable signs, on the decoded image before it is squashed, that it is no chest radiograph."""
-    height, width = gray.shape
-    short, long = min(height, width), max(height, width)
-    histogram = np.bincount(gray.ravel(), minlength=256)  # one pass; std and levels follow from it
-    levels = np.arange(256)
-    mean = (histogram * levels).sum() / gray.size
-    std = float(np.sqrt((histogram * (levels - mean) ** 2).sum() / gray.size))
-    distinct = int((histogram > 0).sum())
-    checks = [
-        (info.get("colour", 0.0) > MAX_COLOUR,
-         f"colour image (mean channel spread {info.get('colour', 0.0):.3f} > {MAX_COLOUR})"),
-        (std < MIN_STD, f"blank or nearly constant image (gray-level std {std:.1f} < {MIN_STD:g})"),
-        (distinct < MIN_LEVELS, f"only {distinct} distinct gray levels (< {MIN_LEVELS}): a drawing or mask"),
-        (short < MIN_SIDE, f"tiny image ({width}x{height}, a side under {MIN_SIDE} px)"),
-        (long > MAX_ASPECT * short, f"extreme aspect ratio ({width}x{height}, over {MAX_ASPECT:g}:1)"),
-    ]
-    return [NOT_XRAY + text for failed, text in checks if failed]
-
-
-def model_warnings(probabilities: np.ndarray) -> list[str]:
-    """The model's own doubt: normalized entropy (0 = certain, 1 = all classes equally likely)."""
-    p = np.clip(probabilities.astype(np.float64), 1e-12, 1.0)
-    entropy = float(-(p * np.log(p)).sum() / np.log(len(p)))
-    if entropy > MAX_ENTROPY:
-        return [f"low confidence: normalized entropy {entropy:.2f} > {MAX_ENTROPY} "
-                f"(highest probability {float(probabilities.max()):.2f})"]
-    return []
 
 
 def _describe(source) -> str:

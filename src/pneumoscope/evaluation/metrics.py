@@ -4,7 +4,13 @@ temperature fit and the one headline picker. Arrays in, numbers out: no files, n
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, recall_score, roc_auc_score
+from sklearn.metrics import (
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    recall_score,
+    roc_auc_score,
+)
 
 N_BOOTSTRAP = 1000
 ECE_BINS = 15

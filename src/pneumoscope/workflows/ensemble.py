@@ -13,22 +13,25 @@ import os
 import socket
 import time
 
-from . import __version__
-from .rundir import RunDir, model_name
+from .. import __version__
+from ..bundle import ENSEMBLE, ModelMeta, load_bundle
+from ..nets.build import load_network
+from ..nets.registry import Ensemble, count_parameters
+from ..runs.rundir import RunDir, model_name
+from ..training.fit import TrainResult, git_commit, save_calibrated, validation_pixels
+from .release import training_facts
+
 
 def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike):
     """Averages the finished runs `run_dirs` into the run directory `out`; returns a train.TrainResult
     (its bundle and the val / internal test headlines)."""
-    from .artifact import ENSEMBLE, ModelMeta, load_bundle
-    from .models import Ensemble, count_parameters
-    from .train import TrainResult, git_commit, save_calibrated, validation_pixels
 
     started = time.perf_counter()
     runs = [RunDir(path) for path in run_dirs]
     bundles = [load_bundle(run.finished_model()) for run in runs]
     first = bundles[0].meta
     check_compatible(runs, [b.meta for b in bundles])
-    model = Ensemble([bundle.load_model() for bundle in bundles]).eval()
+    model = Ensemble([load_network(bundle) for bundle in bundles]).eval()
     samples = runs[0].samples()
     members = [member_facts(run, bundle.meta) for run, bundle in zip(runs, bundles)]
     meta = ModelMeta(
@@ -76,7 +79,6 @@ def check_compatible(runs: list[RunDir], metas: list) -> None:
 def member_facts(run: RunDir, meta) -> dict:
     """What the card and provenance say of one member. A shipped bundle placed in a run directory
     brings its training facts in its provenance (`ship` put them there)."""
-    from .release import training_facts
 
     facts = meta.provenance.get("training") or training_facts(run.path)
     return {"run": run.path.name, "arch": meta.arch, "seed": meta.provenance.get("seed"),

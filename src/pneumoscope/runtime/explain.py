@@ -20,9 +20,9 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from .backends import to_batch
-from .files import atomic_write
-from .predict import Classifier, Decoded, Record
+from ..core.files import atomic_write
+from ..data.images import to_batch
+from .classifier import Classifier, Decoded, Record
 
 OVERLAY_ALPHA = 0.4  # weight of the heat map over the X-ray
 MAX_OVERLAY_SIDE = 1024  # px; larger X-rays are shown smaller (the heat map has no finer detail)

@@ -14,8 +14,7 @@
 Every file is written by atomic_write (a temporary renamed into place); the temporaries a killed
 process leaves behind are deleted when the run starts or resumes (`remove_stale_temporaries`).
 
-Runs made before bundles hold `model.pt` + `model.json` instead of `model/`: they are read (listed,
-compared, shipped), never written. `summarize` is the one summary of a run that `runs`, `compare`,
+`summarize` is the one summary of a run that `runs`, `compare`,
 cross-validation, tuning, `ship` and the benchmarks read.
 """
 from __future__ import annotations
@@ -29,13 +28,12 @@ import statistics
 import time
 from pathlib import Path
 
-from .config import TrainConfig, options_loader
-from .files import atomic_write, remove_stale_temporaries
+from ..core.config import TrainConfig, options_loader
+from ..core.files import atomic_write, remove_stale_temporaries
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_bacc", "val_n", "lr", "seconds",
                  "images_per_s")
 REPORTS = {"val": "val", "internal_test": "test", "test": "test", "external": "external"}
-LEGACY_MODEL = "model.pt"  # runs made before bundles
 
 
 class RunDir:
@@ -62,12 +60,8 @@ class RunDir:
         return self.path / "model"
 
     def model_path(self) -> Path | None:
-        """The run's model, for `artifact.load_bundle`: its bundle, else (a run from before bundles)
-        its model.pt; None when the run has not finished."""
-        for candidate in (self.bundle, self.path / LEGACY_MODEL):
-            if candidate.exists():
-                return candidate
-        return None
+        """The run's model bundle, for `bundle.load_bundle`; None when the run has not finished."""
+        return self.bundle if self.bundle.exists() else None
 
     def finished_model(self) -> Path:
         """`model_path`, or a one-line FileNotFoundError naming the run when it has none."""
@@ -99,7 +93,7 @@ class RunDir:
             yaml.safe_dump(config.to_dict(), handle, sort_keys=False)
 
     def write_manifest(self, samples) -> None:
-        from .data import write_manifest
+        from ..data.datasets import write_manifest
 
         write_manifest(samples, self.path / "manifest.csv")
 
@@ -113,7 +107,7 @@ class RunDir:
     def write_epoch(self, row: dict) -> None:
         """Records one epoch in metrics.csv (replacing that epoch and any later one, as a resumed run
         repeats them) and redraws curves.png."""
-        from .plots import training_curves_png
+        from ..evaluation.plots import training_curves_png
 
         rows = [r for r in self.epochs() if int(r["epoch"]) < int(row["epoch"])] + [row]
         with atomic_write(self.path / "metrics.csv", "w", newline="") as handle:
@@ -142,7 +136,7 @@ class RunDir:
 
     def samples(self):
         """The run's split (manifest.csv), read as the run read its data (data.read_dataset)."""
-        from .data import read_dataset
+        from ..data.datasets import read_dataset
 
         return read_dataset(self.path / "manifest.csv", self.raw_config().get("task")).samples
 
@@ -176,14 +170,13 @@ class RunDir:
         return _json(self.report_dir(split) / "metrics.json")
 
     def model_meta(self):
-        """The model's ModelMeta (a legacy run's from its model.json, without loading weights), or None."""
-        from .artifact import META, ModelMeta
+        """The model's ModelMeta (read without hashing the weights), or None before the run has one."""
+        from ..bundle import META, ModelMeta
 
         meta = self.bundle / META
         if meta.is_file():  # read as such: listing runs needs no weights hashed
             return ModelMeta.from_json(json.loads(meta.read_text()), str(meta))
-        legacy = self.path / "model.json"
-        return ModelMeta.from_legacy(json.loads(legacy.read_text())) if legacy.is_file() else None
+        return None
 
 
 def checkpoint_weights(path: str | os.PathLike) -> tuple[dict, int | None]:
@@ -255,7 +248,7 @@ def resolve(config: TrainConfig) -> Path:
     """config.out; else <root>/<project>/<name>; without a name `<task>-<arch>-<timestamp>` (task
     `folders` for a dataset that is not Kermany's), or with resume the newest run of that task (any
     task when none is given) and architecture in the project."""
-    from .labels import FOLDERS
+    from ..core.labels import FOLDERS
 
     if config.out:
         return Path(config.out)
@@ -273,7 +266,7 @@ def resolve(config: TrainConfig) -> Path:
 def default_name(task: str, arch: str) -> str:
     """Ranks started by torchrun/srun would not agree on a timestamp, so with several processes
     the name comes from the launcher's job id, or must be given."""
-    from .train import world_size
+    from ..training.fit import world_size
 
     if world_size() <= 1:
         return f"{task}-{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -294,7 +287,7 @@ def summarize(path: str | os.PathLike) -> dict:
     each evaluated split ("val", "test", "external": metrics.headline) and the time-to-accuracy
     `curve`. Per-class recall (recall_<class>) comes from the internal test split when it was
     evaluated, else from validation (recall_split says which). Missing files read as empty."""
-    from .metrics import headline
+    from ..evaluation.metrics import headline
 
     run = RunDir(path)
     config, rows, env, status = run.raw_config(), run.epochs(), run.env(), run.status()

@@ -14,8 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_write
-from .labels import TASKS, task_label
+from ..core.files import atomic_write
+from ..core.labels import TASKS, task_label
+from ..data.datasets import class_indices, read_dataset
+from ..data.images import read_xray
+from ..runtime.classifier import Classifier
+from ..runtime.explain import cam_cases
+from . import plots
 from .metrics import ECE_BINS, compute_metrics, expected_calibration_error, softmax
 
 log = logging.getLogger(__name__)
@@ -28,7 +33,6 @@ def samples_for(data: str | os.PathLike, meta, split: str | None = None, groups:
     """The labelled images of a dataset (data.read_dataset: a Kermany tree read for the model's task)
     to evaluate a model on: a manifest's `split` (default test), a tree's own split folder when
     `split` names one, else every image. Labels the model does not know: a one-line error."""
-    from .data import read_dataset
 
     dataset = read_dataset(data, None, groups)
     if dataset.layout == "kermany" and meta.task in TASKS and meta.task != dataset.task:
@@ -37,16 +41,15 @@ def samples_for(data: str | os.PathLike, meta, split: str | None = None, groups:
     unknown = sorted({task_label(s.label, meta.task) for s in samples} - set(meta.classes))
     if unknown:
         raise ValueError(f"{data}: its classes {', '.join(unknown)} are not the model's ({meta.name}: "
-                         f"{', '.join(meta.classes)}); give --checkpoint the model trained on this data")
+                         f"{', '.join(meta.classes)}); give --model the model trained on this data")
     return samples
 
 
 def evaluate_samples(model, samples: list, out_dir: str | os.PathLike, task: str = "three",
                      plots: bool = True) -> dict:
     """Classifies every sample and writes the report into `out_dir`; returns metrics.json's content.
-    `model`: a Classifier, or a bundle / legacy checkpoint path (None: the shipped model for `task`).
+    `model`: a Classifier, or a bundle path (None: the shipped model for `task`).
     Files that cannot be read are logged and left out (counted as `failed`)."""
-    from .predict import Classifier
 
     classifier = model if isinstance(model, Classifier) else Classifier.load(model, task=task)
     scores = classifier.scores([s.path for s in samples])
@@ -56,7 +59,6 @@ def evaluate_samples(model, samples: list, out_dir: str | os.PathLike, task: str
             log.warning("%s; left out of the metrics", error)
     if not ok:
         raise ValueError("no image could be classified; nothing to evaluate")
-    from .data import class_indices
 
     kept = [samples[i] for i in ok]
     targets = class_indices(kept, classifier.classes, classifier.meta.task)
@@ -87,10 +89,6 @@ def write_report(out_dir: str | os.PathLike, classifier, paths: list[str], targe
 
 
 def _figures(out_dir: Path, classifier, paths, targets, probs, uncalibrated, metrics) -> None:
-    from . import plots
-    from .explain import cam_cases
-    from .images import read_xray
-
     classes, temperature = classifier.classes, classifier.meta.temperature
     plots.confusion_matrix_png(np.array(metrics["confusion_matrix"]), classes, out_dir / "confusion_matrix.png")
     plots.roc_png(targets, probs, classes, out_dir / "roc.png")

@@ -23,8 +23,16 @@ import time
 import numpy as np
 import torch
 
-from . import __version__
-from .rundir import RunDir, model_name
+from .. import __version__
+from ..bundle import load_bundle
+from ..data.datasets import load_pixels
+from ..nets.build import load_network
+from ..nets.registry import freeze_model
+from ..runs.rundir import RunDir, model_name
+from ..runtime.classifier import Classifier
+from ..training.fit import TrainResult, git_commit, save_calibrated, validation_pixels
+from .adapt import adapt_batchnorm, batchnorm_layers
+from .ensemble import check_compatible, member_facts
 
 SOUPS = ("uniform", "greedy")
 BN_IMAGES = 1024  # training images the trained BatchNorm layers' statistics are re-estimated on
@@ -34,10 +42,6 @@ def build_soup(run_dirs: list[str | os.PathLike], out: str | os.PathLike, method
                bn_images: int = BN_IMAGES):
     """Averages the finished runs `run_dirs` into the run directory `out`; returns a train.TrainResult.
     `bn_images` 0 keeps the averaged BatchNorm statistics."""
-    from .artifact import load_bundle
-    from .data import load_pixels
-    from .ensemble import check_compatible, member_facts
-    from .train import TrainResult, git_commit, save_calibrated, validation_pixels
 
     if method not in SOUPS:
         raise ValueError(f"unknown soup {method!r}; choose from {', '.join(SOUPS)}")
@@ -58,7 +62,7 @@ def build_soup(run_dirs: list[str | os.PathLike], out: str | os.PathLike, method
     bn_pixels, _, _ = load_pixels([train[i] for i in sorted(picked)], first.img_size)
     freeze = first.provenance.get("train_config", {}).get("freeze") or "none"
     states = [b.state_dict() for b in bundles]
-    model = bundles[0].load_model()
+    model = load_network(bundles[0])
     chosen, soup_accuracy = _cook(model, states, method, freeze, bn_pixels, val_pixels, val_targets, first)
     members = [{**member_facts(runs[i], metas[i]), "in_soup": i in chosen} for i in range(len(runs))]
     meta = first.replace(
@@ -114,8 +118,6 @@ def average_states(states: list[dict]) -> dict:
 
 def _filled(model, states: list[dict], freeze: str, bn_pixels: np.ndarray):
     """`model` holding the average of `states`, its trained BatchNorm layers re-estimated."""
-    from .adapt import adapt_batchnorm, batchnorm_layers
-    from .models import freeze_model
 
     model.load_state_dict(average_states(states))
     if len(states) > 1 and len(bn_pixels):
@@ -129,7 +131,5 @@ def _filled(model, states: list[dict], freeze: str, bn_pixels: np.ndarray):
 
 
 def _val_accuracy(model, val_pixels: np.ndarray, val_targets: np.ndarray, meta) -> float:
-    from .predict import Classifier
-
     logits = Classifier.from_model(model, meta, backend="torch").score_pixels(val_pixels).logits
     return float((logits.argmax(1) == np.asarray(val_targets)).mean())

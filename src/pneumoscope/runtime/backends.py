@@ -21,21 +21,18 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, TypeVar
 
+from ..bundle import Bundle, BundleError, ModelMeta
+from ..core.config import BACKENDS
+from ..core.files import default_cache_dir
+from .graphs import current_graph, missing_int8
+from .guard import stats_for
+
 if TYPE_CHECKING:
     import numpy as np
 
-    from .artifact import Bundle, ModelMeta
 
 log = logging.getLogger(__name__)
 T, R = TypeVar("T"), TypeVar("R")
-BACKENDS = ("auto", "int8", "onnx", "torch", "openvino", "openvino-int8")
-
-
-def to_batch(pixels: np.ndarray) -> np.ndarray:
-    """N x S x S uint8 -> N x 1 x S x S float32 in [0, 1], the input of every backend."""
-    import numpy as np  # here, not at the top: the CLI reads BACKENDS for --help without NumPy
-
-    return np.ascontiguousarray(pixels, dtype=np.float32)[:, None] / 255
 
 
 def cpu_threads() -> int:
@@ -46,6 +43,7 @@ def cpu_threads() -> int:
 
 class Backend(Protocol):
     name: str  # "torch", "onnx", "int8", "openvino" or "openvino-int8": what records and reports name
+    graph_kind: str  # "fp32" or "int8": the graph it computes, whose features the input guard's statistics fit
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -55,9 +53,10 @@ class TorchBackend:
     CPU). `lock` serialises forwards: Grad-CAM hangs hooks on the same model."""
 
     name = "torch"
+    graph_kind = "fp32"  # PyTorch and the fp32 graph agree to 1e-5
 
     def __init__(self, model, lock: threading.RLock | None = None):
-        from .models import LogitsAndFeatures
+        from ..nets.registry import LogitsAndFeatures  # lazy: PyTorch loads for the torch backend only
 
         self.model = model.eval()
         self.lock = lock or threading.RLock()
@@ -79,11 +78,12 @@ class OnnxBackend:
     (on depthwise-heavy nets that beats one run spread over all cores)."""
 
     def __init__(self, graph: str | os.PathLike | bytes, name: str = "onnx", threads: int | None = None,
-                 meta: ModelMeta | None = None):
+                 meta: ModelMeta | None = None, graph_kind: str = "fp32"):
         self.graph, self.name, self.threads, self.meta = graph, name, threads or cpu_threads(), meta
+        self.graph_kind = graph_kind
         self.session = loading(graph, "ONNX Runtime", lambda: open_session(graph, self.threads))
         check_interface(graph, {i.name: i.shape for i in self.session.get_inputs()},
-                        {o.name: o.shape for o in self.session.get_outputs()}, meta, name)
+                        {o.name: o.shape for o in self.session.get_outputs()}, meta, graph_kind)
         self._single: OnnxBackend | None = None
         self._single_lock = threading.Lock()
 
@@ -94,7 +94,8 @@ class OnnxBackend:
     def single_thread(self) -> "OnnxBackend":
         with self._single_lock:
             if self._single is None:
-                self._single = self if self.threads == 1 else OnnxBackend(self.graph, self.name, 1, self.meta)
+                self._single = self if self.threads == 1 else OnnxBackend(self.graph, self.name, 1, self.meta,
+                                                                                    self.graph_kind)
             return self._single
 
 
@@ -143,16 +144,17 @@ class OpenVinoBackend:
     can be called from several threads at once, as `side_by_side` does for a folder."""
 
     def __init__(self, graph: str | os.PathLike, name: str = "openvino", hint: str = "LATENCY",
-                 precision: str | None = None, threads: int | None = None, meta: ModelMeta | None = None):
+                 precision: str | None = None, threads: int | None = None, meta: ModelMeta | None = None,
+                 graph_kind: str = "fp32"):
         ov = import_openvino()
 
-        self.graph, self.name, self.hint, self.meta = graph, name, hint, meta
+        self.graph, self.name, self.hint, self.meta, self.graph_kind = graph, name, hint, meta, graph_kind
         self.threads, self.precision = threads or cpu_threads(), precision or openvino_precision()
         config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": self.precision,
                   "INFERENCE_NUM_THREADS": self.threads, **openvino_cache()}
         self.compiled = loading(graph, "OpenVINO", lambda: ov.Core().compile_model(str(graph), "CPU", config))
         check_interface(graph, _openvino_ports(self.compiled.inputs), _openvino_ports(self.compiled.outputs), meta,
-                        name)
+                        graph_kind)
         self._local = threading.local()  # an infer request is not thread-safe: one per thread
         self._single: OpenVinoBackend | None = None
         self._single_lock = threading.Lock()
@@ -180,7 +182,7 @@ class OpenVinoBackend:
             if self._single is None:
                 self._single = (self if self.hint == "THROUGHPUT" else
                                 OpenVinoBackend(self.graph, self.name, "THROUGHPUT", self.precision, self.threads,
-                                                self.meta))
+                                                self.meta, self.graph_kind))
             return self._single
 
 
@@ -189,7 +191,6 @@ def openvino_cache() -> dict:
     most of a one-image `predict` (1.2 s of 1.4 s measured); loading the cached blob is not. Keyed
     by OpenVINO on the graph file's content and the compile settings, so a new graph compiles anew.
     No cache where that folder cannot be made (the graph then compiles every time, as before)."""
-    from .files import default_cache_dir
 
     folder = default_cache_dir() / "openvino"
     try:
@@ -202,7 +203,6 @@ def openvino_cache() -> dict:
 def loading(graph: str | os.PathLike | bytes, runtime: str, load: Callable[[], R]) -> R:
     """`load()`, a runtime reading `graph`; what it refuses (a truncated file, external data outside
     the bundle, an operator it lacks) is one BundleError line naming the file."""
-    from .artifact import BundleError
 
     try:
         return load()
@@ -215,11 +215,10 @@ def loading(graph: str | os.PathLike | bytes, runtime: str, load: Callable[[], R
 
 
 def check_interface(graph: str | os.PathLike | bytes, inputs: dict[str, list], outputs: dict[str, list],
-                    meta: ModelMeta | None, backend: str) -> None:
+                    meta: ModelMeta | None, graph_kind: str) -> None:
     """A one-line BundleError unless the graph takes "pixels" (N x 1 x S x S) and gives "logits"
     (N x classes) and "features" (N x F, what the input guard's statistics were fitted on). Shapes
     are lists of ints, None or names for dynamic sizes."""
-    from .artifact import BundleError
 
     where = _describe_graph(graph)
     if "pixels" not in inputs or not {"logits", "features"} <= outputs.keys():
@@ -238,9 +237,7 @@ def check_interface(graph: str | os.PathLike | bytes, inputs: dict[str, list], o
     if all(isinstance(d, int) for d in pixels[1:]) and list(pixels[1:]) != [1, meta.img_size, meta.img_size]:
         raise BundleError(f"{where}: the graph takes pixels {pixels[1:]}, its meta says 1 x {meta.img_size} x "
                           f"{meta.img_size}")
-    from .guard import stats_for
-
-    stats = stats_for(meta.guard, backend)
+    stats = stats_for(meta.guard, graph_kind)
     width = (stats or {}).get("center", {}).get("shape", [None])[0]
     if stats and isinstance(features[1], int) and width is not None and width != features[1]:
         raise BundleError(f"{where}: the graph gives {features[1]} features, its meta's input-guard statistics "
@@ -311,28 +308,46 @@ def open_backend(bundle: "Bundle", backend: str = "auto") -> Backend:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
-        return TorchBackend(bundle.load_model())
+        return _torch_backend(bundle)
     meta = bundle.meta
     if backend == "int8":
-        return OnnxBackend(bundle.onnx_path("int8"), name="int8", meta=meta)
+        return OnnxBackend(_graph(bundle, "int8"), name="int8", meta=meta, graph_kind="int8")
     if backend in ("openvino", "openvino-int8"):
         if not openvino_can_run(meta):
             raise ValueError(f"{bundle.path}: OpenVINO does not compute a merged (binary-from-three) graph right; "
                              "use --backend onnx")
-        return OpenVinoBackend(bundle.onnx_path("int8" if backend == "openvino-int8" else "fp32"), name=backend,
-                               meta=meta)
+        kind = "int8" if backend == "openvino-int8" else "fp32"
+        return OpenVinoBackend(_graph(bundle, kind), name=backend, meta=meta, graph_kind=kind)
     if backend == "auto" and openvino_can_run(meta):
         try:
-            return OpenVinoBackend(bundle.onnx_path("fp32"), name="openvino", meta=meta)
+            return OpenVinoBackend(_graph(bundle, "fp32"), name="openvino", meta=meta)
         except Exception as err:  # noqa: BLE001  not installed or unsupported here: the next runtime
             log.warning("OpenVINO unavailable (%s: %s); using ONNX Runtime", type(err).__name__, err)
     try:
-        return OnnxBackend(bundle.onnx_path("fp32"), meta=meta)
+        return OnnxBackend(_graph(bundle, "fp32"), meta=meta)
     except Exception as err:  # noqa: BLE001  any failure of the fast path: fall back, say so
         if backend != "auto":
             raise
         log.warning("ONNX Runtime backend unavailable (%s: %s); using PyTorch", type(err).__name__, err)
-        return TorchBackend(bundle.load_model())
+        return _torch_backend(bundle)
+
+
+def _graph(bundle: "Bundle", kind: str) -> "str | os.PathLike":
+    """The bundle's current graph of `kind`, made first when it is a missing fp32 one."""
+    found = current_graph(bundle, kind)
+    if found is not None:
+        return found
+    if kind == "int8":
+        raise missing_int8(bundle)
+    from .export import graph_path  # lazy: torch and the exporter load only when a graph must be made
+
+    return graph_path(bundle, kind)
+
+
+def _torch_backend(bundle: "Bundle") -> "TorchBackend":
+    from ..nets.build import load_network  # lazy: PyTorch loads for the torch backend only
+
+    return TorchBackend(load_network(bundle))
 
 
 def openvino_can_run(meta: "ModelMeta") -> bool:
@@ -349,7 +364,8 @@ def backend_for_model(model, meta: "ModelMeta", backend: str = "onnx", lock: thr
     if backend == "torch":
         return TorchBackend(model, lock)
     if backend == "onnx":
-        from .export import onnx_bytes
+        from .export import onnx_bytes  # lazy: see _graph
+
 
         return OnnxBackend(onnx_bytes(model, meta), meta=meta)
     raise ValueError(f"an in-memory model runs on 'torch' or 'onnx', not {backend!r}")

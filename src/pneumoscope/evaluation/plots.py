@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from .files import atomic_write  # noqa: E402
+from ..core.files import atomic_write  # noqa: E402
 
 
 def save(fig, out: Path, dpi: int = 100) -> None:

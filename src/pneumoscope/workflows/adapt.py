@@ -17,6 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..bundle import load_bundle, resolve_model
+from ..core.files import atomic_write
+from ..data.datasets import read_dataset
+from ..data.images import ImageReadError, input_step, read_xray, resize_square
+from ..nets.build import load_network
+from ..runtime.classifier import Classifier, expand_inputs
+from ..runtime.export import save_with_graph
+
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -112,13 +120,10 @@ def predicted_mix(probabilities: np.ndarray, classes) -> dict[str, float]:
 def site_images(inputs) -> list[str]:
     """The image files of the new site: files as given, folders walked, and a manifest CSV read as
     every dataset is (data.read_dataset; its labels are not used)."""
-    from .predict import expand_inputs
 
     files = []
     for item in inputs:
         if str(item).lower().endswith(".csv"):
-            from .data import read_dataset
-
             files += [s.path for s in read_dataset(item).samples]
         else:
             files += list(expand_inputs([item]))
@@ -136,13 +141,9 @@ def adapt_bundle(checkpoint, images, out, priors: bool = False, task: str = "thr
     import time
     from pathlib import Path
 
-    from .artifact import load_bundle, resolve_model, save_bundle
-    from .files import atomic_write
-    from .images import ImageReadError, input_step, read_xray, resize_square
-    from .predict import Classifier
 
     bundle = load_bundle(checkpoint or resolve_model(task))
-    meta, model = bundle.meta, bundle.load_model()
+    meta, model = bundle.meta, load_network(bundle)
     files = site_images(images if isinstance(images, (list, tuple)) else [images])
     if not files:
         raise ValueError(f"{images}: no images found; adaptation needs unlabelled X-rays from the new site")
@@ -171,7 +172,7 @@ def adapt_bundle(checkpoint, images, out, priors: bool = False, task: str = "thr
     adapted_meta = dataclasses.replace(meta, name=f"{meta.name}-adapted", adaptation=applied, guard=None)
     after = Classifier.from_model(model, adapted_meta, backend="torch").scores(list(pixels)).probabilities
     out = Path(out)
-    save_bundle(model, adapted_meta, out)
+    save_with_graph(model, adapted_meta, out)
     report = {**applied, "from": str(bundle.path), "skipped": skipped,
               "predicted_mix_before": predicted_mix(before, classes),
               "predicted_mix_after": predicted_mix(after, classes)}

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
+from ..core.config import INPUT_STEPS
+
 # The limits. A chest radiograph is at most ~18.5 megapixels (a 43 x 43 cm detector at 0.1 mm),
 # 12-16 bits a sample, one frame, a few to ~40 MiB on disk. Each limit keeps the worst file it
 # lets through under 400 MiB of peak memory (measured: tests/test_images.py, docs/inputs.md).
@@ -674,7 +676,6 @@ def _stretch(values: np.ndarray) -> np.ndarray:
     return np.round(values, out=values).astype(np.uint8)
 
 
-INPUT_STEPS = ("none", "clahe")  # ModelMeta.preprocess / train --preprocess
 
 
 def input_step(pixels: np.ndarray, method: str | None) -> np.ndarray:
@@ -699,3 +700,8 @@ def resize_square(gray: np.ndarray, size: int) -> np.ndarray:
     if gray.shape == (size, size):
         return gray
     return np.asarray(Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0))
+
+
+def to_batch(pixels: np.ndarray) -> np.ndarray:
+    """N x S x S uint8 -> N x 1 x S x S float32 in [0, 1]: the input of every network and graph."""
+    return np.ascontiguousarray(pixels, dtype=np.float32)[:, None] / 255

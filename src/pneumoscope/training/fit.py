@@ -23,8 +23,7 @@ import lightning.pytorch as L
 import numpy as np
 import torch
 import torchmetrics
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -33,17 +32,27 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from . import __version__, rundir
-from .backends import cpu_threads
-from .config import CALIBRATIONS, TrainConfig  # noqa: F401  (TrainConfig re-exported for older imports)
-from .cpu_share import CpuShare
-from .data import (XrayDataset, class_weights, eval_transform, load_pixels, manifest_hash, read_dataset,
-                   split_dataset, split_summary, train_transform)
-from .files import atomic_write
-from .labels import TASKS
-from .models import (XrayNet, count_parameters, create_model, ensure_pretrained, freeze_model, model_spec,
-                     trainable_parameters)
-from .rundir import RunDir
+from .. import __version__
+from ..core.config import CALIBRATIONS, TrainConfig  # noqa: F401  (TrainConfig re-exported for older imports)
+from ..core.cpu_share import CpuShare
+from ..core.files import atomic_write
+from ..core.labels import TASKS
+from ..data.datasets import load_pixels, manifest_hash, read_dataset, split_dataset, split_summary
+from ..data.transforms import XrayDataset, class_weights, eval_transform, train_transform
+from ..nets.build import load_network
+from ..nets.registry import (
+    XrayNet,
+    count_parameters,
+    create_model,
+    ensure_pretrained,
+    freeze_model,
+    model_spec,
+    trainable_parameters,
+)
+from ..runs import rundir
+from ..runs.rundir import RunDir
+from ..runtime.backends import cpu_threads
+from ..runtime.export import save_with_graph
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +95,15 @@ def save_calibrated(model, meta, run: RunDir, samples, val_pixels, val_targets, 
     """Temperature from the val pixels (`calibration_temperature`) -> the bundle, written once -> val
     (and internal test) reports from that bundle, through the Classifier users load, on the fp32
     reference (ONNX Runtime: the same figures on every CPU). Returns the headlines {"val", "internal_test"}."""
-    from .artifact import save_bundle, write_metrics
-    from .evaluate import evaluate_samples
-    from .metrics import headline
-    from .predict import Classifier
+    from ..bundle import write_metrics
+    from ..evaluation.metrics import headline
+    from ..evaluation.report import evaluate_samples
+    from ..runtime.classifier import Classifier
 
     temperature = calibration_temperature(Classifier.from_model(model, meta.replace(temperature=1.0), backend="torch"),
                                           val_pixels, val_targets, calibration)
     source = meta.provenance.get("train_config", {}).get("data")
-    save_bundle(model, meta.replace(temperature=temperature, provenance={
+    save_with_graph(model, meta.replace(temperature=temperature, provenance={
         **meta.provenance, "calibration": calibration, "data": rundir.data_facts(samples, source)}), run.bundle)
     classifier = Classifier.load(run.bundle, backend="onnx")
     metrics = {}
@@ -111,8 +120,8 @@ def calibration_temperature(classifier, val_pixels: np.ndarray, val_targets, met
     on those of the validation images seen twice through the strong augmentation (`augmented`): a
     simulated change of acquisition, which lowered the ECE on the external group for every model
     measured (docs/benchmarks.md#calibration-under-shift). `classifier` scores at temperature 1."""
-    from .data import augmented_views
-    from .metrics import fit_temperature
+    from ..data.transforms import augmented_views
+    from ..evaluation.metrics import fit_temperature
 
     if method not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {method!r}; choose from {', '.join(CALIBRATIONS)}")
@@ -126,7 +135,7 @@ def calibration_temperature(classifier, val_pixels: np.ndarray, val_targets, met
 def validation_pixels(samples, meta) -> tuple[np.ndarray, np.ndarray]:
     """The readable validation images of a manifest at the model's input size, and their class
     indices for the model's task: what a temperature is fitted on."""
-    from .data import class_indices, load_pixels
+    from ..data.datasets import class_indices, load_pixels
 
     pixels, val, _ = load_pixels([s for s in samples if s.split == "val"], meta.img_size)
     return pixels, class_indices(val, meta.classes, meta.task)
@@ -135,7 +144,7 @@ def validation_pixels(samples, meta) -> tuple[np.ndarray, np.ndarray]:
 def recalibrate(run_dir, calibration: str = "augmented") -> TrainResult:
     """A finished run's temperature fitted again (`calibration_temperature`), its bundle and its val
     and internal test reports rewritten; the weights are untouched."""
-    from .artifact import load_bundle
+    from ..bundle import load_bundle
 
     run = RunDir(run_dir)
     bundle = load_bundle(run.finished_model())
@@ -144,7 +153,7 @@ def recalibrate(run_dir, calibration: str = "augmented") -> TrainResult:
     if not len(targets):
         raise ValueError(f"{run.path}: no readable validation image to fit a temperature on")
     evaluate_test = meta.provenance.get("train_config", {}).get("evaluate_test", True)
-    metrics = save_calibrated(bundle.load_model().eval(), meta, run, samples, pixels, targets, evaluate_test,
+    metrics = save_calibrated(load_network(bundle).eval(), meta, run, samples, pixels, targets, evaluate_test,
                               calibration)
     return TrainResult(run.path, run.bundle, metrics)
 
@@ -753,7 +762,7 @@ class _AtomicWriter(ExperimentWriter):
 def _finish(config, run: RunDir, task: str, classes, samples, best, model, val_set, started,
             stopped_early_at: int | None = None) -> TrainResult:
     """Best weights -> the meta that names them -> `save_calibrated` -> env and status."""
-    from .artifact import ModelMeta
+    from ..bundle import ModelMeta
 
     state, best_epoch = rundir.checkpoint_weights(best.best_model_path)
     kept = f"kept epoch {best_epoch} (val balanced accuracy {float(best.best_model_score):.3f})"

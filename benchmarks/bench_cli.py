@@ -13,18 +13,12 @@ average, because this machine is shared.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from pneumoscope.runtime.backends import describe_machine
-
-ROOT = Path(__file__).resolve().parents[1]
-CLI = [str(Path(sys.executable).with_name("pneumoscope"))]
+from common import DATA, cli_command, image_files, machine, parser, wall_seconds
 
 PEER = r'''
 import sys
@@ -53,40 +47,34 @@ def folder_of(files: list[Path], n: int, parent: Path) -> Path:
     return out
 
 
-def wall(command: list[str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", default="/work/shared/data/chest_xray/train/NORMAL")
-    parser.add_argument("--large", type=int, default=1000)
-    parser.add_argument("--small", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--backends", default="onnx,int8,openvino")
-    parser.add_argument("--no-peer", action="store_true", help="skip the DenseNet121 eager peer")
-    args = parser.parse_args()
+    options = parser(__doc__)
+    options.add_argument("--images", default=str(DATA / "train" / "NORMAL"))
+    options.add_argument("--large", type=int, default=1000)
+    options.add_argument("--small", type=int, default=32)
+    options.add_argument("--repeat", type=int, default=3)
+    options.add_argument("--backends", default="onnx,int8,openvino")
+    options.add_argument("--no-peer", action="store_true", help="skip the DenseNet121 eager peer")
+    args = options.parse_args()
 
-    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+    files, cli = image_files(args.images), cli_command()
     with tempfile.TemporaryDirectory() as tmp:
         small, large = folder_of(files, args.small, Path(tmp)), folder_of(files, args.large, Path(tmp))
         one = str(next(small.iterdir()))
-        commands = {"pneumoscope --help": CLI + ["--help"], "predict one.jpeg": CLI + ["predict", one]}
+        commands = {"pneumoscope --help": cli + ["--help"], "predict one.jpeg": cli + ["predict", one]}
         for backend in args.backends.split(","):
             for size, folder in (("small", small), ("large", large)):
                 commands[f"predict {size} --format csv --backend {backend}"] = \
-                    CLI + ["predict", str(folder), "--format", "csv", "--backend", backend]
+                    cli + ["predict", str(folder), "--format", "csv", "--backend", backend]
         if not args.no_peer:
             commands["DenseNet121 eager peer, large"] = [sys.executable, "-c", PEER, str(large)]
-        print(f"# {describe_machine()} (before)")
+        print(f"# {machine('before')}")
         times: dict[str, list[float]] = {name: [] for name in commands}
         for _ in range(args.repeat):  # interleaved rounds
             for name, command in commands.items():
-                times[name].append(wall(command))
+                times[name].append(wall_seconds(command))
         median = {name: statistics.median(t) for name, t in times.items()}
-        print(f"# {describe_machine()} (after); median of {args.repeat}; small = {args.small}, large = {args.large} images")
+        print(f"# {machine('after')}; median of {args.repeat}; small = {args.small}, large = {args.large} images")
         print("| command | median wall (s) | runs (s) |\n|---|---:|---|")
         for name, t in times.items():
             print(f"| {name} | {median[name]:.2f} | {', '.join(f'{x:.2f}' for x in t)} |")

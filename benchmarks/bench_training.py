@@ -1,11 +1,13 @@
 """Where the training loop's time goes, and how a real training epoch compares, side by side in one
 run, with a bare timm loop and with itself under load.
 
-    .venv/bin/python benchmarks/bench_training.py [--data ../shared/data/chest_xray] [--img-size 192]
+    .venv/bin/python benchmarks/bench_training.py [--data ../shared/data/chest_xray] [--model BUNDLE]
+                                                  [--img-size 224] [--images 640] [--steps 12]
                                                   [--epochs-side-by-side] [--precision bf16-mixed]
 
 Not a unit test. Prints markdown tables: decoding + resizing (once per run, then cached), the
-augmented DataLoader alone, and forward + backward + step of the default model. With
+augmented DataLoader alone, and forward + backward + step of the network of --model (default: the
+shipped model, the default recipe) with its training's augmentation and frozen stages. With
 --epochs-side-by-side also, each in its own process, one after the other:
 - a bare timm `tf_efficientnet_lite0` loop over as many images as the run trains on (every layer
   trained, fp32 eager, AdamW, batch 32, channels-last, pixels in memory, no augmentation);
@@ -17,8 +19,6 @@ Every figure comes with the CPU, its flags and the load.
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import os
 import subprocess
 import sys
@@ -26,35 +26,28 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pneumoscope.runtime.backends import describe_machine
-from pneumoscope.data.datasets import XrayDataset, load_pixels, read_dataset, train_transform
-from pneumoscope.core.labels import THREE
-from pneumoscope.nets.registry import DEFAULT_ARCH, create_model, freeze_model, model_spec
-from pneumoscope.training.fit import TrainConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def rate(n: int, seconds: float) -> float:
-    return n / max(seconds, 1e-9)
+import pneumoscope
+from common import DATA, add_model, machine, parser, rate, run_cli
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "chest_xray"))
-    parser.add_argument("--img-size", type=int, default=TrainConfig.img_size)
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    parser.add_argument("--images", type=int, default=640)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--epochs-side-by-side", action="store_true",
-                        help="also time a bare timm loop and real training epochs, idle and under load")
-    parser.add_argument("--max-images", type=int, default=800, help="the training runs' pool (80%% trains)")
-    parser.add_argument("--precision", action="append", default=[], help="also time an epoch at this precision")
-    parser.add_argument("--skip-phases", action="store_true", help="only the side-by-side epochs")
-    args = parser.parse_args()
+    options = parser(__doc__)
+    options.add_argument("--data", default=str(DATA))
+    add_model(options)
+    options.add_argument("--img-size", type=int, default=pneumoscope.TrainConfig.img_size)
+    options.add_argument("--batch-size", type=int, default=pneumoscope.TrainConfig.batch_size)
+    options.add_argument("--images", type=int, default=640)
+    options.add_argument("--steps", type=int, default=12)
+    options.add_argument("--epochs-side-by-side", action="store_true",
+                         help="also time a bare timm loop and real training epochs, idle and under load")
+    options.add_argument("--max-images", type=int, default=800, help="the training runs' pool (80%% trains)")
+    options.add_argument("--precision", action="append", default=[], help="also time an epoch at this precision")
+    options.add_argument("--skip-phases", action="store_true", help="only the side-by-side epochs")
+    args = options.parse_args()
     if not args.skip_phases:
         phase_tables(args)
     if args.epochs_side_by_side:
@@ -62,30 +55,35 @@ def main() -> None:
 
 
 def phase_tables(args) -> None:
-    samples = read_dataset(args.data).samples[: args.images]
+    classifier = pneumoscope.Classifier.load(args.model, backend="torch")
+    meta, recipe = classifier.meta, classifier.meta.provenance.get("train_config", {})
+    defaults = pneumoscope.TrainConfig
+    policy, strength = recipe.get("aug_policy", defaults.aug_policy), recipe.get("aug", defaults.aug)
+    samples = pneumoscope.read_dataset(args.data, task=meta.task).samples[: args.images]
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
-        pixels, kept, _ = load_pixels(samples, args.img_size, Path(cache))
+        pixels, kept, _ = pneumoscope.load_pixels(samples, args.img_size, Path(cache))
         decode = rate(len(kept), time.perf_counter() - start)
-    dataset = XrayDataset(pixels, kept, THREE, "three", train_transform(args.img_size, policy=TrainConfig.aug_policy))
+    augment = pneumoscope.train_transform(args.img_size, strength, policy, meta.preprocess)
+    dataset = pneumoscope.XrayDataset(pixels, kept, meta.classes, meta.task, augment)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=0)
     start, seen = time.perf_counter(), 0
     for x, _ in loader:
         seen += len(x)
     load = rate(seen, time.perf_counter() - start)
 
-    model = create_model(DEFAULT_ARCH, 3).to(memory_format=torch.channels_last).train()
-    frozen = freeze_model(model, model_spec(DEFAULT_ARCH).freeze)  # what training freezes by default
-    for module in frozen:
+    model = classifier.model.to(memory_format=torch.channels_last).train()  # its weights do not change the time
+    freeze = recipe.get("freeze") or "none"
+    for module in pneumoscope.freeze_model(model, freeze):  # what its training froze
         module.eval()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     phases = time_steps(model, optimizer, loader, args.steps)
     step_seconds = sum(phases.values())
     train = rate(args.steps * args.batch_size, step_seconds)
 
-    print(f"CPU: {describe_machine()}")
-    print(f"{DEFAULT_ARCH} at {args.img_size} px, batch {args.batch_size}, {TrainConfig.aug_policy} augmentation, "
-          f"{torch.get_num_threads()} threads, "
+    print(f"CPU: {machine()}")
+    print(f"{meta.arch} ({classifier.name}) at {args.img_size} px, batch {args.batch_size}, {policy} augmentation "
+          f"{strength:g}, frozen: {freeze}, {torch.get_num_threads()} threads, "
           f"{args.steps} steps after one warm-up\n")
     print("| stage | images/s |\n|---|---:|")
     print(f"| decode + resize (once, then cached) | {decode:.0f} |")
@@ -146,13 +144,14 @@ def epochs_side_by_side(args) -> None:
         tmp = Path(tmp)
         idle = _train_epoch(args, tmp / "idle", [])
         n_train = idle["n_train"]
-        pixels, _, _ = load_pixels(read_dataset(args.data).samples[:n_train], args.img_size, tmp / "cache")
+        pixels, _, _ = pneumoscope.load_pixels(pneumoscope.read_dataset(args.data).samples[:n_train], args.img_size,
+                                               tmp / "cache")
         np_path = tmp / "pixels.npy"
-        __import__("numpy").save(np_path, pixels)
-        machine = describe_machine()
+        np.save(np_path, pixels)
+        bare_at = machine()
         bare = float(subprocess.run([sys.executable, "-c", BARE_LOOP, str(np_path)], check=True,
                                     capture_output=True, text=True).stdout.split()[-1])
-        rows.append(("bare timm loop (every layer, fp32 eager, no augmentation)", bare, machine))
+        rows.append(("bare timm loop (every layer, fp32 eager, no augmentation)", bare, bare_at))
         rows.append(("pneumoscope train, marginal epoch, idle", idle["seconds"], idle["machine"]))
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
@@ -178,14 +177,12 @@ def epochs_side_by_side(args) -> None:
 
 def _train_epoch(args, out: Path, extra: list[str]) -> dict:
     """Runs a 2-epoch default training (no internal test) and returns its second epoch's seconds."""
-    command = [str(Path(sys.executable).with_name("pneumoscope")), "train", "--data", args.data, "--epochs", "2",
-               "--max-images", str(args.max_images), "--img-size", str(args.img_size), "--no-test",
-               "--patience", "5", "--out", str(out), "--cache-dir", str(out.parent / "cache"), *extra]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with open(out / "metrics.csv", newline="") as handle:
-        epochs = list(csv.DictReader(handle))
-    n_train = sum(1 for row in csv.DictReader(open(out / "manifest.csv")) if row["split"] == "train")
-    return {"seconds": float(epochs[-1]["seconds"]), "n_train": n_train, "machine": describe_machine()}
+    run_cli("train", "--data", args.data, "--epochs", "2", "--max-images", str(args.max_images),
+            "--img-size", str(args.img_size), "--no-test", "--patience", "5", "--out", str(out),
+            "--cache-dir", str(out.parent / "cache"), *extra)
+    run = pneumoscope.RunDir(out)
+    n_train = sum(1 for s in run.samples() if s.split == "train")
+    return {"seconds": float(run.epochs()[-1]["seconds"]), "n_train": n_train, "machine": machine()}
 
 
 def _endless(loader):

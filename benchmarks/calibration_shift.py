@@ -7,20 +7,21 @@ validation threshold, the temperature that makes the mean confidence equal that 
 on that half, and ECE is measured on the other half (both ways round; no external label is used
 before the ECE).
 
-    python benchmarks/calibration_shift.py RUN_DIR... --external ../shared/data/chest_xray_external
+    python benchmarks/calibration_shift.py RUN_DIR... [--manifest M.csv] [--external ../shared/data/chest_xray_external]
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
+from scipy.special import softmax as scipy_softmax
 
-from pneumoscope.bundle.store import load_bundle
-from pneumoscope.data.datasets import augmented_views, class_indices, load_pixels, read_dataset, read_manifest
-from pneumoscope.evaluation.metrics import compute_metrics, fit_temperature, softmax
-from pneumoscope.runtime.classifier import Classifier
-from pneumoscope.runs.rundir import RunDir
+import pneumoscope
+from common import add_external, parser
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return scipy_softmax(np.asarray(logits, np.float64) / temperature, axis=1)
 
 
 def patient_halves(samples, seed: int = 0) -> list[np.ndarray]:
@@ -48,36 +49,38 @@ def atc_ece(zv, yv, t_val: float, ze, ye, halves, classes) -> tuple[float, float
     for fit_on, score_on in (halves, halves[::-1]):
         estimate = float((softmax(ze[fit_on], t_val).max(1) >= threshold).mean())
         t_site = temperature_for_confidence(ze[fit_on], estimate)
-        eces.append(compute_metrics(ye[score_on], softmax(ze[score_on], t_site), classes)["ece"])
-        baseline.append(compute_metrics(ye[score_on], softmax(ze[score_on], t_val), classes)["ece"])
+        eces.append(pneumoscope.compute_metrics(ye[score_on], softmax(ze[score_on], t_site), classes)["ece"])
+        baseline.append(pneumoscope.compute_metrics(ye[score_on], softmax(ze[score_on], t_val), classes)["ece"])
         estimates.append(estimate)
     return float(np.mean(eces)), float(np.mean(baseline)), float(np.mean(estimates))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+")
-    parser.add_argument("--manifest", help="validation split from here (default: each run's own manifest)")
-    parser.add_argument("--external", required=True)
-    args = parser.parse_args(argv)
-    external = read_dataset(args.external).samples
+    options = parser(__doc__)
+    options.add_argument("runs", nargs="+")
+    options.add_argument("--manifest", help="validation split from here (default: each run's own manifest)")
+    add_external(options)
+    args = options.parse_args(argv)
+    external = pneumoscope.read_dataset(args.external).samples
     for run in args.runs:
-        bundle = load_bundle(RunDir(run).model_path())
+        bundle = pneumoscope.load_bundle(pneumoscope.RunDir(run).finished_model())
         meta = bundle.meta
-        classifier = Classifier.from_model(bundle.load_model(), meta.replace(temperature=1.0), backend="onnx")
+        classifier = pneumoscope.Classifier.from_model(pneumoscope.load_network(bundle), meta.replace(temperature=1.0),
+                                                       backend="onnx")
         classes, size = tuple(meta.classes), meta.img_size
-        samples = read_manifest(args.manifest) if args.manifest else RunDir(run).samples()
-        pv, kept_v, _ = load_pixels([s for s in samples if s.split == "val"], size)
-        pe, kept_e, _ = load_pixels(external, size)
-        yv, ye = class_indices(kept_v, classes, meta.task), class_indices(kept_e, classes, meta.task)
+        samples = pneumoscope.read_dataset(args.manifest, meta.task).samples if args.manifest else \
+            pneumoscope.RunDir(run).samples()
+        pv, kept_v, _ = pneumoscope.load_pixels([s for s in samples if s.split == "val"], size)
+        pe, kept_e, _ = pneumoscope.load_pixels(external, size)
+        yv, ye = (pneumoscope.class_indices(kept, classes, meta.task) for kept in (kept_v, kept_e))
         zv, ze = classifier.score_pixels(pv).logits, classifier.score_pixels(pe).logits
-        za = classifier.score_pixels(augmented_views(pv, size)).logits
-        for name, t in (("T on val", fit_temperature(zv, yv)),
-                        ("T on strong-augmented val", fit_temperature(za, np.concatenate([yv, yv])))):
-            ece_val = compute_metrics(yv, softmax(zv, t), classes)["ece"]
-            ece_ext = compute_metrics(ye, softmax(ze, t), classes)["ece"]
+        za = classifier.score_pixels(pneumoscope.augmented_views(pv, size)).logits
+        for name, t in (("T on val", pneumoscope.fit_temperature(zv, yv)),
+                        ("T on strong-augmented val", pneumoscope.fit_temperature(za, np.concatenate([yv, yv])))):
+            ece_val = pneumoscope.compute_metrics(yv, softmax(zv, t), classes)["ece"]
+            ece_ext = pneumoscope.compute_metrics(ye, softmax(ze, t), classes)["ece"]
             print(f"{run}: {name}: T={t:.3f} val ECE {ece_val:.3f} | external (used for selection) ECE {ece_ext:.3f}")
-        t_val = fit_temperature(zv, yv)
+        t_val = pneumoscope.fit_temperature(zv, yv)
         ece_atc, ece_same, estimate = atc_ece(zv, yv, t_val, ze, ye, patient_halves(kept_e), classes)
         print(f"{run}: T from the other external half's unlabelled images (ATC): estimated accuracy {estimate:.3f} "
               f"(true {(ze.argmax(1) == ye).mean():.3f}); external ECE {ece_atc:.3f} (T on val, same halves: "

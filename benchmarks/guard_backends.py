@@ -4,7 +4,7 @@ statistics are fitted on one graph's features (guard_rates.py: ONNX Runtime fp32
 OpenVINO runtimes reuse them on features computed in bf16 or f32, so their rates are measured here.
 
     python benchmarks/ood_set.py --out /work/ood
-    python benchmarks/guard_backends.py --ood /work/ood --manifest M.csv [--model models/three]
+    python benchmarks/guard_backends.py --ood /work/ood --manifest M.csv [--model BUNDLE]
         [--external ../shared/data/chest_xray_external] [--backends onnx openvino int8 openvino-int8]
 
 Columns: the share of pictures with the learned check's warning, and the share with any "not a
@@ -13,47 +13,43 @@ test split and the external group (used for selection).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from pneumoscope.runtime.backends import describe_machine
-from pneumoscope.data.datasets import read_dataset, read_manifest
-from pneumoscope.runtime.guard import MESSAGE
-from pneumoscope.runtime.classifier import NOT_XRAY, Classifier
+import pneumoscope
+from common import add_external, add_model, machine, parser, read_ood_manifest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ood_set import read_ood_manifest  # noqa: E402
 
-def flagged_shares(clf: Classifier, paths: list[str]) -> tuple[float, float]:
-    """(share flagged by the learned check, share with any not-an-X-ray warning)."""
-    warnings = clf.scores(paths).warnings
-    learned = sum(any(w.startswith(NOT_XRAY + MESSAGE) for w in ws) for ws in warnings)  # guard.guard_warnings
-    any_check = sum(any(w.startswith(NOT_XRAY) for w in ws) for ws in warnings)
-    return learned / len(paths), any_check / len(paths)
+def flagged_shares(clf, paths: list[str]) -> tuple[float, float]:
+    """(share flagged by the learned check, share with any not-an-X-ray warning: `reliable: false`)."""
+    scores = clf.scores(paths)
+    unreliable = sum(not r.reliable for r in clf.records(scores) if r.status == "ok")
+    learned = 0
+    if clf.guard is not None:  # the check a record's guard warning comes from: its score above the threshold
+        learned = int((pneumoscope.guard_scores(scores.features, clf.guard, scores.logits) > clf.guard.threshold).sum())
+    return learned / len(paths), unreliable / len(paths)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ood", required=True, help="folder written by benchmarks/ood_set.py")
-    parser.add_argument("--manifest", required=True, help="the model's run manifest (its internal test split)")
-    parser.add_argument("--model", default="models/three")
-    parser.add_argument("--external", default="../shared/data/chest_xray_external")
-    parser.add_argument("--backends", nargs="+", default=["onnx", "openvino", "int8", "openvino-int8"])
-    args = parser.parse_args(argv)
+    options = parser(__doc__)
+    options.add_argument("--ood", required=True, type=Path, help="folder written by benchmarks/ood_set.py")
+    options.add_argument("--manifest", required=True, help="the model's run manifest (its internal test split)")
+    add_model(options)
+    add_external(options)
+    options.add_argument("--backends", nargs="+", default=["onnx", "openvino", "int8", "openvino-int8"])
+    args = options.parse_args(argv)
 
     groups = {
-        "OOD report half": [r["path"] for r in read_ood_manifest(Path(args.ood) / "manifest.csv")
-                            if r["split"] == "report"],
-        "internal test": [s.path for s in read_manifest(args.manifest) if s.split == "test"],
-        "external (used for selection)": [s.path for s in read_dataset(args.external).samples],
+        "OOD report half": [r["path"] for r in read_ood_manifest(args.ood / "manifest.csv") if r["split"] == "report"],
+        "internal test": [s.path for s in pneumoscope.read_dataset(args.manifest).select("test")],
+        "external (used for selection)": [s.path for s in pneumoscope.read_dataset(args.external).samples],
     }
     head = ["runtime"] + [f"{g} (n={len(p)}): learned / any" for g, p in groups.items()]
-    lines = [f"Machine: {describe_machine()}; model {args.model}.", "",
+    lines = [f"Machine: {machine()}; model {args.model or 'shipped 3-class'}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for backend in args.backends:
         try:
-            clf = Classifier.load(args.model, backend=backend)
+            clf = pneumoscope.Classifier.load(args.model, backend=backend)
         except (FileNotFoundError, ValueError, RuntimeError) as err:  # no int8 graph, OpenVINO missing
             lines.append(f"| {backend} | not measured: {err} |")
             continue

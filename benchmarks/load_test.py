@@ -1,7 +1,7 @@
 """Bounded load test of `pneumoscope serve` over loopback; prints a markdown table.
 
     .venv/bin/python benchmarks/load_test.py                          # 500 requests, 16 clients, shipped model
-    .venv/bin/python benchmarks/load_test.py --requests 40 --checkpoint runs/x/model
+    .venv/bin/python benchmarks/load_test.py --requests 40 --model runs/x/model
     .venv/bin/python benchmarks/load_test.py --url http://127.0.0.1:8000 --pid 1234   # a running server
 
 Starts the server as a child process on a free 127.0.0.1 port (unless --url), sends real X-rays from
@@ -11,8 +11,6 @@ RSS is the server process's resident memory (Linux /proc) after warm-up and at t
 """
 from __future__ import annotations
 
-import argparse
-import os
 import random
 import socket
 import statistics
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, add_model, cli_command, machine, parser
 
 
 def payloads(bad_fraction: float, count: int, seed: int = 0) -> list[tuple[str, bytes, int]]:
@@ -50,9 +48,9 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "pneumoscope.cli", "serve", "--port", str(port), "--task", args.task]
-    if args.checkpoint:
-        command += ["--checkpoint", args.checkpoint]
+    command = [*cli_command(), "serve", "--port", str(port), "--task", args.task]
+    if args.model:
+        command += ["--model", args.model]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -89,17 +87,17 @@ def run(url: str, jobs: list[tuple[str, bytes, int]], concurrency: int, cam: boo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=500)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=16, help="requests before measuring (not counted)")
-    parser.add_argument("--bad-fraction", type=float, default=0.1, help="share of broken uploads (expect 422)")
-    parser.add_argument("--cam", action="store_true", help="ask for Grad-CAM on every request")
-    parser.add_argument("--task", choices=("three", "binary"), default="three")
-    parser.add_argument("--checkpoint", default=None, help="default: the shipped model for --task")
-    parser.add_argument("--url", default=None, help="test a running server instead of starting one")
-    parser.add_argument("--pid", type=int, default=None, help="with --url: the server's pid, for RSS")
-    args = parser.parse_args()
+    options = parser(__doc__)
+    options.add_argument("--requests", type=int, default=500)
+    options.add_argument("--concurrency", type=int, default=16)
+    options.add_argument("--warmup", type=int, default=16, help="requests before measuring (not counted)")
+    options.add_argument("--bad-fraction", type=float, default=0.1, help="share of broken uploads (expect 422)")
+    options.add_argument("--cam", action="store_true", help="ask for Grad-CAM on every request")
+    options.add_argument("--task", choices=("three", "binary"), default="three")
+    add_model(options, default="the shipped model for --task")
+    options.add_argument("--url", default=None, help="test a running server instead of starting one")
+    options.add_argument("--pid", type=int, default=None, help="with --url: the server's pid, for RSS")
+    args = options.parse_args()
 
     server, url = (None, args.url.rstrip("/")) if args.url else start_server(args)
     pid = server.pid if server else args.pid
@@ -124,7 +122,7 @@ def main() -> None:
           f"| {len(results)} | {args.concurrency} | {args.bad_fraction:.0%} | {'yes' if args.cam else 'no'} "
           f"| {errors} | {statistics.median(latencies):.0f} | {p95:.0f} | {len(results) / wall:.1f} "
           f"| {mib(rss_warm)} | {mib(rss_end)} |")
-    print(f"\n{os.cpu_count()} CPUs; server {'pid ' + str(pid) if pid else 'unknown'}; {url}")
+    print(f"\n{machine('end')}; server {'pid ' + str(pid) if pid else 'unknown'}; {url}")
     sys.exit(1 if errors else 0)
 
 

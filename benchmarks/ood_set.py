@@ -17,7 +17,6 @@ every family and the split never changes between runs or machines.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import gzip
 import hashlib
@@ -32,7 +31,8 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from pneumoscope.data.datasets import atomic_write
+import pneumoscope
+from common import parser, read_ood_manifest
 
 SQUASHED = 224  # the public chest X-ray data is squashed to this square
 COLUMNS = ("path", "source", "group", "family", "colour", "size", "split")
@@ -312,17 +312,17 @@ def variants(source: Source, out: Path) -> Iterator[tuple[Path, str, str]]:
     """Writes the source's variants; yields (path, colour, size) for each."""
     loaded = source.load()
     if isinstance(loaded, Path):  # a DICOM file: the native gray variant is the file itself
-        from pneumoscope.data.images import read_xray_with_info
+        from pydicom import dcmread  # lazy, as every source's library: only what a build reads
+        from pydicom.pixels import pixel_array
 
         native = out / f"{source.name}.dcm"
         shutil.copyfile(loaded, native)
         yield native, "gray", "native"
-        gray, info = read_xray_with_info(loaded)
-        colour = None if info["colour"] else colourise(gray, source.cmap)
-        if info["colour"]:  # an RGB ultrasound: keep its own colours (pydicom hands out RGB, first frame)
-            from pydicom.pixels import pixel_array
-
-            colour = np.asarray(pixel_array(loaded, index=0), np.uint8)
+        gray = pneumoscope.read_xray(loaded)  # what prediction sees
+        # an RGB ultrasound keeps its own colours (pydicom hands out RGB, first frame); gray pictures,
+        # a palette's too, get the colour map
+        in_colour = int(dcmread(loaded, stop_before_pixels=True).get("SamplesPerPixel") or 1) == 3
+        colour = np.asarray(pixel_array(loaded, index=0), np.uint8) if in_colour else colourise(gray, source.cmap)
     else:
         image = np.asarray(loaded)
         if image.ndim == 3:
@@ -345,7 +345,7 @@ def squash(pixels: np.ndarray) -> np.ndarray:
 def save(pixels: np.ndarray, path: Path) -> Path:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
-    with atomic_write(path) as handle:
+    with pneumoscope.atomic_write(path) as handle:
         handle.write(buffer.getvalue())
     return path
 
@@ -370,29 +370,18 @@ def build(out: Path) -> Path:
                          "family": source.family, "colour": colour, "size": size,
                          "split": splits[source.split_key]})
     manifest = out / "manifest.csv"
-    with atomic_write(manifest, "w", newline="") as handle:
+    with pneumoscope.atomic_write(manifest, "w", newline="") as handle:
         writer = csv.DictWriter(handle, COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     return manifest
 
 
-def read_ood_manifest(path: str | Path) -> list[dict]:
-    """Rows of manifest.csv with `path` made absolute."""
-    path = Path(path)
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    for row in rows:
-        row["path"] = str(path.parent / row["path"])
-    return rows
-
-
 def main() -> None:
-    from pneumoscope.data.datasets import default_cache_dir
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=default_cache_dir() / "ood")
-    args = parser.parse_args()
+    options = parser(__doc__)
+    options.add_argument("--out", type=Path, default=pneumoscope.default_cache_dir() / "ood",
+                         help="folder to write (default: %(default)s)")
+    args = options.parse_args()
     manifest = build(args.out)
     rows = read_ood_manifest(manifest)
     families = sorted({r["family"] for r in rows})

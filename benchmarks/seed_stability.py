@@ -14,34 +14,30 @@ Not a unit test: minutes per run on 2 cores.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pneumoscope.bundle.store import build_model, load_bundle
-from pneumoscope.data.datasets import load_pixels
-from pneumoscope.core.labels import classes_for, task_label
-from pneumoscope.runtime.classifier import Classifier
-from pneumoscope.runs.rundir import RunDir, checkpoint_weights
+import pneumoscope
+from common import parser, replace_section
 
-ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- stability:begin -->", "<!-- stability:end -->"
 
 
-def split_data(run_dir: Path, split: str, size: int, task: str):
-    samples = [s for s in RunDir(run_dir).samples() if s.split == split]
-    pixels, kept, _ = load_pixels(samples, size)
-    classes = classes_for(task)
-    return pixels, np.array([classes.index(task_label(s.label, task)) for s in kept])
+def split_data(run_dir: Path, split: str, meta):
+    samples = [s for s in pneumoscope.RunDir(run_dir).samples() if s.split == split]
+    pixels, kept, _ = pneumoscope.load_pixels(samples, meta.img_size)
+    return pixels, pneumoscope.class_indices(kept, meta.classes, meta.task)
 
 
-def probabilities(state: dict, meta, pixels: np.ndarray, tta: bool = False) -> np.ndarray:
-    """Uncalibrated softmax (temperature 1: epochs and soups have none of their own), averaged over
-    the TTA views when asked."""
-    classifier = Classifier.from_model(build_model(meta.replace(temperature=1.0), state), meta.replace(temperature=1.0))
+def probabilities(bundle, state: dict, pixels: np.ndarray, tta: bool = False) -> np.ndarray:
+    """Uncalibrated softmax of the bundle's network with other weights (temperature 1: epochs and
+    soups have none of their own), averaged over the TTA views when asked."""
+    network = pneumoscope.load_network(bundle)
+    network.load_state_dict(state)
+    classifier = pneumoscope.Classifier.from_model(network, bundle.meta.replace(temperature=1.0))
     views = tta_views(pixels) if tta else [pixels]
     return np.mean([classifier.score_pixels(view).probabilities for view in views], axis=0)
 
@@ -78,22 +74,23 @@ def row(name: str, val: dict, test: dict, classes) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--from-epoch", type=int, default=2)
-    parser.add_argument("--out", default=None, help="replace the stability section of this markdown file")
-    args = parser.parse_args()
+    options = parser(__doc__)
+    options.add_argument("runs", nargs="+", type=Path)
+    options.add_argument("--from-epoch", type=int, default=2)
+    options.add_argument("--out", default=None, help="replace the stability section of this markdown file")
+    args = options.parse_args()
 
-    bundles = [load_bundle(RunDir(r).model_path()) for r in args.runs]
+    bundles = [pneumoscope.load_bundle(pneumoscope.RunDir(r).finished_model()) for r in args.runs]
     meta = bundles[0].meta
-    classes, size = meta.classes, meta.img_size
-    data = {split: split_data(args.runs[0], split, size, meta.task) for split in ("val", "test")}
-    manifests = {tuple((s.path, s.split) for s in RunDir(r).samples()) for r in args.runs}
+    classes = meta.classes
+    data = {split: split_data(args.runs[0], split, meta) for split in ("val", "test")}
+    manifests = {tuple((s.path, s.split) for s in pneumoscope.RunDir(r).samples()) for r in args.runs}
     if len(manifests) != 1:
         raise SystemExit("the runs must share one manifest (train them with --data <run>/manifest.csv)")
 
     def evaluate(name, state, tta=False):
-        result = [scores(probabilities(state, meta, data[s][0], tta), data[s][1], classes) for s in ("val", "test")]
+        result = [scores(probabilities(bundles[0], state, data[s][0], tta), data[s][1], classes)
+                  for s in ("val", "test")]
         print(row(name, *result, classes), flush=True)
         return row(name, *result, classes)
 
@@ -105,9 +102,9 @@ def main() -> None:
     best_states = []
     for run, bundle in zip(args.runs, bundles):
         seed = bundle.meta.provenance["seed"]
-        for epoch, path in RunDir(run).epoch_checkpoints():
+        for epoch, path in pneumoscope.RunDir(run).epoch_checkpoints():
             if epoch >= args.from_epoch:
-                lines.append(evaluate(f"seed {seed}, epoch {epoch}", checkpoint_weights(path)[0]))
+                lines.append(evaluate(f"seed {seed}, epoch {epoch}", pneumoscope.checkpoint_weights(path)[0]))
         best_states.append(bundle.state_dict())
         best_epoch = bundle.meta.provenance.get("best_epoch")
         lines.append(evaluate(f"**seed {seed}, best (epoch {best_epoch})**", best_states[-1]))
@@ -118,14 +115,7 @@ def main() -> None:
         lines.append(evaluate("weight average + TTA", averaged, tta=True))
     lines += ["", END]
     if args.out:
-        path = Path(args.out)
-        text = path.read_text() if path.exists() else ""
-        section = "\n".join(lines)
-        if BEGIN in text:
-            text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n## Stability across epochs and seeds\n\n" + section + "\n"
-        path.write_text(text)
+        replace_section(args.out, BEGIN, END, "\n".join(lines), "## Stability across epochs and seeds")
 
 
 if __name__ == "__main__":

@@ -2,32 +2,35 @@
 
 For each evaluation group (internal test split; external = half of the official test group, used
 for selection) and each simulated acquisition shift (systematic gamma, contrast, blur, noise, low
-resolution, a narrow window), the images are cut into two halves BY PATIENT. The model is adapted
-on one half's pixels (no labels) and scored on the other half, then the other way round; the two
-scored halves together give the accuracy after adaptation, on images the adaptation never saw.
+resolution, a narrow window), the images are cut into two halves BY PATIENT (`patient_folds`).
+`pneumoscope.adapt_bundle`, what `pneumoscope adapt` runs, adapts the model to one half's shifted
+pictures (no labels: AdaBN, then AdaBN + class priors by EM) and the adapted bundle is scored on the
+other half, then the other way round; the two scored halves together give the accuracy after
+adaptation, on images the adaptation never saw.
 
-    python benchmarks/site_shift.py --checkpoint models/three --manifest runs/x/manifest.csv \
-        --out docs/site-shift.md
+    python benchmarks/site_shift.py --model models/three --manifest runs/x/manifest.csv \
+        [--max-images 150] [--shifts none "gamma 2.0"] --out docs/site-shift.md
 
 Prints the CPU and writes a markdown table plus a JSON file of every figure.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from scipy.ndimage import gaussian_filter
-from sklearn.model_selection import StratifiedGroupKFold
 
-from pneumoscope.workflows.adapt import adapt_batchnorm, add_logit_bias, estimate_priors, prior_shift_bias
-from pneumoscope.data.datasets import read_dataset, read_manifest
-from pneumoscope.data.images import input_step, read_xray, resize_square
-from pneumoscope.core.labels import task_label
-from pneumoscope.evaluation.metrics import compute_metrics
+import pneumoscope
+from common import EXTERNAL, add_model, machine, parser, write_text
+
+
+def _resize(gray: np.ndarray, side: int) -> np.ndarray:
+    """Squashed to side x side with the filter prediction squashes with."""
+    return np.asarray(Image.fromarray(gray).resize((side, side), Image.Resampling.BILINEAR, reducing_gap=3.0))
 
 
 def _stretch(x: np.ndarray) -> np.ndarray:
@@ -52,7 +55,7 @@ def _noise(sigma):
 
 def _lowres(side):
     def shift(p, rng):
-        return np.stack([resize_square(resize_square(x, side), x.shape[0]) for x in p])
+        return np.stack([_resize(_resize(x, side), x.shape[0]) for x in p])
     return shift
 
 
@@ -76,96 +79,67 @@ SHIFTS = {
 }
 
 
-def load_group(samples, size: int, classes, task: str):
-    pixels = np.stack([resize_square(read_xray(s.path), size) for s in samples])
-    y = np.array([classes.index(task_label(s.label, task)) for s in samples])
-    groups = np.array([s.patient_id for s in samples])
-    return pixels, y, groups
+def load_group(samples, meta):
+    """Pixels at the model's size, class indices and the two patient halves of a group."""
+    pixels, kept, _ = pneumoscope.load_pixels(samples, meta.img_size)
+    y = pneumoscope.class_indices(kept, meta.classes, meta.task)
+    return pixels, y, pneumoscope.patient_folds(kept, 2, seed=0)
 
 
-def two_halves(y, groups, seed: int = 0):
-    folds = StratifiedGroupKFold(n_splits=2, shuffle=True, random_state=seed)
-    return [held for _, held in folds.split(np.zeros(len(y)), y, groups)]
-
-
-def evaluate_variants(bundle_loader, pixels, y, groups, classes, source_priors):
+def evaluate_variants(model: str, pixels: np.ndarray, y: np.ndarray, halves, classes) -> dict:
     """Accuracy (and per-class recall) of: the model as is; AdaBN; AdaBN + prior EM; each adapted
-    on one patient half and scored on the other."""
-    base = bundle_loader()
-    probs_base = base.probabilities(pixels)
-    results = {"as is": probs_base}
-    cross = {"adabn": np.zeros_like(probs_base), "adabn + priors": np.zeros_like(probs_base)}
-    halves = two_halves(y, groups)
-    for fit_half, score_half in ((halves[0], halves[1]), (halves[1], halves[0])):
-        adapted = bundle_loader()
-        adapt_batchnorm(adapted.torch_model, input_step(pixels[fit_half], adapted.meta.preprocess))
-        adapted.refresh()
-        cross["adabn"][score_half] = adapted.probabilities(pixels[score_half])
-        priors = estimate_priors(adapted.probabilities(pixels[fit_half]), source_priors)
-        add_logit_bias(adapted.torch_model, prior_shift_bias(source_priors, priors, adapted.temperature))
-        adapted.refresh()
-        cross["adabn + priors"][score_half] = adapted.probabilities(pixels[score_half])
-    results.update(cross)
-    return {name: compute_metrics(y, p, classes) for name, p in results.items()}
+    on one patient half and scored on the other. Every model runs on ONNX Runtime."""
+    probs_base = pneumoscope.Classifier.load(model, backend="onnx").scores(list(pixels)).probabilities
+    results = {"as is": probs_base, "adabn": np.zeros_like(probs_base), "adabn + priors": np.zeros_like(probs_base)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, (fit_half, score_half) in enumerate(((halves[0], halves[1]), (halves[1], halves[0]))):
+            site = write_pictures(pixels[fit_half], Path(tmp) / f"site-{k}")
+            for variant, priors in (("adabn", False), ("adabn + priors", True)):
+                adapted = Path(tmp) / f"adapted-{k}-{priors}"
+                pneumoscope.adapt_bundle(model, site, adapted, priors=priors)
+                classifier = pneumoscope.Classifier.load(adapted, backend="onnx")
+                results[variant][score_half] = classifier.scores(list(pixels[score_half])).probabilities
+    return {name: pneumoscope.compute_metrics(y, p, classes) for name, p in results.items()}
 
 
-class _Model:
-    """The network under study, scored through the product's own Classifier (one inference path)."""
-
-    def __init__(self, model, meta):
-        from pneumoscope.runtime.classifier import Classifier
-
-        self._Classifier = Classifier
-        self.torch_model, self.meta = model, meta
-        self.temperature = float(meta.temperature)
-        self.refresh()
-
-    def refresh(self):
-        self.classifier = self._Classifier.from_model(self.torch_model, self.meta, backend="onnx")
-
-    def probabilities(self, pixels):
-        return self.classifier.scores(list(pixels)).probabilities
+def write_pictures(pixels: np.ndarray, folder: Path) -> Path:
+    """The site's shifted pictures as the PNG files `adapt` reads (lossless: the same pixels)."""
+    folder.mkdir(parents=True)
+    for i, picture in enumerate(pixels):
+        Image.fromarray(picture).save(folder / f"{i:05d}.png")
+    return folder
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a model bundle directory (or a legacy model.pt)")
-    parser.add_argument("--manifest", required=True, help="the model's training manifest (its test split is used)")
-    parser.add_argument("--external", default="../shared/data/chest_xray_external")
-    parser.add_argument("--shifts", nargs="+", default=list(SHIFTS), choices=list(SHIFTS))
-    parser.add_argument("--max-images", type=int, default=None, help="per group, for a quick look")
-    parser.add_argument("--out", default="docs/site-shift.md")
-    args = parser.parse_args(argv)
+    options = parser(__doc__)
+    add_model(options, required=True)
+    options.add_argument("--manifest", required=True, help="the model's training manifest (its test split is used)")
+    options.add_argument("--external", type=Path, default=EXTERNAL)
+    options.add_argument("--shifts", nargs="+", default=list(SHIFTS), choices=list(SHIFTS))
+    options.add_argument("--max-images", type=int, default=None, help="per group, for a quick look")
+    options.add_argument("--out", default="docs/site-shift.md")
+    args = options.parse_args(argv)
 
-    from pneumoscope.bundle.store import load_bundle
-
-    bundle = load_bundle(args.checkpoint)
-    meta = bundle.meta
+    meta = pneumoscope.load_bundle(args.model).meta
     classes = tuple(meta.classes)
-    train = [s for s in read_manifest(args.manifest) if s.split in ("train", "val")]
-    labels = np.array([classes.index(task_label(s.label, meta.task)) for s in train if s.split == "val"])
-    source_priors = np.bincount(labels, minlength=len(classes)) / len(labels)  # what T was fitted under
-    groups = {"internal test": [s for s in read_manifest(args.manifest) if s.split == "test"],
-              "external (used for selection)": read_dataset(args.external).samples}
+    groups = {"internal test": pneumoscope.read_dataset(args.manifest, task=meta.task).select("test"),
+              "external (used for selection)": pneumoscope.read_dataset(args.external, task=meta.task).samples}
     rng = np.random.default_rng(0)
-    report = {"cpu": platform.processor() or platform.machine(), "checkpoint": str(args.checkpoint), "rows": []}
+    report = {"cpu": machine(), "checkpoint": str(args.model), "rows": []}
     for group, samples in groups.items():
         if args.max_images:
             samples = samples[:: max(1, len(samples) // args.max_images)]
-        pixels, y, patient = load_group(samples, meta.img_size, classes, meta.task)
+        pixels, y, halves = load_group(samples, meta)
         for shift in args.shifts:
-            shifted = SHIFTS[shift](pixels, rng)
-            metrics = evaluate_variants(lambda: _Model(bundle.load_model(), meta), shifted, y, patient, classes,
-                                        source_priors)
+            metrics = evaluate_variants(args.model, SHIFTS[shift](pixels, rng), y, halves, classes)
             for variant, m in metrics.items():
                 row = {"group": group, "shift": shift, "variant": variant, "n": m["n"], "accuracy": m["accuracy"],
                        "ece": m["ece"], **{f"recall {c}": v["recall"] for c, v in m["per_class"].items()}}
                 report["rows"].append(row)
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.write_text(markdown(report, classes))
+    write_text(out.with_suffix(".json"), json.dumps(report, indent=2))
+    write_text(out, markdown(report, classes))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

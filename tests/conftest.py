@@ -60,7 +60,7 @@ def python_warnings(stderr: str) -> list[str]:
 
 
 def tiny_config(data, out, **overrides):
-    from pneumoscope.training.fit import TrainConfig
+    from pneumoscope import TrainConfig
 
     values = dict(data=str(data), out=str(out), img_size=64, epochs=2, batch_size=16, lr=3e-3,
                   ema_decay=0.0, patience=5, val_fraction=0.2, test_fraction=0.2, seed=0)

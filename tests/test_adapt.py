@@ -20,8 +20,7 @@ def tiny_bundle(tmp_path):
     torch.manual_seed(0)
     model = create_model("resnet18", 3, pretrained=False).eval()
     meta = ModelMeta(name="tiny", task="three", classes=("NORMAL", "BACTERIA", "VIRUS"), arch="resnet18",
-                     img_size=48, mean=0.449, std=0.226, temperature=1.3,
-                     provenance={"class_priors": [0.26, 0.48, 0.26]})
+                     img_size=48, mean=0.449, std=0.226, temperature=1.3)
     return save_bundle(model, meta, tmp_path / "in")
 
 
@@ -102,3 +101,22 @@ def test_prior_em_recovers_a_known_class_mix():
     assert abs(estimated[1] - 0.2) < 0.03
     bias = prior_shift_bias(source, estimated, temperature=2.0)
     assert bias[1] < 0 < bias[0]
+
+
+
+def test_the_prior_shift_moves_an_ensembles_logits_by_the_whole_bias():
+    """An ensemble averages its members' logits, so the prior shift goes into every member's
+    classifier bias (it went into the last member's only: half the shift for two members)."""
+    from pneumoscope.workflows.adapt import add_logit_bias
+    from pneumoscope.nets.registry import Ensemble
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 48, 48)
+    bias = np.array([0.7, -0.2, -0.5])
+    for model in (create_model("resnet18", 3, pretrained=False).eval(),
+                  Ensemble([create_model("resnet18", 3, pretrained=False) for _ in range(2)]).eval()):
+        with torch.no_grad():
+            before = model(x)
+            add_logit_bias(model, bias)
+            shift = model(x) - before
+        np.testing.assert_allclose(shift.numpy(), np.broadcast_to(bias, (4, 3)), atol=1e-5)

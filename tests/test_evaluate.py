@@ -9,8 +9,9 @@ from conftest import read_csv
 
 from pneumoscope.core.labels import THREE
 from pneumoscope.data.datasets import read_dataset
-from pneumoscope.evaluation.metrics import expected_calibration_error, softmax
-from pneumoscope.evaluation.report import REPORT_FILES, evaluate_samples
+from pneumoscope.evaluation.metrics import expected_calibration_error
+from pneumoscope.evaluation.report import evaluate_samples
+from pneumoscope.runtime.classifier import softmax
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,10 @@ def untrained():
     meta = ModelMeta(name="untrained", task="three", classes=THREE, arch="simple_cnn", img_size=32, mean=0.5,
                      std=0.25, temperature=2.0)
     return Classifier.from_model(create_model("simple_cnn", 3, pretrained=False), meta, backend="torch")
+
+
+REPORT_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "reliability.png",
+                "prediction_grid.png", "cam_grid.png")  # what `evaluate --out DIR` writes (docs/tutorials.md)
 
 
 def test_report_from_one_pass_of_arrays(untrained, fixture_data, tmp_path):

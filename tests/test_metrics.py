@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from pneumoscope.evaluation.metrics import (
     bootstrap_ci,
@@ -10,7 +11,6 @@ from pneumoscope.evaluation.metrics import (
     fit_temperature,
     headline,
     macro_auc,
-    softmax,
 )
 
 CLASSES = ("NORMAL", "BACTERIA", "VIRUS")
@@ -68,6 +68,10 @@ def test_macro_auc_binary_multiclass_and_single_class():
     probs = np.array([[.7, .2, .1], [.2, .7, .1], [.5, .1, .4], [.2, .5, .3]])
     # NORMAL vs rest: 2.5 of 4 pairs ordered (0.2 ties one negative, loses to the other); the others 1.0
     assert macro_auc(y, probs) == pytest.approx((0.625 + 1.0 + 1.0) / 3)
+    assert macro_auc(y, probs) == roc_auc_score(y, probs, multi_class="ovr", average="macro")
+    # a class absent (no VIRUS): the mean over the two present, not NaN and no warning
+    y, probs = np.array([0, 1, 0, 1]), np.array([[.7, .2, .1], [.2, .7, .1], [.5, .1, .4], [.4, .5, .1]])
+    assert macro_auc(y, probs) == pytest.approx((1.0 + 1.0) / 2)
 
 
 def test_ece_known_values():
@@ -83,12 +87,6 @@ def test_temperature_scaling_recovers_a_known_temperature():
     targets = torch.distributions.Categorical(logits=true_logits).sample()
     assert fit_temperature((true_logits * 3).numpy(), targets.numpy()) == pytest.approx(3.0, rel=0.1)
     assert fit_temperature(true_logits * 0.5, targets) == pytest.approx(0.5, rel=0.1)  # tensors too
-
-
-def test_softmax_with_temperature():
-    logits = np.array([[2.0, 0.0], [0.0, 0.0]])
-    assert softmax(logits) == pytest.approx(np.array([[1 / (1 + np.exp(-2)), 1 / (1 + np.exp(2))], [0.5, 0.5]]))
-    assert softmax(logits, 2.0)[0, 0] == pytest.approx(1 / (1 + np.exp(-1)))
 
 
 def test_temperature_of_a_barely_trained_model_is_found_not_nan():

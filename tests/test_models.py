@@ -10,6 +10,7 @@ from pneumoscope.nets.registry import (
     freeze_model,
     list_models,
     lite0_wheel_state_dict,
+    model_spec,
     pretrained_source,
     stages,
     trainable_parameters,
@@ -62,6 +63,23 @@ def test_gray_stem_equals_three_identical_channels():
         a = gray.backbone.forward_features(gray.normalize(x))
         b = rgb.eval().forward_features((x.repeat(1, 3, 1, 1) - 0.5) / 0.5)
     assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_normalisation_is_that_of_the_pretrained_weights():
+    from statistics import fmean
+
+    from timm.models import get_pretrained_cfg
+
+    for name in list_models():
+        spec = model_spec(name)
+        if spec.pretrained in ("timm", "wheel"):  # timm's own pretrained cfg, channels averaged for gray input
+            cfg = get_pretrained_cfg(spec.source)
+            assert (spec.mean, spec.std) == (fmean(cfg.mean), fmean(cfg.std)), name
+    # the values bundles have recorded: ImageNet's (timm and torchvision), the tf_ Lite weights', the seeds' own
+    assert {(model_spec(n).mean, model_spec(n).std) for n in ("resnet18", "densenet121", "vgg16_bn", "alexnet")} \
+        == {(0.449, 0.226)}
+    assert (model_spec("efficientnet_lite0").mean, model_spec("efficientnet_lite0").std) == (0.5, 0.5)
+    assert (model_spec("simple_cnn").mean, model_spec("simple_cnn").std) == (0.5, 0.25)
 
 
 def test_pretrained_without_offline_weights_says_so():

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dicom_files import CT, example, make_dx, sr_facts
+from pneumoscope import INTENDED_USE
 
 ORTHANC = shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc") if os.path.exists(p)), None)
 DICOMWEB_PLUGIN = next(iter(sorted(glob.glob("/usr/share/orthanc/plugins/libOrthancDicomWeb.so*"))
@@ -234,7 +235,7 @@ def check_sr(sr, source, record: dict) -> None:
     assert facts["flagged"] == ("No" if record["reliable"] else "Yes")
     name, version = record["model"].split("@")
     assert ("Algorithm Name", name) in facts["text"] and ("Algorithm Version", version) in facts["text"]
-    assert any(meaning == "Comment" and text.startswith("Not for diagnostic use") for meaning, text in facts["text"])
+    assert ("Comment", INTENDED_USE) in facts["text"]  # the notice the model card and the web page give too
     assert sr.ContentQualification == "RESEARCH" and sr.VerificationFlag == "UNVERIFIED"
 
 

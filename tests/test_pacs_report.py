@@ -11,6 +11,7 @@ pytest.importorskip("highdicom")
 
 from dicom_files import CT, DX, example, make_dx, sr_facts  # noqa: E402
 
+from pneumoscope import INTENDED_USE  # noqa: E402
 from pneumoscope.pacs.accept import (  # noqa: E402
     CANNOT_UNDERSTAND,
     DOES_NOT_MATCH,
@@ -86,6 +87,7 @@ def test_the_report_carries_the_prediction_and_is_the_same_instance_when_made_ag
     facts = sr_facts(sr)
     assert facts["probabilities"] == record.probabilities and facts["finding"] == "Bacterial pneumonia"
     assert facts["references"] == [pydicom.dcmread(path).SOPInstanceUID]
+    assert ("Comment", INTENDED_USE) in facts["text"]  # the notice the model card and the web page give too
     assert first.datasets[0].SOPInstanceUID == again.datasets[0].SOPInstanceUID  # a repeat is the same result
     assert first.datasets[0].SeriesInstanceUID == again.datasets[0].SeriesInstanceUID
 

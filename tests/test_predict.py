@@ -9,8 +9,18 @@ from conftest import EXAMPLES, ROOT, small_meta, small_model
 
 from pneumoscope.cli import main
 from pneumoscope.data.images import read_xray
-from pneumoscope.runtime.classifier import Classifier
+from pneumoscope.runtime.classifier import Classifier, softmax
 from pneumoscope.runtime.export import save_with_graph
+
+
+def test_softmax_with_temperature_is_scipys():
+    from scipy.special import softmax as scipy_softmax
+
+    logits = np.array([[2.0, 0.0], [0.0, 0.0]])
+    assert softmax(logits) == pytest.approx(np.array([[1 / (1 + np.exp(-2)), 1 / (1 + np.exp(2))], [0.5, 0.5]]))
+    assert softmax(logits, 2.0)[0, 0] == pytest.approx(1 / (1 + np.exp(-1)))
+    many = np.random.default_rng(0).normal(0, 8, (1000, 3)).astype(np.float32)
+    assert np.array_equal(softmax(many, 0.74), scipy_softmax(many.astype(np.float64) / 0.74, axis=1))
 
 
 def test_python_api_on_path_and_array(classifier, fixture_data):
@@ -135,7 +145,7 @@ def test_batches_side_by_side_give_the_one_at_a_time_answers(small_bundle, fixtu
 
 IMPORTS = """
 import sys
-heavy = ("torch", "timm", "sklearn", "torchvision", "lightning")
+heavy = ("torch", "timm", "sklearn", "scipy", "torchvision", "lightning")
 import pneumoscope, pneumoscope.cli
 assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]
 from pneumoscope.cli import main

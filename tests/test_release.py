@@ -1,16 +1,18 @@
 """Shipping a run: bundles, int8 graphs, evaluation reports and the generated model card."""
+import csv
 import importlib.util
 import json
 
 import pytest
-from conftest import FIXTURE_DATA, ROOT
+from conftest import FIXTURE_DATA
 
+from pneumoscope import INTENDED_USE
 from pneumoscope.bundle import load_bundle
 from pneumoscope.cli import main
 from pneumoscope.data.datasets import class_indices
-from pneumoscope.evaluation.metrics import fit_temperature, softmax
+from pneumoscope.evaluation.metrics import fit_temperature
 from pneumoscope.runs.rundir import RunDir
-from pneumoscope.runtime.classifier import Classifier
+from pneumoscope.runtime.classifier import Classifier, softmax
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +66,21 @@ def test_ship_with_binary_and_int8_then_card_then_reship_without_int8(tiny_run, 
     counts = {split: sum(s.split == split for s in samples) for split in ("train", "val", "test")}
     assert (f"trained and measured on {len(samples)} images (train {counts['train']}, val {counts['val']}, "
             f"internal test {counts['test']}; 3 labels) from {FIXTURE_DATA}") in card and "5,232" not in card
-    assert "Not a diagnosis" in card and "binary" in card and "internal_test (int8)" in card
+    assert INTENDED_USE in card and "binary" in card and "internal_test (int8)" in card
+    # ship records the patients whose images hold two labels, and the card quotes them
+    labels = {}
+    for s in samples:
+        labels.setdefault(s.patient_id, set()).add(s.label)
+    spans = sorted({tuple(sorted(held)) for held in labels.values() if len(held) > 1})
+    recorded = load_bundle(models / "three").meta.provenance["data"]["patients_across_labels"]
+    assert [tuple(c["labels"]) for c in recorded] == spans
+    assert ("no patient id holds files of two classes" if not spans else "patient ids hold files of both") in card
+    # ship draws the internal test's most confident mistakes; the card links them
+    for task in ("three", "binary"):
+        test = docs / "model-card" / task / "test"
+        with open(test / "predictions.csv", newline="") as handle:
+            wrong = any(r["true"] != r["predicted"] for r in csv.DictReader(handle))
+        assert (test / "mistakes.png").is_file() == wrong == (f"model-card/{task}/test/mistakes.png" in card)
     assert "external (used for selection) (int8)" in card
     if importlib.util.find_spec("openvino"):  # the 3-class graph converts; the merged binary read does not
         assert "openvino" in load_bundle(models / "three").metrics() and "internal_test (openvino)" in card
@@ -74,16 +90,3 @@ def test_ship_with_binary_and_int8_then_card_then_reship_without_int8(tiny_run, 
     assert "int8" not in load_bundle(models / "three").metrics()
     assert set(load_bundle(models / "three").meta.guard) == {"fp32"}
 
-
-def test_card_of_the_shipped_models_is_the_committed_one(tmp_path):
-    """`pneumoscope card` on the repo's bundles and reports reproduces docs/model-card.md."""
-    import shutil
-
-    from pneumoscope.workflows.release import write_model_card
-
-    if not all((ROOT / "models" / task / "meta.json").is_file() for task in ("three", "binary")):
-        pytest.skip("the shipped models are not bundles yet")
-    docs = tmp_path / "docs"
-    shutil.copytree(ROOT / "docs" / "model-card", docs / "model-card")
-    out = write_model_card(ROOT / "models", docs)
-    assert out.read_text() == (ROOT / "docs" / "model-card.md").read_text()

@@ -61,6 +61,18 @@ def test_status_updates_merge_and_fresh_starts_anew(tmp_path):
     assert "error" not in run.status() and run.status()["pid"] == 2
 
 
+def test_a_running_status_records_its_start_and_process(tmp_path):
+    """Every job that writes "running" (train, ensemble, soup) gets the start, pid and host from
+    write_status, which live_status reads."""
+    run = RunDir(tmp_path)
+    run.write_status("running", fresh=True)
+    status = run.status()
+    assert status["pid"] == os.getpid() and status["hostname"] == socket.gethostname() and status["started"]
+    assert run.live_status() == "running"
+    run.write_status("finished")
+    assert run.status()["pid"] == os.getpid() and run.status()["status"] == "finished"
+
+
 def test_a_saved_configuration_is_read_strictly_naming_the_file(tmp_path):
     run = RunDir(tmp_path)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": "d", "lr": "1e-3", "epochs": 2, "bogus": 1}))

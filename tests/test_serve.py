@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from test_images import make_dicom
 
+from pneumoscope import INTENDED_USE
 from pneumoscope.runtime.classifier import Classifier
 from pneumoscope.serve import LOCAL_HOSTS, create_app, read_upload, serve_in_thread
 
@@ -137,7 +138,7 @@ def test_model_card_health_openapi_and_page(client, classifier):
     card = client.get("/v1/model").json()
     assert card["classes"] == list(classifier.classes) and card["arch"] == classifier.meta.arch
     assert card["img_size"] == classifier.img_size and card["temperature"] == pytest.approx(classifier.temperature)
-    assert card["metrics"] == {} and "not a diagnosis" in card["intended_use"]  # no metrics.json: none shown
+    assert card["metrics"] == {} and card["intended_use"].startswith(INTENDED_USE)  # no metrics.json: none shown
     assert client.get("/healthz").json()["status"] == "ok"
     schema = client.get("/openapi.json").json()
     assert {"/v1/predict", "/v1/model", "/healthz"} <= set(schema["paths"])
@@ -148,7 +149,7 @@ def test_model_card_health_openapi_and_page(client, classifier):
     assert {"label", "probabilities", "warnings", "reliable", "model", "cam"} <= set(properties)
     assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404  # CDN scripts
     page = client.get("/")
-    assert page.status_code == 200 and "Not a diagnosis" in page.text
+    assert page.status_code == 200 and f'id="notice">{INTENDED_USE}</p>' in page.text  # the one intended-use text
     assert "http://" not in page.text and "https://" not in page.text  # no CDN, no remote font
 
 

@@ -70,7 +70,8 @@ def test_an_out_inside_the_shipped_models_is_refused(shipped, fixture_data, tmp_
     before = digests(shipped)
     for command in (["export", "--out", str(shipped / "model.onnx")], ["export", "--out", str(shipped / "x.onnx")],
                     ["adapt", "--images", str(fixture_data / "val"), "--out", str(shipped)],
-                    ["adapt", "--images", str(fixture_data / "val"), "--out", str(shipped.parent / "new")]):
+                    ["adapt", "--images", str(fixture_data / "val"), "--out", str(shipped.parent / "new")],
+                    ["card", "--models-dir", str(shipped.parent), "--out", str(shipped / "card.md")]):
         assert main(command) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "inside the shipped models" in err, err

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLES
 
+from pneumoscope import INTENDED_USE
 from pneumoscope.serve import create_app, serve_in_thread
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -36,7 +37,7 @@ def browser_page(classifier):
 def test_upload_shows_label_probabilities_and_heat_map(browser_page, tmp_path):
     page, url, classifier = browser_page
     expect = sync_api.expect
-    expect(page.locator("#notice")).to_contain_text("Not a diagnosis")
+    expect(page.locator("#notice")).to_have_text(INTENDED_USE)
     example = EXAMPLES / "PNEUMONIA" / "person267_bacteria_1250.jpeg"
     page.set_input_files("#file", str(example))
     expect(page.locator("#result")).to_be_visible()

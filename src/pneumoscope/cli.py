@@ -19,6 +19,7 @@ from pathlib import Path
 from .core.config import (
     BACKENDS,
     CALIBRATIONS,
+    OUTPUT_FORMATS,
     TEST_FRACTION,
     TUNED,
     VAL_FRACTION,
@@ -109,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("card", help="regenerate docs/model-card.md from models/ and docs/model-card/")
     p.add_argument("--models-dir", default="models")
-    p.add_argument("--docs-dir", default="docs")
+    p.add_argument("--docs-dir", default="docs", help="where ship wrote the reports the card reads")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="write the card here instead of DOCS_DIR/model-card.md (its figure links follow)")
     p.add_argument("--external", default=None, metavar="DIR",
                    help="first measure the shipped models on this external group (reported as used for selection)")
     p.set_defaults(handler=cmd_card)
@@ -190,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
     p.add_argument("--model", "--checkpoint", dest="model", default=None, metavar="BUNDLE", help=MODEL_HELP)
     p.add_argument("--task", choices=tuple(TASKS), default="three")
-    p.add_argument("--format", choices=("table", "csv", "json"), default=None,
+    p.add_argument("--format", choices=OUTPUT_FORMATS, default=None,
                    help="default: from --output's extension (.csv; .json, .jsonl, .ndjson: JSON lines; others: "
                         "table), table on stdout")
     p.add_argument("--batch-size", type=int, default=32)
@@ -333,12 +336,14 @@ def cmd_ship(args) -> int:
 
 
 def cmd_card(args) -> int:
+    from .bundle import refuse_shipped
     from .workflows.release import measure_external, write_model_card
 
+    refuse_shipped(args.out)
     if args.external:
         for path in measure_external(args.external, args.models_dir, args.docs_dir):
             print(f"measured {path} on {args.external} (reported as used for selection)")
-    print(f"wrote {write_model_card(args.models_dir, args.docs_dir)}")
+    print(f"wrote {write_model_card(args.models_dir, args.docs_dir, args.out)}")
     return EXIT_OK
 
 

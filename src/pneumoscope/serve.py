@@ -23,6 +23,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import html
 import logging
 import re
 import socket
@@ -42,14 +43,12 @@ from starlette.datastructures import MutableHeaders
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 
-from . import __version__
+from . import INTENDED_USE, __version__
 from .bundle import is_shipped
 from .runs.rundir import describe_data, recorded_data
 from .runtime.classifier import Classifier, Record
 from .runtime.explain import cam_png
 
-INTENDED_USE = ("Research, teaching and second-reader use only. pneumoscope is not a medical device and its "
-                "output is not a diagnosis: a qualified clinician must read every X-ray.")
 SHIPPED_DATA = ("Trained on pediatric (age 1-5) anterior-posterior chest X-rays from one hospital; other "
                 "populations, views and devices are outside what it was tested on.")  # the shipped models' data
 INPUT = "1-channel grayscale in [0, 1], squashed to img_size x img_size"
@@ -217,7 +216,7 @@ def create_app(classifier: Classifier | None = None, task: str = "three", max_up
     `max_requests` requests in progress, 503 (/healthz is never refused)."""
     classifier = classifier or Classifier.load(task=task)
     limit = int(max_upload_mb * 2**20)
-    page = resources.files("pneumoscope").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = notice_page(resources.files("pneumoscope").joinpath("static/index.html").read_text(encoding="utf-8"))
     meta = classifier.meta
     metrics = classifier.bundle.metrics() if classifier.bundle else {}
     data = training_data(classifier)
@@ -264,6 +263,17 @@ def create_app(classifier: Classifier | None = None, task: str = "three", max_up
         return answer
 
     return app
+
+
+NOTICE_MARK = "<!-- INTENDED_USE -->"  # where static/index.html shows the intended-use notice
+
+
+def notice_page(page: str) -> str:
+    """The web page with pneumoscope.INTENDED_USE in its notice (the one text the card and the DICOM
+    SR quote too)."""
+    if NOTICE_MARK not in page:
+        raise ValueError(f"static/index.html has no {NOTICE_MARK} for the intended-use notice")
+    return page.replace(NOTICE_MARK, html.escape(INTENDED_USE))
 
 
 def training_data(classifier: Classifier) -> str:

@@ -21,11 +21,10 @@ from typing import Literal
 from typing_extensions import Required, TypedDict  # pydantic reads typing.TypedDict only from Python 3.12
 
 from ..core.config import INPUT_STEPS
-from ..core.labels import BINARY, FOLDERS, THREE
+from ..core.labels import BINARY, MODEL_TASKS, THREE
 from ..core.labels import TASKS as CLASSES_OF_TASK
 
 SCHEMA_VERSION = 1
-TASKS = ("three", "binary", FOLDERS)  # FOLDERS: any other dataset, its classes its folder names
 FINGERPRINT_KEY = "pneumoscope_fingerprint"  # ONNX metadata_props: the fingerprint a graph was made from
 META_KEY = "pneumoscope_meta"  # ONNX metadata_props: the ModelMeta, so a graph explains itself
 SHAPING = ("arch", "classes", "img_size", "mean", "std", "temperature", "merge_outputs", "adaptation")
@@ -167,8 +166,8 @@ class ModelMeta:
 def _meta_problem(meta: ModelMeta) -> str | None:
     """What is wrong with the values of `meta` (types are pydantic's job at load), or None."""
     classes = meta.classes
-    if meta.task not in TASKS:
-        return f"task {meta.task!r} is not one of {', '.join(TASKS)}"
+    if meta.task not in MODEL_TASKS:
+        return f"task {meta.task!r} is not one of {', '.join(MODEL_TASKS)}"
     if not 2 <= len(classes) <= MAX_CLASSES:
         return f"{len(classes)} classes; a model has 2 to {MAX_CLASSES}"
     if not all(isinstance(c, str) and c.strip() for c in classes) or len(set(classes)) != len(classes):

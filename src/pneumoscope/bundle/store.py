@@ -20,7 +20,8 @@ from functools import cached_property
 from pathlib import Path
 
 from ..core.files import atomic_write, default_cache_dir
-from .meta import MAX_META_DEPTH, TASKS, BundleError, ModelMeta, file_sha256, fingerprint, weights_bytes
+from ..core.labels import MODEL_TASKS
+from .meta import MAX_META_DEPTH, BundleError, ModelMeta, file_sha256, fingerprint, weights_bytes
 
 WEIGHTS, META, ONNX_FP32, ONNX_INT8, METRICS = "weights.pt", "meta.json", "model.onnx", "model.int8.onnx", "metrics.json"
 GRAPH_KINDS = {"fp32": ONNX_FP32, "int8": ONNX_INT8}
@@ -223,8 +224,8 @@ def write_metrics(bundle_dir: str | os.PathLike, metrics: dict) -> Path:
 def resolve_model(task: str = "three") -> Path:
     """The shipped bundle for `task`: under $PNEUMOSCOPE_MODELS when it is set (then only there),
     else the installed package data (`pneumoscope_models`), else a source checkout's models/."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if task not in MODEL_TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(MODEL_TASKS)}")
     override = os.environ.get("PNEUMOSCOPE_MODELS")
     if override:
         candidates = [Path(override) / task]

@@ -25,6 +25,7 @@ PRECISIONS = ("32", "bf16-mixed", "16-mixed")  # Lightning's names; 16-mixed is 
 HEAD_INITS = ("random", "zero")  # training init_head
 INPUT_STEPS = ("none", "clahe")  # ModelMeta.preprocess / train --preprocess (data.images.input_step)
 BACKENDS = ("auto", "int8", "onnx", "torch", "openvino", "openvino-int8")  # runtime.backends.open_backend
+OUTPUT_FORMATS = ("table", "csv", "json")  # predict --format (workflows.batch writes them)
 TUNED = ("lr", "aug", "img_size", "label_smoothing", "class_weight_power")  # what `tune` searches
 # Patients' shares of a dataset folder (data.split_by_patient), test first. 5% validation (not 15%)
 # gives training 13% more images; chosen on the external group: docs/benchmarks.md, session 7.

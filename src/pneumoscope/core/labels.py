@@ -16,6 +16,7 @@ THREE = ("NORMAL", "BACTERIA", "VIRUS")
 BINARY = ("NORMAL", "PNEUMONIA")
 TASKS = {"three": THREE, "binary": BINARY}
 FOLDERS = "folders"  # the task of any other dataset: its classes are its folder names (or manifest labels)
+MODEL_TASKS = (*TASKS, FOLDERS)  # what a model's task may be: a Kermany reading (TASKS) or a dataset's own classes
 KERMANY_FOLDERS = frozenset(THREE) | {"PNEUMONIA"}
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}

@@ -148,7 +148,7 @@ def read_xray_with_info(source: str | os.PathLike | bytes | np.ndarray, name: st
     info["warnings"]: sentences for the prediction record, e.g. "first frame used (12 frames)".
     """
     info = {"colour": 0.0, "size": None, "frames": 1, "warnings": []}
-    label = name or _describe(source)
+    label = name or describe_source(source)
     budget = _Budget(0)
     try:
         with _decode_slots:  # the file's bytes and every buffer decoding them are held inside a slot
@@ -200,7 +200,8 @@ def _image_error(err: Exception, label: str, budget: _Budget) -> ImageReadError:
     return ImageReadError(label, f"cannot decode image ({_one_line(err)})")
 
 
-def _describe(source) -> str:
+def describe_source(source) -> str:
+    """How a source is named in records and errors when no name is given: the path, or <array> / <bytes>."""
     if isinstance(source, np.ndarray):
         return "<array>"
     return "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
@@ -676,11 +677,12 @@ def _stretch(values: np.ndarray) -> np.ndarray:
     return np.round(values, out=values).astype(np.uint8)
 
 
+CLAHE_CLIP_LIMIT, CLAHE_TILES = 2.0, 8  # the "clahe" step's contrast limit and tile grid (the card quotes them)
 
 
 def input_step(pixels: np.ndarray, method: str | None) -> np.ndarray:
     """The model's fixed input step after resizing, on S x S or N x S x S uint8 pixels. "clahe":
-    contrast-limited adaptive histogram equalisation (OpenCV; clip limit 2, 8 x 8 tiles), which
+    contrast-limited adaptive histogram equalisation (OpenCV; CLAHE_CLIP_LIMIT, CLAHE_TILES squared), which
     evens out the exposure and contrast that differ between sites' machines and post-processing.
     None or "none": the pixels as they are."""
     if method in (None, "none"):
@@ -689,7 +691,7 @@ def input_step(pixels: np.ndarray, method: str | None) -> np.ndarray:
         raise ValueError(f"unknown input step {method!r}; choose from {', '.join(INPUT_STEPS)}")
     import cv2  # opencv comes with grad-cam
 
-    clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+    clahe = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=(CLAHE_TILES, CLAHE_TILES))
     if pixels.ndim == 2:
         return clahe.apply(np.ascontiguousarray(pixels, np.uint8))
     return np.stack([clahe.apply(np.ascontiguousarray(p, np.uint8)) for p in pixels]) if len(pixels) else pixels

@@ -69,7 +69,9 @@ def macro_auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
         return None
     if probs.shape[1] == 2:
         return float(roc_auc_score(y_true, probs[:, 1]))
-    return float(np.mean([roc_auc_score(y_true == c, probs[:, c]) for c in present]))
+    # what roc_auc_score(multi_class="ovr", average="macro") computes (the same value when every class is
+    # present), given as the present classes' indicator columns: "ovr" scores an absent class NaN, with a warning
+    return float(roc_auc_score(y_true[:, None] == present, probs[:, present], average="macro"))
 
 
 def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -80,13 +82,6 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int 
     return float(multiclass_calibration_error(torch.as_tensor(np.asarray(probs), dtype=torch.float32),
                                               torch.as_tensor(np.asarray(y_true)), num_classes=probs.shape[1],
                                               n_bins=bins, norm="l1"))
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of logits / temperature, in float64."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def fit_temperature(logits, targets) -> float:

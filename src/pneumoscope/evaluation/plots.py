@@ -20,6 +20,8 @@ def save(fig, out: Path, dpi: int = 100) -> None:
 
 
 def confusion_matrix_png(matrix: np.ndarray, classes, out: Path) -> None:
+    """Counts and row-normalised rates of sklearn's confusion_matrix (metrics.compute_metrics), side by
+    side, both coloured by the rates. Drawn here: ConfusionMatrixDisplay changes the report's PNG."""
     rows = matrix.sum(1, keepdims=True).clip(min=1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, values, title, fmt in ((axes[0], matrix, "counts", "d"), (axes[1], matrix / rows, "row-normalised", ".2f")):
@@ -38,6 +40,8 @@ def confusion_matrix_png(matrix: np.ndarray, classes, out: Path) -> None:
 
 
 def roc_png(y_true: np.ndarray, probs: np.ndarray, classes, out: Path) -> None:
+    """One-vs-rest curves (sklearn's roc_curve) of each class present. Drawn here: RocCurveDisplay
+    (its own labels, limits and square aspect) changes the report's PNG."""
     fig, ax = plt.subplots(figsize=(5, 5))
     for c, name in enumerate(classes):
         positives = y_true == c
@@ -55,7 +59,10 @@ def roc_png(y_true: np.ndarray, probs: np.ndarray, classes, out: Path) -> None:
 
 
 def reliability_png(y_true: np.ndarray, curves: dict[str, np.ndarray], out: Path, bins: int = 15) -> None:
-    """Accuracy per confidence bin for each named set of probabilities (e.g. before/after scaling)."""
+    """Accuracy per confidence bin for each named set of probabilities (e.g. before/after scaling),
+    at the bin centres. Binned here, not by sklearn's calibration_curve: that gives each bin's mean
+    confidence instead of its centre (and puts a confidence on an edge in the lower bin, where the
+    ECE's torchmetrics bins put it in the upper), which changes the report's PNG."""
     edges = np.linspace(0, 1, bins + 1)
     centers = (edges[:-1] + edges[1:]) / 2
     fig, ax = plt.subplots(figsize=(5, 5))

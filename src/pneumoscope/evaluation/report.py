@@ -18,14 +18,12 @@ from ..core.files import atomic_write
 from ..core.labels import TASKS, task_label
 from ..data.datasets import class_indices, read_dataset
 from ..data.images import read_xray
-from ..runtime.classifier import Classifier
+from ..runtime.classifier import Classifier, softmax
 from ..runtime.explain import cam_cases
 from . import plots
-from .metrics import ECE_BINS, compute_metrics, expected_calibration_error, softmax
+from .metrics import ECE_BINS, compute_metrics, expected_calibration_error
 
 log = logging.getLogger(__name__)
-REPORT_FILES = ("metrics.json", "predictions.csv", "confusion_matrix.png", "roc.png", "reliability.png",
-                "prediction_grid.png", "cam_grid.png")
 
 
 def samples_for(data: str | os.PathLike, meta, split: str | None = None, groups: str | os.PathLike | None = None

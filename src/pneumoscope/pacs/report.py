@@ -23,15 +23,13 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from .. import __version__
+from .. import INTENDED_USE, __version__
 from ..data.images import open_dicom
 from ..runtime.classifier import Classifier, Decoded, Record
 from ..runtime.explain import cam_heatmap, caption, overlay_image, target_layers
 from .accept import CANNOT_UNDERSTAND, Refusal
 
 MANUFACTURER = "pneumoscope"
-NOTICE = ("Not for diagnostic use: pneumoscope is research software, not a medical device; "
-          "a qualified clinician must read every X-ray.")
 SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
 SCHEME = "99PNEUMOSCOPE"  # a private coding scheme (PS3.3 8.2: designators starting "99")
 LABEL_CODES = {"NORMAL": Code("17621005", "SCT", "Normal"),
@@ -114,7 +112,7 @@ def structured_report(source, record: Record, classifier: Classifier):
         measurements=[hd.sr.Measurement(name=probability_code(c), value=p, unit=PROBABILITY_UNIT)
                       for c, p in record.probabilities.items()],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(INPUT_FLAGGED, codes.SCT.Yes if flagged else codes.SCT.No)])
-    comments = [NOTICE, *record.warnings]  # TID 1501: text qualitative evaluations of the group
+    comments = [INTENDED_USE, *record.warnings]  # TID 1501: text qualitative evaluations of the group
     group[0].ContentSequence.extend(hd.sr.TextContentItem(name=codes.DCM.Comment, value=text[:1024],
                                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
                                     for text in comments)

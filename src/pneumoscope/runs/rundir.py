@@ -26,6 +26,7 @@ import os
 import socket
 import statistics
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from ..core.config import TrainConfig, options_loader
@@ -98,8 +99,13 @@ class RunDir:
         write_manifest(samples, self.path / "manifest.csv")
 
     def write_status(self, status: str, fresh: bool = False, **extra) -> None:
-        """Updates status.json (`fresh`: starts it anew, dropping what an earlier attempt left)."""
+        """Updates status.json (`fresh`: starts it anew, dropping what an earlier attempt left).
+        "running" also records when it started and the process (pid, hostname): `live_status` tells a
+        run whose process died from one still going."""
         current = {} if fresh else self.status()
+        if status == "running":
+            extra = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid(),
+                     "hostname": socket.gethostname(), **extra}
         current.update(status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
         with atomic_write(self.path / "status.json", "w") as handle:
             json.dump(current, handle, indent=2)
@@ -206,7 +212,9 @@ def model_name(run_path: str | os.PathLike, project: str | None = None) -> str:
 
 def data_facts(samples, source: str | None = None) -> dict:
     """What a model was trained and measured on, for its provenance (the model card, the web page):
-    images, patients and classes per split of the run's manifest, and where the data came from."""
+    images, patients and classes per split of the run's manifest, where the data came from, and the
+    patients whose images carry more than one label (Kermany's personN ids with both a bacterial and
+    a viral file), by label pair."""
     splits = sorted({s.split for s in samples}, key=lambda s: ("train", "val", "test").index(s)
                     if s in ("train", "val", "test") else 3)
     per = {split: [s for s in samples if s.split == split] for split in splits}
@@ -214,7 +222,17 @@ def data_facts(samples, source: str | None = None) -> dict:
             "splits": {split: {"images": len(chosen), "patients": len({s.patient_id for s in chosen}),
                                "classes": {label: sum(s.label == label for s in chosen)
                                            for label in sorted({s.label for s in chosen})}}
-                       for split, chosen in per.items()}}
+                       for split, chosen in per.items()},
+            "patients_across_labels": patients_across_labels(samples)}
+
+
+def patients_across_labels(samples) -> list[dict]:
+    """[{"labels": [...], "patients": n}] for each set of labels that some patients' images span."""
+    labels = defaultdict(set)
+    for s in samples:
+        labels[s.patient_id].add(s.label)
+    spans = Counter(tuple(sorted(held)) for held in labels.values() if len(held) > 1)
+    return [{"labels": list(held), "patients": n} for held, n in sorted(spans.items())]
 
 
 def recorded_data(meta, metrics: dict) -> dict | None:

@@ -173,9 +173,9 @@ def mahalanobis(features: np.ndarray, stats: dict | Guard) -> np.ndarray:
 
 def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """-T * logsumexp(logits / T): low for inputs the classifier is sure about, higher for others."""
-    scaled = np.atleast_2d(np.asarray(logits, np.float64)) / temperature
-    top = scaled.max(1, keepdims=True)
-    return -temperature * (top[:, 0] + np.log(np.exp(scaled - top).sum(1)))
+    from scipy.special import logsumexp  # lazy: 0.13-0.18 s at import, which only an energy guard needs
+
+    return -temperature * logsumexp(np.atleast_2d(np.asarray(logits, np.float64)) / temperature, axis=1)
 
 
 def all_scores(features: np.ndarray, logits: np.ndarray, stats: dict | Guard) -> dict[str, np.ndarray]:

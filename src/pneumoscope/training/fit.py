@@ -12,7 +12,6 @@ import logging
 import os
 import platform
 import resource
-import socket
 import subprocess
 import time
 import warnings
@@ -33,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from .. import __version__
-from ..core.config import CALIBRATIONS, TrainConfig  # noqa: F401  (TrainConfig re-exported for older imports)
+from ..core.config import CALIBRATIONS, TrainConfig
 from ..core.cpu_share import CpuShare
 from ..core.files import atomic_write
 from ..core.labels import TASKS
@@ -515,9 +514,7 @@ def train(config: TrainConfig) -> TrainResult:
             log.info("removed %s, left half-written by an earlier process", path)
         run.path.mkdir(parents=True, exist_ok=True)
         run.write_config(config)
-        # pid and host let `pneumoscope runs` tell a live run from one whose process was killed
-        run.write_status("running", fresh=not config.resume, started=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                         error=None, pid=os.getpid(), hostname=socket.gethostname(), world_size=world_size())
+        run.write_status("running", fresh=not config.resume, error=None, world_size=world_size())
     try:
         result = _fit(config, run, dataset, started)
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ from ..core.files import atomic_write
 from ..data.datasets import read_dataset
 from ..data.images import ImageReadError, input_step, read_xray, resize_square
 from ..nets.build import load_network
+from ..nets.registry import classifier_layers
 from ..runtime.classifier import Classifier, expand_inputs
 from ..runtime.export import save_with_graph
 
@@ -88,27 +89,16 @@ def prior_shift_bias(source_priors, target_priors, temperature: float) -> np.nda
     return temperature * np.log(np.asarray(target_priors, np.float64) / np.asarray(source_priors, np.float64))
 
 
-def classifier_layer(model: nn.Module) -> nn.Linear:
-    """The last Linear layer: the classifier of every registered architecture."""
-    backbone = getattr(model, "backbone", model)
-    if hasattr(backbone, "get_classifier"):  # timm models
-        layer = backbone.get_classifier()
-        if isinstance(layer, nn.Linear):
-            return layer
-    linears = [m for m in backbone.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("the model has no Linear classifier to shift")
-    return linears[-1]
-
-
 @torch.no_grad()
 def add_logit_bias(model: nn.Module, bias: np.ndarray) -> None:
-    layer = classifier_layer(model)
-    if layer.out_features != len(bias):
-        raise ValueError(f"classifier has {layer.out_features} outputs, prior shift has {len(bias)}")
-    if layer.bias is None:
-        layer.bias = nn.Parameter(torch.zeros(layer.out_features))
-    layer.bias += torch.as_tensor(bias, dtype=layer.bias.dtype)
+    """Adds `bias` to the model's logits, through its classifier bias: every member's, for an
+    Ensemble, whose logits are their mean."""
+    for layer in classifier_layers(model):
+        if layer.out_features != len(bias):
+            raise ValueError(f"classifier has {layer.out_features} outputs, prior shift has {len(bias)}")
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.out_features))
+        layer.bias += torch.as_tensor(bias, dtype=layer.bias.dtype)
 
 
 # ---------------------------------------------------------------- the `pneumoscope adapt` command
@@ -162,7 +152,9 @@ def adapt_bundle(checkpoint, images, out, priors: bool = False, task: str = "thr
     applied = {"method": "adabn", "batchnorm_layers": layers, "images": int(len(pixels)),
                "source": str(images), "date": time.strftime("%Y-%m-%d")}
     if priors:
-        source = np.asarray(meta.provenance.get("class_priors") or np.full(len(classes), 1 / len(classes)))
+        # the priors the probabilities were calibrated under: uniform, as no bundle records them
+        # (benchmarks/site_shift.py, which measured --priors, gave the val split's class mix instead)
+        source = np.full(len(classes), 1 / len(classes))
         adabn_probs = Classifier.from_model(model, meta, backend="torch").scores(list(pixels)).probabilities
         target = estimate_priors(adabn_probs, source)
         add_logit_bias(model, prior_shift_bias(source, target, meta.temperature))

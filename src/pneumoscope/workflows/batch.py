@@ -27,7 +27,6 @@ try:
 except ImportError:  # not on Windows: no lock there
     fcntl = None
 
-FORMATS = ("table", "csv", "json")
 EXTENSION_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json"}  # others: table
 
 

@@ -10,7 +10,6 @@ reports beside it.
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 from .. import __version__
@@ -44,9 +43,7 @@ def build_ensemble(run_dirs: list[str | os.PathLike], out: str | os.PathLike):
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     run = RunDir(out)
     run.path.mkdir(parents=True, exist_ok=True)
-    # pid and host: `pneumoscope runs` tells a build that died from one still going
-    run.write_status("running", fresh=True, started=time.strftime("%Y-%m-%dT%H:%M:%S"), pid=os.getpid(),
-                     hostname=socket.gethostname())
+    run.write_status("running", fresh=True)
     run.write_manifest(samples)
     metrics = save_calibrated(model, meta, run, samples, *validation_pixels(samples, meta))
     wall = round(time.perf_counter() - started, 1)

@@ -2,20 +2,26 @@
 
 `ship_run` writes a run's model as the bundle models/<task>/ (its training facts added to the
 provenance), measures it on the run's own validation and internal test splits into
-docs/model-card/<task>/ and the bundle's metrics.json, and `write_model_card` turns those into
-docs/model-card.md. Nothing in the card is typed by hand: every figure comes from those files.
+docs/model-card/<task>/ and the bundle's metrics.json, and `write_model_card` renders those into
+docs/model-card.md through the template templates/model_card.md: the prose is the template's, every
+figure about a model comes from those files.
 """
 from __future__ import annotations
 
 import csv
+import json
+import os
 from pathlib import Path
 
+from jinja2 import Environment, PackageLoader, StrictUndefined
+
+from .. import INTENDED_USE
 from ..bundle import METRICS, ONNX_INT8, load_bundle, write_meta, write_metrics
 from ..core.files import atomic_write
 from ..core.labels import THREE
 from ..data.datasets import class_indices, load_pixels, read_dataset
-from ..data.images import read_xray
-from ..evaluation.metrics import headline
+from ..data.images import CLAHE_CLIP_LIMIT, CLAHE_TILES, read_xray
+from ..evaluation.metrics import ECE_BINS, headline
 from ..evaluation.plots import mistakes_png
 from ..evaluation.report import evaluate_samples
 from ..nets.build import build_model, load_network
@@ -27,12 +33,6 @@ from ..runtime.guard import GuardConfig, fit_guard
 from ..training.fit import calibration_temperature, validation_pixels
 
 BINARY_GROUPS = ((0,), (1, 2))  # NORMAL | BACTERIA + VIRUS, indices into labels.THREE
-RUNTIME_NOTES = {
-    "openvino": "rows marked openvino: OpenVINO on the same fp32 graph, the default backend (`auto`) where "
-                "OpenVINO is installed, float layers in {precision} on the CPU measured (bf16 where the CPU has "
-                "AMX or AVX512-BF16)",
-    "int8": "rows marked int8: the quantized graph (`--backend int8`, on request)",
-}
 
 
 def training_facts(run_dir: str | Path) -> dict:
@@ -51,8 +51,7 @@ def shipped_name(meta) -> str:
     return f"pneumoscope-{arch}-{meta.task}"
 
 
-EXTERNAL = "external"  # metrics.json key of the external group; every figure on it is "used for selection"
-EXTERNAL_LABEL = "external (used for selection)"
+EXTERNAL = "external"  # metrics.json key of the external group; the card labels it "used for selection"
 
 
 def ship_run(run_dir: str | Path, models_dir: str | Path = "models", docs_dir: str | Path = "docs",
@@ -77,7 +76,7 @@ def ship_run(run_dir: str | Path, models_dir: str | Path = "models", docs_dir: s
     shipped = [_ship(model, meta, samples, models_dir, docs_dir, int8_calibration)]
     if binary_from_three:
         if meta.task != "three":
-            raise ValueError("binary_from_three needs a 3-class run")
+            raise ValueError(f"binary_from_three needs a run of task three, not {meta.task}")
         shipped.append(_ship_binary(model, meta, samples, models_dir, docs_dir, int8_calibration))
     if external:
         measure_external(external, models_dir, docs_dir)
@@ -143,8 +142,8 @@ def measure_runtimes(target: Path, samples, reports: Path) -> dict:
 
 
 # Principal components per graph, as benchmarks/guard_rates.py chose them on the tune half of the
-# out-of-distribution set for the shipped Lite0 (docs/inputs.md). Its `--install` re-chooses them
-# for a new model and measures the flag rates; ship's own fit is the starting point.
+# out-of-distribution set for the shipped Lite0 (docs/inputs.md). It re-chooses them for a new model
+# and measures the flag rates (`--stats-out` writes its choice); ship's own fit is the starting point.
 GUARD_DIMS = {"fp32": 192, "int8": 384}
 
 
@@ -174,7 +173,7 @@ def fit_bundle_guard(target: Path, samples) -> dict:
 
 
 def extra_runtimes(target: Path, meta) -> list[str]:
-    """The runtimes measured beside fp32 ONNX Runtime for the card (the keys of RUNTIME_NOTES): the
+    """The runtimes measured beside fp32 ONNX Runtime for the card's rows (its template says what each is): the
     int8 graph when the bundle has one, and OpenVINO (the default backend where it is installed and
     can run the graph; bf16 on CPUs with native bf16)."""
     import importlib.util
@@ -192,6 +191,8 @@ def _measure(classifier, samples, out_dir: Path, plots: bool) -> dict:
         if chosen:  # the card shows test's figures
             report = evaluate_samples(classifier, chosen, out_dir / split, plots=plots and split == "test")
             metrics[name] = headline(report)
+            if plots and split == "test":
+                draw_mistakes(out_dir / split)
     return metrics
 
 
@@ -212,256 +213,117 @@ def _ship_binary(model, meta, samples, models_dir: Path, docs_dir: Path, int8_ca
 
 
 # ---------------------------------------------------------------- the card
-def write_model_card(models_dir: str | Path = "models", docs_dir: str | Path = "docs") -> Path:
-    """docs/model-card.md from the shipped bundles (meta.json, metrics.json) and their reports."""
-    models_dir, docs_dir = Path(models_dir), Path(docs_dir)
-    sections = [_CARD_HEAD]
-    for task in ("three", "binary"):
-        if (models_dir / task).is_dir():
-            bundle = load_bundle(models_dir / task)
-            sections.append(_task_section(bundle.meta, bundle.metrics(), docs_dir / "model-card" / task, docs_dir))
-    sections.append(_CARD_TAIL)
-    out = docs_dir / "model-card.md"
+CARD_TEMPLATE = "model_card.md"  # in pneumoscope/templates/ (package data)
+MISTAKES_SHOWN = 8  # the card's table of most confident mistakes and ship's mistakes.png show as many
+
+
+def write_model_card(models_dir: str | Path = "models", docs_dir: str | Path = "docs",
+                     out: str | Path | None = None) -> Path:
+    """docs/model-card.md (or `out`) from the shipped bundles (meta.json, metrics.json) and their
+    reports under docs_dir/model-card/, rendered through templates/model_card.md. Writes `out` only:
+    the reports are read, never written."""
+    docs_dir = Path(docs_dir)
+    out = Path(out) if out else docs_dir / "model-card.md"
+    text = card_template().render(card_context(models_dir, docs_dir, out.parent))
     with atomic_write(out, "w") as handle:
-        handle.write("\n".join(sections))
+        handle.write(text)
     return out
 
 
-def _runtime_line(metrics: dict) -> str:
-    notes = [note.format(precision=metrics.get("openvino_precision", "?"))
-             for runtime, note in RUNTIME_NOTES.items() if runtime in metrics]
-    return (f"- Figures below measured with ONNX Runtime fp32 (`--backend {metrics.get('backend', 'onnx')}`), the "
-            "reference" + ("; " + "; ".join(notes) if notes else "") + ". Speeds: benchmarks.md, \"Runtimes\".")
+def card_template():
+    """The card's Jinja2 template: Jinja rather than string.Template because the card's sentences
+    and tables depend on what a bundle holds (an ensemble, a merged read, a guard, an external
+    group, extra runtimes), and those choices belong beside their prose (huggingface_hub renders
+    its model cards the same way). Jinja2 comes with torch. StrictUndefined: a field the context
+    lacks is an error, never a blank. Markdown, so nothing is HTML-escaped."""
+    env = Environment(loader=PackageLoader("pneumoscope", "templates"), undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    env.filters.update(f3="{:.3f}".format, signed="{:+.3f}".format, thousands="{:,}".format,
+                       percent="{:.0%}".format, ci=lambda pair: "{:.3f}-{:.3f}".format(*pair))
+    return env.get_template(CARD_TEMPLATE)
 
 
-def _architecture(meta) -> str:
-    return f"ensemble of {' + '.join(f'`{a}`' for a in meta.members)}" if meta.members else f"`{meta.arch}`"
+def card_context(models_dir: str | Path, docs_dir: str | Path, card_dir: str | Path) -> dict:
+    """Everything the card prints, read from the shipped bundles and their reports; links are
+    relative to card_dir, the folder the card is written to. The page-wide figures (external group
+    size, validation share, patients holding two labels, input sizes) list each value the bundles
+    hold once."""
+    models_dir, docs_dir = Path(models_dir), Path(docs_dir)
+    models = [_model_context(load_bundle(models_dir / task), docs_dir / "model-card" / task, Path(card_dir))
+              for task in ("three", "binary") if (models_dir / task).is_dir()]
+    return {"intended_use": INTENDED_USE, "models": models, "ece_bins": ECE_BINS,
+            "clahe": {"clip_limit": CLAHE_CLIP_LIMIT, "tiles": CLAHE_TILES},
+            "external_images": _each(m["metrics"][EXTERNAL]["n"] for m in models if EXTERNAL in m["metrics"]),
+            "val_shares": _each(m["val_share"] for m in models if m["val_share"] is not None),
+            "patients_across_labels": _patients_across_labels(models),
+            "input_sizes": _each(m["meta"].img_size for m in models)}
 
 
-def _training_line(meta, training: dict, config: dict, cpu_count) -> str:
-    if meta.members:
-        return _ensemble_line(meta, training, cpu_count)
-    return (f"- Training: {training.get('epochs_run', '?')} epochs, {training.get('train_seconds', '?')} s in training "
-            f"epochs ({training.get('wall_seconds') or '?'} s wall in all) on "
-            f"{cpu_count} CPU cores (peak memory "
-            f"{training.get('peak_memory_mb', '?')} MB); {_recipe(config)}, batch {config.get('batch_size')}, "
-            f"augmentation {config.get('aug_policy', 'standard')} at strength {config.get('aug')}, EMA decay "
-            f"{config.get('ema_decay')} from epoch {config.get('ema_start_epoch', 0)}, {_frozen(config)}, "
-            f"at most {config.get('epochs')} epochs (early stopping patience {config.get('patience')}), "
-            f"seed {meta.provenance.get('seed')}.")
+def _each(values) -> list:
+    """Each value once, in order of appearance."""
+    return list(dict.fromkeys(values))
 
 
-def _ensemble_line(meta, training: dict, cpu_count) -> str:
-    """An ensemble's members, each with its recipe, and what the whole cost to build."""
-    members = meta.provenance.get("members", [])
-    described = "; ".join(
-        f"`{m['arch']}` seed {m.get('seed')} ({m['training'].get('epochs_run', '?')} epochs, "
-        f"{m['training'].get('wall_seconds') or '?'} s wall, {_recipe(m.get('train_config', {}))}, augmentation "
-        f"{m.get('train_config', {}).get('aug_policy', 'standard')}, {_frozen(m.get('train_config', {}))})"
-        for m in members)
-    return (f"- Training: an ensemble of {len(members)} networks averaged in logit space, one graph, one "
-            f"temperature {_calibration(meta)}: {described}. "
-            f"{training.get('wall_seconds') or '?'} s wall in all on {cpu_count} CPU cores, members' training included.")
+def _patients_across_labels(models: list[dict]) -> list | None:
+    """The bundles' recorded patients whose images hold more than one label (rundir.data_facts), each
+    count once; None when no bundle recorded them (bundles shipped before ship counted them)."""
+    recorded = [m["facts"]["patients_across_labels"] for m in models
+                if "patients_across_labels" in (m["facts"] or {})]
+    return _each(c for counts in recorded for c in counts) if recorded else None
 
 
-def _commit(provenance: dict) -> str:
-    """The code that trained it: a run from an exported source tree (no .git) has no commit to name."""
-    commit = provenance.get("git_commit")
-    return f"git commit `{commit}`" if commit else "git commit unknown (trained from a source tree without .git)"
+def _model_context(bundle, reports: Path, card_dir: Path) -> dict:
+    """One model's section: its meta, metrics and provenance, the table rows (each group, then each
+    group on the extra runtimes), and its internal test report when ship wrote one."""
+    meta, metrics = bundle.meta, bundle.metrics()
+    training = meta.provenance.get("training", {})
+    facts = recorded_data(meta, metrics)
+    rows = [(name, None, m) for name, m in metrics.items() if isinstance(m, dict) and "accuracy" in m]
+    rows += [(name, runtime, m) for runtime in ("int8", "openvino") if runtime in metrics
+             for name, m in metrics[runtime].items()]
+    splits = (facts or {}).get("splits", {})
+    return {"meta": meta, "metrics": metrics, "training": training, "config": meta.provenance.get("train_config", {}),
+            "members": meta.provenance.get("members", []),
+            # "env": the models shipped before bundles keep the whole env.json there
+            "cpu_count": training.get("cpu_count") or training.get("env", {}).get("cpu_count", "?"),
+            "facts": facts, "data": describe_data(facts), "rows": rows,
+            "val_share": splits["val"]["images"] / facts["images"] if "val" in splits else None,
+            **_test_report(reports / "test", card_dir)}
 
 
-def _calibration(meta) -> str:
-    """Where the temperature came from (train.calibration_temperature; bundles before it: plain validation)."""
-    if meta.provenance.get("calibration") == "augmented":
-        return "fitted on the validation images seen twice through the strong augmentation"
-    return "fitted on the validation images"
+def _test_report(test: Path, card_dir: Path) -> dict:
+    """The internal test report ship wrote (metrics.json, predictions.csv, figures): its confusion
+    matrix, most confident mistakes and the figures' links from the card."""
+    if not (test / "metrics.json").is_file():
+        return {"test": None}
+    report = json.loads((test / "metrics.json").read_text())
+    figures = {name: _link(test / f"{name}.png", card_dir) for name in ("confusion_matrix", "roc", "reliability")}
+    figures["mistakes"] = _link(test / "mistakes.png", card_dir) if (test / "mistakes.png").is_file() else None
+    mistakes = [{"file": Path(path).name, "true": true, "predicted": predicted, "probability": p}
+                for path, true, predicted, p in confident_mistakes(test)]
+    return {"test": {"classes": report["classes"], "rows": list(zip(report["classes"], report["confusion_matrix"]))},
+            "figures": figures, "mistakes": mistakes}
 
 
-def _input_step(meta) -> str:
-    return {"clahe": " through CLAHE (clip 2, 8x8 tiles)"}.get(meta.preprocess, "")
+def _link(path: Path, card_dir: Path) -> str:
+    """A Markdown link to `path` from a card in card_dir."""
+    return Path(os.path.relpath(path, card_dir)).as_posix()
 
 
-def _recipe(config: dict) -> str:
-    """Optimiser, schedule and loss in the card's words (runs before these options: AdamW, one-cycle, CE)."""
-    loss = (f"focal loss (gamma {config.get('focal_gamma')})" if config.get("loss") == "focal"
-            else f"cross-entropy with label smoothing {config.get('label_smoothing')}")
-    mixup = f", mixup alpha {config['mixup']}" if config.get("mixup") else ""
-    return (f"{config.get('optimizer', 'adamw')} lr {config.get('lr')} with a {config.get('schedule', 'onecycle')} "
-            f"schedule, {loss}{mixup}")
-
-
-def _frozen(config: dict) -> str:
-    """What the training kept frozen, in the card's words."""
-    freeze = config.get("freeze")
-    if freeze in ("none", "0"):
-        return "nothing frozen"
-    return "all but the classifier frozen" if freeze == "base" else f"stem and first {freeze} stages frozen"
-
-
-def _task_section(meta, metrics: dict, reports: Path, docs_dir: Path) -> str:
-    import json
-
-    rel = lambda p: p.relative_to(docs_dir).as_posix()  # noqa: E731
-    provenance = meta.provenance
-    config = provenance.get("train_config", {})
-    training = provenance.get("training", {})
-    # "env": the models shipped before bundles keep the whole env.json there
-    cpu_count = training.get("cpu_count") or training.get("env", {}).get("cpu_count", "?")
-    runtimes = {k: metrics[k] for k in ("int8", "openvino") if k in metrics}  # the card's row order
-    groups = {k: v for k, v in metrics.items() if isinstance(v, dict) and "accuracy" in v}
-    lines = [f"## `{meta.name}` ({meta.task}: {' / '.join(meta.classes)})", ""]
-    lines += [
-        f"- Architecture: {_architecture(meta)}, {meta.params:,} parameters, input {meta.img_size}x{meta.img_size} "
-        f"gray{_input_step(meta)}, normalisation mean {meta.mean} std {meta.std}.",
-        _training_line(meta, training, config, cpu_count),
-        f"- Data: {_data_line(meta, metrics)}; manifest hash `{provenance.get('manifest_hash')}`, "
-        f"{_commit(provenance)}; "
-        f"temperature {meta.temperature:.3f}, {_calibration(meta)}."
-        + (" Derived from the 3-class model by summing BACTERIA and VIRUS probabilities." if meta.merge_outputs
-           else ""),
-        _guard_line(meta.guard),
-        _runtime_line(metrics),
-        "",
-        "| split | n | accuracy (95% CI) | balanced acc. | macro F1 | macro AUC | ECE before -> after | "
-        + " | ".join(f"recall {c}" for c in meta.classes) + " |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(meta.classes),
-    ]
-    rows = [(EXTERNAL_LABEL if k == EXTERNAL else k, m) for k, m in groups.items()]
-    rows += [(f"{EXTERNAL_LABEL if k == EXTERNAL else k} ({runtime})", m)
-             for runtime, measured in runtimes.items() for k, m in measured.items()]
-    for name, m in rows:
-        lo, hi = m["accuracy_ci95"]
-        lines.append(f"| {name} | {m['n']} | {m['accuracy']:.3f} ({lo:.3f}-{hi:.3f}) | {m['balanced_accuracy']:.3f} | "
-                     f"{m['macro_f1']:.3f} | {m['macro_auc']:.3f} | {m['ece_uncalibrated']:.3f} -> {m['ece']:.3f} | "
-                     + " | ".join(f"{m['recall'][c]:.3f}" for c in meta.classes) + " |")
-    if EXTERNAL in groups and "internal_test" in groups:
-        lines += ["", _gap_table(groups["internal_test"], groups[EXTERNAL], meta.classes)]
-    test = reports / "test"
-    if (test / "metrics.json").exists():
-        report = json.loads((test / "metrics.json").read_text())
-        lines += ["", "Internal test confusion matrix (rows true, columns predicted):", "",
-                  "| | " + " | ".join(report["classes"]) + " |", "|---|" + "---|" * len(report["classes"])]
-        for c, row in zip(report["classes"], report["confusion_matrix"]):
-            lines.append(f"| **{c}** | " + " | ".join(str(v) for v in row) + " |")
-        mistakes = _confident_mistakes(test)
-        lines += ["", f"![confusion matrix]({rel(test / 'confusion_matrix.png')}) "
-                      f"![ROC]({rel(test / 'roc.png')}) ![reliability]({rel(test / 'reliability.png')})", ""]
-        if mistakes:
-            lines += ["Most confident mistakes on the internal test split:", "",
-                      "| file | true | predicted | probability |", "|---|---|---|---|"]
-            lines += [f"| {Path(p).name} | {t} | {pr} | {prob:.3f} |" for p, t, pr, prob in mistakes]
-            if (test / "mistakes.png").exists():
-                lines += ["", f"![most confident mistakes]({rel(test / 'mistakes.png')})"]
-    if training.get("curve"):
-        lines += ["", "Time to accuracy (validation, after each epoch):", "",
-                  "| epoch | training seconds | val accuracy | val balanced accuracy |", "|---|---|---|---|"]
-        lines += [f"| {c['epoch']} | {c['train_seconds']} | {c['val_acc']:.3f} | {c['val_bacc']:.3f} |"
-                  for c in training["curve"]]
-    return "\n".join(lines) + "\n"
-
-
-def _data_line(meta, metrics: dict) -> str:
-    """The model's own data (rundir.recorded_data: its provenance, or for a bundle shipped before
-    provenance held them, what its guard was fitted on and its metrics measured)."""
-    described = describe_data(recorded_data(meta, metrics))
-    return f"trained and measured on {described}, cut by patient" if described else "split sizes not recorded"
-
-
-def _guard_line(guard: dict | None) -> str:
-    """What the input guard is, from the statistics the bundle carries (rates: docs/inputs.md)."""
-    if not guard:
-        return "- Input guard: image checks only (no feature statistics in this bundle)."
-    parts = [f"{graph}: {g['method']} on {g['dims']} PCA dims of the {g['features']} pooled features, threshold "
-             f"{g['threshold']:.2f} (<= {g['max_flagged']:.1%} of validation X-rays above it)" for graph, g in guard.items()]
-    return ("- Input guard: image checks plus a learned check in the network's feature space, fitted on the training "
-            "X-rays (" + "; ".join(parts) + "). Measured flag rates on pictures that are not chest X-rays and on "
-            "real X-rays, and its blind spots: [inputs.md](inputs.md).")
-
-
-def _gap_table(internal: dict, external: dict, classes) -> str:
-    """Internal test vs external, per class, with bootstrap 95% intervals: the gap a new site opens."""
-    def cell(m, c):
-        ci = (m.get("recall_ci95") or {}).get(c)
-        return f"{m['recall'][c]:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
-
-    lines = [f"Internal test vs {EXTERNAL_LABEL}: the gap a second acquisition batch opens (recall per class, "
-             "bootstrap 95% interval). Expect figures near the external column, or below it, at a new site.", "",
-             "| | internal test | external (used for selection) | gap |", "|---|---|---|---|"]
-    for c in classes:
-        lines.append(f"| recall {c} | {cell(internal, c)} | {cell(external, c)} | "
-                     f"{external['recall'][c] - internal['recall'][c]:+.3f} |")
-    lo, hi = internal["accuracy_ci95"]
-    elo, ehi = external["accuracy_ci95"]
-    lines.append(f"| accuracy | {internal['accuracy']:.3f} ({lo:.3f}-{hi:.3f}) | {external['accuracy']:.3f} "
-                 f"({elo:.3f}-{ehi:.3f}) | {external['accuracy'] - internal['accuracy']:+.3f} |")
-    lines.append(f"| ECE (15 bins) | {internal['ece']:.3f} | {external['ece']:.3f} | "
-                 f"{external['ece'] - internal['ece']:+.3f} |")
-    return "\n".join(lines)
-
-
-def _confident_mistakes(report_dir: Path, n: int = 8) -> list[tuple[str, str, str, float]]:
+def confident_mistakes(report_dir: Path, n: int = MISTAKES_SHOWN) -> list[tuple[str, str, str, float]]:
+    """A report's wrong answers, most confident first: (path, true, predicted, its probability)."""
     with open(report_dir / "predictions.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     wrong = [(r["path"], r["true"], r["predicted"], float(r[f"p_{r['predicted']}"]))
              for r in rows if r["true"] != r["predicted"]]
     wrong.sort(key=lambda w: -w[3])
-    if wrong:
-        mistakes_png([read_xray(p) for p, *_ in wrong[:n]], [f"{pr} {prob:.2f}\n[{t}]" for _, t, pr, prob in wrong[:n]],
-                     report_dir / "mistakes.png")
     return wrong[:n]
 
 
-_CARD_HEAD = """# Model card: pneumoscope shipped models
-
-*Generated by `pneumoscope card` from `models/*.json` and the evaluation reports under
-`docs/model-card/`; do not edit by hand.* Written in the spirit of Model Cards for Model Reporting
-(Mitchell et al. 2019) and the CLAIM checklist.
-
-## Intended use
-- Research and teaching: comparing CNNs on pediatric chest radiographs; a fast second reader in
-  tooling that shows a clinician its probabilities and heat map.
-- **Not a diagnosis** and not a medical device. Every output must be read by a qualified person.
-- Out of scope: adults; views other than frontal (AP/PA) chest films; CT, photographs or scans of
-  films; triage without a human; deciding antibiotic treatment from the BACTERIA/VIRUS call.
-
-## Data
-- Kermany DS, Zhang K, Goldbaum M, *Labeled Optical Coherence Tomography (OCT) and Chest X-Ray
-  Images for Classification*, Mendeley Data v2, doi:10.17632/rscbjbr9sj.2 (CC BY 4.0); Kermany et al.,
-  Cell 2018. Pediatric (1-5 years) anterior-posterior films from one hospital (Guangzhou Women and
-  Children's Medical Center).
-- This copy: 224x224 8-bit gray, squashed to a square from landscape originals (aspect ratio lost).
-- Labels: NORMAL from the folder; BACTERIA vs VIRUS from the file name only. The viral/bacterial
-  distinction is noisy in the source data; 808 `personN` ids hold both a bacterial and a viral file.
-- Split: the public train + val groups cut **by patient** (scikit-learn StratifiedGroupKFold,
-  stratified by class, seeded) into train / val / internal test; each model's "Data" line below
-  gives its own images per split, from its provenance.
-  The official test group (624 images) is cut in two by patient: one half (312) is the **external
-  group**, a second acquisition batch used for choices (recipe, which model ships) and reported as
-  "used for selection" (optimistic by construction: never trained on, no parameter fitted on it);
-  the other half is withheld from the developers and checks the shipped models independently.
-- The recipe (image size, augmentation, EMA, the 5% validation share, how the temperature is
-  fitted) was chosen on the external group; the checkpoint (best validation balanced accuracy) and
-  the temperature are fitted on the validation split; the internal test split is reported once per
-  shipped model and chose nothing.
-- Each model below is one training seed. Other seeds of the same recipe move both groups' figures by
-  several points, and the seed best on the external group was the worst on its internal test split
-  ([benchmarks.md, seeds](benchmarks.md#seeds-of-the-shipped-recipe-and-resuming-session-8-2026-11-30)):
-  read one seed's figures as one draw of the recipe.
-
-## Calibration
-Temperature scaling (NLL, LBFGS) fitted on the validation split: by default on its images seen twice
-through the strong training augmentation, a simulated change of acquisition that lowered the ECE on
-the external group for every model measured (each model's line says which). ECE uses 15 equal-width bins;
-the reliability diagrams show before (T = 1) and after, on the internal test split. Printed
-probabilities are the calibrated ones.
-"""
-
-_CARD_TAIL = """
-## Limitations
-- One hospital, one age group, one image pipeline: accuracy on other sites will be lower, and is
-  expected to drop most for NORMAL vs VIRUS, which differ subtly.
-- 224x224 squashed inputs: fine detail and true proportions are gone.
-- Viral vs bacterial labels come from file names and are noisy; the 3-class accuracy is bounded by
-  that noise.
-- The heat map (Grad-CAM) shows where the network's evidence lies, not where disease is.
-"""
+def draw_mistakes(report_dir: Path) -> None:
+    """mistakes.png beside a report: the X-rays of its most confident mistakes (ship draws it, so
+    that the card only reads the reports)."""
+    wrong = confident_mistakes(report_dir)
+    if wrong:
+        mistakes_png([read_xray(p) for p, *_ in wrong], [f"{pr} {prob:.2f}\n[{t}]" for _, t, pr, prob in wrong],
+                     report_dir / "mistakes.png")

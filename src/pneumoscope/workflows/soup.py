@@ -17,7 +17,6 @@ split and the bundle, val and internal test reports are written into a run direc
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import numpy as np
@@ -73,8 +72,7 @@ def build_soup(run_dirs: list[str | os.PathLike], out: str | os.PathLike, method
                     "soup_val_accuracy": soup_accuracy, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     run = RunDir(out)
     run.path.mkdir(parents=True, exist_ok=True)
-    run.write_status("running", fresh=True, started=time.strftime("%Y-%m-%dT%H:%M:%S"), pid=os.getpid(),
-                     hostname=socket.gethostname())
+    run.write_status("running", fresh=True)
     run.write_manifest(samples)
     calibration = first.provenance.get("calibration", "augmented")
     metrics = save_calibrated(model, meta, run, samples, val_pixels, val_targets, calibration=calibration)

@@ -2,7 +2,9 @@
 when present, and one tiny model trained for real on the fixture images (session-scoped)."""
 from __future__ import annotations
 
+import csv
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,21 @@ def isolated_cache(tmp_path_factory):
     """Keep the pixel cache of test runs out of the user's home."""
     os.environ["PNEUMOSCOPE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def read_csv(path) -> list[dict]:
+    """The rows of a CSV file, the file closed again (an open one left to the garbage collector is a
+    ResourceWarning, an error in this suite)."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def python_warnings(stderr: str) -> list[str]:
+    """The warnings a child process printed, "file.py:line: Category: message" (Lightning leaves out
+    the category): a subprocess's are out of reach of the suite's filterwarnings, and a user who ran
+    the command saw them."""
+    lines = stderr.replace("\r", "\n")  # a progress bar's redrawn line may lead up to one
+    return re.findall(r"^\S*\.py:\d+: .*$", lines, flags=re.MULTILINE)
 
 
 def tiny_config(data, out, **overrides):

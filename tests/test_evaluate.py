@@ -1,11 +1,11 @@
 """Evaluation reports: from the arrays of one scoring pass (an in-memory untrained model: the
 report must be right whatever the weights), then the `evaluate` command on a trained bundle."""
-import csv
 import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import read_csv
 
 from pneumoscope.core.labels import THREE
 from pneumoscope.data.datasets import read_dataset
@@ -52,7 +52,7 @@ def test_report_from_one_pass_of_arrays(untrained, fixture_data, tmp_path):
     assert metrics["ece"] == pytest.approx(expected_calibration_error(softmax(scores.logits, 2.0), targets))
     assert metrics["ece_uncalibrated"] == pytest.approx(expected_calibration_error(softmax(scores.logits), targets))
     assert metrics["accuracy"] == pytest.approx(np.mean(scores.probabilities.argmax(1) == targets))
-    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    rows = read_csv(out / "predictions.csv")
     assert [r["path"] for r in rows] == [s.path for s in good]
     assert [r["true"] for r in rows] == [s.label for s in good]
     written = np.array([[float(r[f"p_{c}"]) for c in THREE] for r in rows])

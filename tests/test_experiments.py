@@ -4,7 +4,6 @@ epochs on the fixture images: seconds each. (Where a run goes, its status and ol
 bundle: test_rundir.py; a killed run: test_train.py.)"""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import FIXTURE_DATA
+from conftest import FIXTURE_DATA, python_warnings, read_csv
 
 from pneumoscope.nets.build import load_network
 
@@ -24,18 +23,12 @@ pytestmark = pytest.mark.slow
 COMMON = ["--arch", "simple_cnn", "--batch-size", "16", "--ema-decay", "0", "--val-fraction", "0.2",
           "--test-fraction", "0.2"]
 TINY = ["--data", str(FIXTURE_DATA), *COMMON, "--img-size", "32", "--lr", "3e-3"]
-QUIET = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
 def cli(*args: str) -> int:
     from pneumoscope.cli import main
 
     return main([str(a) for a in args])
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.fixture(scope="module")
@@ -181,9 +174,10 @@ def test_two_process_training_matches_the_single_process_run(root, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "pneumoscope.cli", "train", *TINY, "--root", str(tmp_path), "--project", "ddp", "--name", "a",
                "--epochs", "1"]
-    result = subprocess.run(command, capture_output=True, text=True, env={**QUIET, "OMP_NUM_THREADS": "1"},
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert python_warnings(result.stderr) == []
     single, ddp = root / "demo" / "a", tmp_path / "ddp" / "a"
     files = lambda run: sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())  # noqa: E731
     assert files(ddp) == files(single)

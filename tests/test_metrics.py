@@ -30,6 +30,16 @@ def test_compute_metrics_known_values():
     assert lo < m["accuracy"] < hi
 
 
+def test_balanced_accuracy_of_a_set_lacking_a_predicted_class_is_its_classes_mean_recall_without_a_warning():
+    """A small test set often lacks a class the model still predicts: the mean recall over the two
+    classes it holds, and no sklearn "y_pred contains classes not in y_true" (an error under the
+    suite's filterwarnings)."""
+    y = np.array([0, 0, 1, 1])
+    m = compute_metrics(y, np.eye(3)[[0, 2, 1, 1]], CLASSES)  # one NORMAL read as VIRUS, which the set lacks
+    assert m["balanced_accuracy"] == (0.5 + 1.0) / 2
+    assert m["per_class"]["VIRUS"]["support"] == 0 and m["per_class"]["VIRUS"]["precision"] == 0.0
+
+
 def test_headline_is_the_same_pick_for_every_caller():
     y = np.array([0, 1, 2, 2])
     m = compute_metrics(y, np.eye(3)[[0, 1, 2, 1]], CLASSES)

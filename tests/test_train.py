@@ -1,6 +1,5 @@
 """Training: the options made from TrainConfig (fast, no training), then real tiny runs (slow)."""
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURE_DATA, ROOT, tiny_config
+from conftest import FIXTURE_DATA, ROOT, python_warnings, read_csv, tiny_config
 
 from pneumoscope.core.config import TrainConfig, add_train_arguments, config_from_args
 from pneumoscope.nets.build import load_network
@@ -215,7 +214,7 @@ def test_tiny_run_flows_one_way_into_a_complete_run_directory(tiny_result, tiny_
                  "model/model.onnx", "test/metrics.json", "val/metrics.json", "test/cam_grid.png"):
         assert (tiny_run / name).is_file(), name
     assert not (tiny_run / "model.pt").exists()
-    rows = list(csv.DictReader(open(tiny_run / "metrics.csv")))
+    rows = read_csv(tiny_run / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [0, 1]
     # what the module logs reaches the table, also with no Lightning logger (neither TensorBoard nor MLflow installed)
     assert all(r[k] for r in rows for k in ("train_loss", "train_acc", "val_loss", "val_bacc", "val_n"))
@@ -249,7 +248,7 @@ def test_training_really_learns(tmp_path):
     run = tmp_path / "learn"
     train(tiny_config(FIXTURE_DATA, run, task="binary", epochs=4, aug=0.0, evaluate_test=False,
                       val_fraction=0.2, test_fraction=0.0))
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    rows = read_csv(run / "metrics.csv")
     assert float(rows[-1]["train_acc"]) >= 0.8
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
 
@@ -311,12 +310,12 @@ def test_killed_run_is_interrupted_then_resumes_from_python_with_its_saved_confi
     assert json.loads((run / "status.json").read_text())["status"] == "running"  # whole, just stale
     assert RunDir(run).live_status() == "interrupted"
     checkpoint_epoch = torch.load(last, weights_only=True)["epoch"]
-    recorded = [r for r in csv.DictReader(open(table)) if int(r["epoch"]) <= checkpoint_epoch]
+    recorded = [r for r in read_csv(table) if int(r["epoch"]) <= checkpoint_epoch]
     assert recorded  # whole CSV: written by rename, never torn
 
     result = train(TrainConfig(data="ignored: the saved configuration wins", out=str(run), resume=True))
     assert result.resumed and result.config.arch == "simple_cnn" and result.config.epochs == 3
-    continued = list(csv.DictReader(open(table)))
+    continued = read_csv(table)
     assert continued[:len(recorded)] == recorded  # the epochs up to the checkpoint, as they were
     assert [int(r["epoch"]) for r in continued] == [0, 1, 2]  # each epoch once
     assert torch.load(last, weights_only=True)["epoch"] == 2
@@ -423,6 +422,7 @@ def test_training_console_says_each_thing_once_then_resume_needs_no_data(tmp_pat
     messages = [line for line in lines if line and "it/s" not in line and "|" not in line and line != "[A"]
     assert all(n == 1 for n in Counter(messages).values()), Counter(messages).most_common(3)
     assert not any("Tip" in line or "litlogger" in line or "litmodels" in line for line in lines)
+    assert python_warnings(done.stderr) == []
     val = json.loads((run / "val" / "metrics.json").read_text())
     assert messages[:4] == ["80 images, 3 classes (NORMAL, BACTERIA, VIRUS); groups from: file names 80",
                             "train     48 images     48 groups   NORMAL 16, BACTERIA 18, VIRUS 14",
@@ -558,6 +558,8 @@ def test_a_resumed_run_continues_from_the_live_weights_and_the_ema_average_it_wa
     for name in ("last.ckpt", "best.ckpt"):  # after one epoch, both were epoch 0's
         shutil.copy(epoch0, stopped / "checkpoints" / name)
     seen.clear()
+    # a copy: every callback's state restores into it (the --keep-epochs one's state key named the
+    # original's folder, so Lightning warned "Be aware that when using `ckpt_path`" and dropped it)
     train(TrainConfig(data="ignored", out=str(stopped), resume=True))
 
     saved = torch.load(epoch0, weights_only=True)

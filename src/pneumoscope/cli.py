@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .core.config import (
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[console])
     # a training run always reports its split, trainable parameters and the epoch it kept
     logging.getLogger("pneumoscope.training").setLevel(logging.INFO)
+    # Pillow warns of a "decompression bomb" from its own limit (89 MP) on; read_xray refuses any
+    # image over its lower one (data.images.MAX_PIXELS) with the error that names the file, so the
+    # warning could only come before that error, without the name
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit", module=r"PIL\.Image")
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
@@ -554,8 +559,6 @@ def node_log() -> None:
         logger.propagate = False
     # pydicom warns (and logs) about every odd header it still reads; a refused instance's reason is in
     # the node's own log line, so the warning would only repeat it without saying which instance
-    import warnings
-
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
 
 

@@ -55,7 +55,13 @@ def onnx_bytes(model: torch.nn.Module, meta: ModelMeta, opset: int = OPSET, fing
     with warnings.catch_warnings():
         # The TorchScript exporter (dynamo=False) is deprecated but needs no onnxscript and handles
         # every registered CNN; the dynamo exporter would add a dependency for no gain here.
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export",
+                                category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning,
+                                module=r"torch\.onnx\.")
+        # the graph has the bundle's one image size (only the batch axis is dynamic): the feature map
+        # sizes the exportable pools read (nets.registry.exportable_pools) are constants of it by design
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"pneumoscope\.")
         try:
             torch.onnx.export(net, (torch.rand(1, 1, size, size),), buffer, dynamo=False,
                               opset_version=opset, input_names=["pixels"], output_names=["logits", "features"],

@@ -137,11 +137,12 @@ def _relocated(state: dict, old_dir: str, new_dir: str) -> dict:
 
 class EveryEpochCheckpoint(RunCheckpoint):
     """Keeps every epoch. Its own state key: Lightning refuses two checkpoint callbacks whose
-    settings (monitor, frequency) look alike, as this one and "last" do."""
+    settings (monitor, frequency) look alike, as this one and "last" do. No folder in the key:
+    a moved or copied run's checkpoints must still restore into it (as RunCheckpoint's do)."""
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(kept="every epoch", dirpath=str(self.dirpath))
+        return self._generate_state_key(kept="every epoch")
 
 
 # ---------------------------------------------------------------- several processes

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -105,8 +106,13 @@ def tune(base, n_trials: int, study_name: str, img_sizes=(128, 160, 192)):
     project_dir = Path(base.root) / base.project
     project_dir.mkdir(parents=True, exist_ok=True)
     # the heartbeat lets a later session mark trials of a killed search as failed, not running forever
-    storage = optuna.storages.RDBStorage(f"sqlite:///{(project_dir / 'optuna.db').resolve()}",
-                                         heartbeat_interval=60, grace_period=180)
+    with warnings.catch_warnings():
+        # optuna notes that the heartbeat's interface may change: a note for this code (the tune test
+        # runs it on the installed optuna), nothing a user of `tune` can act on
+        warnings.filterwarnings("ignore", message="Argument ``heartbeat_interval`` is an experimental feature",
+                                category=optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{(project_dir / 'optuna.db').resolve()}",
+                                             heartbeat_interval=60, grace_period=180)
     study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize", load_if_exists=True)
     # seeded for reproducibility, offset so a resumed study does not replay its first suggestions
     study.sampler = optuna.samplers.TPESampler(seed=base.seed + len(study.trials))

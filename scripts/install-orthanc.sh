@@ -10,13 +10,5 @@ have_orthanc() {
     compgen -G "/usr/share/orthanc/plugins/libOrthancDicomWeb.so*" >/dev/null
 }
 have_orthanc && exit 0
-command -v apt-get >/dev/null || { echo "install-orthanc.sh: no apt-get here" >&2; exit 1; }
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  command -v sudo >/dev/null || { echo "install-orthanc.sh: need root or sudo to apt-get install orthanc" >&2; exit 1; }
-  SUDO="sudo"
-fi
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq >/dev/null
-$SUDO apt-get install -y -qq orthanc orthanc-dicomweb >/dev/null
+bash "$(dirname "$0")/apt-install.sh" install-orthanc.sh orthanc orthanc-dicomweb
 have_orthanc && echo "installed $(Orthanc --version 2>/dev/null | head -1 || echo orthanc) with its DICOMweb plugin"

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, TypeVa
 from ..bundle import Bundle, BundleError, ModelMeta
 from ..core.config import BACKENDS
 from ..core.files import default_cache_dir
-from .graphs import current_graph, missing_int8
+from .graphs import current_graph
 from .guard import stats_for
 
 if TYPE_CHECKING:
@@ -337,11 +337,9 @@ def _graph(bundle: "Bundle", kind: str) -> "str | os.PathLike":
     found = current_graph(bundle, kind)
     if found is not None:
         return found
-    if kind == "int8":
-        raise missing_int8(bundle)
-    from .export import graph_path  # lazy: torch and the exporter load only when a graph must be made
+    from .export import export_missing  # lazy: torch and the exporter load only when a graph must be made
 
-    return graph_path(bundle, kind)
+    return export_missing(bundle)
 
 
 def _torch_backend(bundle: "Bundle") -> "TorchBackend":

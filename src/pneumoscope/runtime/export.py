@@ -35,7 +35,7 @@ from ..core.files import atomic_write
 from ..data.images import input_step, read_xray, resize_square, to_batch
 from ..nets.build import load_network
 from ..nets.registry import LogitsAndFeatures
-from .graphs import current_graph, missing_int8
+from .graphs import current_graph
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -98,13 +98,13 @@ def graph_path(bundle: Bundle, kind: str = "fp32") -> Path:
     """A graph of `kind` made from exactly `bundle`'s weights and meta (`graphs.current_graph`). A
     missing or stale fp32 graph is exported into the cache (so the same content is exported once,
     and a shipped bundle is never written); a missing or stale int8 graph is a one-line error."""
-    found = current_graph(bundle, kind)
-    if found is not None:
-        return found
-    if kind == "int8":
-        raise missing_int8(bundle)
-    cached = bundle.cached_graph(kind)
-    log.info("%s is missing or stale; exporting %s", bundle.graph_location(kind), cached)
+    return current_graph(bundle, kind) or export_missing(bundle)
+
+
+def export_missing(bundle: Bundle) -> Path:
+    """The fp32 graph of a bundle that has no current one, exported into the cache."""
+    cached = bundle.cached_graph("fp32")
+    log.info("%s is missing or stale; exporting %s", bundle.graph_location("fp32"), cached)
     return export_onnx(load_network(bundle), bundle.meta, cached)
 
 

@@ -10,14 +10,17 @@ from ..bundle import Bundle, BundleError, graph_fingerprint
 
 def current_graph(bundle: Bundle, kind: str = "fp32") -> Path | None:
     """The graph of `kind` made from exactly `bundle`'s weights and meta: the bundle's own, else the
-    cache's (`Bundle.cached_graph`); None when neither is there and current."""
+    cache's (`Bundle.cached_graph`). None when an fp32 graph must be made (`export.export_missing`);
+    a missing or stale int8 graph is a one-line BundleError."""
     for path in (bundle.graph_location(kind), bundle.cached_graph(kind)):
         if path.is_file() and graph_fingerprint(path) == bundle.fingerprint:
             return path
+    if kind == "int8":
+        raise _missing_int8(bundle)
     return None
 
 
-def missing_int8(bundle: Bundle) -> BundleError:
+def _missing_int8(bundle: Bundle) -> BundleError:
     """An int8 graph is never made behind the user's back (it needs calibration images): the error."""
     path = bundle.graph_location("int8")
     why = "was made from other weights or meta" if path.is_file() else "does not exist"
